@@ -1,0 +1,1 @@
+"""The server runtime of pushsync: outbox relay, gateways, device tracker, polls."""

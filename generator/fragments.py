@@ -1,0 +1,291 @@
+"""Parse and police the SQL written in a rules file.
+
+Every fragment (``when``, ``recipients``, ``polls.query``) is parsed with
+sqlglot's postgres dialect and accepted only if it is exactly one SELECT (or one
+boolean expression) that reads: no DML, DDL, second statement, locking clause,
+``SELECT INTO``, bind parameter, or call to a function that writes, signals,
+sleeps or reaches outside the database. Comments are dropped when the fragment
+is rendered again, so nothing can hide in them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import sqlglot
+import sqlglot.expressions as exp
+from sqlglot.errors import ParseError, SqlglotError, TokenError
+from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
+
+DIALECT = "postgres"
+
+# Statement kinds that have no business inside a SELECT or a condition.
+_FORBIDDEN_NODES: tuple[type[exp.Expression], ...] = (
+    exp.DML,
+    exp.DDL,
+    exp.Insert,
+    exp.Update,
+    exp.Delete,
+    exp.Merge,
+    exp.Copy,
+    exp.Create,
+    exp.Drop,
+    exp.Alter,
+    exp.TruncateTable,
+    exp.Command,
+    exp.Into,
+    exp.Lock,
+    exp.Set,
+    exp.Transaction,
+    exp.Commit,
+    exp.Rollback,
+    exp.Grant,
+    exp.Revoke,
+    exp.Use,
+    exp.Pragma,
+    exp.Describe,
+    exp.Cache,
+    exp.Uncache,
+    exp.Refresh,
+    exp.Analyze,
+    exp.Kill,
+    exp.LoadData,
+    exp.Comment,
+    exp.Placeholder,
+    exp.Parameter,
+    exp.SessionParameter,
+)
+
+# Functions that write, signal other sessions, read the server's files, sleep,
+# or run SQL given as text. Exact names, then prefixes.
+FORBIDDEN_FUNCTIONS = frozenset(
+    {
+        "pg_terminate_backend",
+        "pg_cancel_backend",
+        "pg_reload_conf",
+        "pg_rotate_logfile",
+        "pg_promote",
+        "pg_log_backend_memory_contexts",
+        "pg_stat_file",
+        "pg_notify",
+        "pg_export_snapshot",
+        "pg_import_system_collations",
+        "pg_extension_config_dump",
+        "pg_current_xact_id",
+        "txid_current",
+        "set_config",
+        "nextval",
+        "setval",
+        "lowrite",
+        "loread",
+    }
+)
+FORBIDDEN_FUNCTION_PREFIXES = (
+    "dblink",
+    "lo_",
+    "pg_advisory",
+    "pg_try_advisory",
+    "pg_backup_",
+    "pg_start_backup",
+    "pg_stop_backup",
+    "pg_switch_wal",
+    "pg_wal_",
+    "pg_create_",
+    "pg_drop_",
+    "pg_copy_",
+    "pg_replication_",
+    "pg_logical_",
+    "pg_stat_reset",
+    "pg_stat_statements_reset",
+    "pg_file_",
+    "pg_ls_",
+    "pg_read_",
+    "pg_sleep",
+    "query_to_xml",
+    "cursor_to_xml",
+    "table_to_xml",
+    "schema_to_xml",
+    "database_to_xml",
+)
+
+PLACEHOLDER_SCOPES = ("new", "old")
+
+
+class FragmentError(Exception):
+    """A fragment is not acceptable; ``line``/``column`` are within the fragment."""
+
+    def __init__(self, message: str, line: int = 1, column: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.line = line
+        self.column = column
+
+
+CONDITION_PREFIX = "SELECT ("
+
+
+@dataclass(frozen=True, slots=True)
+class RowReference:
+    """``new.col`` or ``old.col`` inside a fragment, at ``line``:``column`` of the parsed text."""
+
+    scope: str
+    column: str
+    line: int
+    column_number: int
+
+
+def _parse(text: str, prefix: str = "") -> list[exp.Expression]:
+    try:
+        trees = sqlglot.parse(prefix + text, read=DIALECT)
+    except ParseError as exc:
+        first = exc.errors[0] if exc.errors else {}
+        line = int(first.get("line") or 1)
+        column = int(first.get("col") or 1)
+        if line == 1:
+            column = max(column - len(prefix), 1)
+        description = first.get("description") or str(exc)
+        raise FragmentError(f"SQL syntax error: {description}", line, column) from exc
+    except TokenError as exc:
+        raise FragmentError(f"SQL syntax error: {_token_error(exc)}") from exc
+    except SqlglotError as exc:
+        raise FragmentError(f"SQL syntax error: {exc}") from exc
+    return [t for t in trees if t is not None and not isinstance(t, exp.Semicolon)]
+
+
+def _token_error(exc: TokenError) -> str:
+    text = str(exc)
+    if "'" in text:
+        return "unterminated string or identifier"
+    return text
+
+
+def function_name(node: exp.Func) -> str:
+    """The lower-case name a function call is written with."""
+    if isinstance(node, exp.Anonymous):
+        return str(node.name).lower()
+    return node.sql_name().lower()
+
+
+def _is_forbidden_function(name: str) -> bool:
+    return name in FORBIDDEN_FUNCTIONS or name.startswith(FORBIDDEN_FUNCTION_PREFIXES)
+
+
+def _police(tree: exp.Expression) -> None:
+    for node in tree.walk():
+        if isinstance(node, _FORBIDDEN_NODES):
+            raise FragmentError(f"only reading is allowed here, found {_describe(node)}")
+        if isinstance(node, exp.Func):
+            name = function_name(node)
+            if _is_forbidden_function(name):
+                raise FragmentError(f"function {name}() is not allowed in rules")
+
+
+def _describe(node: exp.Expression) -> str:
+    if isinstance(node, exp.Into):
+        return "SELECT INTO"
+    if isinstance(node, exp.Lock):
+        return "a locking clause (FOR UPDATE/SHARE)"
+    if isinstance(node, exp.Placeholder | exp.Parameter | exp.SessionParameter):
+        return f"a parameter ({node.sql(dialect=DIALECT)})"
+    return f"a {type(node).__name__.upper()} statement"
+
+
+def parse_query(text: str) -> exp.Query:
+    """One read-only SELECT (set operations and CTEs allowed)."""
+    trees = _parse(text)
+    if not trees:
+        raise FragmentError("expected a SELECT, found nothing")
+    if len(trees) > 1:
+        raise FragmentError("expected one SELECT, found more than one statement")
+    tree = trees[0]
+    _police(tree)
+    if not isinstance(tree, exp.Query):
+        raise FragmentError(f"expected a SELECT, found {_describe(tree)}")
+    _require_qualified_tables(tree)
+    return normalize_identifiers(tree, dialect=DIALECT)
+
+
+def parse_condition(text: str) -> exp.Expression:
+    """One boolean expression over ``new`` and ``old``."""
+    prefix = CONDITION_PREFIX
+    trees = _parse(text + ")", prefix)
+    if len(trees) != 1:
+        raise FragmentError("expected one expression, found more than one statement")
+    tree = trees[0]
+    _police(tree)
+    if (
+        not isinstance(tree, exp.Select)
+        or len(tree.expressions) != 1
+        or any(v for k, v in tree.args.items() if k != "expressions")
+    ):
+        raise FragmentError("expected one expression")
+    condition = tree.expressions[0]
+    if isinstance(condition, exp.Paren):
+        condition = condition.this
+    _require_qualified_tables(condition)
+    for column in _outer_columns(condition):
+        if column.table.lower() not in PLACEHOLDER_SCOPES:
+            raise FragmentError(
+                f"column {column.sql(dialect=DIALECT)} must be written new.{column.name} "
+                f"or old.{column.name}"
+            )
+    return normalize_identifiers(condition.copy(), dialect=DIALECT)
+
+
+def _outer_columns(tree: exp.Expression) -> Iterator[exp.Column]:
+    """Columns of ``tree`` that are not inside a subquery."""
+    for node in tree.walk(prune=lambda n: isinstance(n, exp.Query) and n is not tree):
+        if isinstance(node, exp.Column):
+            yield node
+
+
+def _require_qualified_tables(tree: exp.Expression) -> None:
+    ctes = {cte.alias_or_name.lower() for cte in tree.find_all(exp.CTE)}
+    for table in tree.find_all(exp.Table):
+        if not isinstance(table.this, exp.Identifier):
+            continue  # a table function such as generate_series(...)
+        if table.db or table.name.lower() in ctes:
+            continue
+        raise FragmentError(
+            f"table {table.name} must be named with its schema, e.g. public.{table.name} "
+            "(rules run with a fixed search_path)"
+        )
+
+
+def row_references(tree: exp.Expression) -> list[RowReference]:
+    """Every ``new.x`` / ``old.x`` in ``tree``, in order of appearance."""
+    found = []
+    for col in tree.find_all(exp.Column):
+        if col.table.lower() not in PLACEHOLDER_SCOPES or col.args.get("db"):
+            continue
+        meta = col.args["table"].meta
+        line = int(meta.get("line", 1))
+        start = int(meta.get("col", 1)) - (int(meta.get("end", 0)) - int(meta.get("start", 0)))
+        found.append(RowReference(col.table.lower(), col.name, line, start))
+    return found
+
+
+def table_aliases(tree: exp.Expression) -> set[str]:
+    """Aliases and names that ``tree`` gives to the tables it reads."""
+    names = {t.alias_or_name.lower() for t in tree.find_all(exp.Table)}
+    names |= {s.alias.lower() for s in tree.find_all(exp.Subquery) if s.alias}
+    return names
+
+
+def output_columns(query: exp.Query) -> list[str] | None:
+    """Names of the columns ``query`` returns; ``None`` if ``*`` hides them."""
+    select = query
+    while isinstance(select, exp.SetOperation):
+        select = select.this
+    if not isinstance(select, exp.Select):
+        return None
+    if any(isinstance(e, exp.Star) or (isinstance(e, exp.Column) and e.is_star)
+           for e in select.expressions):
+        return None
+    return [name.lower() for name in select.named_selects]
+
+
+def render(tree: exp.Expression, pretty: bool = False) -> str:
+    """SQL for ``tree``: every identifier quoted, no comments."""
+    return tree.sql(dialect=DIALECT, identify=True, comments=False, pretty=pretty)

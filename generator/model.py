@@ -1,0 +1,151 @@
+"""The validated rules file: frozen dataclasses, no I/O.
+
+:mod:`pushsync.generator.validate` builds these from YAML; the passes in
+:mod:`pushsync.generator.passes` check and plan them; templates render them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal
+
+import sqlglot.expressions as exp
+
+from pushsync.errors import Location
+
+Event = Literal["insert", "update", "delete"]
+Gateway = Literal["auto", "sync", "udp", "smtp"]
+Priority = Literal["low", "normal", "high"]
+Scope = Literal["new", "old", "recipient"]
+
+EVENTS: tuple[Event, ...] = ("insert", "update", "delete")
+GATEWAYS: tuple[Gateway, ...] = ("auto", "sync", "udp", "smtp")
+PRIORITIES: tuple[Priority, ...] = ("low", "normal", "high")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TableName:
+    schema: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Literal_:
+    """Literal text of a message template."""
+
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Placeholder:
+    """``{scope.column}`` in a message template."""
+
+    scope: Scope
+    column: str
+    location: Location
+
+
+TemplatePart = Literal_ | Placeholder
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Template:
+    parts: tuple[TemplatePart, ...]
+    location: Location
+
+    @property
+    def static_text(self) -> str:
+        return "".join(p.text for p in self.parts if isinstance(p, Literal_))
+
+    @property
+    def placeholders(self) -> tuple[Placeholder, ...]:
+        return tuple(p for p in self.parts if isinstance(p, Placeholder))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Fragment:
+    """A parsed piece of SQL from the rules file, with where it was written."""
+
+    tree: exp.Expression
+    node: Any  # the source.Node the text came from, to locate positions inside it
+    offset: int = 0  # characters the parser saw before the text on its first line
+
+    @property
+    def location(self) -> Location:
+        where: Location = self.node.location
+        return where
+
+    def locate(self, line: int, column: int) -> Location:
+        """The file location of ``line``:``column`` of the parsed text."""
+        if line == 1:
+            column -= self.offset
+        where: Location = self.node.inner(line, max(column, 1))
+        return where
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Delivery:
+    """How notifications of one rule or poll travel; ``defaults:`` fill the gaps."""
+
+    gateway: Gateway = "auto"
+    ttl: timedelta = timedelta(hours=1)
+    resend_every: timedelta = timedelta(minutes=5)
+    priority: Priority = "normal"
+    coalesce: bool = True
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Rule:
+    name: str
+    location: Location
+    table: TableName
+    table_location: Location
+    events: tuple[Event, ...]
+    columns: tuple[str, ...] = ()
+    key: tuple[str, ...] = ()  # empty: the table's primary key, looked up when applied
+    when: Fragment | None = None
+    recipients: Fragment | None = None  # None means ``recipients: all``
+    recipient_columns: tuple[str, ...] = ("device_id",)
+    subject: Template
+    content: Template
+    delivery: Delivery = field(default_factory=Delivery)
+    field_locations: dict[str, Location] = field(default_factory=dict, compare=False)
+
+    def where(self, key: str) -> Location:
+        return self.field_locations.get(key, self.location)
+
+    @property
+    def label(self) -> str:
+        return f"rule {self.name}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Poll:
+    name: str
+    location: Location
+    every: timedelta
+    query: Fragment
+    delivery: Delivery = field(default_factory=Delivery)
+    field_locations: dict[str, Location] = field(default_factory=dict, compare=False)
+
+    def where(self, key: str) -> Location:
+        return self.field_locations.get(key, self.location)
+
+    @property
+    def label(self) -> str:
+        return f"poll {self.name}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RuleSet:
+    """A whole rules file."""
+
+    path: str
+    sha256: str
+    version: int
+    rules: tuple[Rule, ...]
+    polls: tuple[Poll, ...]

@@ -1,0 +1,289 @@
+"""Checks that need the whole rule set, then the plan the templates render.
+
+Like an optimizer, this is an ordered tuple of passes; each takes the rule set
+and a :class:`Problems` collector, so each can be run and tested alone.
+:func:`plan` then groups rules into one trigger function per (table, event).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import sqlglot.expressions as exp
+
+from pushsync.errors import Location, Problems
+from pushsync.generator import fragments
+from pushsync.generator.model import Event, Fragment, Poll, Rule, RuleSet, TableName, Template
+from pushsync.listener.limits import MAX_MESSAGE_TEXT
+
+Pass = Callable[[RuleSet, Problems], None]
+
+# Which row images each event has.
+SCOPES: dict[Event, frozenset[str]] = {
+    "insert": frozenset({"new"}),
+    "update": frozenset({"new", "old"}),
+    "delete": frozenset({"old"}),
+}
+
+
+def unique_names(rules: RuleSet, problems: Problems) -> None:
+    """Rule and poll names share one namespace: the outbox's ``rule`` column."""
+    seen: dict[str, Location] = {}
+    for item in (*rules.rules, *rules.polls):
+        where = item.where("name")
+        if item.name in seen:
+            first = seen[item.name]
+            problems.add(
+                where, f"duplicate name {item.name!r} (first used at line {first.line})", item.label
+            )
+        else:
+            seen[item.name] = where
+
+
+def _fragment_refs(fragment: Fragment | None) -> Iterator[tuple[str, str, Location]]:
+    if fragment is None:
+        return
+    for ref in fragments.row_references(fragment.tree):
+        yield ref.scope, ref.column, fragment.locate(ref.line, ref.column_number)
+
+
+def _template_refs(template: Template) -> Iterator[tuple[str, str, Location]]:
+    for placeholder in template.placeholders:
+        if placeholder.scope != "recipient":
+            yield placeholder.scope, placeholder.column, placeholder.location
+
+
+def row_scopes(rules: RuleSet, problems: Problems) -> None:
+    """``old`` only where every event of the rule has an old row; ``new`` likewise."""
+    for rule in rules.rules:
+        available = frozenset.intersection(*(SCOPES[e] for e in rule.events))
+        refs = (
+            *_fragment_refs(rule.when),
+            *_fragment_refs(rule.recipients),
+            *_template_refs(rule.subject),
+            *_template_refs(rule.content),
+        )
+        for scope, column, where in refs:
+            if scope not in available:
+                lacking = next(e for e in rule.events if scope not in SCOPES[e])
+                problems.add(
+                    where,
+                    f"{scope}.{column}: an {lacking} rule has no {scope} row",
+                    rule.label,
+                )
+
+
+def update_only_keys(rules: RuleSet, problems: Problems) -> None:
+    """``columns`` and ``key`` only mean something for updates."""
+    for rule in rules.rules:
+        for key, value in (("columns", rule.columns), ("key", rule.key)):
+            if value and "update" not in rule.events:
+                problems.add(rule.where(key), f"{key} applies only to update rules", rule.label)
+
+
+def recipient_columns(rules: RuleSet, problems: Problems) -> None:
+    """The recipients query returns ``device_id`` and every ``{recipient.x}`` used."""
+    for rule in rules.rules:
+        if rule.recipients is None:
+            available: list[str] | None = ["device_id"]
+        else:
+            clash = fragments.table_aliases(rule.recipients.tree) & {"new", "old"}
+            if clash:
+                problems.add(
+                    rule.recipients.location,
+                    f"recipients: do not name a table {sorted(clash)[0]!r}; it means the "
+                    "changed row",
+                    rule.label,
+                )
+            available = _query_columns(rule.recipients, "recipients", rule.label, problems)
+        if available is None:
+            continue
+        for template in (rule.subject, rule.content):
+            for placeholder in template.placeholders:
+                if placeholder.scope == "recipient" and placeholder.column not in available:
+                    problems.add(
+                        placeholder.location,
+                        f"recipient.{placeholder.column} is not a column of the recipients "
+                        f"query (it returns {', '.join(available)})",
+                        rule.label,
+                    )
+
+
+def _query_columns(
+    fragment: Fragment, key: str, label: str, problems: Problems
+) -> list[str] | None:
+    assert isinstance(fragment.tree, exp.Query)
+    columns = fragments.output_columns(fragment.tree)
+    if columns is None:
+        problems.add(
+            fragment.location,
+            f"{key}: list the columns instead of *, so device_id can be found",
+            label,
+        )
+        return None
+    if "device_id" not in columns:
+        problems.add(fragment.location, f"{key}: the query must return a device_id column", label)
+        return None
+    return columns
+
+
+POLL_COLUMNS = ("device_id", "subject", "content")
+
+
+def poll_columns(rules: RuleSet, problems: Problems) -> None:
+    """A poll query returns device_id, and may return subject and content."""
+    for poll in rules.polls:
+        _query_columns(poll.query, "query", poll.label, problems)
+
+
+def message_size(rules: RuleSet, problems: Problems) -> None:
+    """Static subject + content must leave room in a datagram for the values."""
+    for rule in rules.rules:
+        size = len((rule.subject.static_text + rule.content.static_text).encode())
+        if size > MAX_MESSAGE_TEXT:
+            problems.add(
+                rule.where("content"),
+                f"subject and content take {size} bytes before any placeholder is filled; "
+                f"a message carries at most {MAX_MESSAGE_TEXT} (one UDP datagram)",
+                rule.label,
+            )
+
+
+def key_conflicts(rules: RuleSet, problems: Problems) -> None:
+    """Rules on one table that set ``key`` must agree on it."""
+    keys: dict[TableName, tuple[str, ...]] = {}
+    for rule in rules.rules:
+        if not rule.key:
+            continue
+        first = keys.setdefault(rule.table, rule.key)
+        if first != rule.key:
+            problems.add(
+                rule.where("key"),
+                f"key {list(rule.key)} differs from {list(first)} given for {rule.table} "
+                "by an earlier rule",
+                rule.label,
+            )
+
+
+PASSES: tuple[Pass, ...] = (
+    unique_names,
+    row_scopes,
+    update_only_keys,
+    recipient_columns,
+    poll_columns,
+    message_size,
+    key_conflicts,
+)
+
+
+def check(rules: RuleSet, problems: Problems) -> None:
+    for run in PASSES:
+        run(rules, problems)
+
+
+# --- planning -----------------------------------------------------------------
+
+_SIMPLE = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)*\Z")
+MAX_IDENTIFIER = 63
+
+
+def _object_name(prefix: str, *words: str) -> str:
+    """A readable, unique function name; hashed when the words would be ambiguous or long."""
+    name = "__".join((prefix, *words))
+    if all(_SIMPLE.match(w) for w in words) and len(name) <= MAX_IDENTIFIER:
+        return name
+    digest = hashlib.sha256(".".join(words).encode()).hexdigest()[:16]
+    return f"{prefix}__{digest}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TriggerPlan:
+    """One trigger and its function: every rule on ``table`` for ``event``."""
+
+    table: TableName
+    event: Event
+    rules: tuple[Rule, ...]
+    function: str
+    trigger: str
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """Columns that pair old and new rows, if the rules set them."""
+        return next((r.key for r in self.rules if r.key), ())
+
+    def pairs_rows(self, rule: Rule) -> bool:
+        """Whether ``rule`` needs each new row matched with its old row."""
+        if self.event != "update":
+            return False
+        if rule.columns:
+            return True
+        scopes = {scope for scope, _, _ in _rule_refs(rule)}
+        return scopes == {"new", "old"}
+
+    def reads(self, rule: Rule) -> str:
+        """Which transition table a rule that does not pair rows scans."""
+        if self.event == "delete":
+            return "old"
+        if self.event == "update" and {s for s, _, _ in _rule_refs(rule)} == {"old"}:
+            return "old"
+        return "new"
+
+    def scopes(self, rule: Rule) -> tuple[str, ...]:
+        """The row images ``rule`` reads: both when it pairs rows, else one."""
+        return ("new", "old") if self.pairs_rows(rule) else (self.reads(rule),)
+
+    @property
+    def needs_key(self) -> bool:
+        return any(self.pairs_rows(r) for r in self.rules)
+
+
+def _rule_refs(rule: Rule) -> Iterator[tuple[str, str, Location]]:
+    yield from _fragment_refs(rule.when)
+    yield from _fragment_refs(rule.recipients)
+    yield from _template_refs(rule.subject)
+    yield from _template_refs(rule.content)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PollPlan:
+    poll: Poll
+    function: str
+    columns: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Plan:
+    rules: RuleSet
+    triggers: tuple[TriggerPlan, ...]
+    polls: tuple[PollPlan, ...]
+
+
+def plan(rules: RuleSet) -> Plan:
+    groups: dict[tuple[TableName, Event], list[Rule]] = {}
+    for rule in rules.rules:
+        for event in rule.events:
+            groups.setdefault((rule.table, event), []).append(rule)
+    triggers = tuple(
+        TriggerPlan(
+            table=table,
+            event=event,
+            rules=tuple(group),
+            function=_object_name(f"on_{event}", table.schema, table.name),
+            trigger=f"pushsync_{event}",
+        )
+        for (table, event), group in sorted(
+            groups.items(), key=lambda kv: (kv[0][0].schema, kv[0][0].name, kv[0][1])
+        )
+    )
+    polls = tuple(
+        PollPlan(
+            poll=poll,
+            function=_object_name("poll", poll.name),
+            columns=tuple(fragments.output_columns(poll.query.tree) or ()),  # type: ignore[arg-type]
+        )
+        for poll in rules.polls
+    )
+    return Plan(rules=rules, triggers=triggers, polls=polls)

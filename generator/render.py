@@ -1,0 +1,122 @@
+"""Render a plan into the SQL migration with the Jinja templates in ``templates/``.
+
+Everything that reaches the SQL from the rules file goes through one of the
+helpers here: identifiers are double-quoted, text becomes a string literal,
+SQL fragments are re-rendered from their parsed trees, and bodies are
+dollar-quoted with a tag that does not occur in them.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from datetime import timedelta
+from pathlib import PurePath
+
+import jinja2
+
+from pushsync import __version__
+from pushsync.generator import fragments
+from pushsync.generator.model import Fragment, Literal_, Rule, Template
+from pushsync.generator.passes import Plan, TriggerPlan
+
+KEY_MARKER = "/*pushsync:key*/"
+NOTIFY_CHANNEL = "pushsync"
+
+
+def ident(name: str) -> str:
+    """A quoted SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def literal(text: str) -> str:
+    """A SQL string literal that means the same whatever standard_conforming_strings says."""
+    if "\\" in text:
+        return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+    return "'" + text.replace("'", "''") + "'"
+
+
+def interval(value: timedelta) -> str:
+    seconds = value.total_seconds()
+    shown = int(seconds) if seconds == int(seconds) else seconds
+    return f"interval '{shown} seconds'"
+
+
+def dollar_quote(body: str, tag: str = "pushsync") -> str:
+    """``$tag$body$tag$`` with a tag that does not occur in ``body``."""
+    candidate, n = tag, 0
+    while f"${candidate}$" in body:
+        n += 1
+        candidate = f"{tag}{n}"
+    return f"${candidate}${body}${candidate}$"
+
+
+def text_sql(template: Template, default: str = "") -> str:
+    """A SQL expression producing the template's text; values never pasted."""
+    if not template.parts:
+        return literal(default)
+    pieces = [
+        literal(part.text)
+        if isinstance(part, Literal_)
+        else f"{ident(part.scope)}.{ident(part.column)}::text"
+        for part in template.parts
+    ]
+    if len(pieces) == 1 and isinstance(template.parts[0], Literal_):
+        return pieces[0]
+    return "concat(" + ", ".join(pieces) + ")"
+
+
+def sql(fragment: Fragment | None, pretty: bool = False, indent: int = 0) -> str:
+    if fragment is None:
+        return "true"
+    text = fragments.render(fragment.tree, pretty=pretty)
+    return textwrap.indent(text, " " * indent).lstrip() if indent else text
+
+
+def changed(rule: Rule) -> str:
+    """The ``columns`` filter of an update rule."""
+    return " OR ".join(
+        f'"new".{ident(c)} IS DISTINCT FROM "old".{ident(c)}' for c in rule.columns
+    )
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("pushsync.generator", "templates"),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,  # SQL, not HTML: every value goes through the filters above
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(
+        ident=ident,
+        literal=literal,
+        interval=interval,
+        dollar_quote=dollar_quote,
+        text_sql=text_sql,
+        sql=sql,
+        changed=changed,
+    )
+    env.globals.update(KEY_MARKER=KEY_MARKER, NOTIFY_CHANNEL=NOTIFY_CHANNEL)
+    return env
+
+
+_ENV = _environment()
+
+
+def trigger_function(trigger: TriggerPlan) -> str:
+    return _ENV.get_template("trigger_function.sql.j2").render(t=trigger).rstrip()
+
+
+def migration(plan: Plan, source: str | None = None) -> str:
+    """The whole migration for ``plan``; ``source`` is the path named in the header."""
+    rules = plan.rules
+    shown = source if source is not None else PurePath(rules.path).as_posix()
+    functions = {t.function: trigger_function(t) for t in plan.triggers}
+    return _ENV.get_template("migration.sql.j2").render(
+        plan=plan,
+        functions=functions,
+        source=shown,
+        sha256=rules.sha256,
+        version=__version__,
+    )

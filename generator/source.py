@@ -1,0 +1,142 @@
+"""Read YAML into a tree that remembers where every value came from.
+
+PyYAML's composer gives nodes with marks; this module turns them into plain
+values wrapped in :class:`Node`, so validation can point at ``file:line:col``
+for any key or value, and at a line and column *inside* a block of SQL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from pushsync.errors import Location, Problem, RulesError
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A YAML value with its location.
+
+    ``value`` is a ``str``/``int``/``float``/``bool``/``None`` for scalars, a
+    ``list[Node]`` for sequences and a ``dict[str, Node]`` for mappings.
+    ``key_locations`` maps each key of a mapping to where the key is written.
+    """
+
+    value: Any
+    location: Location
+    style: str | None = None  # YAML scalar style: None (plain), "'", '"', "|", ">"
+    raw: str | None = None  # a scalar's text as written, before YAML typed it
+    source_line: str = ""  # the text of the line the value starts on
+    key_locations: dict[str, Location] = field(default_factory=dict)
+
+    def inner(self, line: int, column: int) -> Location:
+        """Where character ``column`` of line ``line`` of this scalar's text is.
+
+        ``line`` and ``column`` count from 1, as parsers report them. Exact for
+        plain, quoted and literal (``|``) scalars; for folded scalars the line
+        is the best guess.
+        """
+        here = self.location
+        if self.style in ("|", ">"):
+            indent = _block_indent(self)
+            return Location(here.path, here.line + line, indent + column)
+        if line <= 1:
+            quote = 1 if self.style in ("'", '"') else 0
+            return here.shifted(column=here.column + quote + column - 1)
+        return here.shifted(lines=line - 1, column=column)
+
+
+def _block_indent(node: Node) -> int:
+    """Column (from 0) where a block scalar's content lines start."""
+    first = str(node.value).split("\n", 1)[0]
+    # The content's first line follows the indicator line; its indent is
+    # whatever precedes its text in the source.
+    return max(node.source_line.find(first), 0) if first else 0
+
+
+class _Reader:
+    def __init__(self, text: str, path: str) -> None:
+        self.lines = text.splitlines()
+        self.path = path
+
+    def location(self, mark: yaml.Mark) -> Location:
+        return Location(self.path, mark.line + 1, mark.column + 1)
+
+    def line_text(self, index: int) -> str:
+        return self.lines[index] if 0 <= index < len(self.lines) else ""
+
+    def convert(self, node: yaml.Node) -> Node:
+        where = self.location(node.start_mark)
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, where)
+        if isinstance(node, yaml.SequenceNode):
+            return Node([self.convert(item) for item in node.value], where)
+        assert isinstance(node, yaml.ScalarNode)
+        constructed = _construct_scalar(node)
+        style = node.style or None
+        content_line = node.start_mark.line + (1 if style in ("|", ">") else 0)
+        return Node(
+            constructed,
+            where,
+            style=style,
+            raw=node.value,
+            source_line=self.line_text(content_line),
+        )
+
+    def _mapping(self, node: yaml.MappingNode, where: Location) -> Node:
+        values: dict[str, Node] = {}
+        keys: dict[str, Location] = {}
+        problems: list[Problem] = []
+        for key_node, value_node in node.value:
+            key_where = self.location(key_node.start_mark)
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                problems.append(Problem(key_where, "merge keys (<<) are not supported"))
+                continue
+            # Keys are taken as written: YAML 1.1 would read the key `on` as true.
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if not isinstance(key, str):
+                problems.append(Problem(key_where, "keys must be plain words"))
+                continue
+            if key in values:
+                first = keys[key]
+                problems.append(
+                    Problem(key_where, f"duplicate key {key!r} (first given at line {first.line})")
+                )
+                continue
+            values[key] = self.convert(value_node)
+            keys[key] = key_where
+        if problems:
+            raise RulesError(problems)
+        return Node(values, where, key_locations=keys)
+
+
+_CONSTRUCTOR = yaml.SafeLoader("")
+
+
+def _construct_scalar(node: yaml.ScalarNode) -> Any:
+    """The Python value of a scalar, with YAML 1.1 type resolution as safe_load does."""
+    try:
+        return _CONSTRUCTOR.construct_object(node, deep=True)
+    finally:
+        _CONSTRUCTOR.constructed_objects.clear()
+
+
+def load(text: str, path: str) -> Node:
+    """Parse YAML ``text`` (from ``path``) into a located tree.
+
+    Raises :class:`RulesError` pointing at the syntax error.
+    """
+    try:
+        document = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = Location(path, mark.line + 1, mark.column + 1) if mark else Location(path, 1, 1)
+        reason = exc.problem or exc.context or "invalid YAML"
+        raise RulesError([Problem(where, f"invalid YAML: {reason}")]) from exc
+    except yaml.YAMLError as exc:
+        raise RulesError([Problem(Location(path, 1, 1), f"invalid YAML: {exc}")]) from exc
+    if document is None:
+        return Node({}, Location(path, 1, 1))
+    return _Reader(text, path).convert(document)

@@ -1,0 +1,358 @@
+"""Turn the located YAML tree into the frozen model, collecting every problem.
+
+Each check says where it failed (``file:line:col``) and for which rule; the
+whole file is read before anything is reported, so one run shows all mistakes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+from typing import Any, TypeVar, cast
+
+from pushsync.errors import Location, Problems
+from pushsync.generator import fragments, source, template
+from pushsync.generator.model import (
+    EVENTS,
+    GATEWAYS,
+    PRIORITIES,
+    Delivery,
+    Event,
+    Fragment,
+    Gateway,
+    Poll,
+    Priority,
+    Rule,
+    RuleSet,
+    TableName,
+    Template,
+)
+
+NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
+IDENTIFIER = re.compile(r"[a-z_][a-z0-9_$]*\Z")
+MAX_NAME = 63
+_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+TOP_KEYS = ("version", "defaults", "rules", "polls")
+DELIVERY_KEYS = ("gateway", "ttl", "resend_every", "priority", "coalesce")
+RULE_KEYS = (
+    "name",
+    "table",
+    "on",
+    "columns",
+    "key",
+    "when",
+    "recipients",
+    "subject",
+    "content",
+    *DELIVERY_KEYS,
+)
+POLL_KEYS = ("name", "every", "query", *DELIVERY_KEYS)
+
+T = TypeVar("T")
+
+
+def parse_duration(text: object) -> timedelta | None:
+    """``30s``, ``5m``, ``1h30m``, ``2d``, ``250ms``; ``None`` if not a duration."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    compact = text.replace(" ", "")
+    parts = _DURATION_PART.findall(compact)
+    if "".join(n + u for n, u in parts) != compact:
+        return None
+    return timedelta(seconds=sum(int(n) * _UNITS[u] for n, u in parts))
+
+
+def closest(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` when a choice is close to ``word``."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+class _Reader:
+    """Validation state for one file: where problems go, and for which rule."""
+
+    def __init__(self, problems: Problems) -> None:
+        self.problems = problems
+        self.context: str | None = None
+
+    def fail(self, where: Location, message: str) -> None:
+        self.problems.add(where, message, self.context)
+
+    def mapping(self, node: source.Node, allowed: tuple[str, ...], what: str) -> bool:
+        if not isinstance(node.value, dict):
+            self.fail(node.location, f"{what} must be a mapping")
+            return False
+        for key, where in node.key_locations.items():
+            if key not in allowed:
+                self.fail(where, f"unknown key {key!r}{closest(key, allowed)}")
+        return True
+
+    def require(self, node: source.Node, key: str) -> source.Node | None:
+        found: source.Node | None = node.value.get(key)
+        if found is None or found.value is None:
+            self.fail(node.location, f"missing required key {key!r}")
+            return None
+        return found
+
+    def string(self, node: source.Node, key: str) -> str | None:
+        if not isinstance(node.value, str):
+            self.fail(node.location, f"{key} must be text")
+            return None
+        return node.value
+
+    def choice(self, node: source.Node, key: str, choices: tuple[T, ...]) -> T | None:
+        value = node.value
+        if value not in choices:
+            options = ", ".join(str(c) for c in choices)
+            hint = closest(str(value), [str(c) for c in choices])
+            self.fail(node.location, f"{key} must be one of {options}, not {value!r}{hint}")
+            return None
+        return cast(T, value)
+
+    def duration(self, node: source.Node, key: str) -> timedelta | None:
+        value = parse_duration(node.value)
+        if value is None or value <= timedelta(0):
+            self.fail(
+                node.location,
+                f"bad duration {node.value!r} for {key}: expected a number and a unit, "
+                "e.g. 30s, 5m, 1h, 2d",
+            )
+            return None
+        return value
+
+    def name(self, node: source.Node) -> str | None:
+        name = self.string(node, "name")
+        if name is None:
+            return None
+        if not NAME.match(name) or len(name) > MAX_NAME:
+            self.fail(
+                node.location,
+                f"bad name {name!r}: use lower-case letters, digits and _, starting with a "
+                f"letter, at most {MAX_NAME} characters",
+            )
+            return None
+        return name
+
+    def identifiers(self, node: source.Node, key: str) -> tuple[str, ...] | None:
+        items = node.value if isinstance(node.value, list) else [node]
+        names: list[str] = []
+        for item in items:
+            if not isinstance(item.value, str) or not IDENTIFIER.match(item.value):
+                self.fail(item.location, f"{key}: {item.value!r} is not a column name")
+                return None
+            names.append(item.value)
+        if not names:
+            self.fail(node.location, f"{key} must name at least one column")
+            return None
+        return tuple(names)
+
+    def fragment(
+        self, node: source.Node, key: str, parse: Callable[[str], Any]
+    ) -> Fragment | None:
+        text = self.string(node, key)
+        if text is None:
+            return None
+        try:
+            tree = parse(text)
+        except fragments.FragmentError as exc:
+            self.fail(node.inner(exc.line, exc.column), f"{key}: {exc.message}")
+            return None
+        offset = len(fragments.CONDITION_PREFIX) if parse is fragments.parse_condition else 0
+        return Fragment(tree=tree, node=node, offset=offset)
+
+    def template(self, node: source.Node, key: str) -> Template | None:
+        if isinstance(node.value, int | float | bool) and node.raw is not None:
+            text = node.raw  # `subject: yes` means the word, not a boolean
+        else:
+            found = self.string(node, key)
+            if found is None:
+                return None
+            text = found
+        try:
+            return template.parse(text, lambda column: node.inner(1, column))
+        except template.TemplateError as exc:
+            self.fail(node.inner(1, exc.column), f"{key}: {exc.message}")
+            return None
+
+
+def _delivery(reader: _Reader, node: source.Node, base: Delivery) -> Delivery:
+    """``base`` with the delivery keys that ``node`` sets."""
+    values: dict[str, Any] = {}
+    fields: dict[str, source.Node] = node.value
+    if (gateway := fields.get("gateway")) is not None:
+        values["gateway"] = reader.choice(gateway, "gateway", GATEWAYS)
+    if (priority := fields.get("priority")) is not None:
+        values["priority"] = reader.choice(priority, "priority", PRIORITIES)
+    for key in ("ttl", "resend_every"):
+        if (found := fields.get(key)) is not None:
+            values[key] = reader.duration(found, key)
+    if (coalesce := fields.get("coalesce")) is not None:
+        if isinstance(coalesce.value, bool):
+            values["coalesce"] = coalesce.value
+        else:
+            reader.fail(coalesce.location, "coalesce must be true or false")
+    return Delivery(
+        gateway=cast(Gateway, values.get("gateway") or base.gateway),
+        priority=cast(Priority, values.get("priority") or base.priority),
+        ttl=values.get("ttl") or base.ttl,
+        resend_every=values.get("resend_every") or base.resend_every,
+        coalesce=values.get("coalesce", base.coalesce),
+    )
+
+
+def _table(reader: _Reader, node: source.Node) -> TableName | None:
+    text = reader.string(node, "table")
+    if text is None:
+        return None
+    schema, dot, name = text.partition(".")
+    if not dot:
+        reader.fail(node.location, f"table {text!r} must name its schema, e.g. public.{text}")
+        return None
+    if not IDENTIFIER.match(schema) or not IDENTIFIER.match(name):
+        reader.fail(node.location, f"table {text!r} is not a lower-case schema.table name")
+        return None
+    return TableName(schema=schema, name=name)
+
+
+def _events(reader: _Reader, node: source.Node) -> tuple[Event, ...] | None:
+    items = node.value if isinstance(node.value, list) else [node]
+    events: list[Event] = []
+    for item in items:
+        event = reader.choice(item, "on", EVENTS)
+        if event is None:
+            return None
+        if event in events:
+            reader.fail(item.location, f"event {event} is listed twice")
+            return None
+        events.append(event)
+    if not events:
+        reader.fail(node.location, "on must list at least one of insert, update, delete")
+        return None
+    return tuple(events)
+
+
+def _rule(reader: _Reader, node: source.Node, defaults: Delivery) -> Rule | None:
+    if not reader.mapping(node, RULE_KEYS, "a rule"):
+        return None
+    fields: dict[str, source.Node] = node.value
+    name_node = reader.require(node, "name")
+    name = reader.name(name_node) if name_node else None
+    reader.context = f"rule {name}" if name else reader.context
+    table_node = reader.require(node, "table")
+    table = _table(reader, table_node) if table_node else None
+    on_node = reader.require(node, "on")
+    events = _events(reader, on_node) if on_node else None
+    recipients_node = reader.require(node, "recipients")
+    recipients: Fragment | None = None
+    if recipients_node is not None and recipients_node.value != "all":
+        recipients = reader.fragment(recipients_node, "recipients", fragments.parse_query)
+    columns: tuple[str, ...] | None = ()
+    if (columns_node := fields.get("columns")) is not None:
+        columns = reader.identifiers(columns_node, "columns")
+    key: tuple[str, ...] | None = ()
+    if (key_node := fields.get("key")) is not None:
+        key = reader.identifiers(key_node, "key")
+    when = None
+    if (when_node := fields.get("when")) is not None:
+        when = reader.fragment(when_node, "when", fragments.parse_condition)
+    subject_node = fields.get("subject")
+    subject = reader.template(subject_node, "subject") if subject_node else None
+    content_node = fields.get("content")
+    content = reader.template(content_node, "content") if content_node else None
+    delivery = _delivery(reader, node, defaults)
+    required = (name, table, events, columns, key)
+    if any(v is None for v in required) or recipients_node is None:
+        return None
+    if recipients is None and recipients_node.value != "all":
+        return None
+    if (subject_node and subject is None) or (content_node and content is None):
+        return None
+    assert name is not None and table is not None and events is not None
+    assert table_node is not None and columns is not None and key is not None
+    return Rule(
+        name=name,
+        location=node.location,
+        table=table,
+        table_location=table_node.location,
+        events=events,
+        columns=columns,
+        key=key,
+        when=when,
+        recipients=recipients,
+        subject=subject or Template(parts=(), location=node.location),
+        content=content or Template(parts=(), location=node.location),
+        delivery=delivery,
+        field_locations={k: v.location for k, v in fields.items()},
+    )
+
+
+def _poll(reader: _Reader, node: source.Node, defaults: Delivery) -> Poll | None:
+    if not reader.mapping(node, POLL_KEYS, "a poll"):
+        return None
+    name_node = reader.require(node, "name")
+    name = reader.name(name_node) if name_node else None
+    reader.context = f"poll {name}" if name else reader.context
+    every_node = reader.require(node, "every")
+    every = reader.duration(every_node, "every") if every_node else None
+    query_node = reader.require(node, "query")
+    query = reader.fragment(query_node, "query", fragments.parse_query) if query_node else None
+    delivery = _delivery(reader, node, defaults)
+    if name is None or every is None or query is None:
+        return None
+    return Poll(
+        name=name,
+        location=node.location,
+        every=every,
+        query=query,
+        delivery=delivery,
+        field_locations={k: v.location for k, v in node.value.items()},
+    )
+
+
+def _items(reader: _Reader, root: dict[str, source.Node], key: str) -> list[source.Node]:
+    node = root.get(key)
+    if node is None or node.value is None:
+        return []
+    if not isinstance(node.value, list):
+        reader.fail(node.location, f"{key} must be a list")
+        return []
+    return list(node.value)
+
+
+def build(text: str, path: str, problems: Problems) -> RuleSet | None:
+    """Validate the rules file ``text``; problems go to ``problems``."""
+    root = source.load(text, path)
+    reader = _Reader(problems)
+    if not reader.mapping(root, TOP_KEYS, "the rules file"):
+        return None
+    fields: dict[str, source.Node] = root.value
+    version_node = reader.require(root, "version")
+    if version_node is not None and version_node.value != 1:
+        reader.fail(version_node.location, f"unsupported version {version_node.value!r}: use 1")
+    defaults = Delivery()
+    if (defaults_node := fields.get("defaults")) is not None and reader.mapping(
+        defaults_node, DELIVERY_KEYS, "defaults"
+    ):
+        defaults = _delivery(reader, defaults_node, defaults)
+    rules: list[Rule] = []
+    polls: list[Poll] = []
+    for index, item in enumerate(_items(reader, fields, "rules"), start=1):
+        reader.context = f"rule #{index}"
+        if (rule := _rule(reader, item, defaults)) is not None:
+            rules.append(rule)
+    for index, item in enumerate(_items(reader, fields, "polls"), start=1):
+        reader.context = f"poll #{index}"
+        if (poll := _poll(reader, item, defaults)) is not None:
+            polls.append(poll)
+    return RuleSet(
+        path=path,
+        sha256=hashlib.sha256(text.encode()).hexdigest(),
+        version=1,
+        rules=tuple(rules),
+        polls=tuple(polls),
+    )
