@@ -10,6 +10,7 @@ is rendered again, so nothing can hide in them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
 DIALECT = "postgres"
 
 # Statement kinds that have no business inside a SELECT or a condition.
-_FORBIDDEN_NODES: tuple[type[exp.Expression], ...] = (
+_FORBIDDEN_NODES: tuple[type[exp.Expr], ...] = (
     exp.DML,
     exp.DDL,
     exp.Insert,
@@ -135,7 +136,7 @@ class RowReference:
     column_number: int
 
 
-def _parse(text: str, prefix: str = "") -> list[exp.Expression]:
+def _parse(text: str, prefix: str = "") -> list[exp.Expr]:
     try:
         trees = sqlglot.parse(prefix + text, read=DIALECT)
     except ParseError as exc:
@@ -144,13 +145,24 @@ def _parse(text: str, prefix: str = "") -> list[exp.Expression]:
         column = int(first.get("col") or 1)
         if line == 1:
             column = max(column - len(prefix), 1)
-        description = first.get("description") or str(exc)
+        description = _readable(str(first.get("description") or exc))
         raise FragmentError(f"SQL syntax error: {description}", line, column) from exc
     except TokenError as exc:
         raise FragmentError(f"SQL syntax error: {_token_error(exc)}") from exc
     except SqlglotError as exc:
         raise FragmentError(f"SQL syntax error: {exc}") from exc
     return [t for t in trees if t is not None and not isinstance(t, exp.Semicolon)]
+
+
+_MISSING = re.compile(r"Required keyword: '\w+' missing for <class '[\w.]*\.(\w+)'>")
+
+
+def _readable(description: str) -> str:
+    """sqlglot's wording for an unfinished clause, said as a user would."""
+    match = _MISSING.search(description)
+    if match:
+        return f"incomplete {match.group(1).upper()} clause"
+    return description
 
 
 def _token_error(exc: TokenError) -> str:
@@ -171,7 +183,7 @@ def _is_forbidden_function(name: str) -> bool:
     return name in FORBIDDEN_FUNCTIONS or name.startswith(FORBIDDEN_FUNCTION_PREFIXES)
 
 
-def _police(tree: exp.Expression) -> None:
+def _police(tree: exp.Expr) -> None:
     for node in tree.walk():
         if isinstance(node, _FORBIDDEN_NODES):
             raise FragmentError(f"only reading is allowed here, found {_describe(node)}")
@@ -181,7 +193,7 @@ def _police(tree: exp.Expression) -> None:
                 raise FragmentError(f"function {name}() is not allowed in rules")
 
 
-def _describe(node: exp.Expression) -> str:
+def _describe(node: exp.Expr) -> str:
     if isinstance(node, exp.Into):
         return "SELECT INTO"
     if isinstance(node, exp.Lock):
@@ -206,7 +218,7 @@ def parse_query(text: str) -> exp.Query:
     return normalize_identifiers(tree, dialect=DIALECT)
 
 
-def parse_condition(text: str) -> exp.Expression:
+def parse_condition(text: str) -> exp.Expr:
     """One boolean expression over ``new`` and ``old``."""
     prefix = CONDITION_PREFIX
     trees = _parse(text + ")", prefix)
@@ -230,17 +242,18 @@ def parse_condition(text: str) -> exp.Expression:
                 f"column {column.sql(dialect=DIALECT)} must be written new.{column.name} "
                 f"or old.{column.name}"
             )
-    return normalize_identifiers(condition.copy(), dialect=DIALECT)
+    normalized: exp.Expr = normalize_identifiers(condition.copy(), dialect=DIALECT)
+    return normalized
 
 
-def _outer_columns(tree: exp.Expression) -> Iterator[exp.Column]:
+def _outer_columns(tree: exp.Expr) -> Iterator[exp.Column]:
     """Columns of ``tree`` that are not inside a subquery."""
-    for node in tree.walk(prune=lambda n: isinstance(n, exp.Query) and n is not tree):
+    for node in tree.walk(prune=lambda n: n is not tree and isinstance(n, exp.Query)):
         if isinstance(node, exp.Column):
             yield node
 
 
-def _require_qualified_tables(tree: exp.Expression) -> None:
+def _require_qualified_tables(tree: exp.Expr) -> None:
     ctes = {cte.alias_or_name.lower() for cte in tree.find_all(exp.CTE)}
     for table in tree.find_all(exp.Table):
         if not isinstance(table.this, exp.Identifier):
@@ -253,7 +266,7 @@ def _require_qualified_tables(tree: exp.Expression) -> None:
         )
 
 
-def row_references(tree: exp.Expression) -> list[RowReference]:
+def row_references(tree: exp.Expr) -> list[RowReference]:
     """Every ``new.x`` / ``old.x`` in ``tree``, in order of appearance."""
     found = []
     for col in tree.find_all(exp.Column):
@@ -266,7 +279,7 @@ def row_references(tree: exp.Expression) -> list[RowReference]:
     return found
 
 
-def table_aliases(tree: exp.Expression) -> set[str]:
+def table_aliases(tree: exp.Expr) -> set[str]:
     """Aliases and names that ``tree`` gives to the tables it reads."""
     names = {t.alias_or_name.lower() for t in tree.find_all(exp.Table)}
     names |= {s.alias.lower() for s in tree.find_all(exp.Subquery) if s.alias}
@@ -280,12 +293,14 @@ def output_columns(query: exp.Query) -> list[str] | None:
         select = select.this
     if not isinstance(select, exp.Select):
         return None
-    if any(isinstance(e, exp.Star) or (isinstance(e, exp.Column) and e.is_star)
-           for e in select.expressions):
+    if any(
+        isinstance(e, exp.Star) or (isinstance(e, exp.Column) and e.is_star)
+        for e in select.expressions
+    ):
         return None
     return [name.lower() for name in select.named_selects]
 
 
-def render(tree: exp.Expression, pretty: bool = False) -> str:
+def render(tree: exp.Expr, pretty: bool = False) -> str:
     """SQL for ``tree``: every identifier quoted, no comments."""
     return tree.sql(dialect=DIALECT, identify=True, comments=False, pretty=pretty)

@@ -70,7 +70,7 @@ class Template:
 class Fragment:
     """A parsed piece of SQL from the rules file, with where it was written."""
 
-    tree: exp.Expression
+    tree: exp.Expr
     node: Any  # the source.Node the text came from, to locate positions inside it
     offset: int = 0  # characters the parser saw before the text on its first line
 

@@ -32,7 +32,8 @@ SCOPES: dict[Event, frozenset[str]] = {
 def unique_names(rules: RuleSet, problems: Problems) -> None:
     """Rule and poll names share one namespace: the outbox's ``rule`` column."""
     seen: dict[str, Location] = {}
-    for item in (*rules.rules, *rules.polls):
+    items: tuple[Rule | Poll, ...] = (*rules.rules, *rules.polls)
+    for item in items:
         where = item.where("name")
         if item.name in seen:
             first = seen[item.name]
@@ -220,14 +221,14 @@ class TriggerPlan:
             return False
         if rule.columns:
             return True
-        scopes = {scope for scope, _, _ in _rule_refs(rule)}
+        scopes = {scope for scope, _, _ in rule_refs(rule)}
         return scopes == {"new", "old"}
 
     def reads(self, rule: Rule) -> str:
         """Which transition table a rule that does not pair rows scans."""
         if self.event == "delete":
             return "old"
-        if self.event == "update" and {s for s, _, _ in _rule_refs(rule)} == {"old"}:
+        if self.event == "update" and {s for s, _, _ in rule_refs(rule)} == {"old"}:
             return "old"
         return "new"
 
@@ -240,7 +241,7 @@ class TriggerPlan:
         return any(self.pairs_rows(r) for r in self.rules)
 
 
-def _rule_refs(rule: Rule) -> Iterator[tuple[str, str, Location]]:
+def rule_refs(rule: Rule) -> Iterator[tuple[str, str, Location]]:
     yield from _fragment_refs(rule.when)
     yield from _fragment_refs(rule.recipients)
     yield from _template_refs(rule.subject)

@@ -50,10 +50,10 @@ def dollar_quote(body: str, tag: str = "pushsync") -> str:
     return f"${candidate}${body}${candidate}$"
 
 
-def text_sql(template: Template, default: str = "") -> str:
+def text_sql(template: Template) -> str:
     """A SQL expression producing the template's text; values never pasted."""
     if not template.parts:
-        return literal(default)
+        return "''"
     pieces = [
         literal(part.text)
         if isinstance(part, Literal_)
@@ -74,9 +74,7 @@ def sql(fragment: Fragment | None, pretty: bool = False, indent: int = 0) -> str
 
 def changed(rule: Rule) -> str:
     """The ``columns`` filter of an update rule."""
-    return " OR ".join(
-        f'"new".{ident(c)} IS DISTINCT FROM "old".{ident(c)}' for c in rule.columns
-    )
+    return " OR ".join(f'"new".{ident(c)} IS DISTINCT FROM "old".{ident(c)}' for c in rule.columns)
 
 
 def _environment() -> jinja2.Environment:

@@ -23,6 +23,7 @@ from pushsync.generator.model import (
     Event,
     Fragment,
     Gateway,
+    Literal_,
     Poll,
     Priority,
     Rule,
@@ -151,9 +152,7 @@ class _Reader:
             return None
         return tuple(names)
 
-    def fragment(
-        self, node: source.Node, key: str, parse: Callable[[str], Any]
-    ) -> Fragment | None:
+    def fragment(self, node: source.Node, key: str, parse: Callable[[str], Any]) -> Fragment | None:
         text = self.string(node, key)
         if text is None:
             return None
@@ -237,12 +236,14 @@ def _events(reader: _Reader, node: source.Node) -> tuple[Event, ...] | None:
 
 
 def _rule(reader: _Reader, node: source.Node, defaults: Delivery) -> Rule | None:
-    if not reader.mapping(node, RULE_KEYS, "a rule"):
+    if not isinstance(node.value, dict):
+        reader.fail(node.location, "a rule must be a mapping")
         return None
     fields: dict[str, source.Node] = node.value
     name_node = reader.require(node, "name")
     name = reader.name(name_node) if name_node else None
     reader.context = f"rule {name}" if name else reader.context
+    reader.mapping(node, RULE_KEYS, "a rule")
     table_node = reader.require(node, "table")
     table = _table(reader, table_node) if table_node else None
     on_node = reader.require(node, "on")
@@ -284,19 +285,22 @@ def _rule(reader: _Reader, node: source.Node, defaults: Delivery) -> Rule | None
         key=key,
         when=when,
         recipients=recipients,
-        subject=subject or Template(parts=(), location=node.location),
+        # Without a subject, the rule's name is one: handlers can filter on it.
+        subject=subject or Template(parts=(Literal_(text=name),), location=node.location),
         content=content or Template(parts=(), location=node.location),
         delivery=delivery,
-        field_locations={k: v.location for k, v in fields.items()},
+        field_locations=node.key_locations,
     )
 
 
 def _poll(reader: _Reader, node: source.Node, defaults: Delivery) -> Poll | None:
-    if not reader.mapping(node, POLL_KEYS, "a poll"):
+    if not isinstance(node.value, dict):
+        reader.fail(node.location, "a poll must be a mapping")
         return None
     name_node = reader.require(node, "name")
     name = reader.name(name_node) if name_node else None
     reader.context = f"poll {name}" if name else reader.context
+    reader.mapping(node, POLL_KEYS, "a poll")
     every_node = reader.require(node, "every")
     every = reader.duration(every_node, "every") if every_node else None
     query_node = reader.require(node, "query")
@@ -310,7 +314,7 @@ def _poll(reader: _Reader, node: source.Node, defaults: Delivery) -> Poll | None
         every=every,
         query=query,
         delivery=delivery,
-        field_locations={k: v.location for k, v in node.value.items()},
+        field_locations=node.key_locations,
     )
 
 

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import psycopg
 from pytest_postgresql.janitor import DatabaseJanitor
 
-# The repository root must be importable for `tests.support`; pytest's default
-# import mode only puts this file's directory on sys.path.
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from tests.support.postgres import pg_ctl_path, start_postgres  # noqa: E402
+from tests.support.postgres import pg_ctl_path, start_postgres
 
 
 def test_start_postgres_answers_as_postgres_superuser() -> None:

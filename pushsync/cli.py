@@ -1,0 +1,272 @@
+"""The ``pushsync`` command.
+
+Every option can also be set with an environment variable named after it
+(``--dsn`` <-> ``PUSHSYNC_DSN``); the flag wins. Exit status: 0 on success,
+2 for input the user can fix (reported as ``file:line:col: ...``), 1 when the
+database or the system fails. Server-side modules are imported inside the
+commands that need them, so the device-side commands stay light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pushsync import __version__
+from pushsync.errors import DatabaseError, PushsyncError, RulesError, UsageError
+
+log = logging.getLogger("pushsync")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def env_name(flag: str) -> str:
+    """``--sync-listen`` -> ``PUSHSYNC_SYNC_LISTEN``."""
+    return "PUSHSYNC_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _truthy(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+def option(parser: argparse.ArgumentParser, flag: str, *aliases: str, **kwargs: Any) -> None:
+    """Add ``flag`` with its ``PUSHSYNC_...`` variable as the default."""
+    variable = env_name(flag)
+    value = os.environ.get(variable)
+    if kwargs.get("action") == "store_true":
+        kwargs["default"] = _truthy(value) if value is not None else False
+    elif value is not None:
+        kwargs["default"] = value
+    kwargs["help"] = f"{kwargs.get('help', '')} [env: {variable}]".strip()
+    parser.add_argument(*aliases, flag, **kwargs)
+
+
+def _dsn(parser: argparse.ArgumentParser, required_hint: bool = False) -> None:
+    option(
+        parser,
+        "--dsn",
+        metavar="DSN",
+        help="PostgreSQL connection string; else libpq's PG* variables"
+        + (" (needed for this)" if required_hint else ""),
+    )
+
+
+# --- commands ----------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from pushsync import generator
+    from pushsync.errors import Problems
+
+    rules = generator.load(args.rules)
+    if args.dsn is not None or os.environ.get("PUSHSYNC_DSN"):
+        from pushsync import db
+        from pushsync.generator import dbcheck
+
+        problems = Problems()
+        with db.connect(args.dsn) as conn:
+            dbcheck.check(conn, rules, problems)
+        problems.raise_if_any()
+    print(
+        f"{args.rules}: ok ({_count(len(rules.rules), 'rule')}, {_count(len(rules.polls), 'poll')})"
+    )
+    return EXIT_OK
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from pushsync import generator
+
+    rules = generator.load(args.rules)
+    sql = generator.compile_rules(rules)
+    if args.output in (None, "-"):
+        sys.stdout.write(sql)
+    else:
+        _write_atomically(Path(args.output), sql)
+        log.info("wrote %s", args.output)
+    return EXIT_OK
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from pushsync import db, schema
+    from pushsync.errors import Problems
+
+    rules_sql = None
+    with db.connect(args.dsn) as conn:
+        if args.rules is not None:
+            from pushsync import generator
+            from pushsync.generator import dbcheck
+
+            rules = generator.load(args.rules)
+            problems = Problems()
+            if schema.applied_versions(conn):
+                dbcheck.check(conn, rules, problems)
+                problems.raise_if_any()
+            rules_sql = generator.compile_rules(rules)
+        applied = schema.migrate(conn, rules_sql)
+    if applied:
+        names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
+        print(f"base schema: applied {names}")
+    else:
+        print("base schema: up to date")
+    if args.rules is not None:
+        print(f"rules: applied {args.rules}")
+    return EXIT_OK
+
+
+def cmd_device_add(args: argparse.Namespace) -> int:
+    from pushsync import db, devices
+
+    device = devices.NewDevice(
+        device_id=devices.check_device_id(args.id),
+        udp=devices.parse_udp_address(args.udp) if args.udp else None,
+        email=devices.check_email(args.email) if args.email else None,
+    )
+    secret_file = Path(args.secret_file) if args.secret_file else None
+    with db.connect(args.dsn) as conn:
+        secret = devices.add(conn, device, secret_file)
+    if secret_file is not None:
+        print(f"device {device.device_id} added; secret written to {secret_file}", file=sys.stderr)
+    else:
+        print(f"device {device.device_id} added; its secret (shown once):", file=sys.stderr)
+        print(secret.hex())
+    return EXIT_OK
+
+
+def cmd_device_list(args: argparse.Namespace) -> int:
+    from pushsync import db, devices
+
+    with db.connect(args.dsn) as conn:
+        found = devices.listing(conn)
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return EXIT_OK
+    rows = [("DEVICE", "ENABLED", "LAST SEEN", "ADDRESSES")]
+    for item in found:
+        addresses = ", ".join(
+            f"{a['medium']}={a['address']} ({a['source']}{'' if a['effective'] else ', unused'})"
+            for a in item["addresses"]
+        )
+        seen = item["last_seen_at"] or "never"
+        rows.append((item["device_id"], "yes" if item["enabled"] else "no", seen, addresses or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3])
+    return EXIT_OK
+
+
+# --- plumbing ------------------------------------------------------------------
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that readers never see half a file."""
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pushsync",
+        description="Server-initiated synchronization for PostgreSQL.",
+    )
+    parser.add_argument("--version", action="version", version=f"pushsync {__version__}")
+    option(
+        parser,
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="how much to log on stderr",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = commands.add_parser("check", help="validate a rules file")
+    check.add_argument("rules", metavar="RULES.yaml")
+    _dsn(check)
+    check.set_defaults(handler=cmd_check)
+
+    compile_ = commands.add_parser("compile", help="write the SQL migration for a rules file")
+    compile_.add_argument("rules", metavar="RULES.yaml")
+    option(compile_, "--output", "-o", metavar="FILE", help="where to write (default: stdout)")
+    compile_.set_defaults(handler=cmd_compile)
+
+    migrate = commands.add_parser(
+        "migrate", help="apply the base schema and, if given, the compiled rules"
+    )
+    migrate.add_argument("rules", metavar="RULES.yaml", nargs="?")
+    _dsn(migrate)
+    migrate.set_defaults(handler=cmd_migrate)
+
+    device = commands.add_parser("device", help="register and list devices")
+    device_commands = device.add_subparsers(dest="device_command", required=True, metavar="ACTION")
+    add = device_commands.add_parser("add", help="register a device and issue its secret")
+    add.add_argument("id", metavar="ID")
+    _dsn(add)
+    option(add, "--udp", metavar="HOST:PORT", help="the device's UDP address (manual)")
+    option(add, "--email", metavar="ADDR", help="the device's email address (manual)")
+    option(
+        add,
+        "--secret-file",
+        metavar="PATH",
+        help="write the secret to this new file (mode 0600) instead of printing it",
+    )
+    add.set_defaults(handler=cmd_device_add)
+    listing = device_commands.add_parser("list", help="show devices and their addresses")
+    _dsn(listing)
+    option(listing, "--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(handler=cmd_device_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except RulesError as exc:
+        for problem in exc:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"pushsync: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except DatabaseError as exc:
+        print(f"pushsync: database: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except PushsyncError as exc:
+        print(f"pushsync: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Register devices and show them: ``pushsync device add`` / ``device list``."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from pushsync import queries
+from pushsync.errors import UsageError
+
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+SECRET_BYTES = 32
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*\Z")
+_EMAIL = re.compile(r"[^@\s]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+\Z")
+
+
+def check_device_id(device_id: str) -> str:
+    if not DEVICE_ID.match(device_id):
+        raise UsageError(
+            f"bad device id {device_id!r}: use up to 64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return device_id
+
+
+def parse_udp_address(text: str) -> str:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6), normalised; UsageError if malformed."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise UsageError(f"bad UDP address {text!r}: expected HOST:PORT, e.g. 192.0.2.7:5001")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError as exc:
+            raise UsageError(f"bad UDP address {text!r}: {host} is not an IPv6 address") from exc
+        return f"[{host}]:{int(port_text)}"
+    if not _HOSTNAME.match(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError as exc:
+            raise UsageError(f"bad UDP address {text!r}: {host!r} is not a host") from exc
+    return f"{host}:{int(port_text)}"
+
+
+def check_email(text: str) -> str:
+    if not _EMAIL.match(text):
+        raise UsageError(f"bad email address {text!r}")
+    return text
+
+
+def new_secret() -> bytes:
+    return secrets.token_bytes(SECRET_BYTES)
+
+
+def write_secret_file(path: Path, secret: bytes) -> None:
+    """Write the secret as hex to a new file only its owner can read."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as exc:
+        raise UsageError(f"{path} exists; not overwriting a secret") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot create {path}: {exc.strerror}") from exc
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secret.hex() + "\n")
+
+
+@dataclass(frozen=True, slots=True)
+class NewDevice:
+    device_id: str
+    udp: str | None = None
+    email: str | None = None
+
+
+def add(conn: psycopg.Connection, device: NewDevice, secret_file: Path | None) -> bytes:
+    """Register ``device`` with a fresh secret and return it.
+
+    With ``secret_file`` the secret is written there before the transaction
+    commits; if anything fails, neither the row nor the file remains.
+    """
+    secret = new_secret()
+    written = False
+    try:
+        with conn.transaction():
+            row = conn.execute(
+                queries.get("device_insert"), {"device_id": device.device_id, "secret": secret}
+            ).fetchone()
+            if row is None:
+                raise UsageError(f"device {device.device_id} already exists")
+            for medium, address in (("udp", device.udp), ("email", device.email)):
+                if address is not None:
+                    conn.execute(
+                        queries.get("address_upsert"),
+                        {"device_id": device.device_id, "medium": medium, "address": address},
+                    )
+            if secret_file is not None:
+                write_secret_file(secret_file, secret)
+                written = True
+    except BaseException:
+        if written and secret_file is not None:
+            secret_file.unlink(missing_ok=True)
+        raise
+    return secret
+
+
+def listing(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Every device with its addresses; never the secret."""
+    out = []
+    for device_id, enabled, created, seen, addresses in conn.execute(queries.get("device_list")):
+        out.append(
+            {
+                "device_id": device_id,
+                "enabled": enabled,
+                "created_at": _iso(created),
+                "last_seen_at": _iso(seen),
+                "addresses": addresses,
+            }
+        )
+    return out
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None

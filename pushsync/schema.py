@@ -1,0 +1,65 @@
+"""Apply the base schema (``sql/NNNN_name.sql``) and compiled rules to a database.
+
+Everything happens in one transaction under an advisory lock: two migrations
+started at once run one after the other, and a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import psycopg
+
+from pushsync import queries
+
+log = logging.getLogger(__name__)
+
+_MIGRATION = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    """The base schema's migrations, in order."""
+    found = []
+    for entry in resources.files("pushsync").joinpath("sql").iterdir():
+        match = _MIGRATION.match(entry.name)
+        if match:
+            found.append(Migration(int(match.group(1)), match.group(2), entry.read_text("utf-8")))
+    return sorted(found, key=lambda m: m.version)
+
+
+def applied_versions(conn: psycopg.Connection) -> set[int]:
+    exists = conn.execute(queries.get("schema_exists")).fetchone()
+    if not exists or not exists[0]:
+        return set()
+    return {row[0] for row in conn.execute(queries.get("applied_versions"))}
+
+
+def migrate(conn: psycopg.Connection, rules_sql: str | None = None) -> list[Migration]:
+    """Bring the base schema up to date, then apply ``rules_sql`` if given.
+
+    Returns the migrations that were applied now (empty when up to date).
+    """
+    applied_now: list[Migration] = []
+    with conn.transaction():
+        conn.execute("SET LOCAL client_min_messages = warning")
+        conn.execute(queries.get("migrate_lock"))
+        done = applied_versions(conn)
+        for migration in migrations():
+            if migration.version in done:
+                continue
+            log.info("applying %04d_%s", migration.version, migration.name)
+            conn.execute(migration.sql)  # a file of ours
+            applied_now.append(migration)
+        if rules_sql is not None:
+            conn.execute(rules_sql)  # compiled by the generator
+    return applied_now

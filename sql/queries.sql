@@ -1,0 +1,56 @@
+-- Runtime queries of the pushsync commands, one named block each.
+-- Not a migration: `pushsync migrate` does not run this file.
+
+-- migrate_lock --
+SELECT pg_advisory_xact_lock(hashtextextended('pushsync.migrate', 0))
+
+-- applied_versions --
+SELECT version FROM pushsync.schema_version ORDER BY version
+
+-- schema_exists --
+SELECT to_regclass('pushsync.schema_version') IS NOT NULL
+
+-- device_insert --
+INSERT INTO pushsync.devices (device_id, secret)
+VALUES (%(device_id)s, %(secret)s)
+ON CONFLICT (device_id) DO NOTHING
+RETURNING created_at
+
+-- address_upsert --
+INSERT INTO pushsync.device_addresses (device_id, medium, source, address)
+VALUES (%(device_id)s, %(medium)s, 'manual', %(address)s)
+ON CONFLICT (device_id, medium, source) DO UPDATE
+SET address = excluded.address, active = true, modified_at = now()
+
+-- device_list --
+SELECT d.device_id, d.enabled, d.created_at, d.last_seen_at,
+       coalesce(
+           jsonb_agg(
+               jsonb_build_object(
+                   'medium', a.medium, 'address', a.address, 'source', a.source,
+                   'active', a.active, 'modified_at', a.modified_at,
+                   'effective', e.device_id IS NOT NULL)
+               ORDER BY a.medium, a.source)
+           FILTER (WHERE a.device_id IS NOT NULL),
+           '[]') AS addresses
+FROM pushsync.devices AS d
+LEFT JOIN pushsync.device_addresses AS a ON a.device_id = d.device_id
+LEFT JOIN pushsync.effective_addresses AS e
+       ON e.device_id = a.device_id AND e.medium = a.medium AND e.source = a.source
+GROUP BY d.device_id
+ORDER BY d.device_id
+
+-- table_columns --
+SELECT a.attname::text
+FROM pg_attribute AS a
+WHERE a.attrelid = to_regclass(%(table)s) AND a.attnum > 0 AND NOT a.attisdropped
+
+-- table_kind --
+SELECT c.relkind::text
+FROM pg_class AS c
+WHERE c.oid = to_regclass(%(table)s)
+
+-- primary_key --
+SELECT count(*) > 0
+FROM pg_index AS i
+WHERE i.indrelid = to_regclass(%(table)s) AND i.indisprimary
