@@ -49,10 +49,11 @@ class _Checker:
                 rule.table_location, f"{table} is not a table (triggers need one)", rule.label
             )
             return
-        known = self.columns(table)
-        self._named_columns(rule, known)
+        before = len(self.problems)
+        self._named_columns(rule, self.columns(table))
         self._key(rule, plan)
-        self._probe(rule)
+        if len(self.problems) == before:  # the database would only repeat them
+            self._probe(rule)
 
     def _named_columns(self, rule: Rule, known: set[str]) -> None:
         for key in ("columns", "key"):

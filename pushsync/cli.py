@@ -161,7 +161,9 @@ def cmd_device_list(args: argparse.Namespace) -> int:
         rows.append((item["device_id"], "yes" if item["enabled"] else "no", seen, addresses or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3])
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3]
+        )
     return EXIT_OK
 
 
@@ -174,19 +176,18 @@ def _count(n: int, word: str) -> str:
 
 def _write_atomically(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` so that readers never see half a file."""
-    directory = path.parent if str(path.parent) else Path(".")
+    temporary: Path | None = None
     try:
-        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
-    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        temporary = Path(name)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
-        os.chmod(temporary, 0o644)
+        temporary.chmod(0o644)
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    except OSError as exc:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -83,6 +83,9 @@ class Problems:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __iter__(self) -> Iterator[Problem]:
+        return iter(self._items)
+
     def raise_if_any(self) -> None:
         if self._items:
             ordered = sorted(

@@ -187,9 +187,7 @@ def test_statement_notifies_once_and_only_when_it_wrote(
     assert len(outbox(fleet)) == 4
 
 
-def test_application_role_needs_no_rights_on_pushsync(
-    fleet: psycopg.Connection, dsn: str
-) -> None:
+def test_application_role_needs_no_rights_on_pushsync(fleet: psycopg.Connection, dsn: str) -> None:
     fleet.execute("CREATE ROLE trucking_app LOGIN")
     fleet.execute("GRANT USAGE ON SCHEMA public TO trucking_app")
     fleet.execute("GRANT SELECT, INSERT ON public.disruption_reports TO trucking_app")

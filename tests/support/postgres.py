@@ -74,6 +74,11 @@ class WrapperInfo:
     source: str
     user: str | None  # None when not running as root (pg_ctl runs as ourselves)
 
+    @property
+    def bindir(self) -> str:
+        """The directory of the server binaries (psql, pgbench, ...)."""
+        return str(Path(self.pg_ctl).parent)
+
 
 def wrapper_info() -> WrapperInfo:
     """Ask the wrapper which ``pg_ctl`` it uses and as whom (may create the user).

@@ -1,0 +1,187 @@
+"""The ``pushsync`` command as a user runs it: exit codes, output, files, database."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+from pathlib import Path
+
+import psycopg
+
+from tests.acceptance.conftest import Run
+from tests.integration import trucking
+
+
+def copy_example(tmp_path: Path) -> Path:
+    target = tmp_path / "rules.yaml"
+    shutil.copy(trucking.RULES, target)
+    return target
+
+
+def test_check_accepts_the_example(pushsync: Run, tmp_path: Path) -> None:
+    copy_example(tmp_path)
+    result = pushsync("check", "rules.yaml")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "rules.yaml: ok (5 rules, 0 polls)\n"
+
+
+def test_check_reports_located_errors_without_traceback(pushsync: Run, tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text(
+        "version: 1\nrules:\n  - name: r\n    table: public.t\n    on: [insert, upsert]\n"
+        "    recipients: SELECT device_id FROM public.x; DROP TABLE public.t\n"
+        "    resend: 5m\n"
+    )
+    result = pushsync("check", "bad.yaml")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "bad.yaml:5:18: rule r: on must be one of insert, update, delete, not 'upsert' "
+        "(did you mean 'insert'?)",
+        "bad.yaml:6:17: rule r: recipients: expected one SELECT, found more than one statement",
+        "bad.yaml:7:5: rule r: unknown key 'resend' (did you mean 'resend_every'?)",
+    ]
+
+
+def test_check_missing_file(pushsync: Run) -> None:
+    result = pushsync("check", "nope.yaml")
+    assert result.returncode == 2
+    assert (
+        result.stderr == "pushsync: cannot read rules file nope.yaml: No such file or directory\n"
+    )
+
+
+def test_compile_writes_the_migration(pushsync: Run, tmp_path: Path) -> None:
+    copy_example(tmp_path)
+    result = pushsync("compile", "rules.yaml", "-o", "missing/rules.sql")
+    assert result.returncode == 2  # out/ does not exist
+    assert result.stderr == "pushsync: cannot write missing/rules.sql: No such file or directory\n"
+    assert list(tmp_path.iterdir()) == [tmp_path / "rules.yaml"]
+    result = pushsync("compile", "rules.yaml", "-o", "rules.sql")
+    assert result.returncode == 0, result.stderr
+    sql = (tmp_path / "rules.sql").read_text()
+    assert sql.startswith("-- pushsync rules migration. GENERATED FILE - DO NOT EDIT")
+    assert "-- source:    rules.yaml\n" in sql
+    stdout = pushsync("compile", "rules.yaml").stdout
+    assert stdout == sql
+
+
+def test_compile_error_leaves_existing_output_alone(pushsync: Run, tmp_path: Path) -> None:
+    (tmp_path / "rules.sql").write_text("previous\n")
+    (tmp_path / "rules.yaml").write_text("version: 2\n")
+    result = pushsync("compile", "rules.yaml", "-o", "rules.sql")
+    assert result.returncode == 2
+    assert result.stderr == "rules.yaml:1:10: unsupported version 2: use 1\n"
+    assert (tmp_path / "rules.sql").read_text() == "previous\n"
+
+
+def test_migrate_then_a_change_makes_a_notification(
+    pushsync: Run, tmp_path: Path, db: psycopg.Connection, dsn: str
+) -> None:
+    copy_example(tmp_path)
+    db.execute((trucking.EXAMPLE / "schema.sql").read_text())  # type: ignore[arg-type]
+    result = pushsync("migrate", "rules.yaml", env={"PUSHSYNC_DSN": dsn})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "base schema: up to date\nrules: applied rules.yaml\n"
+    again = pushsync("migrate", "--dsn", dsn, "rules.yaml")
+    assert again.returncode == 0, again.stderr
+    result = pushsync("device", "add", "truck-1", "--dsn", dsn, "--secret-file", "truck-1.key")
+    assert result.returncode == 0, result.stderr
+    db.execute("INSERT INTO public.drivers VALUES (1, 'Ann', 'truck-1'), (2, 'Bo', NULL)")
+    db.execute("INSERT INTO public.routes VALUES (10, 'north', 1)")
+    db.execute("INSERT INTO public.route_stops VALUES (10, 1, 100)")
+    db.execute("DELETE FROM pushsync.outbox")
+    trucking.report(db, location=100, by=2)
+    assert trucking.devices_of(db) == ["truck-1"]
+
+
+def test_migrate_refuses_rules_the_database_cannot_run(
+    pushsync: Run, tmp_path: Path, db: psycopg.Connection, dsn: str
+) -> None:
+    copy_example(tmp_path)  # the example's tables do not exist in this database
+    result = pushsync("migrate", "--dsn", dsn, "rules.yaml")
+    assert result.returncode == 2
+    assert (
+        "rules.yaml:10:12: rule route_disruption: table public.disruption_reports does "
+        "not exist" in result.stderr.splitlines()
+    )
+    assert "Traceback" not in result.stderr
+    count = db.execute("SELECT count(*) FROM pushsync.rules").fetchone()
+    assert count == (0,)
+
+
+def test_migrate_without_a_server(pushsync: Run) -> None:
+    result = pushsync("migrate", "--dsn", "host=127.0.0.1 port=1 connect_timeout=2 password=s3cret")
+    assert result.returncode == 1
+    assert result.stderr.startswith("pushsync: database: cannot connect to ")
+    assert "host=127.0.0.1 port=1" in result.stderr
+    assert "s3cret" not in result.stderr
+
+
+def test_device_add_and_list(pushsync: Run, tmp_path: Path, dsn: str) -> None:
+    result = pushsync(
+        "device",
+        "add",
+        "truck-17",
+        "--dsn",
+        dsn,
+        "--udp",
+        "192.0.2.7:5001",
+        "--email",
+        "t17@example.com",
+        "--secret-file",
+        "truck-17.key",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    key = tmp_path / "truck-17.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    secret = key.read_text().strip()
+    assert len(bytes.fromhex(secret)) == 32
+
+    printed = pushsync("device", "add", "truck-18", env={"PUSHSYNC_DSN": dsn})
+    assert printed.returncode == 0, printed.stderr
+    assert len(bytes.fromhex(printed.stdout.strip())) == 32
+    assert printed.stdout.strip() != secret
+
+    duplicate = pushsync("device", "add", "truck-17", "--dsn", dsn, "--secret-file", "again.key")
+    assert duplicate.returncode == 2
+    assert duplicate.stderr == "pushsync: device truck-17 already exists\n"
+    assert not (tmp_path / "again.key").exists()  # nothing half-done
+
+    listing = pushsync("device", "list", "--dsn", dsn, "--json")
+    assert listing.returncode == 0, listing.stderr
+    devices = json.loads(listing.stdout)
+    assert [d["device_id"] for d in devices] == ["truck-17", "truck-18"]
+    assert secret not in listing.stdout
+    assert [
+        (a["medium"], a["address"], a["source"], a["effective"]) for a in devices[0]["addresses"]
+    ] == [
+        ("email", "t17@example.com", "manual", True),
+        ("udp", "192.0.2.7:5001", "manual", True),
+    ]
+    table = pushsync("device", "list", "--dsn", dsn)
+    assert table.returncode == 0
+    assert table.stdout.splitlines()[0].split() == [
+        "DEVICE",
+        "ENABLED",
+        "LAST",
+        "SEEN",
+        "ADDRESSES",
+    ]
+    assert "udp=192.0.2.7:5001 (manual)" in table.stdout
+
+
+def test_device_add_rejects_bad_input(pushsync: Run, dsn: str) -> None:
+    cases = {
+        ("bad id!",): "pushsync: bad device id 'bad id!'",
+        ("ok", "--udp", "192.0.2.7"): "pushsync: bad UDP address '192.0.2.7'",
+        ("ok", "--udp", "host:99999"): "pushsync: bad UDP address 'host:99999'",
+        ("ok", "--email", "nobody"): "pushsync: bad email address 'nobody'",
+    }
+    for args, message in cases.items():
+        result = pushsync("device", "add", *args, "--dsn", dsn)
+        assert result.returncode == 2, args
+        assert result.stderr.startswith(message), result.stderr
+    listing = pushsync("device", "list", "--dsn", dsn, "--json")
+    assert json.loads(listing.stdout) == []

@@ -1,0 +1,129 @@
+"""`check --dsn`: what only the database can tell, located in the rules file."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from pushsync import generator
+from pushsync.errors import Problems
+from pushsync.generator import dbcheck
+from tests.integration import trucking
+
+
+@pytest.fixture
+def trucking_db(db: psycopg.Connection) -> psycopg.Connection:
+    db.execute((trucking.EXAMPLE / "schema.sql").read_text())  # type: ignore[arg-type]
+    return db
+
+
+def problems_for(db: psycopg.Connection, text: str) -> list[str]:
+    problems = Problems()
+    dbcheck.check(db, generator.loads(text, "rules.yaml"), problems)
+    return sorted(str(p) for p in problems)
+
+
+def test_the_example_checks_clean(trucking_db: psycopg.Connection) -> None:
+    problems = Problems()
+    dbcheck.check(trucking_db, generator.load(trucking.RULES), problems)
+    assert not problems
+
+
+def test_missing_table_and_columns_are_located(trucking_db: psycopg.Connection) -> None:
+    text = """\
+version: 1
+rules:
+  - name: a
+    table: public.no_such_table
+    on: insert
+    recipients: all
+  - name: b
+    table: public.disruption_reports
+    on: update
+    columns: [status, severity]
+    when: new.priority > 2
+    recipients: all
+    content: "{old.locaton_id}"
+"""
+    assert problems_for(trucking_db, text) == [
+        "rules.yaml:10:5: rule b: columns: public.disruption_reports has no column severity",
+        "rules.yaml:11:11: rule b: new.priority: public.disruption_reports has no column priority",
+        "rules.yaml:13:15: rule b: old.locaton_id: public.disruption_reports has no column "
+        "locaton_id",
+        "rules.yaml:4:12: rule a: table public.no_such_table does not exist",
+    ]
+
+
+def test_recipients_that_do_not_plan_are_reported(trucking_db: psycopg.Connection) -> None:
+    text = """\
+version: 1
+rules:
+  - name: a
+    table: public.disruption_reports
+    on: insert
+    recipients: |
+      SELECT d.device_id FROM public.drivers d
+      JOIN public.routes r ON r.driver = d.driver_id
+"""
+    assert problems_for(trucking_db, text) == [
+        "rules.yaml:6:17: rule a: recipients: the database refuses it: column r.driver "
+        "does not exist",
+    ]
+
+
+def test_unqualified_function_outside_pg_catalog_is_refused(
+    trucking_db: psycopg.Connection,
+) -> None:
+    trucking_db.execute(
+        "CREATE FUNCTION public.is_open(text) RETURNS boolean "
+        "LANGUAGE sql AS $$ SELECT $1 = 'open' $$"
+    )
+    text = """\
+version: 1
+rules:
+  - name: a
+    table: public.disruption_reports
+    on: insert
+    when: is_open(new.status)
+    recipients: all
+"""
+    (problem,) = problems_for(trucking_db, text)
+    assert problem.startswith("rules.yaml:6:11: rule a: when: the database refuses it: ")
+    assert "function is_open(text) does not exist" in problem
+    assert problems_for(trucking_db, text.replace("is_open(", "public.is_open(")) == []
+
+
+def test_update_rule_on_table_without_key(trucking_db: psycopg.Connection) -> None:
+    trucking_db.execute("CREATE TABLE public.log (device_id text, n int)")
+    text = """\
+version: 1
+rules:
+  - name: a
+    table: public.log
+    on: update
+    columns: [n]
+    recipients: all
+"""
+    assert problems_for(trucking_db, text) == [
+        "rules.yaml:3:5: rule a: public.log has no primary key to pair old and new rows: "
+        "give the rule a key: [column, ...]",
+    ]
+    assert problems_for(trucking_db, text + "    key: [device_id]\n") == []
+
+
+def test_view_is_not_a_table(trucking_db: psycopg.Connection) -> None:
+    trucking_db.execute(
+        "CREATE VIEW public.open_reports AS SELECT * FROM public.disruption_reports"
+    )
+    text = "version: 1\nrules:\n  - name: a\n    table: public.open_reports\n"
+    text += "    on: insert\n    recipients: all\n"
+    assert problems_for(trucking_db, text) == [
+        "rules.yaml:4:12: rule a: public.open_reports is not a table (triggers need one)",
+    ]
+
+
+def test_check_writes_nothing(trucking_db: psycopg.Connection) -> None:
+    problems = Problems()
+    dbcheck.check(trucking_db, generator.load(trucking.RULES), problems)
+    count = trucking_db.execute("SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal").fetchone()
+    assert count == (0,)
