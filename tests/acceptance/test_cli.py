@@ -79,7 +79,7 @@ def test_migrate_then_a_change_makes_a_notification(
     pushsync: Run, tmp_path: Path, db: psycopg.Connection, dsn: str
 ) -> None:
     copy_example(tmp_path)
-    db.execute((trucking.EXAMPLE / "schema.sql").read_text())  # type: ignore[arg-type]
+    db.execute((trucking.EXAMPLE / "schema.sql").read_text())
     result = pushsync("migrate", "rules.yaml", env={"PUSHSYNC_DSN": dsn})
     assert result.returncode == 0, result.stderr
     assert result.stdout == "base schema: up to date\nrules: applied rules.yaml\n"

@@ -13,7 +13,7 @@ from tests.integration import trucking
 
 @pytest.fixture
 def trucking_db(db: psycopg.Connection) -> psycopg.Connection:
-    db.execute((trucking.EXAMPLE / "schema.sql").read_text())  # type: ignore[arg-type]
+    db.execute((trucking.EXAMPLE / "schema.sql").read_text())
     return db
 
 

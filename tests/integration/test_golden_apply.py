@@ -13,7 +13,7 @@ from tests.unit.test_golden import CASES, GOLDEN
 
 @pytest.fixture
 def shop(db: psycopg.Connection) -> psycopg.Connection:
-    db.execute((GOLDEN / "schema.sql").read_text())  # type: ignore[arg-type]
+    db.execute((GOLDEN / "schema.sql").read_text())
     trucking.add_devices(db, "phone-1", "phone-2")
     db.execute("INSERT INTO shop.customers VALUES (1, 'phone-1', 'ann'), (2, 'phone-2', 'bo')")
     return db
@@ -24,11 +24,11 @@ def test_golden_sql_applies_twice(shop: psycopg.Connection, case: Path) -> None:
     sql = case.with_suffix(".sql").read_text()
     for _ in range(2):
         with shop.transaction():
-            shop.execute(sql)  # type: ignore[arg-type]
+            shop.execute(sql)
 
 
 def test_insert_basic_behaves(shop: psycopg.Connection) -> None:
-    shop.execute((GOLDEN / "insert_basic.sql").read_text())  # type: ignore[arg-type]
+    shop.execute((GOLDEN / "insert_basic.sql").read_text())
     shop.execute("INSERT INTO shop.orders VALUES (10, 1, 50), (11, 1, 150), (12, 2, 300)")
     rows = shop.execute(
         "SELECT device_id, subject, content FROM pushsync.outbox ORDER BY device_id"
@@ -40,7 +40,7 @@ def test_insert_basic_behaves(shop: psycopg.Connection) -> None:
 
 
 def test_price_drop_compares_old_and_new(shop: psycopg.Connection) -> None:
-    shop.execute((GOLDEN / "update_columns_and_old.sql").read_text())  # type: ignore[arg-type]
+    shop.execute((GOLDEN / "update_columns_and_old.sql").read_text())
     shop.execute("INSERT INTO shop.products VALUES (1, 'kettle', 30), (2, 'mug', 5)")
     shop.execute("INSERT INTO shop.watchers VALUES (1, 'phone-1'), (2, 'phone-1')")
     shop.execute("UPDATE shop.products SET price = price + CASE name WHEN 'mug' THEN 1 ELSE -5 END")
@@ -49,7 +49,7 @@ def test_price_drop_compares_old_and_new(shop: psycopg.Connection) -> None:
 
 
 def test_poll_function_queues_once_until_confirmed(shop: psycopg.Connection) -> None:
-    shop.execute((GOLDEN / "delete_and_polls.sql").read_text())  # type: ignore[arg-type]
+    shop.execute((GOLDEN / "delete_and_polls.sql").read_text())
     shop.execute("INSERT INTO shop.stale_devices VALUES ('phone-1'), ('phone-1'), ('unknown')")
     assert shop.execute('SELECT pushsync."poll__catalog_refresh"()').fetchone() == (1,)
     assert shop.execute('SELECT pushsync."poll__catalog_refresh"()').fetchone() == (1,)  # folded
@@ -71,7 +71,7 @@ def test_poll_function_queues_once_until_confirmed(shop: psycopg.Connection) -> 
 
 
 def test_delete_rules_and_gateway(shop: psycopg.Connection) -> None:
-    shop.execute((GOLDEN / "delete_and_polls.sql").read_text())  # type: ignore[arg-type]
+    shop.execute((GOLDEN / "delete_and_polls.sql").read_text())
     shop.execute("DELETE FROM shop.customers WHERE customer_id = 1")
     rows = shop.execute(
         "SELECT rule, device_id, subject, content, gateway FROM pushsync.outbox "

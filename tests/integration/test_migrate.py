@@ -39,7 +39,7 @@ def test_base_schema_is_in_the_template(db: psycopg.Connection) -> None:
 
 
 def test_applying_the_rules_twice_changes_nothing(db: psycopg.Connection) -> None:
-    db.execute((trucking.EXAMPLE / "schema.sql").read_text())  # type: ignore[arg-type]
+    db.execute((trucking.EXAMPLE / "schema.sql").read_text())
     trucking.apply_rules(db)
     before = snapshot(db)
     assert len(before["triggers"]) == 5
@@ -50,7 +50,7 @@ def test_applying_the_rules_twice_changes_nothing(db: psycopg.Connection) -> Non
 def test_trigger_functions_are_security_definer_with_pinned_search_path(
     db: psycopg.Connection,
 ) -> None:
-    db.execute((trucking.EXAMPLE / "schema.sql").read_text())  # type: ignore[arg-type]
+    db.execute((trucking.EXAMPLE / "schema.sql").read_text())
     trucking.apply_rules(db)
     rows = db.execute(
         "SELECT proname, prosecdef, proconfig, proacl::text FROM pg_proc "
@@ -65,7 +65,7 @@ def test_trigger_functions_are_security_definer_with_pinned_search_path(
 
 
 def test_removing_a_rule_removes_its_trigger_and_function(db: psycopg.Connection) -> None:
-    db.execute((trucking.EXAMPLE / "schema.sql").read_text())  # type: ignore[arg-type]
+    db.execute((trucking.EXAMPLE / "schema.sql").read_text())
     trucking.apply_rules(db)
     text = trucking.RULES.read_text()
     start = text.index("  - name: route_removed")
@@ -85,7 +85,7 @@ def test_removing_a_rule_removes_its_trigger_and_function(db: psycopg.Connection
 
 
 def test_failed_migration_leaves_nothing_behind(db: psycopg.Connection) -> None:
-    db.execute((trucking.EXAMPLE / "schema.sql").read_text())  # type: ignore[arg-type]
+    db.execute((trucking.EXAMPLE / "schema.sql").read_text())
     before = snapshot(db)
     rules = generator.load(trucking.RULES)
     sql = generator.compile_rules(rules) + "\nSELECT 1/0;\n"
@@ -95,7 +95,7 @@ def test_failed_migration_leaves_nothing_behind(db: psycopg.Connection) -> None:
 
 
 def test_migration_file_applies_with_psql(db: psycopg.Connection, dsn: str, tmp_path: Path) -> None:
-    db.execute((trucking.EXAMPLE / "schema.sql").read_text())  # type: ignore[arg-type]
+    db.execute((trucking.EXAMPLE / "schema.sql").read_text())
     migration = tmp_path / "rules.sql"
     migration.write_text(generator.compile_rules(generator.load(trucking.RULES)))
     psql = str(Path(wrapper_info().bindir) / "psql")

@@ -19,7 +19,7 @@ def apply_rules(db: psycopg.Connection, text: str | None = None) -> str:
     rules = generator.load(RULES) if text is None else generator.loads(text, "rules.yaml")
     sql = generator.compile_rules(rules)
     with db.transaction():
-        db.execute(sql)  # type: ignore[arg-type]
+        db.execute(sql)
     return sql
 
 
@@ -30,7 +30,7 @@ def setup(db: psycopg.Connection) -> None:
     registered with pushsync. Routes and the locations they pass:
     north (1): 100, 101 - south (2): 100 - east (3): 300 - west (4): 100 twice.
     """
-    db.execute((EXAMPLE / "schema.sql").read_text())  # type: ignore[arg-type]
+    db.execute((EXAMPLE / "schema.sql").read_text())
     apply_rules(db)
     add_devices(db, "truck-1", "truck-2", "truck-3", "truck-4")
     db.execute(
