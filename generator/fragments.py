@@ -220,6 +220,8 @@ def parse_query(text: str) -> exp.Query:
 
 def parse_condition(text: str) -> exp.Expr:
     """One boolean expression over ``new`` and ``old``."""
+    if not text.strip():
+        raise FragmentError("expected an expression, found nothing")
     prefix = CONDITION_PREFIX
     trees = _parse(text + ")", prefix)
     if len(trees) != 1:
@@ -276,7 +278,7 @@ def row_references(tree: exp.Expr) -> list[RowReference]:
         line = int(meta.get("line", 1))
         start = int(meta.get("col", 1)) - (int(meta.get("end", 0)) - int(meta.get("start", 0)))
         found.append(RowReference(col.table.lower(), col.name, line, start))
-    return found
+    return sorted(found, key=lambda ref: (ref.line, ref.column_number))
 
 
 def table_aliases(tree: exp.Expr) -> set[str]:

@@ -57,7 +57,7 @@ def migrate(conn: psycopg.Connection, rules_sql: str | None = None) -> list[Migr
         for migration in migrations():
             if migration.version in done:
                 continue
-            log.info("applying %04d_%s", migration.version, migration.name)
+            log.debug("applying %04d_%s", migration.version, migration.name)
             conn.execute(migration.sql)  # a file of ours
             applied_now.append(migration)
         if rules_sql is not None:

