@@ -57,23 +57,22 @@ def _template_refs(template: Template) -> Iterator[tuple[str, str, Location]]:
             yield placeholder.scope, placeholder.column, placeholder.location
 
 
+def rule_refs(rule: Rule) -> Iterator[tuple[str, str, Location]]:
+    yield from _fragment_refs(rule.when)
+    yield from _fragment_refs(rule.recipients)
+    yield from _template_refs(rule.subject)
+    yield from _template_refs(rule.content)
+
+
 def row_scopes(rules: RuleSet, problems: Problems) -> None:
     """``old`` only where every event of the rule has an old row; ``new`` likewise."""
     for rule in rules.rules:
         available = frozenset.intersection(*(SCOPES[e] for e in rule.events))
-        refs = (
-            *_fragment_refs(rule.when),
-            *_fragment_refs(rule.recipients),
-            *_template_refs(rule.subject),
-            *_template_refs(rule.content),
-        )
-        for scope, column, where in refs:
+        for scope, column, where in rule_refs(rule):
             if scope not in available:
                 lacking = next(e for e in rule.events if scope not in SCOPES[e])
                 problems.add(
-                    where,
-                    f"{scope}.{column}: an {lacking} rule has no {scope} row",
-                    rule.label,
+                    where, f"{scope}.{column}: {lacking} rules have no {scope} row", rule.label
                 )
 
 
@@ -129,9 +128,6 @@ def _query_columns(
         problems.add(fragment.location, f"{key}: the query must return a device_id column", label)
         return None
     return columns
-
-
-POLL_COLUMNS = ("device_id", "subject", "content")
 
 
 def poll_columns(rules: RuleSet, problems: Problems) -> None:
@@ -241,11 +237,9 @@ class TriggerPlan:
         return any(self.pairs_rows(r) for r in self.rules)
 
 
-def rule_refs(rule: Rule) -> Iterator[tuple[str, str, Location]]:
-    yield from _fragment_refs(rule.when)
-    yield from _fragment_refs(rule.recipients)
-    yield from _template_refs(rule.subject)
-    yield from _template_refs(rule.content)
+def _columns_of(fragment: Fragment) -> list[str]:
+    assert isinstance(fragment.tree, exp.Query)
+    return fragments.output_columns(fragment.tree) or []
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -283,7 +277,7 @@ def plan(rules: RuleSet) -> Plan:
         PollPlan(
             poll=poll,
             function=_object_name("poll", poll.name),
-            columns=tuple(fragments.output_columns(poll.query.tree) or ()),  # type: ignore[arg-type]
+            columns=tuple(_columns_of(poll.query)),
         )
         for poll in rules.polls
     )

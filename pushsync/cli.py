@@ -70,7 +70,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from pushsync.errors import Problems
 
     rules = generator.load(args.rules)
-    if args.dsn is not None or os.environ.get("PUSHSYNC_DSN"):
+    if args.dsn is not None:
         from pushsync import db
         from pushsync.generator import dbcheck
 
@@ -109,9 +109,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
             rules = generator.load(args.rules)
             problems = Problems()
-            if schema.applied_versions(conn):
-                dbcheck.check(conn, rules, problems)
-                problems.raise_if_any()
+            dbcheck.check(conn, rules, problems)
+            problems.raise_if_any()
             rules_sql = generator.compile_rules(rules)
         applied = schema.migrate(conn, rules_sql)
     if applied:

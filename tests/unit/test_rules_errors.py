@@ -176,12 +176,12 @@ CASES = [
     (
         "old in an insert rule",
         GOOD_RULE + "    when: old.status = 'open'\n",
-        "rules.yaml:7:11: rule r: old.status: an insert rule has no old row",
+        "rules.yaml:7:11: rule r: old.status: insert rules have no old row",
     ),
     (
         "new in a delete rule",
         GOOD_RULE.replace("on: [insert]", "on: [delete]") + "    content: 'gone {new.id}'\n",
-        "rules.yaml:7:20: rule r: new.id: an delete rule has no new row",
+        "rules.yaml:7:20: rule r: new.id: delete rules have no new row",
     ),
     (
         "unknown recipient column",
