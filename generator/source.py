@@ -56,10 +56,15 @@ def _block_indent(node: Node) -> int:
     return max(node.source_line.find(first), 0) if first else 0
 
 
+MAX_NODES = 100_000
+"""More values than a rules file needs; aliases that expand past it are refused."""
+
+
 class _Reader:
     def __init__(self, text: str, path: str) -> None:
         self.lines = text.splitlines()
         self.path = path
+        self.nodes = 0
 
     def location(self, mark: yaml.Mark) -> Location:
         return Location(self.path, mark.line + 1, mark.column + 1)
@@ -69,6 +74,11 @@ class _Reader:
 
     def convert(self, node: yaml.Node) -> Node:
         where = self.location(node.start_mark)
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise RulesError(
+                [Problem(where, f"more than {MAX_NODES} values (do aliases expand too far?)")]
+            )
         if isinstance(node, yaml.MappingNode):
             return self._mapping(node, where)
         if isinstance(node, yaml.SequenceNode):
@@ -130,6 +140,9 @@ def load(text: str, path: str) -> Node:
     """
     try:
         document = yaml.compose(text, Loader=yaml.SafeLoader)
+        if document is None:
+            return Node({}, Location(path, 1, 1))
+        return _Reader(text, path).convert(document)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = Location(path, mark.line + 1, mark.column + 1) if mark else Location(path, 1, 1)
@@ -137,6 +150,5 @@ def load(text: str, path: str) -> Node:
         raise RulesError([Problem(where, f"invalid YAML: {reason}")]) from exc
     except yaml.YAMLError as exc:
         raise RulesError([Problem(Location(path, 1, 1), f"invalid YAML: {exc}")]) from exc
-    if document is None:
-        return Node({}, Location(path, 1, 1))
-    return _Reader(text, path).convert(document)
+    except RecursionError as exc:
+        raise RulesError([Problem(Location(path, 1, 1), "invalid YAML: nested too deeply")]) from exc

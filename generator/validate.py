@@ -158,6 +158,9 @@ class _Reader:
             return None
         try:
             tree = parse(text)
+        except RecursionError:
+            self.fail(node.location, f"{key}: SQL nested too deeply")
+            return None
         except fragments.FragmentError as exc:
             self.fail(node.inner(exc.line, exc.column), f"{key}: {exc.message}")
             return None

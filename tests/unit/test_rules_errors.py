@@ -257,3 +257,14 @@ def test_not_utf8(tmp_path: pytest.TempPathFactory) -> None:
     with pytest.raises(RulesError) as caught:
         generator.load(path)
     assert str(caught.value) == f"{path}:2:1: the rules file is not UTF-8 text"
+
+
+def test_hostile_shapes_are_refused_quickly() -> None:
+    deep_sql = GOOD_RULE + "    when: " + "(" * 3000 + "true" + ")" * 3000 + "\n"
+    assert only_problem(deep_sql) == "rules.yaml:7:11: rule r: when: SQL nested too deeply"
+    deep_yaml = "version: 1\nx: " + "[" * 5000 + "]" * 5000 + "\n"
+    assert only_problem(deep_yaml) == "rules.yaml:1:1: invalid YAML: nested too deeply"
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+    for name, previous in zip("bcdefg", "abcdef", strict=True):
+        bomb += f"{name}: &{name} [" + ", ".join([f"*{previous}"] * 10) + "]\n"
+    assert only_problem(bomb).endswith("more than 100000 values (do aliases expand too far?)")
