@@ -151,4 +151,5 @@ def load(text: str, path: str) -> Node:
     except yaml.YAMLError as exc:
         raise RulesError([Problem(Location(path, 1, 1), f"invalid YAML: {exc}")]) from exc
     except RecursionError as exc:
-        raise RulesError([Problem(Location(path, 1, 1), "invalid YAML: nested too deeply")]) from exc
+        too_deep = Problem(Location(path, 1, 1), "invalid YAML: nested too deeply")
+        raise RulesError([too_deep]) from exc
