@@ -21,9 +21,17 @@ from tests.support.postgres import start_postgres
 
 @pytest.fixture(autouse=True, scope="session")
 def _clean_environment() -> Iterator[None]:
-    """Tests see no PUSHSYNC_* or PG* settings from the shell that started them."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith(("PUSHSYNC_DSN", "PUSHSYNC_LOG"))}
-    saved |= {k: v for k, v in os.environ.items() if k.startswith("PG")}
+    """Tests see no pushsync or libpq settings from the shell that started them.
+
+    Kept: the test harness's own PUSHSYNC_PG_* (which server binaries, which user)
+    and PUSHSYNC_UPDATE_GOLDEN.
+    """
+    keep = ("PUSHSYNC_PG_", "PUSHSYNC_UPDATE_GOLDEN")
+    saved = {
+        k: v
+        for k, v in os.environ.items()
+        if (k.startswith("PUSHSYNC_") and not k.startswith(keep)) or k.startswith("PG")
+    }
     for key in saved:
         del os.environ[key]
     yield
