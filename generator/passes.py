@@ -232,6 +232,28 @@ class TriggerPlan:
         """The row images ``rule`` reads: both when it pairs rows, else one."""
         return ("new", "old") if self.pairs_rows(rule) else (self.reads(rule),)
 
+    def filtered(self, rule: Rule) -> bool:
+        """Whether ``rule`` has a condition of its own (``when``, or ``columns`` on update)."""
+        return rule.when is not None or (self.event == "update" and bool(rule.columns))
+
+    def guard(self) -> tuple[tuple[Rule, ...], ...]:
+        """Rules grouped by the rows they scan, for the early exit.
+
+        Empty when some rule has no condition: then every statement that
+        changed a row has work to do, and a guard would only cost.
+        """
+        if not all(self.filtered(rule) for rule in self.rules):
+            return ()
+        groups: dict[tuple[str, ...], list[Rule]] = {}
+        for rule in self.rules:
+            groups.setdefault(self.scopes(rule), []).append(rule)
+        return tuple(tuple(group) for group in groups.values())
+
+    @property
+    def rows_table(self) -> str:
+        """The transition table whose size says how big the statement was."""
+        return "pushsync_old" if self.event == "delete" else "pushsync_new"
+
     @property
     def needs_key(self) -> bool:
         return any(self.pairs_rows(r) for r in self.rules)

@@ -71,7 +71,7 @@ def run(dsn: str, workdir: Path) -> int:
     pushsync("compile", "rules.yaml", "-o", "rules.sql", cwd=workdir)
     print(f"  ({len((workdir / 'rules.sql').read_text().splitlines())} lines of SQL to review)")
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute((HERE / "schema.sql").read_text())  # type: ignore[arg-type]
+        conn.execute((HERE / "schema.sql").read_text())
         pushsync("migrate", "--dsn", dsn, "rules.yaml", cwd=workdir)
         for truck in TRUCKS:
             pushsync(

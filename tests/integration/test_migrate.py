@@ -59,7 +59,7 @@ def test_trigger_functions_are_security_definer_with_pinned_search_path(
     assert len(rows) == 5
     for name, definer, config, acl in rows:
         assert definer, name
-        assert config == ["search_path=pg_catalog, pg_temp"], name
+        assert config == ["search_path=pg_catalog, pg_temp", "jit=off"], name
         grantees = [entry.split("=")[0] for entry in acl.strip("{}").split(",")]
         assert "" not in grantees, name  # PUBLIC may not execute it
 

@@ -222,3 +222,51 @@ rules:
     assert [r["content"] for r in outbox(db)] == ["b jumped to 51"]
     with pytest.raises(psycopg.errors.RaiseException, match="has no primary key"):
         trucking.apply_rules(db, rules.replace("    key: [sensor]\n", ""))
+
+
+def test_large_statements_decide_like_small_ones(fleet: psycopg.Connection) -> None:
+    # 64 rows or more take the re-planned, hash-grouped path of the trigger.
+    fleet.execute(
+        "INSERT INTO public.disruption_reports (location_id, reported_by) "
+        "SELECT (ARRAY[100, 101, 300, 999])[1 + i % 4], 3 FROM generate_series(1, 200) AS i"
+    )
+    assert [(r["device_id"], r["content"], r["coalesced"]) for r in outbox(fleet)] == [
+        ("truck-1", "disruption 100 on north", 0),  # of its two texts, the smaller
+        ("truck-2", "disruption 100 on south", 0),
+        ("truck-4", "disruption 100 on west", 0),
+    ]
+    trucking.clear_outbox(fleet)
+    fleet.execute("UPDATE public.disruption_reports SET status = 'cleared'")  # pairs 200 rows
+    assert [(r["rule"], r["device_id"]) for r in outbox(fleet)] == [
+        ("disruption_cleared", "truck-1"),
+        ("disruption_cleared", "truck-2"),
+        ("disruption_cleared", "truck-3"),
+        ("disruption_cleared", "truck-4"),
+    ]
+    trucking.clear_outbox(fleet)
+    fleet.execute("UPDATE public.disruption_reports SET note = 'seen'")  # no listed column
+    assert outbox(fleet) == []
+
+
+def test_large_statements_without_coalescing(db: psycopg.Connection) -> None:
+    trucking.setup(db)
+    trucking.apply_rules(db, NO_COALESCE)
+    db.execute(
+        "INSERT INTO public.disruption_reports (location_id, reported_by) "
+        "SELECT i % 10, 2 FROM generate_series(1, 100) AS i"
+    )
+    assert [r["content"] for r in outbox(db)] == [f"report {i}" for i in range(10)]
+
+
+def test_changes_within_one_transaction_fold_into_its_first_message(
+    fleet: psycopg.Connection,
+) -> None:
+    with fleet.transaction():
+        for location in (100, 101, 100):
+            report(fleet, location=location, by=3)
+    rows = outbox(fleet)
+    assert [(r["device_id"], r["content"], r["coalesced"]) for r in rows] == [
+        ("truck-1", "disruption 100 on north", 0),
+        ("truck-2", "disruption 100 on south", 0),
+        ("truck-4", "disruption 100 on west", 0),
+    ]
