@@ -1,0 +1,1 @@
+"""Benchmarks of pushsync; run each as ``python -m bench.<name>`` from the repository root."""
