@@ -111,26 +111,6 @@ CREATE UNIQUE INDEX IF NOT EXISTS outbox_coalesce
 
 CREATE INDEX IF NOT EXISTS outbox_device ON pushsync.outbox (device_id);
 
--- One notification as a generated trigger function computes it, before it is
--- written to the outbox.
-DO $$
-BEGIN
-    CREATE TYPE pushsync.message AS (
-        rule         text,
-        device_id    text,
-        subject      text,
-        content      text,
-        priority     text,
-        gateway      text,
-        coalescing   boolean,
-        ttl          interval,
-        resend_every interval
-    );
-EXCEPTION WHEN duplicate_object THEN
-    NULL;  -- created by an earlier run
-END
-$$;
-
 -- Finished notifications (confirmed, expired, failed), moved out of the
 -- outbox in batches so that it stays small.
 CREATE TABLE IF NOT EXISTS pushsync.outbox_history (

@@ -1,0 +1,49 @@
+"""The trigger-overhead benchmark still runs, and its variants still do what they claim.
+
+Only a smoke run: one short round. The numbers themselves are for people to
+read (bench/trigger_overhead/README.md), not for assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_run(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.trigger_overhead",
+            "--rounds",
+            "1",
+            "--seconds",
+            "1",
+            "--rows",
+            "2000",
+            "--json",
+            str(results),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    lines = completed.stdout.splitlines()
+    # The sanity checks compare what each variant wrote with what it should.
+    sanity = [line for line in lines if line.rstrip().endswith((" ok", " WRONG"))]
+    assert sanity and all(line.rstrip().endswith(" ok") for line in sanity), sanity
+    data = json.loads(results.read_text())
+    assert set(data["bulk"]) == {"none", "nomatch", "nobody", "match4", "rowlevel", "rules20"}
+    assert data["bulk"]["none"]["ratio_vs_none"] == 1.0
