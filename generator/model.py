@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Literal
 
 import sqlglot.expressions as exp
 
 from pushsync.errors import Location
+from pushsync.generator.source import Node
 
 Event = Literal["insert", "update", "delete"]
 Gateway = Literal["auto", "sync", "udp", "smtp"]
@@ -71,20 +72,18 @@ class Fragment:
     """A parsed piece of SQL from the rules file, with where it was written."""
 
     tree: exp.Expr
-    node: Any  # the source.Node the text came from, to locate positions inside it
+    node: Node  # where the text came from, to locate positions inside it
     offset: int = 0  # characters the parser saw before the text on its first line
 
     @property
     def location(self) -> Location:
-        where: Location = self.node.location
-        return where
+        return self.node.location
 
     def locate(self, line: int, column: int) -> Location:
         """The file location of ``line``:``column`` of the parsed text."""
         if line == 1:
             column -= self.offset
-        where: Location = self.node.inner(line, max(column, 1))
-        return where
+        return self.node.inner(line, max(column, 1))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -243,6 +243,7 @@ def _rule(reader: _Reader, node: source.Node, defaults: Delivery) -> Rule | None
         reader.fail(node.location, "a rule must be a mapping")
         return None
     fields: dict[str, source.Node] = node.value
+    before = len(reader.problems)
     name_node = reader.require(node, "name")
     name = reader.name(name_node) if name_node else None
     reader.context = f"rule {name}" if name else reader.context
@@ -269,15 +270,10 @@ def _rule(reader: _Reader, node: source.Node, defaults: Delivery) -> Rule | None
     content_node = fields.get("content")
     content = reader.template(content_node, "content") if content_node else None
     delivery = _delivery(reader, node, defaults)
-    required = (name, table, events, columns, key)
-    if any(v is None for v in required) or recipients_node is None:
-        return None
-    if recipients is None and recipients_node.value != "all":
-        return None
-    if (subject_node and subject is None) or (content_node and content is None):
-        return None
-    assert name is not None and table is not None and events is not None
-    assert table_node is not None and columns is not None and key is not None
+    if len(reader.problems) > before:
+        return None  # reported; the file will not compile
+    assert name is not None and table is not None and table_node is not None
+    assert events is not None and columns is not None and key is not None
     return Rule(
         name=name,
         location=node.location,
@@ -300,6 +296,7 @@ def _poll(reader: _Reader, node: source.Node, defaults: Delivery) -> Poll | None
     if not isinstance(node.value, dict):
         reader.fail(node.location, "a poll must be a mapping")
         return None
+    before = len(reader.problems)
     name_node = reader.require(node, "name")
     name = reader.name(name_node) if name_node else None
     reader.context = f"poll {name}" if name else reader.context
@@ -309,8 +306,9 @@ def _poll(reader: _Reader, node: source.Node, defaults: Delivery) -> Poll | None
     query_node = reader.require(node, "query")
     query = reader.fragment(query_node, "query", fragments.parse_query) if query_node else None
     delivery = _delivery(reader, node, defaults)
-    if name is None or every is None or query is None:
-        return None
+    if len(reader.problems) > before:
+        return None  # reported; the file will not compile
+    assert name is not None and every is not None and query is not None
     return Poll(
         name=name,
         location=node.location,
