@@ -165,6 +165,25 @@ def key_conflicts(rules: RuleSet, problems: Problems) -> None:
             )
 
 
+RESERVED = "/*pushsync:"
+"""Text the generated SQL uses as a marker; rules may not contain it anywhere."""
+
+
+def reserved_text(rules: RuleSet, problems: Problems) -> None:
+    """Keep the marker that the migration replaces out of everything users write."""
+    for rule in rules.rules:
+        texts = [
+            (rule.subject.location, rule.subject.static_text),
+            (rule.content.location, rule.content.static_text),
+        ]
+        for fragment in (rule.when, rule.recipients):
+            if fragment is not None:
+                texts.append((fragment.location, fragments.render(fragment.tree)))
+        for where, text in texts:
+            if RESERVED in text:
+                problems.add(where, f"the text {RESERVED!r} is reserved by pushsync", rule.label)
+
+
 PASSES: tuple[Pass, ...] = (
     unique_names,
     row_scopes,
@@ -173,6 +192,7 @@ PASSES: tuple[Pass, ...] = (
     poll_columns,
     message_size,
     key_conflicts,
+    reserved_text,
 )
 
 

@@ -17,9 +17,9 @@ import jinja2
 from pushsync import __version__
 from pushsync.generator import fragments
 from pushsync.generator.model import Fragment, Literal_, Rule, Template
-from pushsync.generator.passes import Plan, TriggerPlan
+from pushsync.generator.passes import RESERVED, Plan, TriggerPlan
 
-KEY_MARKER = "/*pushsync:key*/"
+KEY_MARKER = RESERVED + "key*/"
 NOTIFY_CHANNEL = "pushsync"
 
 

@@ -268,3 +268,8 @@ def test_hostile_shapes_are_refused_quickly() -> None:
     for name, previous in zip("bcdefg", "abcdef", strict=True):
         bomb += f"{name}: &{name} [" + ", ".join([f"*{previous}"] * 10) + "]\n"
     assert only_problem(bomb).endswith("more than 100000 values (do aliases expand too far?)")
+
+
+def test_the_generators_marker_is_reserved() -> None:
+    message = only_problem(GOOD_RULE + "    when: new.note = '/*pushsync:key*/'\n")
+    assert message == "rules.yaml:7:11: rule r: the text '/*pushsync:' is reserved by pushsync"
