@@ -82,3 +82,14 @@ def test_delete_rules_and_gateway(shop: psycopg.Connection) -> None:
         ("all_devices_on_delete", "phone-1", "all_devices_on_delete", "", "auto"),
         ("all_devices_on_delete", "phone-2", "all_devices_on_delete", "", "auto"),
     ]
+
+
+def test_renamed_reaches_every_device_once_from_one_picked_row(shop: psycopg.Connection) -> None:
+    shop.execute((GOLDEN / "update_columns_and_old.sql").read_text())
+    shop.execute("INSERT INTO shop.products SELECT i, 'p' || i, 10 FROM generate_series(1, 100) i")
+    shop.execute("UPDATE shop.products SET name = upper(name) WHERE product_id <= 70")
+    shop.execute("UPDATE shop.products SET price = price WHERE product_id > 70")  # no rename
+    rows = shop.execute(
+        "SELECT rule, device_id, subject, coalesced FROM pushsync.outbox ORDER BY device_id"
+    ).fetchall()
+    assert rows == [("renamed", "phone-1", "renamed", 0), ("renamed", "phone-2", "renamed", 0)]
