@@ -125,6 +125,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_device_add(args: argparse.Namespace) -> int:
     from pushsync import db, devices
+    from pushsync.listener.protocol import format_secret
 
     device = devices.NewDevice(
         device_id=devices.check_device_id(args.id),
@@ -138,7 +139,7 @@ def cmd_device_add(args: argparse.Namespace) -> int:
         print(f"device {device.device_id} added; secret written to {secret_file}", file=sys.stderr)
     else:
         print(f"device {device.device_id} added; its secret (shown once):", file=sys.stderr)
-        print(secret.hex())
+        sys.stdout.write(format_secret(secret))
     return EXIT_OK
 
 

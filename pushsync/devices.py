@@ -15,9 +15,9 @@ import psycopg
 
 from pushsync import queries
 from pushsync.errors import UsageError
+from pushsync.listener import protocol
 
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
-SECRET_BYTES = 32
 _HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*\Z")
 _EMAIL = re.compile(r"[^@\s]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+\Z")
 
@@ -58,7 +58,7 @@ def check_email(text: str) -> str:
 
 
 def new_secret() -> bytes:
-    return secrets.token_bytes(SECRET_BYTES)
+    return secrets.token_bytes(protocol.SECRET_SIZE)
 
 
 def write_secret_file(path: Path, secret: bytes) -> None:
@@ -70,7 +70,7 @@ def write_secret_file(path: Path, secret: bytes) -> None:
     except OSError as exc:
         raise UsageError(f"cannot create {path}: {exc.strerror}") from exc
     with os.fdopen(fd, "w") as handle:
-        handle.write(secret.hex() + "\n")
+        handle.write(protocol.format_secret(secret))
 
 
 @dataclass(frozen=True, slots=True)

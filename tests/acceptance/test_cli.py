@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psycopg
 
+from pushsync.listener import protocol
 from tests.acceptance.conftest import Run
 from tests.integration import trucking
 
@@ -137,7 +138,7 @@ def test_device_add_and_list(pushsync: Run, tmp_path: Path, dsn: str) -> None:
     key = tmp_path / "truck-17.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     secret = key.read_text().strip()
-    assert len(bytes.fromhex(secret)) == 32
+    assert len(protocol.read_secret(key.read_text())) == 32  # what the listener reads
 
     printed = pushsync("device", "add", "truck-18", env={"PUSHSYNC_DSN": dsn})
     assert printed.returncode == 0, printed.stderr
