@@ -116,3 +116,10 @@ def check(conn: psycopg.Connection, rules: RuleSet, problems: Problems) -> None:
             checker.rule(rule, plan)
         for poll in rules.polls:
             checker.poll(poll)
+
+
+def require(conn: psycopg.Connection, rules: RuleSet) -> None:
+    """Raise :class:`~pushsync.errors.RulesError` listing what the database finds wrong."""
+    problems = Problems()
+    check(conn, rules, problems)
+    problems.raise_if_any()

@@ -52,13 +52,12 @@ def option(parser: argparse.ArgumentParser, flag: str, *aliases: str, **kwargs: 
     parser.add_argument(*aliases, flag, **kwargs)
 
 
-def _dsn(parser: argparse.ArgumentParser, required_hint: bool = False) -> None:
+def _dsn(parser: argparse.ArgumentParser) -> None:
     option(
         parser,
         "--dsn",
         metavar="DSN",
-        help="PostgreSQL connection string; else libpq's PG* variables"
-        + (" (needed for this)" if required_hint else ""),
+        help="PostgreSQL connection string; else libpq's PG* variables",
     )
 
 
@@ -67,17 +66,14 @@ def _dsn(parser: argparse.ArgumentParser, required_hint: bool = False) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from pushsync import generator
-    from pushsync.errors import Problems
 
     rules = generator.load(args.rules)
     if args.dsn is not None:
         from pushsync import db
         from pushsync.generator import dbcheck
 
-        problems = Problems()
         with db.connect(args.dsn) as conn:
-            dbcheck.check(conn, rules, problems)
-        problems.raise_if_any()
+            dbcheck.require(conn, rules)
     print(
         f"{args.rules}: ok ({_count(len(rules.rules), 'rule')}, {_count(len(rules.polls), 'poll')})"
     )
@@ -98,19 +94,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from pushsync import db, schema
-    from pushsync.errors import Problems
+    from pushsync import db, generator, schema
+    from pushsync.generator import dbcheck
 
-    rules_sql = None
+    rules = generator.load(args.rules) if args.rules is not None else None
     with db.connect(args.dsn) as conn:
-        if args.rules is not None:
-            from pushsync import generator
-            from pushsync.generator import dbcheck
-
-            rules = generator.load(args.rules)
-            problems = Problems()
-            dbcheck.check(conn, rules, problems)
-            problems.raise_if_any()
+        rules_sql = None
+        if rules is not None:
+            dbcheck.require(conn, rules)
             rules_sql = generator.compile_rules(rules)
         applied = schema.migrate(conn, rules_sql)
     if applied:
