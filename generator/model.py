@@ -13,7 +13,7 @@ from typing import Literal
 import sqlglot.expressions as exp
 
 from pushsync.errors import Location
-from pushsync.generator.source import Node
+from pushsync.source import Node
 
 Event = Literal["insert", "update", "delete"]
 Gateway = Literal["auto", "sync", "udp", "smtp"]

@@ -6,15 +6,15 @@ whole file is read before anything is reported, so one run shows all mistakes.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar, cast
 
+from pushsync import source
 from pushsync.errors import Location, Problems
-from pushsync.generator import fragments, source, template
+from pushsync.generator import fragments, template
 from pushsync.generator.model import (
     EVENTS,
     GATEWAYS,
@@ -35,8 +35,6 @@ from pushsync.generator.model import (
 NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 IDENTIFIER = re.compile(r"[a-z_][a-z0-9_$]*\Z")
 MAX_NAME = 63
-_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 TOP_KEYS = ("version", "defaults", "rules", "polls")
 DELIVERY_KEYS = ("gateway", "ttl", "resend_every", "priority", "coalesce")
@@ -57,23 +55,6 @@ POLL_KEYS = ("name", "every", "query", *DELIVERY_KEYS)
 T = TypeVar("T")
 
 
-def parse_duration(text: object) -> timedelta | None:
-    """``30s``, ``5m``, ``1h30m``, ``2d``, ``250ms``; ``None`` if not a duration."""
-    if not isinstance(text, str) or not text.strip():
-        return None
-    compact = text.replace(" ", "")
-    parts = _DURATION_PART.findall(compact)
-    if "".join(n + u for n, u in parts) != compact:
-        return None
-    return timedelta(seconds=sum(int(n) * _UNITS[u] for n, u in parts))
-
-
-def closest(word: str, choices: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` when a choice is close to ``word``."""
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
 class _Reader:
     """Validation state for one file: where problems go, and for which rule."""
 
@@ -90,7 +71,7 @@ class _Reader:
             return False
         for key, where in node.key_locations.items():
             if key not in allowed:
-                self.fail(where, f"unknown key {key!r}{closest(key, allowed)}")
+                self.fail(where, f"unknown key {key!r}{source.closest(key, allowed)}")
         return True
 
     def require(self, node: source.Node, key: str) -> source.Node | None:
@@ -110,13 +91,13 @@ class _Reader:
         value = node.value
         if value not in choices:
             options = ", ".join(str(c) for c in choices)
-            hint = closest(str(value), [str(c) for c in choices])
+            hint = source.closest(str(value), [str(c) for c in choices])
             self.fail(node.location, f"{key} must be one of {options}, not {value!r}{hint}")
             return None
         return cast(T, value)
 
     def duration(self, node: source.Node, key: str) -> timedelta | None:
-        value = parse_duration(node.value)
+        value = source.parse_duration(node.value)
         if value is None or value <= timedelta(0):
             self.fail(
                 node.location,

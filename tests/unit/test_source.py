@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from pushsync import source
 from pushsync.errors import Location, RulesError
-from pushsync.generator import source, validate
 
 TEXT = """\
 version: 1
@@ -51,11 +51,11 @@ def test_anchors_are_resolved_but_merge_keys_refused() -> None:
     [("30s", 30), ("5m", 300), ("1h30m", 5400), ("2d", 172800), ("250ms", 0.25), ("1h 5s", 3605)],
 )
 def test_durations(text: str, seconds: float) -> None:
-    parsed = validate.parse_duration(text)
+    parsed = source.parse_duration(text)
     assert parsed is not None
     assert parsed.total_seconds() == seconds
 
 
 @pytest.mark.parametrize("text", ["", "5", "m", "5 minutes", "-5m", "1.5h", "5m5", 300])
 def test_bad_durations(text: object) -> None:
-    assert validate.parse_duration(text) is None
+    assert source.parse_duration(text) is None

@@ -2,12 +2,18 @@
 
 PyYAML's composer gives nodes with marks; this module turns them into plain
 values wrapped in :class:`Node`, so validation can point at ``file:line:col``
-for any key or value, and at a line and column *inside* a block of SQL.
+for any key or value, and at a line and column *inside* a value (a block of
+SQL, a template). The rules file and the listener config are both read with
+it; it needs only the standard library and PyYAML.
 """
 
 from __future__ import annotations
 
+import difflib
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import yaml
@@ -29,6 +35,7 @@ class Node:
     style: str | None = None  # YAML scalar style: None (plain), "'", '"', "|", ">"
     raw: str | None = None  # a scalar's text as written, before YAML typed it
     source_line: str = ""  # the text of the line the value starts on
+    exact: bool = False  # a one-line scalar written exactly as its value reads (no escapes)
     key_locations: dict[str, Location] = field(default_factory=dict)
 
     def inner(self, line: int, column: int) -> Location:
@@ -43,9 +50,15 @@ class Node:
             indent = _block_indent(self)
             return Location(here.path, here.line + line, indent + column)
         if line <= 1:
+            if not self.exact:
+                return here  # escapes or folding: columns of the value are not the file's
             quote = 1 if self.style in ("'", '"') else 0
             return here.shifted(column=here.column + quote + column - 1)
         return here.shifted(lines=line - 1, column=column)
+
+    def at(self, offset: int) -> Location:
+        """Where character ``offset`` (from 0) of a one-line scalar is."""
+        return self.inner(1, offset + 1)
 
 
 def _block_indent(node: Node) -> int:
@@ -93,7 +106,16 @@ class _Reader:
             style=style,
             raw=node.value,
             source_line=self.line_text(content_line),
+            exact=self._exact(node),
         )
+
+    def _exact(self, node: yaml.ScalarNode) -> bool:
+        start, end = node.start_mark, node.end_mark
+        if start.line != end.line or node.style in ("|", ">"):
+            return False
+        quote = 1 if node.style in ("'", '"') else 0
+        written = self.line_text(start.line)[start.column : end.column]
+        return bool(written[quote : len(written) - quote] == node.value)
 
     def _mapping(self, node: yaml.MappingNode, where: Location) -> Node:
         values: dict[str, Node] = {}
@@ -153,3 +175,34 @@ def load(text: str, path: str) -> Node:
     except RecursionError as exc:
         too_deep = Problem(Location(path, 1, 1), "invalid YAML: nested too deeply")
         raise RulesError([too_deep]) from exc
+
+
+# --- values every YAML file of pushsync uses -------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: object) -> timedelta | None:
+    """``30s``, ``5m``, ``1h30m``, ``2d``, ``250ms``; ``None`` if not a duration."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    compact = text.replace(" ", "")
+    parts = _DURATION_PART.findall(compact)
+    if "".join(n + u for n, u in parts) != compact:
+        return None
+    return timedelta(seconds=sum(int(n) * _UNITS[u] for n, u in parts))
+
+
+def suggestion(word: str, choices: Iterable[str]) -> str | None:
+    """The choice closest to ``word``, if one is close."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def closest(word: str, choices: Iterable[str], sigil: str = "") -> str:
+    """`` (did you mean 'x'?)`` when a choice is close to ``word``."""
+    match = suggestion(word, choices)
+    if match is None:
+        return ""
+    return f" (did you mean {sigil}{match}?)" if sigil else f" (did you mean {match!r}?)"
