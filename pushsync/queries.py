@@ -1,7 +1,8 @@
-"""Named SQL blocks from ``sql/queries.sql``.
+"""Named SQL blocks from the runtime query files in ``sql/``.
 
-The file holds one statement per block, each introduced by a line
-``-- name --``; :func:`get` returns a block by name.
+Each file (``queries.sql`` for the commands, ``dispatcher.sql`` for the outbox
+relay) holds one statement per block, each introduced by a line ``-- name --``;
+:func:`get` returns a block by name.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ _HEADER = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
 
 
 @functools.cache
-def _blocks() -> dict[str, str]:
-    text = resources.files("pushsync").joinpath("sql/queries.sql").read_text("utf-8")
+def _blocks(file: str) -> dict[str, str]:
+    text = resources.files("pushsync").joinpath("sql", file).read_text("utf-8")
     parts = _HEADER.split(text)
     return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
-def get(name: str) -> str:
-    return _blocks()[name]
+def get(name: str, file: str = "queries.sql") -> str:
+    """The block ``name`` of ``sql/<file>``."""
+    return _blocks(file)[name]

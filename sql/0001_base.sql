@@ -111,6 +111,14 @@ CREATE UNIQUE INDEX IF NOT EXISTS outbox_coalesce
 
 CREATE INDEX IF NOT EXISTS outbox_device ON pushsync.outbox (device_id);
 
+-- Expiry finds unfinished rows past expires_at; archiving finds finished rows.
+CREATE INDEX IF NOT EXISTS outbox_expiry
+    ON pushsync.outbox (expires_at)
+    WHERE state IN ('pending', 'sending', 'sent');
+CREATE INDEX IF NOT EXISTS outbox_finished
+    ON pushsync.outbox (state)
+    WHERE state IN ('confirmed', 'expired', 'failed');
+
 -- Finished notifications (confirmed, expired, failed), moved out of the
 -- outbox in batches so that it stays small.
 CREATE TABLE IF NOT EXISTS pushsync.outbox_history (

@@ -1,0 +1,166 @@
+-- Runtime queries of the dispatcher's outbox relay, one named block each.
+-- Not a migration: `pushsync migrate` does not run this file.
+-- Loaded by pushsync.dispatcher.outbox; the async dispatcher shares these blocks.
+-- Every block is one statement; %(owner)s is the dispatcher's lease owner.
+
+-- claim --
+-- Due rows, high priority first, then oldest due. A row leaves 'pending' here,
+-- in the claiming statement, so a change committed later gets its own row
+-- instead of being folded into one already on its way (docs/schema.md).
+-- A 'sending' row is due again only once its lease has run out.
+WITH due AS MATERIALIZED (
+    SELECT request_id
+    FROM pushsync.outbox
+    WHERE state IN ('pending', 'sending', 'sent')
+      AND next_attempt_at <= now()
+      AND expires_at > now()
+      AND (state <> 'sending' OR lease_expires_at < now())
+    ORDER BY CASE priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END,
+             next_attempt_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE pushsync.outbox AS o
+    SET state = 'sending',
+        lease_owner = %(owner)s,
+        lease_expires_at = now() + %(lease)s::interval,
+        attempts = o.attempts + 1
+    FROM due
+    WHERE o.request_id = due.request_id
+    RETURNING o.request_id, o.rule, o.device_id, o.subject, o.content, o.priority,
+              o.gateway, o.created_at, o.expires_at, o.attempts, o.next_attempt_at
+)
+SELECT c.request_id, c.rule, c.device_id, c.subject, c.content, c.priority, c.gateway,
+       c.created_at, c.expires_at, c.attempts, d.secret,
+       udp.address AS udp_address, email.address AS email_address
+FROM claimed AS c
+JOIN pushsync.devices AS d ON d.device_id = c.device_id
+LEFT JOIN LATERAL (
+    SELECT e.address FROM pushsync.effective_addresses AS e
+    WHERE e.device_id = c.device_id AND e.medium = 'udp'
+) AS udp ON true
+LEFT JOIN LATERAL (
+    SELECT e.address FROM pushsync.effective_addresses AS e
+    WHERE e.device_id = c.device_id AND e.medium = 'email'
+) AS email ON true
+ORDER BY CASE c.priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END,
+         c.next_attempt_at
+
+-- sent --
+-- Only while this owner still holds the row (a lease that ran out but was not
+-- taken over by another dispatcher still counts: nobody else is sending it).
+UPDATE pushsync.outbox
+SET state = 'sent',
+    sent_at = now(),
+    gateway_used = %(gateway)s,
+    next_attempt_at = now() + resend_every,
+    lease_owner = NULL,
+    lease_expires_at = NULL
+WHERE request_id = %(request_id)s
+  AND state = 'sending'
+  AND lease_owner = %(owner)s
+
+-- release --
+-- Give rows back unsent, as if never claimed: attempts - 1, lease cleared.
+-- A row sent before goes back to 'sent' (it stays due). A row never sent goes
+-- back to 'pending'; it keeps coalescing only if no other coalescing row of
+-- its (rule, device) is pending and it is the newest such row released, so
+-- the unique index outbox_coalesce holds. Otherwise it stays 'pending' with
+-- coalescing = false: it is still sent, but later changes fold into the
+-- other row.
+WITH mine AS (
+    SELECT request_id, rule, device_id, coalescing, attempts, created_at
+    FROM pushsync.outbox
+    WHERE request_id = ANY(%(request_ids)s::uuid[])
+      AND state = 'sending'
+      AND lease_owner = %(owner)s
+    FOR UPDATE
+), decided AS (
+    SELECT m.request_id,
+           m.attempts > 1 AS was_sent,
+           m.coalescing
+           AND m.attempts <= 1
+           AND row_number() OVER (
+                   PARTITION BY m.rule, m.device_id, m.coalescing AND m.attempts <= 1
+                   ORDER BY m.created_at DESC, m.request_id) = 1
+           AND NOT EXISTS (
+                   SELECT 1 FROM pushsync.outbox AS p
+                   WHERE p.rule = m.rule AND p.device_id = m.device_id
+                     AND p.coalescing AND p.state = 'pending') AS keeps_coalescing
+    FROM mine AS m
+)
+UPDATE pushsync.outbox AS o
+SET state = CASE WHEN d.was_sent THEN 'sent' ELSE 'pending' END,
+    coalescing = CASE WHEN d.was_sent THEN o.coalescing ELSE d.keeps_coalescing END,
+    attempts = greatest(o.attempts - 1, 0),
+    lease_owner = NULL,
+    lease_expires_at = NULL
+FROM decided AS d
+WHERE o.request_id = d.request_id
+
+-- failed --
+-- final: cannot be delivered, ever. Otherwise retried at the next resend, as
+-- a sent row is (sent_at stays NULL if it never went out).
+UPDATE pushsync.outbox
+SET state = CASE WHEN %(final)s THEN 'failed' ELSE 'sent' END,
+    next_attempt_at = CASE WHEN %(final)s THEN next_attempt_at
+                           ELSE now() + resend_every END,
+    last_error = %(error)s,
+    lease_owner = NULL,
+    lease_expires_at = NULL
+WHERE request_id = %(request_id)s
+  AND state = 'sending'
+  AND lease_owner = %(owner)s
+
+-- confirm --
+-- The device has it. Only the recipient may confirm; a repeated confirmation
+-- (still in the outbox or already archived) is true again and changes nothing.
+WITH confirmed AS (
+    UPDATE pushsync.outbox
+    SET state = 'confirmed',
+        confirmed_at = now(),
+        lease_owner = NULL,
+        lease_expires_at = NULL
+    WHERE request_id = %(request_id)s
+      AND device_id = %(device_id)s
+      AND state IN ('sending', 'sent')
+    RETURNING request_id
+)
+SELECT EXISTS (SELECT 1 FROM confirmed)
+    OR EXISTS (SELECT 1 FROM pushsync.outbox
+               WHERE request_id = %(request_id)s AND device_id = %(device_id)s
+                 AND state = 'confirmed')
+    OR EXISTS (SELECT 1 FROM pushsync.outbox_history
+               WHERE request_id = %(request_id)s AND device_id = %(device_id)s
+                 AND state = 'confirmed')
+
+-- expire --
+-- Past expires_at and not confirmed: never sent again. A row being sent is
+-- left to its dispatcher until its lease runs out.
+UPDATE pushsync.outbox
+SET state = 'expired',
+    lease_owner = NULL,
+    lease_expires_at = NULL
+WHERE state IN ('pending', 'sending', 'sent')
+  AND expires_at <= now()
+  AND (state <> 'sending' OR lease_expires_at < now())
+
+-- archive --
+-- Move up to `batch` finished rows to outbox_history, in one statement.
+WITH moved AS (
+    DELETE FROM pushsync.outbox
+    WHERE request_id IN (
+        SELECT request_id FROM pushsync.outbox
+        WHERE state IN ('confirmed', 'expired', 'failed')
+        LIMIT %(batch)s
+        FOR UPDATE SKIP LOCKED)
+    RETURNING request_id, rule, device_id, subject, content, priority, gateway, coalesced,
+              created_at, expires_at, attempts, state, sent_at, gateway_used,
+              confirmed_at, last_error
+)
+INSERT INTO pushsync.outbox_history (
+    request_id, rule, device_id, subject, content, priority, gateway, coalesced,
+    created_at, expires_at, attempts, state, sent_at, gateway_used, confirmed_at, last_error)
+SELECT request_id, rule, device_id, subject, content, priority, gateway, coalesced,
+       created_at, expires_at, attempts, state, sent_at, gateway_used, confirmed_at, last_error
+FROM moved
