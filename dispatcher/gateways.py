@@ -1,0 +1,461 @@
+"""Gateways: how the dispatcher hands one claimed notification to one device.
+
+Every gateway has the same narrow interface (:class:`Gateway`): a ``name`` and
+``async send(item) -> SendResult``. A failed send is a result, not an
+exception; ``final`` says whether trying again could help. The UDP gateway also
+receives the devices' signed acks on the socket it sends from; the SMTP gateway
+sends a plain-text email with the signed envelope in a header. Encoding and
+verification are the pure functions of :mod:`pushsync.listener.protocol`;
+``docs/protocol.md`` has the wire format.
+
+Secrets (device secrets, the SMTP password) never appear in a log line or in a
+result's error text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import logging
+import re
+import smtplib
+import socket
+import ssl
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.message import EmailMessage
+from typing import Any, Protocol, cast
+
+from pushsync.dispatcher.outbox import Claimed
+from pushsync.errors import UsageError
+from pushsync.listener import protocol
+from pushsync.listener.limits import MAX_DATAGRAM
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SENDER = "pushsync"
+
+
+# --------------------------------------------------------------------------- interface
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendResult:
+    """What became of one send. ``final``: retrying through this gateway cannot help."""
+
+    ok: bool
+    gateway: str
+    error: str | None = None
+    final: bool = False
+
+
+def sent(gateway: str) -> SendResult:
+    return SendResult(ok=True, gateway=gateway)
+
+
+def failed(gateway: str, error: str, *, final: bool) -> SendResult:
+    return SendResult(ok=False, gateway=gateway, error=error, final=final)
+
+
+class Gateway(Protocol):
+    """Sends claimed notifications to devices."""
+
+    name: str
+
+    async def send(self, item: Claimed) -> SendResult: ...
+
+
+def to_message(item: Claimed, sender: str = DEFAULT_SENDER) -> protocol.Message:
+    """The protocol message of a claimed outbox row (times to the millisecond)."""
+    return protocol.Message(
+        request_id=item.request_id,
+        device=item.device_id,
+        subject=item.subject,
+        content=item.content,
+        sender=sender,
+        priority=_priority(item.priority),
+        created=_seconds(item.created_at, "created_at"),
+        expires=_seconds(item.expires_at, "expires_at"),
+    )
+
+
+def _priority(text: str) -> protocol.Priority:
+    for priority in protocol.PRIORITIES:
+        if priority == text:
+            return priority
+    raise protocol.Malformed("priority must be low, normal or high")
+
+
+def _seconds(moment: datetime, what: str) -> float:
+    if moment.tzinfo is None:
+        raise ValueError(f"{what} must be timezone-aware")
+    return round(moment.timestamp() * 1000) / 1000
+
+
+# --------------------------------------------------------------------------- recording fake
+
+
+class RecordingGateway:
+    """A gateway for tests: records every item it is asked to send; fails if told to."""
+
+    def __init__(self, name: str, fail_with: str | None = None, *, final: bool = False) -> None:
+        self.name = name
+        self.fail_with = fail_with
+        self.final = final
+        self.items: list[Claimed] = []
+
+    async def send(self, item: Claimed) -> SendResult:
+        self.items.append(item)
+        if self.fail_with is not None:
+            return failed(self.name, self.fail_with, final=self.final)
+        return sent(self.name)
+
+
+# --------------------------------------------------------------------------- UDP
+
+
+class SecretLookup(Protocol):
+    """The secret of ``device``, or None if there is no such device."""
+
+    def __call__(self, device: str, /) -> bytes | None: ...
+
+
+class AckHandler(Protocol):
+    """Called with every verified ack and the ``host:port`` it came from."""
+
+    def __call__(self, ack: protocol.Ack, peer: str, /) -> None: ...
+
+
+class UnknownDevice(protocol.ProtocolError):
+    """The ack names a device that has no secret here."""
+
+
+@dataclass(slots=True)
+class AckStats:
+    """Counters of the datagrams that arrived on the UDP gateway's socket."""
+
+    accepted: int = 0
+    dropped: int = 0
+    handler_errors: int = 0
+
+
+class UdpGateway:
+    """Sends one signed datagram per message; receives acks on the same socket.
+
+    Create it with :meth:`bind` (or attach a transport yourself with
+    :meth:`attach`); :meth:`close` closes the socket.
+    """
+
+    def __init__(
+        self,
+        *,
+        secret_for: SecretLookup,
+        on_ack: AckHandler,
+        sender: str = DEFAULT_SENDER,
+        limit: int = MAX_DATAGRAM,
+        name: str = "udp",
+    ) -> None:
+        self.name = name
+        self.sender = sender
+        self.limit = limit
+        self.stats = AckStats()
+        self._secret_for = secret_for
+        self._on_ack = on_ack
+        self._transport: asyncio.DatagramTransport | None = None
+
+    @classmethod
+    async def bind(
+        cls,
+        local_addr: tuple[str, int] | None = None,
+        *,
+        sock: socket.socket | None = None,
+        secret_for: SecretLookup,
+        on_ack: AckHandler,
+        sender: str = DEFAULT_SENDER,
+        limit: int = MAX_DATAGRAM,
+    ) -> UdpGateway:
+        """A gateway on a new socket bound to ``local_addr``, or on the given ``sock``."""
+        gateway = cls(secret_for=secret_for, on_ack=on_ack, sender=sender, limit=limit)
+        loop = asyncio.get_running_loop()
+        await loop.create_datagram_endpoint(
+            lambda: _AckProtocol(gateway), local_addr=local_addr, sock=sock
+        )
+        return gateway
+
+    def attach(self, transport: asyncio.DatagramTransport) -> None:
+        """Send through ``transport`` from now on."""
+        self._transport = transport
+
+    @property
+    def local_address(self) -> tuple[str, int]:
+        """The (host, port) the socket is bound to."""
+        if self._transport is None:
+            raise RuntimeError("the UDP gateway has no socket")
+        host, port = self._transport.get_extra_info("sockname")[:2]
+        return str(host), int(port)
+
+    async def send(self, item: Claimed) -> SendResult:
+        if not item.udp_address:
+            return failed(self.name, "device has no UDP address", final=True)
+        try:
+            data = protocol.encode_message(
+                to_message(item, self.sender), item.secret, limit=self.limit
+            )
+        except protocol.Oversized:
+            size = protocol.encoded_size(to_message(item, self.sender))
+            error = f"message too large for UDP ({size} bytes > {self.limit})"
+            return failed(self.name, error, final=True)
+        except protocol.ProtocolError as exc:
+            return failed(self.name, f"cannot encode: {exc}", final=True)
+        return await self._send_datagram(data, item.udp_address)
+
+    async def _send_datagram(self, data: bytes, address: str) -> SendResult:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return failed(self.name, "UDP socket is closed", final=False)
+        try:
+            host, port = split_address(address)
+        except ValueError as exc:
+            return failed(self.name, str(exc), final=True)
+        try:
+            target = await _resolve(host, port, transport)
+        except OSError as exc:
+            return failed(self.name, f"cannot resolve {host!r}: {exc}", final=False)
+        transport.sendto(data, target)
+        return sent(self.name)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        """Verify an ack and hand it on; drop anything else. Never raises."""
+        peer = format_peer(addr)
+        try:
+            ack = self._verify_ack(data)
+        except protocol.ProtocolError as exc:
+            self.stats.dropped += 1
+            logger.warning("dropped UDP datagram from %s: %s: %s", peer, type(exc).__name__, exc)
+            return
+        except Exception:
+            self.stats.dropped += 1
+            logger.exception("dropped UDP datagram from %s: secret lookup failed", peer)
+            return
+        self.stats.accepted += 1
+        try:
+            self._on_ack(ack, peer)
+        except Exception:
+            self.stats.handler_errors += 1
+            logger.exception("ack handler failed for %s from %s", ack.request_id, peer)
+
+    def _verify_ack(self, data: bytes) -> protocol.Ack:
+        device = protocol.peek_device(data, limit=self.limit)
+        secret = self._secret_for(device)
+        if secret is None:
+            raise UnknownDevice("ack from an unknown device")
+        return protocol.decode_ack(data, secret, limit=self.limit)
+
+
+class _AckProtocol(asyncio.DatagramProtocol):
+    """The asyncio side of :class:`UdpGateway`'s socket."""
+
+    def __init__(self, gateway: UdpGateway) -> None:
+        self.gateway = gateway
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Not a DatagramTransport subclass before Python 3.13, but one in all but name.
+        self.gateway.attach(cast(asyncio.DatagramTransport, transport))
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.gateway.datagram_received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # e.g. ICMP port unreachable for an earlier datagram: the resend covers it.
+        logger.debug("UDP socket error: %s", exc)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` as (host, port); ValueError if malformed."""
+    host, sep, port_text = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad UDP address {address!r}: expected HOST:PORT or [V6]:PORT")
+    return host, int(port_text)
+
+
+def format_peer(addr: Any) -> str:
+    """A socket address as ``host:port`` (``[v6]:port``)."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = str(addr[0])
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return str(addr)
+
+
+async def _resolve(host: str, port: int, transport: asyncio.DatagramTransport) -> Any:
+    """The first address of ``host`` the socket's address family can send to."""
+    sock = transport.get_extra_info("socket")
+    family = sock.family if sock is not None else socket.AF_UNSPEC
+    flags = socket.AI_V4MAPPED if family == socket.AF_INET6 else 0
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host, port, family=family, type=socket.SOCK_DGRAM, flags=flags
+    )
+    if not infos:
+        raise OSError("no address")
+    return infos[0][4]
+
+
+# --------------------------------------------------------------------------- SMTP
+
+
+class _SmtpFailure(Exception):
+    """A failed SMTP session, already described and classified."""
+
+    def __init__(self, error: str, *, final: bool) -> None:
+        super().__init__(error)
+        self.error = error
+        self.final = final
+
+
+@dataclass(kw_only=True)
+class SmtpGateway:
+    """Sends each message as a plain-text email through an SMTP server.
+
+    ``starttls`` upgrades the connection before AUTH; ``username``/``password``
+    enable AUTH. The password is kept out of ``repr``, logs and error texts.
+    """
+
+    host: str
+    port: int = 25
+    starttls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    sender_address: str
+    timeout: float = 30.0
+    tls_context: ssl.SSLContext | None = field(default=None, repr=False)
+    local_hostname: str | None = None
+    sender: str = DEFAULT_SENDER
+    name: str = "smtp"
+
+    async def send(self, item: Claimed) -> SendResult:
+        if not item.email_address:
+            return failed(self.name, "device has no email address", final=True)
+        try:
+            mail = self.build_email(item)
+        except protocol.Oversized as exc:
+            return failed(self.name, f"message too large: {exc}", final=True)
+        except protocol.ProtocolError as exc:
+            return failed(self.name, f"cannot encode: {exc}", final=True)
+        try:
+            await asyncio.to_thread(self._deliver, mail, item.email_address)
+        except _SmtpFailure as exc:
+            error = self._scrub(exc.error)
+            logger.info("SMTP send of %s failed: %s", item.request_id, error)
+            return failed(self.name, error, final=exc.final)
+        return sent(self.name)
+
+    def build_email(self, item: Claimed) -> EmailMessage:
+        """The email of ``item``: Subject, body and the signed envelope header."""
+        assert item.email_address is not None
+        msg = to_message(item, self.sender)
+        mail = EmailMessage()
+        for header, value in protocol.email_headers(msg, item.secret).items():
+            mail[header] = value
+        mail["From"] = self.sender_address
+        mail["To"] = item.email_address
+        mail["Date"] = email.utils.formatdate(msg.created, usegmt=True)
+        mail["Message-ID"] = email.utils.make_msgid(
+            idstring=item.request_id.hex, domain=_domain(self.sender_address)
+        )
+        mail.set_content(msg.content)
+        return mail
+
+    def _deliver(self, mail: EmailMessage, to: str) -> None:
+        """Blocking: one SMTP session sending ``mail``; :class:`_SmtpFailure` on error."""
+        try:
+            with smtplib.SMTP(
+                self.host, self.port, timeout=self.timeout, local_hostname=self.local_hostname
+            ) as smtp:
+                if self.starttls:
+                    smtp.starttls(context=self.tls_context or ssl.create_default_context())
+                if self.username is not None:
+                    smtp.login(self.username, self.password or "")
+                smtp.send_message(mail, from_addr=self.sender_address, to_addrs=[to])
+        except smtplib.SMTPRecipientsRefused as exc:
+            raise _refused(exc) from None
+        except smtplib.SMTPResponseException as exc:
+            raise _response_failure(exc) from None
+        except (OSError, smtplib.SMTPException) as exc:
+            raise _SmtpFailure(f"SMTP {type(exc).__name__}: {exc}", final=False) from None
+
+    def _scrub(self, text: str) -> str:
+        """``text`` without the password in any form AUTH sends it."""
+        if not self.password:
+            return text
+        secrets = {self.password, _b64(self.password)}
+        if self.username is not None:
+            secrets.add(_b64(f"\0{self.username}\0{self.password}"))
+        for secret in sorted(secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
+
+
+def _refused(exc: smtplib.SMTPRecipientsRefused) -> _SmtpFailure:
+    """Permanent (5xx) refusals are final; temporary ones (4xx, e.g. greylisting) are not."""
+    replies = [(code, _text(reply)) for code, reply in exc.recipients.values()]
+    detail = "; ".join(f"{code} {reply}" for code, reply in replies)
+    permanent = all(code >= 500 for code, _ in replies)
+    return _SmtpFailure(f"recipient refused: {detail}", final=permanent)
+
+
+def _response_failure(exc: smtplib.SMTPResponseException) -> _SmtpFailure:
+    """A 5xx refusal of the message itself is final; of the sender or AUTH it is not.
+
+    A refused sender or failed login is the gateway's configuration, not this
+    message: an operator can fix it, and the message may still go through.
+    """
+    message_refused = isinstance(exc, smtplib.SMTPDataError) and exc.smtp_code >= 500
+    what = "message refused" if message_refused else type(exc).__name__
+    return _SmtpFailure(
+        f"SMTP {what}: {exc.smtp_code} {_text(exc.smtp_error)}", final=message_refused
+    )
+
+
+def _text(reply: bytes | str) -> str:
+    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def _domain(address: str) -> str:
+    _, _, domain = email.utils.parseaddr(address)[1].rpartition("@")
+    return domain or "localhost"
+
+
+# --------------------------------------------------------------------------- SMS by email
+
+_PHONE_SEPARATORS = re.compile(r"[\s-]")
+_PHONE = re.compile(r"\+?[0-9]{3,15}\Z")
+_PREFIX = re.compile(r"[A-Za-z0-9._+-]*\Z")
+_DOMAIN = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+\Z")
+
+
+def sms_address(phone: str, carrier_prefix: str, carrier_domain: str) -> str:
+    """``<prefix><phone>@<domain>``: the address a carrier turns into an SMS.
+
+    As MobiLink's carrier properties ``sms_email_user_prefix`` and
+    ``sms_email_domain``. Spaces and dashes in ``phone`` are removed, and so is
+    a leading ``+`` (carriers' gateways take digits); UsageError if the result
+    is not 3 to 15 digits, or the prefix or domain cannot be part of an address.
+    """
+    number = _PHONE_SEPARATORS.sub("", phone)
+    if not _PHONE.match(number):
+        raise UsageError(f"bad phone number {phone!r}: expected digits, optionally a leading +")
+    if not _PREFIX.match(carrier_prefix):
+        raise UsageError(f"bad carrier prefix {carrier_prefix!r}")
+    if not _DOMAIN.match(carrier_domain):
+        raise UsageError(f"bad carrier domain {carrier_domain!r}")
+    return f"{carrier_prefix}{number.removeprefix('+')}@{carrier_domain.lower()}"

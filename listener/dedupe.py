@@ -1,0 +1,194 @@
+"""The dedupe store: which messages this device has already taken, across restarts.
+
+Delivery is at least once: the same message may arrive over two channels, or
+again after the listener or the dispatcher restarted. The runtime calls
+:meth:`DedupeStore.remember` before it runs a message's actions and runs them
+only when that returns ``True``, so each message's actions run once.
+
+The store is one SQLite file, ``dedupe.sqlite3`` in the listener's
+``state_dir``, in WAL mode with ``synchronous=FULL``: a request id that
+:meth:`~DedupeStore.remember` reported as new is on disk before the action
+runs, so not even a power cut makes the action run twice. Messages are rare
+enough that the fsync per message costs nothing worth saving.
+:meth:`~DedupeStore.forget_expired` drops ids whose message has expired (a
+redelivered expired message is refused by the protocol anyway), so the file
+stays small.
+
+One connection per store, usable from any thread, serialised by a lock: the
+runtime may call it from an executor thread. Every SQLite failure, including a
+file that is not a database, is raised as :class:`DedupeError`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import uuid
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+from pushsync.errors import PushsyncError
+
+FILE_NAME: Final = "dedupe.sqlite3"
+"""The store's file name inside ``state_dir``."""
+
+DEFAULT_GRACE: Final = 300.0
+"""Seconds an id is kept after its message expired: room for clocks that disagree."""
+
+BUSY_TIMEOUT: Final = 10.0
+"""Seconds to wait for another process holding the file's write lock."""
+
+_SCHEMA: Final = (
+    "CREATE TABLE IF NOT EXISTS seen ("
+    " request_id TEXT PRIMARY KEY,"
+    " expires REAL NOT NULL"
+    ") WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS seen_expires ON seen (expires)",
+)
+
+
+class DedupeError(PushsyncError):
+    """The dedupe store could not be opened or used."""
+
+
+RequestId = uuid.UUID | str
+
+
+def _key(request_id: RequestId) -> str:
+    """The canonical text of a request id: a UUID in lower case, hyphenated."""
+    if isinstance(request_id, uuid.UUID):
+        return str(request_id)
+    try:
+        return str(uuid.UUID(request_id))
+    except ValueError:
+        return request_id
+
+
+class DedupeStore:
+    """Request ids already taken, in the SQLite file ``path``; see the module docstring.
+
+    Use :meth:`in_state_dir` to open the listener's store. A context manager:
+    ``with DedupeStore(path) as store: ...`` closes it.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._connection: sqlite3.Connection | None = None
+        try:
+            connection = sqlite3.connect(
+                self.path,
+                timeout=BUSY_TIMEOUT,
+                isolation_level=None,  # autocommit: every statement is its own transaction
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise DedupeError(f"cannot open the dedupe store {self.path}: {exc}") from None
+        try:
+            mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()
+            connection.execute("PRAGMA synchronous=FULL")
+            for statement in _SCHEMA:
+                connection.execute(statement)
+        except sqlite3.Error as exc:
+            connection.close()
+            raise DedupeError(
+                f"cannot use the dedupe store {self.path}: {exc} "
+                "(move the file away and the listener starts a new one)"
+            ) from None
+        if mode is None or str(mode[0]).lower() != "wal":
+            connection.close()
+            raise DedupeError(f"cannot use the dedupe store {self.path}: WAL mode refused")
+        self._connection = connection
+
+    @classmethod
+    def in_state_dir(cls, state_dir: str | Path) -> DedupeStore:
+        """The store in the listener's ``state_dir``, created (with the directory) if missing."""
+        directory = Path(state_dir)
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DedupeError(f"cannot create the state directory {directory}: {exc}") from None
+        return cls(directory / FILE_NAME)
+
+    # ------------------------------------------------------------------ queries
+
+    def seen(self, request_id: RequestId) -> bool:
+        """Whether ``request_id`` was remembered (and not forgotten since)."""
+        rows = self._query("SELECT 1 FROM seen WHERE request_id = ?", (_key(request_id),))
+        return bool(rows)
+
+    def remember(self, request_id: RequestId, expires: float) -> bool:
+        """Record ``request_id``; ``True`` only the first time, atomically.
+
+        Whatever the threads or processes racing on one file, exactly one
+        caller gets ``True`` for an id.
+        """
+        with self._lock:
+            connection = self._open()
+            try:
+                connection.execute(
+                    "INSERT OR IGNORE INTO seen (request_id, expires) VALUES (?, ?)",
+                    (_key(request_id), float(expires)),
+                )
+                (changes,) = connection.execute("SELECT changes()").fetchone()
+            except sqlite3.Error as exc:
+                raise DedupeError(f"dedupe store {self.path}: {exc}") from None
+        return bool(changes == 1)
+
+    def forget_expired(self, now: float, grace: float = DEFAULT_GRACE) -> int:
+        """Drop the ids whose expiry plus ``grace`` seconds is before ``now``; how many."""
+        with self._lock:
+            connection = self._open()
+            try:
+                cursor = connection.execute(
+                    "DELETE FROM seen WHERE expires < ?", (float(now) - float(grace),)
+                )
+            except sqlite3.Error as exc:
+                raise DedupeError(f"dedupe store {self.path}: {exc}") from None
+            return cursor.rowcount
+
+    def __len__(self) -> int:
+        ((count,),) = self._query("SELECT count(*) FROM seen", ())
+        assert isinstance(count, int)
+        return count
+
+    # ------------------------------------------------------------------ lifetime
+
+    @property
+    def closed(self) -> bool:
+        return self._connection is None
+
+    def close(self) -> None:
+        """Close the file; closing twice is fine. The store cannot be used afterwards."""
+        with self._lock:
+            connection, self._connection = self._connection, None
+            if connection is not None:
+                connection.close()
+
+    def __enter__(self) -> DedupeStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _open(self) -> sqlite3.Connection:
+        if self._connection is None:
+            raise DedupeError(f"dedupe store {self.path} is closed")
+        return self._connection
+
+    def _query(self, sql: str, parameters: tuple[object, ...]) -> list[tuple[object, ...]]:
+        """All rows of one statement, fetched under the lock."""
+        with self._lock:
+            connection = self._open()
+            try:
+                return connection.execute(sql, parameters).fetchall()
+            except sqlite3.Error as exc:
+                raise DedupeError(f"dedupe store {self.path}: {exc}") from None
