@@ -310,10 +310,15 @@ def valid_host(host: str) -> bool:
     return bool(_HOSTNAME.match(host))
 
 
-def parse_address(text: str) -> Address | None:
-    """``host:port`` or ``[ipv6]:port`` with a port from 1 to 65535; ``None`` if not one."""
+def parse_address(text: str, *, lowest_port: int = 1) -> Address | None:
+    """``host:port`` or ``[ipv6]:port``, port ``lowest_port``..65535; ``None`` if not one.
+
+    A local address to bind may use port 0: the system picks a free one.
+    """
     host, colon, port = text.rpartition(":")
-    if not colon or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+    if not colon or not port.isascii() or not port.isdigit():
+        return None
+    if not lowest_port <= int(port) < 65536:
         return None
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -389,18 +394,22 @@ class _Checker:
             return None
         return value
 
-    def address(self, node: Node, key: str) -> Address | None:
+    def address(self, node: Node, key: str, *, lowest_port: int = 1) -> Address | None:
         text = self.text(node, key)
         if text is None:
             return None
-        found = parse_address(text)
+        found = parse_address(text, lowest_port=lowest_port)
         if found is None:
             self.fail(
                 node.location,
-                f"bad address {text!r} for {key}: expected host:port with a port from 1 to "
-                "65535 (IPv6 as [::1]:2439)",
+                f"bad address {text!r} for {key}: expected host:port with a port from "
+                f"{lowest_port} to 65535 (IPv6 as [::1]:2439)",
             )
         return found
+
+    def bind_address(self, node: Node, key: str) -> Address | None:
+        """A local address to listen on; port 0 lets the system choose."""
+        return self.address(node, key, lowest_port=0)
 
     def port(self, node: Node, key: str) -> int | None:
         value = node.value
@@ -578,7 +587,7 @@ def _sync_channel(checker: _Checker, node: Node, fields: dict[str, Node]) -> Syn
 
 
 def _udp_channel(checker: _Checker, node: Node, fields: dict[str, Node]) -> UdpChannel | None:
-    bind = _required(checker, fields, node, "bind", checker.address)
+    bind = _required(checker, fields, node, "bind", checker.bind_address)
     return UdpChannel(bind=bind) if bind is not None else None
 
 

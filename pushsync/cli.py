@@ -158,6 +158,24 @@ def cmd_device_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_dispatch(args: argparse.Namespace) -> int:
+    from pushsync import db
+    from pushsync.dispatcher.daemon import run_dispatcher
+
+    try:
+        return run_dispatcher(db.resolve_dsn(args.dsn), udp_listen=args.udp_listen)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.udp_listen}: {exc.strerror}") from exc
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from pushsync.listener.runtime import run_listener  # standard library and PyYAML only
+
+    return run_listener(args.config, log_messages=args.message_log)
+
+
 # --- plumbing ------------------------------------------------------------------
 
 
@@ -231,6 +249,26 @@ def build_parser() -> argparse.ArgumentParser:
     _dsn(listing)
     option(listing, "--json", action="store_true", help="machine-readable output")
     listing.set_defaults(handler=cmd_device_list)
+
+    dispatch = commands.add_parser("dispatch", help="run the dispatcher (outbox relay)")
+    _dsn(dispatch)
+    option(
+        dispatch,
+        "--udp-listen",
+        metavar="HOST:PORT",
+        help="where UDP messages leave from and acknowledgements arrive (default 0.0.0.0:0)",
+    )
+    dispatch.set_defaults(handler=cmd_dispatch)
+
+    listen = commands.add_parser("listen", help="run the device listener")
+    listen.add_argument("config", metavar="CONFIG.yaml")
+    option(
+        listen,
+        "--message-log",
+        action="store_true",
+        help="log each message in full (subject, content, sender, action output)",
+    )
+    listen.set_defaults(handler=cmd_listen)
     return parser
 
 

@@ -408,19 +408,19 @@ CASES = [
         "bad host:port",
         GOOD.replace("0.0.0.0:5001", "0.0.0.0"),
         "listener.yaml:4:15: channels.udp: bad address '0.0.0.0' for bind: expected host:port "
-        "with a port from 1 to 65535 (IPv6 as [::1]:2439)",
+        "with a port from 0 to 65535 (IPv6 as [::1]:2439)",
     ),
     (
         "port out of range",
         GOOD.replace("0.0.0.0:5001", "0.0.0.0:65536"),
         "listener.yaml:4:15: channels.udp: bad address '0.0.0.0:65536' for bind: expected "
-        "host:port with a port from 1 to 65535 (IPv6 as [::1]:2439)",
+        "host:port with a port from 0 to 65535 (IPv6 as [::1]:2439)",
     ),
     (
         "ipv6 without brackets",
         GOOD.replace("0.0.0.0:5001", "::1:5001"),
         "listener.yaml:4:15: channels.udp: bad address '::1:5001' for bind: expected host:port "
-        "with a port from 1 to 65535 (IPv6 as [::1]:2439)",
+        "with a port from 0 to 65535 (IPv6 as [::1]:2439)",
     ),
     (
         "ca_file without tls",

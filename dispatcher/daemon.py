@@ -1,0 +1,518 @@
+"""The dispatcher daemon: relay the outbox to devices, record what became of each row.
+
+One :class:`Dispatcher` runs three loops over one autocommit
+``psycopg.AsyncConnection`` (the *work* connection) and a second one that only
+``LISTEN``s on channel ``pushsync``:
+
+* the send loop claims due rows (``FOR UPDATE SKIP LOCKED``, with a lease),
+  sends each through the gateways :func:`~pushsync.dispatcher.routing.gateway_order`
+  picks, first choice first, falling back to the next on failure, and records
+  ``sent`` or ``failed``. It wakes on every NOTIFY and at least every
+  ``poll_interval`` seconds, so a lost NOTIFY, a reconnect or rows written
+  while the dispatcher was down never strand a row; it claims again at once
+  while batches come back full;
+* housekeeping every ``housekeeping_interval``: ``expire`` then ``archive``
+  (repeated while batches are full);
+* confirmations: verified UDP acks are queued and recorded with ``confirm``;
+  an ack that cannot be recorded (database down) stays queued.
+
+The statements are the named blocks of ``sql/dispatcher.sql``, the same ones
+the synchronous :class:`~pushsync.dispatcher.outbox.OutboxStore` runs, executed
+here on the async connection (:class:`AsyncOutbox`). Running the sync store in
+``asyncio.to_thread`` was the alternative; it was not chosen because a thread
+cannot be cancelled: a claim running in a thread when the daemon stops or the
+connection drops would leave rows leased to a dispatcher that no longer knows
+it holds them.
+
+When the database connection drops, the daemon reconnects with capped
+exponential backoff (0.2 s doubling to 5 s), logging one line per attempt
+(never the password). Rows it had claimed but not recorded are released on
+the next connection; if that never comes their lease runs out and another
+dispatcher takes them. On stop it claims nothing more, cancels sends still in
+flight, releases the rows it holds unsent and closes its connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import uuid
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+from psycopg import conninfo
+from psycopg.rows import class_row
+
+from pushsync.dispatcher.gateways import Gateway, UdpGateway, split_address
+from pushsync.dispatcher.outbox import Claimed, query
+from pushsync.dispatcher.routing import gateway_order, next_gateway
+from pushsync.listener import protocol
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "pushsync"
+BACKOFF_FIRST = 0.2
+BACKOFF_MAX = 5.0
+DEFAULT_UDP_LISTEN = "0.0.0.0:0"
+"""Where acks arrive unless ``--udp-listen`` says otherwise: every interface, a
+port the system picks (logged at start). Devices ack to the address a message
+came from, so any port works; fix one when a firewall must allow it."""
+
+AsyncConn = psycopg.AsyncConnection[Any]
+
+
+class AsyncOutbox:
+    """:class:`~pushsync.dispatcher.outbox.OutboxStore`'s statements on an async connection."""
+
+    def __init__(self, conn: AsyncConn, owner: str) -> None:
+        self.conn = conn
+        self.owner = owner
+
+    async def claim(self, limit: int, lease: timedelta) -> list[Claimed]:
+        async with self.conn.cursor(row_factory=class_row(Claimed)) as cur:
+            await cur.execute(query("claim"), {"owner": self.owner, "limit": limit, "lease": lease})
+            return await cur.fetchall()
+
+    async def sent(self, request_id: uuid.UUID, gateway: str) -> bool:
+        params = {"owner": self.owner, "request_id": request_id, "gateway": gateway}
+        return await self._changed("sent", params) == 1
+
+    async def release(self, request_ids: list[uuid.UUID]) -> int:
+        return await self._changed("release", {"owner": self.owner, "request_ids": request_ids})
+
+    async def failed(self, request_id: uuid.UUID, error: str, *, final: bool) -> bool:
+        params = {"owner": self.owner, "request_id": request_id, "error": error, "final": final}
+        return await self._changed("failed", params) == 1
+
+    async def confirm(self, request_id: uuid.UUID, device_id: str) -> bool:
+        cur = await self.conn.execute(
+            query("confirm"), {"request_id": request_id, "device_id": device_id}
+        )
+        row = await cur.fetchone()
+        return bool(row and row[0])
+
+    async def expire(self) -> int:
+        return await self._changed("expire", {})
+
+    async def archive(self, batch: int) -> int:
+        return await self._changed("archive", {"batch": batch})
+
+    async def _changed(self, name: str, params: dict[str, Any]) -> int:
+        async with self.conn.cursor() as cur:
+            await cur.execute(query(name), params)
+            return cur.rowcount
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one claimed row: sent through ``gateway``, or failed with ``error``."""
+
+    gateway: str | None
+    error: str = ""
+    final: bool = False
+
+
+def default_owner() -> str:
+    """A lease owner unique to this process: host, pid and a random tag."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def describe_dsn(dsn: str) -> str:
+    """The DSN's host, port, user and database, for log lines: never the password."""
+    try:
+        params = conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "(unparsable DSN)"
+    keys = ("host", "port", "user", "dbname")
+    return " ".join(f"{k}={params[k]}" for k in keys if params.get(k)) or "(libpq defaults)"
+
+
+class Dispatcher:
+    """The outbox relay: see the module docstring. ``await run(stop)`` until ``stop`` is set."""
+
+    def __init__(
+        self,
+        dsn: str,
+        gateways: Mapping[str, Gateway],
+        *,
+        owner: str | None = None,
+        batch: int = 100,
+        lease: timedelta = timedelta(seconds=30),
+        poll_interval: float = 1.0,
+        housekeeping_interval: float = 5.0,
+        archive_batch: int = 1000,
+    ) -> None:
+        self.dsn = dsn
+        self.gateways: dict[str, Gateway] = dict(gateways)
+        self.owner = owner or default_owner()
+        self.batch = batch
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self.housekeeping_interval = housekeeping_interval
+        self.archive_batch = archive_batch
+        self._wake = asyncio.Event()
+        self._acks: deque[tuple[uuid.UUID, str]] = deque()
+        self._ack_ready = asyncio.Event()
+        self._held: set[uuid.UUID] = set()
+        self._secrets: dict[str, bytes] = {}
+
+    # ----------------------------------------------------------------- hooks for gateways
+
+    def add_gateway(self, gateway: Gateway) -> None:
+        """Use ``gateway`` under its name (e.g. a UdpGateway bound to this dispatcher's hooks)."""
+        self.gateways[gateway.name] = gateway
+
+    def secret_for(self, device: str) -> bytes | None:
+        """A device's secret, as learned from the rows this dispatcher claimed.
+
+        Acks confirm messages this process sent, so it knows their secrets; an
+        ack for a message sent before a restart is dropped, and the resend is
+        acked again.
+        """
+        return self._secrets.get(device)
+
+    def on_ack(self, ack: protocol.Ack, peer: str) -> None:
+        """A verified ack: queue its confirmation (recorded by the confirm loop)."""
+        logger.debug("ack for %s from %s at %s", ack.request_id, ack.device, peer)
+        self._acks.append((ack.request_id, ack.device))
+        self._ack_ready.set()
+
+    def wake(self) -> None:
+        """Claim now instead of at the next poll."""
+        self._wake.set()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Dispatch until ``stop`` is set; reconnect with backoff when the database drops."""
+        where = describe_dsn(self.dsn)
+        logger.info("dispatcher %s starting (%s)", self.owner, where)
+        delay = BACKOFF_FIRST
+        attempt = 0
+        while not stop.is_set():
+            attempt += 1
+            try:
+                connected = await self._session(stop)
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                connected = False
+                text = str(exc).strip()
+                reason = text.splitlines()[0] if text else type(exc).__name__
+                logger.warning(
+                    "database connection to %s failed (attempt %d): %s; retrying in %.1fs",
+                    where,
+                    attempt,
+                    reason,
+                    delay,
+                )
+                if await _wait(stop, delay):
+                    break
+                delay = min(delay * 2, BACKOFF_MAX)
+            if connected:
+                delay, attempt = BACKOFF_FIRST, 0
+        logger.info("dispatcher %s stopped", self.owner)
+
+    async def _session(self, stop: asyncio.Event) -> bool:
+        """One connection's worth of dispatching; True when it ended because of ``stop``."""
+        listen = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        try:
+            work = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        except BaseException:
+            await listen.close()
+            raise
+        store = AsyncOutbox(work, self.owner)
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await listen.execute(f"LISTEN {CHANNEL}")
+            if self._held:  # claimed on a connection that dropped: give them back
+                released = await store.release(sorted(self._held))
+                logger.info("released %d rows held before reconnecting", released)
+                self._held.clear()
+            logger.info("connected to %s; listening on channel %r", describe_dsn(self.dsn), CHANNEL)
+            self._wake.set()
+            tasks = [
+                asyncio.create_task(self._listen_loop(listen), name="listen"),
+                asyncio.create_task(self._send_loop(store, stop), name="send"),
+                asyncio.create_task(self._housekeeping_loop(store, stop), name="housekeeping"),
+                asyncio.create_task(self._confirm_loop(store, stop), name="confirm"),
+            ]
+            stopping = asyncio.create_task(stop.wait(), name="stop")
+            try:
+                done, _ = await asyncio.wait(
+                    [*tasks, stopping], return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                stopping.cancel()
+            for task in done:
+                if task is not stopping and (exc := task.exception()) is not None:
+                    raise exc
+            if not stop.is_set():  # a loop returned by itself: the connection ended
+                raise psycopg.OperationalError("the database connection ended")
+            # Stopping: the loops notice ``stop`` at their next step and return;
+            # the listener only waits, so it is cancelled.
+            tasks[0].cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            errors = [r for r in results if isinstance(r, Exception)]
+            if errors:
+                raise errors[0]
+            if self._held:
+                released = await store.release(sorted(self._held))
+                logger.info("released %d claimed rows not sent", released)
+                self._held.clear()
+            return True
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await _close(work)
+            await _close(listen)
+
+    # ----------------------------------------------------------------- loops
+
+    async def _listen_loop(self, conn: AsyncConn) -> None:
+        async for _ in conn.notifies():
+            self._wake.set()
+
+    async def _send_loop(self, store: AsyncOutbox, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if await _wait_any(stop, self._wake, self.poll_interval):
+                return
+            self._wake.clear()
+            while not stop.is_set() and await self._send_batch(store, stop) >= self.batch:
+                pass
+
+    async def _send_batch(self, store: AsyncOutbox, stop: asyncio.Event) -> int:
+        """Claim one batch and send it; how many rows were claimed."""
+        items = await store.claim(self.batch, self.lease)
+        if not items:
+            return 0
+        logger.info("claimed %d rows", len(items))
+        self._held.update(item.request_id for item in items)
+        for item in items:
+            self._secrets[item.device_id] = item.secret
+        pending = {asyncio.create_task(self._deliver(item)): item for item in items}
+        stopping = asyncio.create_task(stop.wait())
+        sent: dict[str, int] = {}
+        try:
+            while pending:
+                done, _ = await asyncio.wait(
+                    [*pending, stopping], return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in [t for t in pending if t in done]:
+                    await self._record(store, pending.pop(task), task.result(), sent)
+                if stopping in done:
+                    break
+        finally:
+            stopping.cancel()
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if sent:
+            logger.info("sent %s", ", ".join(f"{n} via {gw}" for gw, n in sorted(sent.items())))
+        return len(items)
+
+    async def _deliver(self, item: Claimed) -> Outcome:
+        """Try the item's gateways in order until one sends it. No database access."""
+        order = [
+            name
+            for name in gateway_order(
+                item.gateway, connected=False, udp=item.udp_address, email=item.email_address
+            )
+            if name in self.gateways
+        ]
+        if not order:
+            return Outcome(None, f"no gateway can reach device {item.device_id}", final=False)
+        failures: dict[str, tuple[str, bool]] = {}
+        while (name := next_gateway(order, set(failures))) is not None:
+            try:
+                result = await self.gateways[name].send(item)
+            except Exception as exc:  # a gateway bug must not stop the others
+                logger.exception("gateway %s raised sending %s", name, item.request_id)
+                failures[name] = (f"{type(exc).__name__}: {exc}", False)
+                continue
+            if result.ok:
+                return Outcome(name)
+            failures[name] = (result.error or "failed", result.final)
+            logger.info(
+                "send of %s to %s via %s failed: %s",
+                item.request_id,
+                item.device_id,
+                name,
+                result.error,
+            )
+        error = "; ".join(f"{name}: {text}" for name, (text, _) in failures.items())
+        return Outcome(None, error, final=all(final for _, final in failures.values()))
+
+    async def _record(
+        self, store: AsyncOutbox, item: Claimed, outcome: Outcome, sent: dict[str, int]
+    ) -> None:
+        if outcome.gateway is not None:
+            ok = await store.sent(item.request_id, outcome.gateway)
+            sent[outcome.gateway] = sent.get(outcome.gateway, 0) + 1
+        else:
+            ok = await store.failed(item.request_id, outcome.error, final=outcome.final)
+            logger.warning(
+                "%s to %s %s: %s",
+                item.request_id,
+                item.device_id,
+                "failed for good" if outcome.final else "not sent, will retry",
+                outcome.error,
+            )
+        self._held.discard(item.request_id)
+        if not ok:
+            logger.warning("lost the lease on %s before recording it", item.request_id)
+
+    async def _housekeeping_loop(self, store: AsyncOutbox, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            expired = await store.expire()
+            if expired:
+                logger.info("expired %d rows", expired)
+            archived = 0
+            while not stop.is_set():
+                moved = await store.archive(self.archive_batch)
+                archived += moved
+                if moved < self.archive_batch:
+                    break
+            if archived:
+                logger.info("archived %d finished rows", archived)
+            if await _wait(stop, self.housekeeping_interval):
+                return
+
+    async def _confirm_loop(self, store: AsyncOutbox, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            while self._acks:
+                request_id, device = self._acks[0]
+                if await store.confirm(request_id, device):
+                    logger.info("confirmed %s by %s", request_id, device)
+                else:
+                    logger.warning("ack of %s by %s matches no sent row", request_id, device)
+                self._acks.popleft()  # only once recorded: a dropped connection keeps it
+            self._ack_ready.clear()
+            if self._acks:
+                continue
+            if await _wait_any(stop, self._ack_ready, None):
+                return
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+async def _wait(stop: asyncio.Event, timeout: float) -> bool:
+    """Sleep up to ``timeout`` seconds; True if ``stop`` was set meanwhile."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _wait_any(stop: asyncio.Event, event: asyncio.Event, timeout: float | None) -> bool:
+    """Until ``event`` or ``stop`` is set, or ``timeout``; True if ``stop`` is set."""
+    if stop.is_set():
+        return True
+    if event.is_set():
+        return False
+    waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(event.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+    return stop.is_set()
+
+
+async def _close(conn: AsyncConn) -> None:
+    try:
+        await conn.close()
+    except Exception:  # closing a broken connection: nothing more to do
+        logger.debug("error closing a database connection", exc_info=True)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run_dispatcher(
+    dsn: str,
+    *,
+    udp_listen: str | None = None,
+    gateways: Mapping[str, Gateway] | None = None,
+    owner: str | None = None,
+    batch: int = 100,
+    lease: timedelta = timedelta(seconds=30),
+    poll_interval: float = 1.0,
+    housekeeping_interval: float = 5.0,
+    archive_batch: int = 1000,
+) -> int:
+    """``pushsync dispatch``: run until SIGTERM or SIGINT, then drain; exit status 0.
+
+    A :class:`UdpGateway` is bound to ``udp_listen`` (``HOST:PORT``; default
+    :data:`DEFAULT_UDP_LISTEN`) and receives the devices' acks there.
+    ``gateways`` adds others by name (e.g. ``{"smtp": SmtpGateway(...)}``).
+    ValueError if ``udp_listen`` is not ``HOST:PORT``; OSError if it cannot be bound.
+    """
+    address = split_listen(udp_listen or DEFAULT_UDP_LISTEN)
+
+    async def main() -> int:
+        dispatcher = Dispatcher(
+            dsn,
+            gateways or {},
+            owner=owner,
+            batch=batch,
+            lease=lease,
+            poll_interval=poll_interval,
+            housekeeping_interval=housekeeping_interval,
+            archive_batch=archive_batch,
+        )
+        udp = await UdpGateway.bind(
+            address, secret_for=dispatcher.secret_for, on_ack=dispatcher.on_ack
+        )
+        dispatcher.add_gateway(udp)
+        host, port = udp.local_address
+        logger.info("UDP gateway on %s:%d (acks arrive here)", host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        for signum in signals:
+            loop.add_signal_handler(signum, _stopper(stop, signum))
+        try:
+            await dispatcher.run(stop)
+        finally:
+            for signum in signals:
+                loop.remove_signal_handler(signum)
+            udp.close()
+        return 0
+
+    return asyncio.run(main())
+
+
+def split_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (port 0 allowed: the system picks one) as (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if sep and host and port == "0":
+        return host, 0
+    return split_address(text)
+
+
+def _stopper(stop: asyncio.Event, signum: signal.Signals) -> Any:
+    def handler() -> None:
+        logger.info("%s: stopping", signum.name)
+        stop.set()
+
+    return handler
+
+
+__all__ = [
+    "DEFAULT_UDP_LISTEN",
+    "AsyncOutbox",
+    "Dispatcher",
+    "run_dispatcher",
+]

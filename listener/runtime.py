@@ -1,0 +1,456 @@
+"""The listener runtime: ``pushsync listen CONFIG.yaml``.
+
+A :class:`Listener` owns the config, the device secret, the dedupe store, the
+action runner and the counters; its channels (:mod:`pushsync.listener.channels`)
+hand it verified messages. For each message :meth:`Listener.handle`:
+
+1. drops a message for another device ("not for this device"); it was signed
+   with this device's secret, so it is logged and counted, not acked;
+2. records the request id in the dedupe store *before* anything runs. A
+   request id seen before is a duplicate: counted, never run again, but acked
+   again when the handlers would confirm it — the earlier copy may have run
+   while its ack got lost;
+3. matches the handlers (first match wins unless ``continue: true``) and
+   performs each chosen handler in order, one after the other;
+4. logs one line: request id, subject, channel, handler(s) and each action's
+   outcome. The content and the action's output are logged only with
+   ``log_messages=True`` (``--message-log``); the secret never is;
+5. acks — a signed ack envelope, through the channel's ``reply`` — when at
+   least one performed handler asks for confirmation (``confirm: true``, the
+   default). Like MobiLink, **a message that no handler matched is not
+   confirmed**: the device did not accept it, and the dispatcher keeps it
+   until it expires (a redelivery is then a duplicate and is not acked either).
+   A channel without a way back (Maildir) passes ``reply=None``.
+
+Envelopes that fail verification (``ProtocolError``: forged, expired,
+oversized, malformed, unsupported version) are counted by reason and logged
+with channel and peer; nothing a peer sends raises out of the listener.
+
+:meth:`Listener.run` opens the configured channels, forgets expired request
+ids periodically, and stops when its event is set (SIGTERM, SIGINT, or a
+``shutdown`` action). In-flight messages get :data:`DRAIN_TIMEOUT` seconds to
+finish; then they are cancelled (and not acked, so the server resends them —
+but the dedupe store already holds their id, so they will not run again).
+:meth:`Listener.reload` (SIGHUP) re-reads the config: a config with errors is
+logged, every error located, and the old one kept; a valid one replaces the
+handlers. Changes to ``device``, ``secret_file``, ``state_dir`` or
+``channels`` take effect only after a restart, and the log says so.
+
+The SYNC, IMAP and poll channels are not implemented yet: if configured, one
+warning says so and the listener runs with the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Final, Literal, Protocol
+
+from pushsync.errors import PushsyncError, RulesError
+from pushsync.listener import protocol
+from pushsync.listener.actions import Actions, Performed, perform
+from pushsync.listener.channels import DEFAULT_MAILDIR_POLL, MaildirChannel, UdpChannel
+from pushsync.listener.config import ListenerConfig, load_config, read_secret_file
+from pushsync.listener.dedupe import DedupeError, DedupeStore
+from pushsync.listener.handlers import match
+
+logger = logging.getLogger(__name__)
+
+EXPIRE_EVERY: Final = 60.0
+"""Seconds between two sweeps of expired request ids from the dedupe store."""
+
+DRAIN_TIMEOUT: Final = 10.0
+"""Seconds a stopping listener waits for messages being handled."""
+
+NOT_FOR_THIS_DEVICE: Final = "not for this device"
+DEDUPE_FAILED: Final = "dedupe store failed"
+
+Status = Literal["handled", "unmatched", "duplicate", "rejected"]
+Reply = Callable[[bytes], None]
+
+
+class Channel(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class Counters:
+    """What the listener has seen since it started."""
+
+    received: int = 0
+    """Envelopes that arrived on any channel, valid or not."""
+    handled: int = 0
+    """Messages taken for the first time (with or without a matching handler)."""
+    unmatched: int = 0
+    """Of those, messages no handler matched."""
+    duplicates: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    """By reason: the ``ProtocolError`` class name, ``not for this device``, …"""
+    actions_failed: int = 0
+    """Handlers whose action failed and whose ``altaction`` (if any) failed too."""
+    acks_sent: int = 0
+
+
+class Listener:
+    """One device's listener; see the module docstring."""
+
+    def __init__(
+        self,
+        config: ListenerConfig,
+        *,
+        secret: bytes | None = None,
+        log_messages: bool = False,
+        maildir_poll: float = DEFAULT_MAILDIR_POLL,
+        expire_every: float = EXPIRE_EVERY,
+        drain_timeout: float = DRAIN_TIMEOUT,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``secret`` defaults to the config's key file; raises ``PushsyncError`` if unusable."""
+        self.config = config
+        self.secret = read_secret_file(config) if secret is None else secret
+        self.log_messages = log_messages
+        self.maildir_poll = maildir_poll
+        self.expire_every = expire_every
+        self.drain_timeout = drain_timeout
+        self.clock = clock
+        self.counters = Counters()
+        self.shutdown_requested = asyncio.Event()
+        self.actions = Actions(device=config.device, stop=self.shutdown_requested)
+        self.dedupe = DedupeStore.in_state_dir(config.state_dir)
+        self.channels: list[Channel] = []
+        self.started = asyncio.Event()
+        self._tasks: set[asyncio.Task[Status]] = set()
+
+    # ------------------------------------------------------------------ messages
+
+    def verify(
+        self, decode: Callable[[], protocol.Message], *, channel: str, peer: str
+    ) -> protocol.Message | None:
+        """Count an arrived envelope and run ``decode``; ``None`` (counted, logged) if invalid."""
+        self.counters.received += 1
+        try:
+            return decode()
+        except protocol.ProtocolError as exc:
+            self._reject(type(exc).__name__, str(exc), channel=channel, peer=peer)
+        except Exception as exc:  # a bug in decoding must not stop the listener
+            logger.exception("%s: cannot decode an envelope from %s", channel, peer)
+            self._reject("internal error", type(exc).__name__, channel=channel, peer=peer)
+        return None
+
+    def spawn(
+        self, msg: protocol.Message, *, reply: Reply | None, channel: str, peer: str
+    ) -> asyncio.Task[Status]:
+        """Handle ``msg`` in a task of its own (for channels that cannot wait)."""
+        task = asyncio.create_task(self.handle(msg, reply, channel=channel, peer=peer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def handle(
+        self,
+        msg: protocol.Message,
+        reply: Reply | None,
+        *,
+        channel: str = "direct",
+        peer: str = "-",
+    ) -> Status:
+        """Take one verified message: dedupe, run the matching handlers, ack. Never raises."""
+        try:
+            return await self._handle(msg, reply, channel=channel, peer=peer)
+        except Exception as exc:  # a bug here must not stop the listener
+            logger.exception("message %s via %s from %s failed", msg.request_id, channel, peer)
+            self._reject("internal error", type(exc).__name__, channel=channel, peer=peer)
+            return "rejected"
+
+    async def _handle(
+        self, msg: protocol.Message, reply: Reply | None, *, channel: str, peer: str
+    ) -> Status:
+        where = f"{channel} from {peer}"
+        if msg.device != self.config.device:
+            self._reject(
+                NOT_FOR_THIS_DEVICE,
+                f"request {msg.request_id} names device {msg.device!r}",
+                channel=channel,
+                peer=peer,
+            )
+            return "rejected"
+        try:
+            first = await asyncio.to_thread(self.dedupe.remember, msg.request_id, msg.expires)
+        except DedupeError as exc:
+            # Neither run nor ack: the server resends, and the store may work by then.
+            self._reject(DEDUPE_FAILED, str(exc), channel=channel, peer=peer)
+            return "rejected"
+        handlers = match(self.config.handlers, msg)
+        if not first:
+            self.counters.duplicates += 1
+            acked = any(h.confirm for h in handlers) and self._ack(msg, reply)
+            logger.info(
+                "message %s subject %r via %s: duplicate, not run again%s",
+                msg.request_id,
+                msg.subject,
+                where,
+                "; acked again" if acked else "",
+            )
+            return "duplicate"
+        self.counters.handled += 1
+        if not handlers:
+            self.counters.unmatched += 1
+            logger.info(
+                "message %s subject %r via %s: no handler matched; not confirmed%s",
+                msg.request_id,
+                msg.subject,
+                where,
+                self._content(msg),
+            )
+            return "unmatched"
+        done: list[Performed] = []
+        for handler in handlers:
+            performed = await perform(handler, msg, self.actions)
+            if not performed.ok:
+                self.counters.actions_failed += 1
+            done.append(performed)
+        acked = any(p.confirm for p in done) and self._ack(msg, reply)
+        logger.info(
+            "message %s subject %r via %s: %s; %s%s",
+            msg.request_id,
+            msg.subject,
+            where,
+            "; ".join(self._outcome(p) for p in done),
+            "acked" if acked else ("not confirmed" if reply is not None else "no ack channel"),
+            self._content(msg),
+        )
+        return "handled"
+
+    def _ack(self, msg: protocol.Message, reply: Reply | None) -> bool:
+        if reply is None:
+            return False
+        ack = protocol.Ack(request_id=msg.request_id, device=self.config.device, confirmed=0.0)
+        try:
+            confirmed = round(self.clock() * 1000) / 1000
+            reply(protocol.encode_ack(replace(ack, confirmed=confirmed), self.secret))
+        except Exception as exc:
+            logger.warning("cannot ack %s: %s: %s", msg.request_id, type(exc).__name__, exc)
+            return False
+        self.counters.acks_sent += 1
+        return True
+
+    def _outcome(self, performed: Performed) -> str:
+        outcome = performed.outcome
+        text = f"handler {performed.handler}: {_result(outcome.ok)} ({outcome.detail})"
+        if self.log_messages and outcome.output:
+            text += f" output {outcome.output!r}"
+        if performed.alternative is not None:
+            alt = performed.alternative
+            text += f", altaction {_result(alt.ok)} ({alt.detail})"
+            if self.log_messages and alt.output:
+                text += f" output {alt.output!r}"
+        return text
+
+    def _content(self, msg: protocol.Message) -> str:
+        if not self.log_messages:
+            return ""
+        return f"; sender {msg.sender!r} priority {msg.priority} content {msg.content!r}"
+
+    def _reject(self, reason: str, detail: str, *, channel: str, peer: str) -> None:
+        self.counters.rejected[reason] += 1
+        logger.warning("dropped message via %s from %s: %s: %s", channel, peer, reason, detail)
+
+    # ------------------------------------------------------------------ config
+
+    def reload(self, path: str | Path | None = None) -> bool:
+        """Re-read the config (SIGHUP); ``True`` if its handlers are now in use."""
+        source = self.config.path if path is None else Path(path)
+        try:
+            new = load_config(source)
+        except RulesError as exc:
+            for problem in exc:
+                logger.error("reload: %s", problem)
+            logger.error("reload: %s has errors; keeping the running config", source)
+            return False
+        except PushsyncError as exc:
+            logger.error("reload: %s; keeping the running config", exc)
+            return False
+        old = self.config
+        restart = [
+            key
+            for key in ("device", "secret_file", "state_dir", "channels")
+            if getattr(new, key) != getattr(old, key)
+        ]
+        self.config = replace(old, handlers=new.handlers)
+        names = ", ".join(h.name for h in new.handlers)
+        logger.info("reload: %s: now using handlers %s", source, names)
+        if restart:
+            logger.warning(
+                "reload: changes to %s take effect only after a restart", ", ".join(restart)
+            )
+        return True
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Open the channels and take messages until ``stop`` is set; then close everything.
+
+        Raises ``PushsyncError`` or ``OSError`` if no channel can be opened.
+        """
+        relay = asyncio.create_task(self._relay_shutdown(stop))
+        try:
+            await self._start_channels()
+            self.started.set()
+            logger.info(
+                "listening as %s on %s",
+                self.config.device,
+                ", ".join(self._describe(c) for c in self.channels),
+            )
+            while not stop.is_set():
+                await self._forget_expired()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.expire_every)
+            logger.info("stopping")
+        finally:
+            relay.cancel()
+            await self._shutdown()
+
+    async def _relay_shutdown(self, stop: asyncio.Event) -> None:
+        await self.shutdown_requested.wait()
+        stop.set()
+
+    async def _start_channels(self) -> None:
+        configured = self.config.channels
+        for name in ("sync", "imap", "poll"):
+            if getattr(configured, name) is not None:
+                logger.warning("%s channel not available yet; running without it", name)
+        if configured.udp is not None:
+            udp = UdpChannel(self, configured.udp.bind)
+            await udp.start()
+            self.channels.append(udp)
+        if configured.maildir is not None:
+            maildir = MaildirChannel(self, configured.maildir.path, poll=self.maildir_poll)
+            await maildir.start()
+            self.channels.append(maildir)
+        if not self.channels:
+            raise PushsyncError(
+                "none of the configured channels is available yet (only udp and maildir are)"
+            )
+
+    def _describe(self, channel: Channel) -> str:
+        if isinstance(channel, UdpChannel):
+            host, port = channel.address
+            return f"udp {host}:{port}"
+        if isinstance(channel, MaildirChannel):
+            return f"maildir {channel.path}"
+        return channel.name
+
+    @property
+    def udp_address(self) -> tuple[str, int]:
+        """The bound address of the UDP channel (after :attr:`started`)."""
+        for channel in self.channels:
+            if isinstance(channel, UdpChannel):
+                return channel.address
+        raise RuntimeError("no UDP channel is running")
+
+    async def _forget_expired(self) -> None:
+        try:
+            dropped = await asyncio.to_thread(self.dedupe.forget_expired, self.clock())
+        except DedupeError as exc:
+            logger.error("cannot forget expired request ids: %s", exc)
+            return
+        if dropped:
+            logger.debug("forgot %d expired request ids", dropped)
+
+    async def _shutdown(self) -> None:
+        channels, self.channels = self.channels, []
+        for channel in channels:
+            try:
+                async with asyncio.timeout(self.drain_timeout):
+                    await channel.close()
+            except TimeoutError:
+                logger.warning("%s channel did not stop in %gs", channel.name, self.drain_timeout)
+            except Exception:
+                logger.exception("cannot close the %s channel", channel.name)
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self.drain_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                logger.warning("cancelled %d messages still being handled", len(pending))
+                await asyncio.gather(*pending, return_exceptions=True)
+        await self.actions.aclose()
+        self.dedupe.close()
+
+
+def _result(ok: bool) -> str:
+    return "ok" if ok else "failed"
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run_listener(config_path: str, *, log_messages: bool = False) -> int:
+    """``pushsync listen CONFIG``: run until SIGTERM or SIGINT; the exit status.
+
+    0 after an orderly stop; 2 when the config or the key file cannot be used
+    (every problem printed to stderr, located); 1 when the listener cannot
+    start (no channel could be opened, the state directory is unusable).
+    """
+    try:
+        config = load_config(config_path)
+    except RulesError as exc:
+        for problem in exc:
+            print(problem, file=sys.stderr)
+        return 2
+    except PushsyncError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
+        )
+    try:
+        return asyncio.run(_main(config, log_messages=log_messages))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _main(config: ListenerConfig, *, log_messages: bool) -> int:
+    try:
+        listener = Listener(config, log_messages=log_messages)
+    except DedupeError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except PushsyncError as exc:  # the key file
+        print(exc, file=sys.stderr)
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for signum, callback in (
+        (signal.SIGTERM, stop.set),
+        (signal.SIGINT, stop.set),
+        (getattr(signal, "SIGHUP", None), listener.reload),
+    ):
+        if signum is None:
+            continue
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, callback)
+            installed.append(signum)
+    try:
+        await listener.run(stop)
+    except (PushsyncError, OSError) as exc:
+        print(f"cannot start the listener: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+    return 0

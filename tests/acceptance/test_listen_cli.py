@@ -1,0 +1,105 @@
+"""``pushsync listen`` as a device runs it: a signed datagram in, an action run, an ack out."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from pushsync.listener import protocol
+from tests.acceptance.conftest import Run, _executable
+
+SECRET = bytes(range(32))
+
+RECORDER = """\
+import json, sys
+with open(sys.argv[1], "a", encoding="utf-8") as out:
+    out.write(json.dumps(sys.argv[2:]) + "\\n")
+"""
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def write_config(tmp_path: Path, port: int) -> Path:
+    (tmp_path / "truck-1.key").write_text(protocol.format_secret(SECRET))
+    (tmp_path / "record.py").write_text(RECORDER)
+    config = tmp_path / "listener.yaml"
+    config.write_text(
+        f"""\
+device: truck-1
+secret_file: truck-1.key
+state_dir: state
+channels:
+  udp: {{bind: "127.0.0.1:{port}"}}
+handlers:
+  - name: disruption
+    subject: sync
+    action: {{run: [{json.dumps(sys.executable)}, record.py, ran.jsonl, "$request_id", "$content"]}}
+"""
+    )
+    return config
+
+
+def test_bad_config_is_refused_with_located_errors(pushsync: Run, tmp_path: Path) -> None:
+    (tmp_path / "listener.yaml").write_text("device: truck 1\nhandlers: []\n")
+    result = pushsync("listen", "listener.yaml")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "listener.yaml:1:9: " in result.stderr
+
+
+def test_listen_runs_the_action_once_and_acks(tmp_path: Path) -> None:
+    port = free_udp_port()
+    config = write_config(tmp_path, port)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSYNC_")}
+    listener = subprocess.Popen(
+        [*_executable(), "listen", str(config)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        now = time.time()
+        message = protocol.Message(
+            request_id=uuid.uuid4(),
+            device="truck-1",
+            subject="sync",
+            content="$(rm -rf /); `id`",
+            sender="pushsync",
+            priority="normal",
+            created=now,
+            expires=now + 60,
+        )
+        datagram = protocol.encode_message(message, SECRET)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as device_side:
+            device_side.settimeout(0.2)
+            ack = None
+            deadline = time.monotonic() + 20
+            while ack is None and time.monotonic() < deadline:
+                device_side.sendto(datagram, ("127.0.0.1", port))  # also before it is up
+                try:
+                    ack = protocol.decode_ack(device_side.recv(2048), SECRET)
+                except TimeoutError:
+                    continue
+        assert ack is not None, "no acknowledgement from the listener"
+        assert ack.request_id == message.request_id
+        ran = (tmp_path / "ran.jsonl").read_text().splitlines()
+        assert [json.loads(line) for line in ran] == [[str(message.request_id), message.content]]
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        _, stderr = listener.communicate(timeout=30)
+    assert listener.returncode == 0, stderr
+    assert "Traceback" not in stderr
