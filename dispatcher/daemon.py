@@ -1,8 +1,8 @@
 """The dispatcher daemon: relay the outbox to devices, record what became of each row.
 
 One :class:`Dispatcher` runs three loops over one autocommit
-``psycopg.AsyncConnection`` (the *work* connection) and a second one that only
-``LISTEN``s on channel ``pushsync``:
+``psycopg.AsyncConnection`` (the *work* connection), a second one that only
+``LISTEN``s on channel ``pushsync``, and a third for the polls:
 
 * the send loop claims due rows (``FOR UPDATE SKIP LOCKED``, with a lease),
   sends each through the gateways :func:`~pushsync.dispatcher.routing.gateway_order`
@@ -14,7 +14,16 @@ One :class:`Dispatcher` runs three loops over one autocommit
 * housekeeping every ``housekeeping_interval``: ``expire`` then ``archive``
   (repeated while batches are full);
 * confirmations: verified UDP acks are queued and recorded with ``confirm``;
-  an ack that cannot be recorded (database down) stays queued.
+  an ack that cannot be recorded (database down) stays queued;
+* polls (:mod:`~pushsync.dispatcher.polls`): the rules file's polls, each run
+  when due, under an advisory lock so two dispatchers never run one poll at
+  once. The list is re-read every ``polls_reload_interval`` seconds, so a new
+  migration is picked up. A poll that fails is logged with its name and tried
+  again after its ``every``; the others go on. Rows a poll writes wake the
+  send loop. Polls run on their own connection because each is a transaction
+  (lock, then call) that the other loops' statements must not join, and so a
+  slow poll does not hold up sending. Last runs are kept in memory: see the
+  limitation in :mod:`~pushsync.dispatcher.polls`.
 
 The statements are the named blocks of ``sql/dispatcher.sql``, the same ones
 the synchronous :class:`~pushsync.dispatcher.outbox.OutboxStore` runs, executed
@@ -39,6 +48,7 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
 from collections import deque
 from collections.abc import Mapping
@@ -52,6 +62,7 @@ from psycopg.rows import class_row
 
 from pushsync.dispatcher.gateways import Gateway, UdpGateway, split_address
 from pushsync.dispatcher.outbox import Claimed, query
+from pushsync.dispatcher.polls import Poll, due_polls, list_polls, next_due, run_poll
 from pushsync.dispatcher.routing import gateway_order, next_gateway
 from pushsync.listener import protocol
 
@@ -148,6 +159,7 @@ class Dispatcher:
         poll_interval: float = 1.0,
         housekeeping_interval: float = 5.0,
         archive_batch: int = 1000,
+        polls_reload_interval: float = 30.0,
     ) -> None:
         self.dsn = dsn
         self.gateways: dict[str, Gateway] = dict(gateways)
@@ -157,6 +169,9 @@ class Dispatcher:
         self.poll_interval = poll_interval
         self.housekeeping_interval = housekeeping_interval
         self.archive_batch = archive_batch
+        self.polls_reload_interval = polls_reload_interval
+        self._poll_runs: dict[str, float] = {}
+        """When each poll last ran here (or was found running elsewhere), ``time.monotonic()``."""
         self._wake = asyncio.Event()
         self._acks: deque[tuple[uuid.UUID, str]] = deque()
         self._ack_ready = asyncio.Event()
@@ -226,6 +241,12 @@ class Dispatcher:
         except BaseException:
             await listen.close()
             raise
+        try:
+            polling = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        except BaseException:
+            await work.close()
+            await listen.close()
+            raise
         store = AsyncOutbox(work, self.owner)
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -241,6 +262,7 @@ class Dispatcher:
                 asyncio.create_task(self._send_loop(store, stop), name="send"),
                 asyncio.create_task(self._housekeeping_loop(store, stop), name="housekeeping"),
                 asyncio.create_task(self._confirm_loop(store, stop), name="confirm"),
+                asyncio.create_task(self._poll_loop(polling, stop), name="polls"),
             ]
             stopping = asyncio.create_task(stop.wait(), name="stop")
             try:
@@ -270,6 +292,7 @@ class Dispatcher:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await _close(polling)
             await _close(work)
             await _close(listen)
 
@@ -399,6 +422,64 @@ class Dispatcher:
             if await _wait_any(stop, self._ack_ready, None):
                 return
 
+    async def _poll_loop(self, conn: AsyncConn, stop: asyncio.Event) -> None:
+        polls = await self._load_polls(conn, None)
+        reload_at = time.monotonic() + self.polls_reload_interval
+        while not stop.is_set():
+            now = time.monotonic()
+            if now >= reload_at:
+                polls = await self._load_polls(conn, polls)
+                reload_at = now + self.polls_reload_interval
+            for poll in due_polls(polls, self._poll_runs, now):
+                if stop.is_set():
+                    return
+                await self._run_poll(conn, poll)
+            now = time.monotonic()
+            wait = next_due(polls, self._poll_runs, now)
+            delay = reload_at - now if wait is None else min(wait, reload_at - now)
+            if await _wait(stop, max(delay, 0.01)):
+                return
+
+    async def _load_polls(self, conn: AsyncConn, known: list[Poll] | None) -> list[Poll]:
+        """The registered polls; ``known`` if they cannot be read (the connection is fine)."""
+        try:
+            polls = await list_polls(conn)
+        except Exception:
+            if conn.broken or conn.closed:
+                raise
+            logger.exception("could not read the list of polls")
+            return known or []
+        if known is None or polls != known:
+            listed = ", ".join(f"{p.name} (every {p.every})" for p in polls)
+            logger.info("polls: %s", listed or "none")
+        names = {p.name for p in polls}
+        for name in [n for n in self._poll_runs if n not in names]:
+            del self._poll_runs[name]
+        return polls
+
+    async def _run_poll(self, conn: AsyncConn, poll: Poll) -> None:
+        """Run one poll; its failure is logged, not raised, unless the connection broke."""
+        self._poll_runs[poll.name] = time.monotonic()
+        try:
+            written = await run_poll(conn, poll)
+        except Exception as exc:
+            if conn.broken or conn.closed:
+                raise
+            text = str(exc).strip()
+            logger.error(
+                "poll %s failed: %s",
+                poll.name,
+                text.splitlines()[0] if text else type(exc).__name__,
+            )
+            return
+        if written is None:
+            logger.debug("poll %s is running in another dispatcher; skipped", poll.name)
+        elif written:
+            logger.info("poll %s queued %d rows", poll.name, written)
+            self._wake.set()
+        else:
+            logger.debug("poll %s queued nothing", poll.name)
+
 
 # --------------------------------------------------------------------------- helpers
 
@@ -449,6 +530,7 @@ def run_dispatcher(
     poll_interval: float = 1.0,
     housekeeping_interval: float = 5.0,
     archive_batch: int = 1000,
+    polls_reload_interval: float = 30.0,
 ) -> int:
     """``pushsync dispatch``: run until SIGTERM or SIGINT, then drain; exit status 0.
 
@@ -469,6 +551,7 @@ def run_dispatcher(
             poll_interval=poll_interval,
             housekeeping_interval=housekeeping_interval,
             archive_batch=archive_batch,
+            polls_reload_interval=polls_reload_interval,
         )
         udp = await UdpGateway.bind(
             address, secret_for=dispatcher.secret_for, on_ack=dispatcher.on_ack

@@ -164,3 +164,21 @@ INSERT INTO pushsync.outbox_history (
 SELECT request_id, rule, device_id, subject, content, priority, gateway, coalesced,
        created_at, expires_at, attempts, state, sent_at, gateway_used, confirmed_at, last_error
 FROM moved
+
+-- list_polls --
+-- The polls of the applied rules file (`pushsync migrate` registers them).
+SELECT name, every, function_name
+FROM pushsync.rules
+WHERE kind = 'poll'
+ORDER BY name
+
+-- lock_poll --
+-- Taken at the start of a poll's transaction, released at its end. False:
+-- another dispatcher is running this poll now.
+SELECT pg_try_advisory_xact_lock(hashtextextended('pushsync.poll:' || %(name)s, 0))
+
+-- run_poll --
+-- Run under lock_poll, in the same transaction. The placeholder is the poll's
+-- function_name, filled in as a quoted identifier (psycopg.sql.Identifier),
+-- never as text; the function returns how many outbox rows the poll wrote.
+SELECT pushsync.{function}()
