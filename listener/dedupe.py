@@ -21,9 +21,11 @@ file that is not a database, is raised as :class:`DedupeError`.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Final
@@ -124,17 +126,33 @@ class DedupeStore:
         Whatever the threads or processes racing on one file, exactly one
         caller gets ``True`` for an id.
         """
+        return self.remember_many([(request_id, expires)])[0]
+
+    def remember_many(self, entries: Sequence[tuple[RequestId, float]]) -> list[bool]:
+        """:meth:`remember` for several ids in one transaction: one sync to disk for all.
+
+        An id given twice is new only the first time.
+        """
         with self._lock:
             connection = self._open()
+            firsts: list[bool] = []
             try:
-                connection.execute(
-                    "INSERT OR IGNORE INTO seen (request_id, expires) VALUES (?, ?)",
-                    (_key(request_id), float(expires)),
-                )
-                (changes,) = connection.execute("SELECT changes()").fetchone()
+                connection.execute("BEGIN IMMEDIATE")
+                try:
+                    for request_id, expires in entries:
+                        connection.execute(
+                            "INSERT OR IGNORE INTO seen (request_id, expires) VALUES (?, ?)",
+                            (_key(request_id), float(expires)),
+                        )
+                        (changes,) = connection.execute("SELECT changes()").fetchone()
+                        firsts.append(changes == 1)
+                    connection.execute("COMMIT")
+                except BaseException:
+                    connection.execute("ROLLBACK")
+                    raise
             except sqlite3.Error as exc:
                 raise DedupeError(f"dedupe store {self.path}: {exc}") from None
-        return bool(changes == 1)
+        return firsts
 
     def forget_expired(self, now: float, grace: float = DEFAULT_GRACE) -> int:
         """Drop the ids whose expiry plus ``grace`` seconds is before ``now``; how many."""
@@ -192,3 +210,39 @@ class DedupeStore:
                 return connection.execute(sql, parameters).fetchall()
             except sqlite3.Error as exc:
                 raise DedupeError(f"dedupe store {self.path}: {exc}") from None
+
+
+class GroupCommit:
+    """Remembers ids for an asyncio program, batching the ids that arrive while a
+    commit is on its way to disk into the next one: one sync for many messages.
+
+    Each caller still learns, before its action runs, whether its id is new and
+    stored durably.
+    """
+
+    def __init__(self, store: DedupeStore) -> None:
+        self.store = store
+        self._waiting: list[tuple[RequestId, float, asyncio.Future[bool]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def remember(self, request_id: RequestId, expires: float) -> bool:
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((request_id, expires, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+        return await done
+
+    async def _write(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            entries = [(request_id, expires) for request_id, expires, _ in batch]
+            try:
+                firsts = await asyncio.to_thread(self.store.remember_many, entries)
+            except Exception as exc:
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for (_, _, done), first in zip(batch, firsts, strict=True):
+                if not done.done():
+                    done.set_result(first)

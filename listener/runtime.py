@@ -59,7 +59,7 @@ from pushsync.listener import protocol
 from pushsync.listener.actions import Actions, Performed, perform
 from pushsync.listener.channels import DEFAULT_MAILDIR_POLL, MaildirChannel, UdpChannel
 from pushsync.listener.config import ListenerConfig, load_config, read_secret_file
-from pushsync.listener.dedupe import DedupeError, DedupeStore
+from pushsync.listener.dedupe import DedupeError, DedupeStore, GroupCommit
 from pushsync.listener.handlers import match
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ class Listener:
         self.shutdown_requested = asyncio.Event()
         self.actions = Actions(device=config.device, stop=self.shutdown_requested)
         self.dedupe = DedupeStore.in_state_dir(config.state_dir)
+        self._remembered = GroupCommit(self.dedupe)
         self.channels: list[Channel] = []
         self.started = asyncio.Event()
         self._tasks: set[asyncio.Task[Status]] = set()
@@ -187,7 +188,7 @@ class Listener:
             )
             return "rejected"
         try:
-            first = await asyncio.to_thread(self.dedupe.remember, msg.request_id, msg.expires)
+            first = await self._remembered.remember(msg.request_id, msg.expires)
         except DedupeError as exc:
             # Neither run nor ack: the server resends, and the store may work by then.
             self._reject(DEDUPE_FAILED, str(exc), channel=channel, peer=peer)

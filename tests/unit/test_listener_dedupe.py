@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from pushsync.errors import PushsyncError
-from pushsync.listener.dedupe import FILE_NAME, DedupeError, DedupeStore
+from pushsync.listener.dedupe import FILE_NAME, DedupeError, DedupeStore, GroupCommit
 
 NOW = 1_700_000_000.0
 ID = uuid.UUID("12345678-1234-5678-1234-567812345678")
@@ -122,3 +124,33 @@ def test_a_state_dir_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "state").write_text("")
     with pytest.raises(DedupeError, match="cannot create the state directory"):
         DedupeStore.in_state_dir(tmp_path / "state")
+
+
+def test_remember_many_is_one_transaction_with_per_id_answers(tmp_path: Path) -> None:
+    with DedupeStore.in_state_dir(tmp_path / "state") as store:
+        a, b = uuid.uuid4(), uuid.uuid4()
+        assert store.remember(a, 1e12)
+        assert store.remember_many([(a, 1e12), (b, 1e12), (b, 1e12)]) == [False, True, False]
+        assert store.seen(b)
+
+
+def test_group_commit_batches_concurrent_callers(tmp_path: Path) -> None:
+    async def scenario() -> tuple[list[bool], list[int]]:
+        with DedupeStore.in_state_dir(tmp_path / "state") as store:
+            sizes: list[int] = []
+            original = store.remember_many
+
+            def counting(entries: Sequence[tuple[uuid.UUID | str, float]]) -> list[bool]:
+                sizes.append(len(entries))
+                return original(entries)
+
+            store.remember_many = counting  # type: ignore[method-assign]
+            group = GroupCommit(store)
+            ids = [uuid.uuid4() for _ in range(50)]
+            firsts = await asyncio.gather(*(group.remember(i, 1e12) for i in ids + ids[:5]))
+            return list(firsts), sizes
+
+    firsts, sizes = asyncio.run(scenario())
+    assert firsts == [True] * 50 + [False] * 5
+    assert sum(sizes) == 55
+    assert len(sizes) < 55  # callers that arrived during a commit shared the next one
