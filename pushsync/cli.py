@@ -158,6 +158,15 @@ def cmd_device_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from pushsync import db, status
+
+    with db.connect(args.dsn) as conn:
+        figures = status.collect(conn)
+    print(json.dumps(figures, indent=2) if args.json else status.render(figures))
+    return EXIT_OK
+
+
 def cmd_dispatch(args: argparse.Namespace) -> int:
     from pushsync import db
     from pushsync.dispatcher.daemon import run_dispatcher
@@ -249,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     _dsn(listing)
     option(listing, "--json", action="store_true", help="machine-readable output")
     listing.set_defaults(handler=cmd_device_list)
+
+    status_ = commands.add_parser("status", help="outbox by state, per-gateway counts, lag")
+    _dsn(status_)
+    option(status_, "--json", action="store_true", help="machine-readable output")
+    status_.set_defaults(handler=cmd_status)
 
     dispatch = commands.add_parser("dispatch", help="run the dispatcher (outbox relay)")
     _dsn(dispatch)

@@ -54,3 +54,28 @@ WHERE c.oid = to_regclass(%(table)s)
 SELECT count(*) > 0
 FROM pg_index AS i
 WHERE i.indrelid = to_regclass(%(table)s) AND i.indisprimary
+
+-- status_states --
+SELECT state, count(*) FROM pushsync.outbox GROUP BY state ORDER BY state
+
+-- status_oldest_unsent --
+SELECT extract(epoch FROM now() - min(created_at))::float8
+FROM pushsync.outbox
+WHERE state IN ('pending', 'sending')
+
+-- status_gateways --
+SELECT gateway_used, state, count(*)
+FROM (
+    SELECT gateway_used, state FROM pushsync.outbox
+    WHERE gateway_used IS NOT NULL AND state IN ('sent', 'confirmed', 'failed')
+    UNION ALL
+    SELECT gateway_used, state FROM pushsync.outbox_history
+    WHERE gateway_used IS NOT NULL AND finished_at > now() - interval '24 hours'
+) AS finished
+GROUP BY gateway_used, state
+ORDER BY gateway_used, state
+
+-- status_history --
+SELECT state, count(*) FROM pushsync.outbox_history
+WHERE finished_at > now() - interval '24 hours'
+GROUP BY state ORDER BY state

@@ -186,3 +186,35 @@ def test_device_add_rejects_bad_input(pushsync: Run, dsn: str) -> None:
         assert result.stderr.startswith(message), result.stderr
     listing = pushsync("device", "list", "--dsn", dsn, "--json")
     assert json.loads(listing.stdout) == []
+
+
+def test_status_counts_the_outbox(pushsync: Run, db: psycopg.Connection, dsn: str) -> None:
+    trucking.setup(db)
+    trucking.report(db, location=100, by=3)  # three trucks notified
+    db.execute(
+        "UPDATE pushsync.outbox SET state = 'sent', gateway_used = 'udp' "
+        "WHERE device_id = 'truck-1'"
+    )
+    db.execute(
+        "UPDATE pushsync.outbox SET state = 'failed', gateway_used = 'smtp' "
+        "WHERE device_id = 'truck-2'"
+    )
+    result = pushsync("status", "--dsn", dsn, "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["outbox"] == {
+        "pending": 1,
+        "sending": 0,
+        "sent": 1,
+        "confirmed": 0,
+        "expired": 0,
+        "failed": 1,
+    }
+    assert figures["gateways"] == {
+        "smtp": {"sent": 0, "confirmed": 0, "failed": 1},
+        "udp": {"sent": 1, "confirmed": 0, "failed": 0},
+    }
+    assert figures["oldest_unsent_seconds"] >= 0
+    text = pushsync("status", "--dsn", dsn)
+    assert text.returncode == 0
+    assert "  pending    1" in text.stdout.splitlines()
