@@ -577,12 +577,7 @@ def run_dispatcher(
 
 def split_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (port 0 allowed: the system picks one) as (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if sep and host and port == "0":
-        return host, 0
-    return split_address(text)
+    return split_address(text, lowest_port=0)
 
 
 def _stopper(stop: asyncio.Event, signum: signal.Signals) -> Any:

@@ -30,6 +30,7 @@ from typing import Any, Protocol, cast
 from pushsync.dispatcher.outbox import Claimed
 from pushsync.errors import UsageError
 from pushsync.listener import protocol
+from pushsync.listener.config import parse_address
 from pushsync.listener.limits import MAX_DATAGRAM
 
 logger = logging.getLogger(__name__)
@@ -275,14 +276,12 @@ class _AckProtocol(asyncio.DatagramProtocol):
         logger.debug("UDP socket error: %s", exc)
 
 
-def split_address(address: str) -> tuple[str, int]:
+def split_address(address: str, *, lowest_port: int = 1) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` as (host, port); ValueError if malformed."""
-    host, sep, port_text = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    found = parse_address(address, lowest_port=lowest_port)
+    if found is None:
         raise ValueError(f"bad UDP address {address!r}: expected HOST:PORT or [V6]:PORT")
-    return host, int(port_text)
+    return found.host, found.port
 
 
 def format_peer(addr: Any) -> str:

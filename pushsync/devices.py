@@ -16,9 +16,9 @@ import psycopg
 from pushsync import queries
 from pushsync.errors import UsageError
 from pushsync.listener import protocol
+from pushsync.listener.config import parse_address
 
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
-_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*\Z")
 _EMAIL = re.compile(r"[^@\s]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+\Z")
 
 
@@ -33,22 +33,13 @@ def check_device_id(device_id: str) -> str:
 
 def parse_udp_address(text: str) -> str:
     """``HOST:PORT`` (``[v6]:PORT`` for IPv6), normalised; UsageError if malformed."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise UsageError(f"bad UDP address {text!r}: expected HOST:PORT, e.g. 192.0.2.7:5001")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError as exc:
-            raise UsageError(f"bad UDP address {text!r}: {host} is not an IPv6 address") from exc
-        return f"[{host}]:{int(port_text)}"
-    if not _HOSTNAME.match(host):
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError as exc:
-            raise UsageError(f"bad UDP address {text!r}: {host!r} is not a host") from exc
-    return f"{host}:{int(port_text)}"
+    found = parse_address(text)
+    if found is None:
+        raise UsageError(
+            f"bad UDP address {text!r}: expected HOST:PORT (IPv6 as [::1]:5001), "
+            "e.g. 192.0.2.7:5001"
+        )
+    return str(found)
 
 
 def check_email(text: str) -> str:
