@@ -48,6 +48,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 import uuid
 from collections import deque
@@ -60,10 +61,15 @@ import psycopg
 from psycopg import conninfo
 from psycopg.rows import class_row
 
+from pushsync import queries
 from pushsync.dispatcher.gateways import Gateway, UdpGateway, split_address
+from pushsync.dispatcher.metrics import Metrics, MetricsServer, serve_metrics
+from pushsync.dispatcher.nodes import PoolStore
 from pushsync.dispatcher.outbox import Claimed, query
 from pushsync.dispatcher.polls import Poll, due_polls, list_polls, next_due, run_poll
 from pushsync.dispatcher.routing import gateway_order, next_gateway
+from pushsync.dispatcher.sync_server import DEFAULT_PORT as DEFAULT_SYNC_PORT
+from pushsync.dispatcher.sync_server import HEARTBEAT, SyncGateway, SyncServer, SyncSettings
 from pushsync.listener import protocol
 
 logger = logging.getLogger(__name__)
@@ -71,6 +77,8 @@ logger = logging.getLogger(__name__)
 CHANNEL = "pushsync"
 BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 5.0
+DEFAULT_SYNC_LISTEN = f"0.0.0.0:{DEFAULT_SYNC_PORT}"
+"""Where devices open their SYNC connections unless ``--sync-listen`` says otherwise."""
 DEFAULT_UDP_LISTEN = "0.0.0.0:0"
 """Where acks arrive unless ``--udp-listen`` says otherwise: every interface, a
 port the system picks (logged at start). Devices ack to the address a message
@@ -128,6 +136,8 @@ class Outcome:
     gateway: str | None
     error: str = ""
     final: bool = False
+    tried: tuple[str, ...] = ()
+    """The gateways that failed before (without ``gateway``)."""
 
 
 def default_owner() -> str:
@@ -176,7 +186,12 @@ class Dispatcher:
         self._acks: deque[tuple[uuid.UUID, str]] = deque()
         self._ack_ready = asyncio.Event()
         self._held: set[uuid.UUID] = set()
-        self._secrets: dict[str, bytes] = {}
+        self.store = PoolStore(dsn, self.owner, lease=lease)
+        self.sync: SyncServer | None = None
+        self.udp_address: str | None = None
+        self.alive_for = timedelta(seconds=max(15.0, 3 * housekeeping_interval))
+        self.metrics = Metrics()
+        self._database_error: str | None = "not connected yet"
 
     # ----------------------------------------------------------------- hooks for gateways
 
@@ -184,14 +199,28 @@ class Dispatcher:
         """Use ``gateway`` under its name (e.g. a UdpGateway bound to this dispatcher's hooks)."""
         self.gateways[gateway.name] = gateway
 
-    def secret_for(self, device: str) -> bytes | None:
-        """A device's secret, as learned from the rows this dispatcher claimed.
+    def health(self) -> tuple[bool, str]:
+        """For ``/healthz``: healthy while the database connection works."""
+        if self._database_error is None:
+            return True, "ok"
+        return False, f"database unavailable: {self._database_error}"
 
-        Acks confirm messages this process sent, so it knows their secrets; an
-        ack for a message sent before a restart is dropped, and the resend is
-        acked again.
-        """
-        return self._secrets.get(device)
+    async def serve_metrics(self, host: str, port: int) -> MetricsServer:
+        """Serve this dispatcher's ``/metrics`` and ``/healthz`` on ``host:port``."""
+        return await serve_metrics(self.metrics, host, port, self.health)
+
+    def add_sync(self, server: SyncServer) -> None:
+        """Hold device connections on ``server`` and send through them first."""
+        self.sync = server
+        self.add_gateway(SyncGateway(server))
+
+    def secret_for(self, device: str) -> bytes | None:
+        """A device's secret if known here without asking the database (acks)."""
+        return self.store.cached_secret(device)
+
+    async def fetch_secret(self, device: str) -> bytes | None:
+        """A device's secret from the database (an ack for a row sent before a restart)."""
+        return await self.store.secret(device)
 
     def on_ack(self, ack: protocol.Ack, peer: str) -> None:
         """A verified ack: queue its confirmation (recorded by the confirm loop)."""
@@ -209,6 +238,19 @@ class Dispatcher:
         """Dispatch until ``stop`` is set; reconnect with backoff when the database drops."""
         where = describe_dsn(self.dsn)
         logger.info("dispatcher %s starting (%s)", self.owner, where)
+        await self.store.open()
+        try:
+            await self._run(stop, where)
+        finally:
+            try:
+                async with asyncio.timeout(5.0):
+                    await self.store.gone()
+            except Exception as exc:
+                logger.warning("could not remove this dispatcher's record: %s", _first_line(exc))
+            await self.store.close()
+        logger.info("dispatcher %s stopped", self.owner)
+
+    async def _run(self, stop: asyncio.Event, where: str) -> None:
         delay = BACKOFF_FIRST
         attempt = 0
         while not stop.is_set():
@@ -217,8 +259,9 @@ class Dispatcher:
                 connected = await self._session(stop)
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 connected = False
-                text = str(exc).strip()
-                reason = text.splitlines()[0] if text else type(exc).__name__
+                reason = _first_line(exc)
+                self._database_error = reason
+                self.metrics.set_database_up(False)
                 logger.warning(
                     "database connection to %s failed (attempt %d): %s; retrying in %.1fs",
                     where,
@@ -231,7 +274,6 @@ class Dispatcher:
                 delay = min(delay * 2, BACKOFF_MAX)
             if connected:
                 delay, attempt = BACKOFF_FIRST, 0
-        logger.info("dispatcher %s stopped", self.owner)
 
     async def _session(self, stop: asyncio.Event) -> bool:
         """One connection's worth of dispatching; True when it ended because of ``stop``."""
@@ -255,6 +297,9 @@ class Dispatcher:
                 released = await store.release(sorted(self._held))
                 logger.info("released %d rows held before reconnecting", released)
                 self._held.clear()
+            await self._announce(work)
+            self._database_error = None
+            self.metrics.set_database_up(True)
             logger.info("connected to %s; listening on channel %r", describe_dsn(self.dsn), CHANNEL)
             self._wake.set()
             tasks = [
@@ -318,7 +363,7 @@ class Dispatcher:
         logger.info("claimed %d rows", len(items))
         self._held.update(item.request_id for item in items)
         for item in items:
-            self._secrets[item.device_id] = item.secret
+            self.store.remember_secret(item.device_id, item.secret)
         pending = {asyncio.create_task(self._deliver(item)): item for item in items}
         stopping = asyncio.create_task(stop.wait())
         sent: dict[str, int] = {}
@@ -342,10 +387,11 @@ class Dispatcher:
 
     async def _deliver(self, item: Claimed) -> Outcome:
         """Try the item's gateways in order until one sends it. No database access."""
+        connected = self.sync is not None and self.sync.is_connected(item.device_id)
         order = [
             name
             for name in gateway_order(
-                item.gateway, connected=False, udp=item.udp_address, email=item.email_address
+                item.gateway, connected=connected, udp=item.udp_address, email=item.email_address
             )
             if name in self.gateways
         ]
@@ -370,7 +416,8 @@ class Dispatcher:
                 result.error,
             )
         error = "; ".join(f"{name}: {text}" for name, (text, _) in failures.items())
-        return Outcome(None, error, final=all(final for _, final in failures.values()))
+        final = all(final for _, final in failures.values())
+        return Outcome(None, error, final=final, tried=tuple(failures))
 
     async def _record(
         self, store: AsyncOutbox, item: Claimed, outcome: Outcome, sent: dict[str, int]
@@ -378,8 +425,13 @@ class Dispatcher:
         if outcome.gateway is not None:
             ok = await store.sent(item.request_id, outcome.gateway)
             sent[outcome.gateway] = sent.get(outcome.gateway, 0) + 1
+            self.metrics.sent(outcome.gateway)
+            if item.attempts == 1:
+                self.metrics.latency(time.time() - item.created_at.timestamp())
         else:
             ok = await store.failed(item.request_id, outcome.error, final=outcome.final)
+            for gateway in outcome.tried:
+                self.metrics.failed(gateway, outcome.final)
             logger.warning(
                 "%s to %s %s: %s",
                 item.request_id,
@@ -391,8 +443,47 @@ class Dispatcher:
         if not ok:
             logger.warning("lost the lease on %s before recording it", item.request_id)
 
+    async def _announce(self, conn: AsyncConn) -> None:
+        """Heartbeat, and (after a reconnect) record the SYNC connections held here again."""
+        await self._heartbeat(conn)
+        if self.sync is None:
+            return
+        for device, held in list(self.sync.connections.items()):
+            await conn.execute(
+                query("sync_connected"),
+                {"device_id": device, "owner": self.owner, "peer": held.peer},
+            )
+
+    async def _heartbeat(self, conn: AsyncConn) -> None:
+        sync_address = None
+        if self.sync is not None:
+            host, port = self.sync.address
+            sync_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        await conn.execute(
+            query("heartbeat"),
+            {
+                "owner": self.owner,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "sync_address": sync_address,
+                "udp_address": self.udp_address,
+                "alive_for": self.alive_for,
+            },
+        )
+
+    async def _count(self, conn: AsyncConn) -> None:
+        """Refresh the gauges: outbox by state, oldest unsent, connected devices."""
+        cur = await conn.execute(queries.get("status_states"))
+        self.metrics.set_outbox_depth({state: n for state, n in await cur.fetchall()})
+        cur = await conn.execute(queries.get("status_oldest_unsent"))
+        row = await cur.fetchone()
+        self.metrics.set_oldest_unsent(row[0] if row else None)
+        self.metrics.set_connected(len(self.sync.connections) if self.sync is not None else 0)
+
     async def _housekeeping_loop(self, store: AsyncOutbox, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            await self._heartbeat(store.conn)
+            await self._count(store.conn)
             expired = await store.expire()
             if expired:
                 logger.info("expired %d rows", expired)
@@ -412,6 +503,7 @@ class Dispatcher:
             while self._acks:
                 request_id, device = self._acks[0]
                 if await store.confirm(request_id, device):
+                    self.metrics.confirmed()
                     logger.info("confirmed %s by %s", request_id, device)
                 else:
                     logger.warning("ack of %s by %s matches no sent row", request_id, device)
@@ -509,6 +601,11 @@ async def _wait_any(stop: asyncio.Event, event: asyncio.Event, timeout: float | 
     return stop.is_set()
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 async def _close(conn: AsyncConn) -> None:
     try:
         await conn.close()
@@ -523,6 +620,9 @@ def run_dispatcher(
     dsn: str,
     *,
     udp_listen: str | None = None,
+    sync_listen: str | None = None,
+    sync_tls: ssl.SSLContext | None = None,
+    heartbeat: float = HEARTBEAT,
     gateways: Mapping[str, Gateway] | None = None,
     owner: str | None = None,
     batch: int = 100,
@@ -531,15 +631,21 @@ def run_dispatcher(
     housekeeping_interval: float = 5.0,
     archive_batch: int = 1000,
     polls_reload_interval: float = 30.0,
+    metrics_listen: str | None = None,
 ) -> int:
     """``pushsync dispatch``: run until SIGTERM or SIGINT, then drain; exit status 0.
 
     A :class:`UdpGateway` is bound to ``udp_listen`` (``HOST:PORT``; default
-    :data:`DEFAULT_UDP_LISTEN`) and receives the devices' acks there.
-    ``gateways`` adds others by name (e.g. ``{"smtp": SmtpGateway(...)}``).
-    ValueError if ``udp_listen`` is not ``HOST:PORT``; OSError if it cannot be bound.
+    :data:`DEFAULT_UDP_LISTEN`) and receives the devices' acks there. The SYNC
+    server listens on ``sync_listen`` (default :data:`DEFAULT_SYNC_LISTEN`;
+    ``off`` for none), inside TLS when ``sync_tls`` is given. ``gateways`` adds
+    others by name (e.g. ``{"smtp": SmtpGateway(...)}``).
+    ValueError if an address is not ``HOST:PORT``; OSError if it cannot be bound.
     """
     address = split_listen(udp_listen or DEFAULT_UDP_LISTEN)
+    sync_text = sync_listen or DEFAULT_SYNC_LISTEN
+    sync_address = None if sync_text == "off" else split_listen(sync_text)
+    metrics_address = split_listen(metrics_listen) if metrics_listen else None
 
     async def main() -> int:
         dispatcher = Dispatcher(
@@ -554,25 +660,56 @@ def run_dispatcher(
             polls_reload_interval=polls_reload_interval,
         )
         udp = await UdpGateway.bind(
-            address, secret_for=dispatcher.secret_for, on_ack=dispatcher.on_ack
+            address,
+            secret_for=dispatcher.secret_for,
+            fetch_secret=dispatcher.fetch_secret,
+            on_ack=dispatcher.on_ack,
         )
         dispatcher.add_gateway(udp)
         host, port = udp.local_address
-        logger.info("UDP gateway on %s:%d (acks arrive here)", host, port)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        signals = (signal.SIGTERM, signal.SIGINT)
-        for signum in signals:
-            loop.add_signal_handler(signum, _stopper(stop, signum))
+        dispatcher.udp_address = _join(host, port)
+        logger.info("UDP gateway on %s (acks arrive here)", dispatcher.udp_address)
+        sync: SyncServer | None = None
+        closers: list[Any] = []
         try:
-            await dispatcher.run(stop)
-        finally:
+            if sync_address is not None:
+                sync = SyncServer(
+                    dispatcher.store,
+                    dispatcher.on_ack,
+                    settings=SyncSettings(heartbeat=heartbeat, tls=sync_tls),
+                    on_connect=lambda _device: dispatcher.wake(),
+                )
+                await sync.start(*sync_address)
+                dispatcher.add_sync(sync)
+                closers.append(sync.close)
+                logger.info(
+                    "SYNC gateway on %s%s", _join(*sync.address), " (TLS)" if sync_tls else ""
+                )
+            if metrics_address is not None:
+                served = await dispatcher.serve_metrics(*metrics_address)
+                closers.append(served.close)
+                logger.info("metrics on http://%s/metrics", _join(*served.address))
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            signals = (signal.SIGTERM, signal.SIGINT)
             for signum in signals:
-                loop.remove_signal_handler(signum)
+                loop.add_signal_handler(signum, _stopper(stop, signum))
+            try:
+                await dispatcher.run(stop)
+            finally:
+                for signum in signals:
+                    loop.remove_signal_handler(signum)
+        finally:
+            for close in reversed(closers):
+                await close()
             udp.close()
         return 0
 
     return asyncio.run(main())
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def split_listen(text: str) -> tuple[str, int]:
@@ -589,6 +726,7 @@ def _stopper(stop: asyncio.Event, signum: signal.Signals) -> Any:
 
 
 __all__ = [
+    "DEFAULT_SYNC_LISTEN",
     "DEFAULT_UDP_LISTEN",
     "AsyncOutbox",
     "Dispatcher",

@@ -22,10 +22,12 @@ import re
 import smtplib
 import socket
 import ssl
+import urllib.parse
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
-from typing import Any, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 from pushsync.dispatcher.outbox import Claimed
 from pushsync.errors import UsageError
@@ -36,6 +38,10 @@ from pushsync.listener.limits import MAX_DATAGRAM
 logger = logging.getLogger(__name__)
 
 DEFAULT_SENDER = "pushsync"
+MAX_LOOKUPS: Final = 64
+"""Secret lookups for acks from devices not in the cache that may run at once; acks
+beyond that are dropped (the device acks the resend), so a flood of forged
+acks cannot queue unbounded work for the database."""
 
 
 # --------------------------------------------------------------------------- interface
@@ -122,6 +128,12 @@ class SecretLookup(Protocol):
     def __call__(self, device: str, /) -> bytes | None: ...
 
 
+class SecretFetch(Protocol):
+    """The secret of ``device`` from the database, or None if there is no such device."""
+
+    def __call__(self, device: str, /) -> Awaitable[bytes | None]: ...
+
+
 class AckHandler(Protocol):
     """Called with every verified ack and the ``host:port`` it came from."""
 
@@ -139,6 +151,8 @@ class AckStats:
     accepted: int = 0
     dropped: int = 0
     handler_errors: int = 0
+    lookups: int = 0
+    """Acks whose device secret had to be fetched from the database."""
 
 
 class UdpGateway:
@@ -153,6 +167,7 @@ class UdpGateway:
         *,
         secret_for: SecretLookup,
         on_ack: AckHandler,
+        fetch_secret: SecretFetch | None = None,
         sender: str = DEFAULT_SENDER,
         limit: int = MAX_DATAGRAM,
         name: str = "udp",
@@ -162,8 +177,10 @@ class UdpGateway:
         self.limit = limit
         self.stats = AckStats()
         self._secret_for = secret_for
+        self._fetch_secret = fetch_secret
         self._on_ack = on_ack
         self._transport: asyncio.DatagramTransport | None = None
+        self._lookups: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def bind(
@@ -173,11 +190,23 @@ class UdpGateway:
         sock: socket.socket | None = None,
         secret_for: SecretLookup,
         on_ack: AckHandler,
+        fetch_secret: SecretFetch | None = None,
         sender: str = DEFAULT_SENDER,
         limit: int = MAX_DATAGRAM,
     ) -> UdpGateway:
-        """A gateway on a new socket bound to ``local_addr``, or on the given ``sock``."""
-        gateway = cls(secret_for=secret_for, on_ack=on_ack, sender=sender, limit=limit)
+        """A gateway on a new socket bound to ``local_addr``, or on the given ``sock``.
+
+        Acks are verified with ``secret_for`` (no I/O); when it does not know the
+        device, ``fetch_secret`` (if given) asks the database, at most
+        :data:`MAX_LOOKUPS` at a time.
+        """
+        gateway = cls(
+            secret_for=secret_for,
+            on_ack=on_ack,
+            fetch_secret=fetch_secret,
+            sender=sender,
+            limit=limit,
+        )
         loop = asyncio.get_running_loop()
         await loop.create_datagram_endpoint(
             lambda: _AckProtocol(gateway), local_addr=local_addr, sock=sock
@@ -229,19 +258,54 @@ class UdpGateway:
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+        for task in self._lookups:
+            task.cancel()
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         """Verify an ack and hand it on; drop anything else. Never raises."""
         peer = format_peer(addr)
         try:
-            ack = self._verify_ack(data)
+            device = protocol.peek_device(data, limit=self.limit)
+            secret = self._secret_for(device)
         except protocol.ProtocolError as exc:
-            self.stats.dropped += 1
-            logger.warning("dropped UDP datagram from %s: %s: %s", peer, type(exc).__name__, exc)
+            self._drop(peer, exc)
             return
         except Exception:
             self.stats.dropped += 1
             logger.exception("dropped UDP datagram from %s: secret lookup failed", peer)
+            return
+        if secret is not None:
+            self._accept(data, secret, peer)
+        elif self._fetch_secret is None:
+            self._drop(peer, UnknownDevice("ack from an unknown device"))
+        elif len(self._lookups) >= MAX_LOOKUPS:
+            self._drop(peer, UnknownDevice("too many acks from devices not looked up yet"))
+        else:
+            task = asyncio.get_running_loop().create_task(
+                self._fetch_then_accept(data, device, peer)
+            )
+            self._lookups.add(task)
+            task.add_done_callback(self._lookups.discard)
+
+    async def _fetch_then_accept(self, data: bytes, device: str, peer: str) -> None:
+        assert self._fetch_secret is not None
+        self.stats.lookups += 1
+        try:
+            secret = await self._fetch_secret(device)
+        except Exception as exc:
+            self.stats.dropped += 1
+            logger.warning("dropped UDP ack from %s: cannot look up its device: %s", peer, exc)
+            return
+        if secret is None:
+            self._drop(peer, UnknownDevice("ack from an unknown device"))
+        else:
+            self._accept(data, secret, peer)
+
+    def _accept(self, data: bytes, secret: bytes, peer: str) -> None:
+        try:
+            ack = protocol.decode_ack(data, secret, limit=self.limit)
+        except protocol.ProtocolError as exc:
+            self._drop(peer, exc)
             return
         self.stats.accepted += 1
         try:
@@ -250,12 +314,9 @@ class UdpGateway:
             self.stats.handler_errors += 1
             logger.exception("ack handler failed for %s from %s", ack.request_id, peer)
 
-    def _verify_ack(self, data: bytes) -> protocol.Ack:
-        device = protocol.peek_device(data, limit=self.limit)
-        secret = self._secret_for(device)
-        if secret is None:
-            raise UnknownDevice("ack from an unknown device")
-        return protocol.decode_ack(data, secret, limit=self.limit)
+    def _drop(self, peer: str, exc: protocol.ProtocolError) -> None:
+        self.stats.dropped += 1
+        logger.warning("dropped UDP datagram from %s: %s: %s", peer, type(exc).__name__, exc)
 
 
 class _AckProtocol(asyncio.DatagramProtocol):
@@ -458,3 +519,61 @@ def sms_address(phone: str, carrier_prefix: str, carrier_domain: str) -> str:
     if not _DOMAIN.match(carrier_domain):
         raise UsageError(f"bad carrier domain {carrier_domain!r}")
     return f"{carrier_prefix}{number.removeprefix('+')}@{carrier_domain.lower()}"
+
+
+# --------------------------------------------------------------------------- --smtp URL
+
+SMTP_SCHEMES: Final = {"smtp": False, "smtp+starttls": True}
+
+
+def smtp_from_url(url: str, *, password: str | None = None) -> SmtpGateway:
+    """The SMTP gateway ``--smtp`` describes.
+
+    ``smtp://[USER@]HOST[:PORT]?from=ADDRESS`` — plain SMTP (port 25 by
+    default); ``smtp+starttls://…`` upgrades with STARTTLS first (port 587 by
+    default). ``from`` is the envelope and header sender (default
+    ``pushsync@HOST``). The password comes from ``password`` (the daemon reads
+    ``--smtp-password-file``) or, discouraged because command lines are
+    visible to other users, from the URL. UsageError naming what is wrong;
+    the message never repeats the password.
+    """
+    parsed = urllib.parse.urlsplit(url)
+    scheme = parsed.scheme.lower()
+    if scheme not in SMTP_SCHEMES:
+        raise UsageError(f"--smtp must start with smtp:// or smtp+starttls://, not {scheme!r}")
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        raise UsageError("--smtp has a bad port") from None
+    if not host:
+        raise UsageError("--smtp needs a host: smtp://HOST[:PORT]")
+    if parsed.path not in ("", "/") or parsed.fragment:
+        raise UsageError("--smtp takes no path: smtp://[USER@]HOST[:PORT][?from=ADDRESS]")
+    options = urllib.parse.parse_qs(parsed.query, keep_blank_values=True, strict_parsing=False)
+    unknown = sorted(set(options) - {"from"})
+    if unknown:
+        raise UsageError(f"--smtp: unknown option {unknown[0]!r} (known: from)")
+    sender = options.get("from", [f"pushsync@{host}"])[-1]
+    if "@" not in email.utils.parseaddr(sender)[1]:
+        raise UsageError(f"--smtp: from={sender!r} is not an email address")
+    username = urllib.parse.unquote(parsed.username) if parsed.username else None
+    if password is None and parsed.password is not None:
+        password = urllib.parse.unquote(parsed.password)
+    if password is not None and username is None:
+        raise UsageError("--smtp: a password needs a user: smtp://USER@HOST")
+    starttls = SMTP_SCHEMES[scheme]
+    return SmtpGateway(
+        host=host,
+        port=port or (587 if starttls else 25),
+        starttls=starttls,
+        username=username,
+        password=password,
+        sender_address=sender,
+    )
+
+
+def describe_smtp(gateway: SmtpGateway) -> str:
+    """For log lines: scheme, user, host and port — never the password."""
+    scheme = "smtp+starttls" if gateway.starttls else "smtp"
+    user = f"{gateway.username}@" if gateway.username else ""
+    return f"{scheme}://{user}{gateway.host}:{gateway.port} from {gateway.sender_address}"

@@ -16,8 +16,17 @@ peer sends can raise out of a channel.
   handled or was a duplicate, ``T`` (trashed) when it was rejected. Email
   has no way back, so no ack is sent for a mail.
 
-The SYNC, IMAP and poll channels are not implemented yet; the runtime logs
-that once and runs with the others.
+* :class:`SyncChannel` — a persistent SYNC connection to the dispatcher
+  (:mod:`pushsync.listener.sync_client`): messages arrive as MESSAGE frames
+  and are acked on the same connection; the device reports its UDP endpoint
+  (TRACK) when it also listens on UDP; PINGs keep it alive; it reconnects with
+  jittered backoff whenever it drops.
+* :class:`PollChannel` — light-weight polling: every ``every`` it connects,
+  sends POLL, takes the messages up to the server's closing POLL, acks them
+  and says BYE.
+
+The IMAP channel is not implemented; the runtime logs that once and runs with
+the others.
 """
 
 from __future__ import annotations
@@ -33,7 +42,11 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from pushsync.listener import protocol
 from pushsync.listener.config import Address
+from pushsync.listener.config import PollChannel as PollConfig
+from pushsync.listener.config import SyncChannel as SyncConfig
 from pushsync.listener.limits import MAX_DATAGRAM
+from pushsync.listener.protocol import FrameType
+from pushsync.listener.sync_client import Backoff, Session, open_session
 
 if TYPE_CHECKING:
     from pushsync.listener.runtime import Listener
@@ -203,6 +216,255 @@ class MaildirChannel:
         self._closing.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
+
+
+# --------------------------------------------------------------------------- SYNC
+
+
+class SyncChannel:
+    """A persistent SYNC connection, kept open; see the module docstring."""
+
+    name = "sync"
+
+    def __init__(
+        self,
+        listener: Listener,
+        config: SyncConfig,
+        *,
+        udp_port: Callable[[], int | None] = lambda: None,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.listener = listener
+        self.config = config
+        self.udp_port = udp_port
+        self.backoff = backoff or Backoff()
+        self.connected = asyncio.Event()
+        """Set while an authenticated connection is up (tests wait on it)."""
+        self.connections = 0
+        """Connections authenticated since start."""
+        self._session: Session | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
+
+    async def start(self) -> None:
+        """Start connecting in the background: a server that is down is retried, not fatal."""
+        self._task = asyncio.create_task(self._loop(), name="pushsync sync channel")
+
+    async def _loop(self) -> None:
+        server = str(self.config.server)
+        while not self._closing.is_set():
+            try:
+                session = await open_session(
+                    self.config.server,
+                    device=self.listener.config.device,
+                    secret=self.listener.secret,
+                    tls=self.config.tls,
+                    ca_file=self.config.ca_file,
+                )
+            except (OSError, TimeoutError, protocol.ProtocolError) as exc:
+                delay = self.backoff.next()
+                logger.warning(
+                    "sync: cannot connect to %s: %s; retrying in %.1fs", server, _why(exc), delay
+                )
+                await self._pause(delay)
+                continue
+            self.backoff.reset()
+            self.connections += 1
+            logger.info("sync: connected to %s", server)
+            try:
+                await self._serve(session)
+            except protocol.ProtocolError as exc:
+                logger.warning("sync: dropped the connection to %s: %s", server, _why(exc))
+            except (OSError, TimeoutError) as exc:
+                logger.warning("sync: connection to %s lost: %s", server, _why(exc))
+            except Exception:  # a bug must not end the channel
+                logger.exception("sync: connection to %s failed", server)
+            finally:
+                self.connected.clear()
+                self._session = None
+                await session.close(None if session.closed else "")
+            if not self._closing.is_set():
+                delay = self.backoff.next()
+                logger.info("sync: reconnecting to %s in %.1fs", server, delay)
+                await self._pause(delay)
+
+    async def _serve(self, session: Session) -> None:
+        self._session = session
+        port = self.udp_port()
+        if port is not None:
+            session.send(protocol.encode_track(f":{port}"))
+        self.connected.set()
+        heartbeat = self.config.heartbeat.total_seconds()
+        quiet = 0.0
+        while not self._closing.is_set():
+            try:
+                frame = await session.recv(timeout=heartbeat)
+            except TimeoutError:
+                quiet += heartbeat
+                if quiet >= heartbeat * 3:
+                    raise TimeoutError(f"the server was silent for {quiet:g}s") from None
+                session.send(protocol.encode_ping(int(self.listener.clock() * 1000)))
+                continue
+            if frame is None:
+                raise ConnectionError("the server closed the connection")
+            quiet = 0.0
+            if not self._frame(session, frame):
+                return
+
+    def _frame(self, session: Session, frame: protocol.Frame) -> bool:
+        """Act on one frame; False when the connection ends."""
+        kind = frame.type
+        if kind == FrameType.MESSAGE:
+            _take_message(self.listener, session, frame.payload, self.name)
+        elif kind == FrameType.PING:
+            protocol.decode_heartbeat(frame)
+            session.send(protocol.encode_frame(FrameType.PONG, frame.payload))
+        elif kind == FrameType.PONG:
+            protocol.decode_heartbeat(frame)
+        elif kind == FrameType.POLL:
+            protocol.decode_poll(frame)
+        elif kind == FrameType.BYE:
+            logger.info("sync: the server said BYE: %r", protocol.decode_bye(frame)[:80])
+            return False
+        else:
+            raise protocol.Malformed(f"{kind.name} from the server")
+        return True
+
+    async def _pause(self, delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), delay)
+
+    async def close(self) -> None:
+        self._closing.set()
+        if self._session is not None:
+            await self._session.close("listener stopping")
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _take_message(listener: Listener, session: Session, payload: bytes, channel: str) -> None:
+    """Verify a MESSAGE frame's envelope and hand it on; acks go back on ``session``."""
+    msg = listener.verify(
+        lambda: protocol.decode_message(
+            payload, listener.secret, listener.clock(), limit=MAX_DATAGRAM
+        ),
+        channel=channel,
+        peer=session.server,
+    )
+    if msg is not None:
+        listener.spawn(msg, reply=_ack_on(session), channel=channel, peer=session.server)
+
+
+def _ack_on(session: Session) -> Callable[[bytes], None]:
+    def reply(ack: bytes) -> None:
+        if not session.send(protocol.encode_ack_frame(ack)):
+            raise ConnectionError("the SYNC connection is closed")
+
+    return reply
+
+
+# --------------------------------------------------------------------------- poll
+
+
+class PollChannel:
+    """Light-weight polling of the SYNC port every ``every``; see the module docstring."""
+
+    name = "poll"
+
+    def __init__(self, listener: Listener, config: PollConfig) -> None:
+        self.listener = listener
+        self.config = config
+        self.polls = 0
+        """Polls completed since start."""
+        self._task: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
+        self._now = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="pushsync poll channel")
+
+    def poll_now(self) -> None:
+        """Poll at once instead of at the next interval."""
+        self._now.set()
+
+    async def _loop(self) -> None:
+        every = self.config.every.total_seconds()
+        while not self._closing.is_set():
+            try:
+                await self.poll()
+            except (OSError, TimeoutError, protocol.ProtocolError) as exc:
+                logger.warning("poll: %s: %s", self.config.server, _why(exc))
+            except Exception:
+                logger.exception("poll: %s failed", self.config.server)
+            waiters = [asyncio.ensure_future(e.wait()) for e in (self._closing, self._now)]
+            try:
+                await asyncio.wait(waiters, timeout=every, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+            self._now.clear()
+
+    async def poll(self) -> int:
+        """One poll: connect, POLL, take the messages, BYE; how many messages came."""
+        session = await open_session(
+            self.config.server,
+            device=self.listener.config.device,
+            secret=self.listener.secret,
+            tls=self.config.tls,
+            ca_file=self.config.ca_file,
+        )
+        taken = 0
+        handling: list[asyncio.Task[Any]] = []
+        try:
+            session.send(protocol.encode_poll())
+            while True:
+                frame = await session.recv(timeout=30.0)
+                if frame is None:
+                    raise ConnectionError("the server closed the connection during a poll")
+                if frame.type == FrameType.POLL:
+                    protocol.decode_poll(frame)
+                    break
+                if frame.type == FrameType.MESSAGE:
+                    taken += 1
+                    handling.append(self._handle(session, frame.payload))
+                elif frame.type == FrameType.PING:
+                    session.send(protocol.encode_frame(FrameType.PONG, frame.payload))
+                elif frame.type == FrameType.BYE:
+                    raise protocol.Malformed("the server said BYE during a poll")
+                elif frame.type != FrameType.PONG:
+                    raise protocol.Malformed(f"{frame.type.name} from the server")
+            if handling:
+                await asyncio.gather(*handling, return_exceptions=True)
+            await session.drain()
+            self.polls += 1
+            if taken:
+                logger.info("poll: %d messages from %s", taken, self.config.server)
+        finally:
+            await session.close("poll done")
+        return taken
+
+    def _handle(self, session: Session, payload: bytes) -> asyncio.Task[Any]:
+        listener = self.listener
+        msg = listener.verify(
+            lambda: protocol.decode_message(
+                payload, listener.secret, listener.clock(), limit=MAX_DATAGRAM
+            ),
+            channel=self.name,
+            peer=session.server,
+        )
+        if msg is None:
+            return asyncio.ensure_future(asyncio.sleep(0))
+        return listener.spawn(msg, reply=_ack_on(session), channel=self.name, peer=session.server)
+
+    async def close(self) -> None:
+        self._closing.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _message_from_mail(data: bytes, secret: bytes, now: float) -> protocol.Message:

@@ -158,11 +158,15 @@ class Address:
         return f"{host}:{self.port}"
 
 
+DEFAULT_HEARTBEAT: Final = timedelta(seconds=30)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SyncChannel:
     server: Address
     tls: bool = False
     ca_file: Path | None = None
+    heartbeat: timedelta = DEFAULT_HEARTBEAT
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -189,6 +193,8 @@ class ImapChannel:
 class PollChannel:
     server: Address
     every: timedelta = timedelta(seconds=60)
+    tls: bool = False
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -563,16 +569,27 @@ def _channels(checker: _Checker, node: Node) -> Channels | None:
 
 
 _CHANNEL_FIELDS: Final = {
-    "sync": ("server", "tls", "ca_file"),
+    "sync": ("server", "tls", "ca_file", "heartbeat"),
     "udp": ("bind",),
     "maildir": ("path",),
     "imap": ("host", "port", "user", "password_file", "folder", "every"),
-    "poll": ("server", "every"),
+    "poll": ("server", "every", "tls", "ca_file"),
 }
 
 
 def _sync_channel(checker: _Checker, node: Node, fields: dict[str, Node]) -> SyncChannel | None:
     server = _required(checker, fields, node, "server", checker.address)
+    tls, ca_file = _tls(checker, fields)
+    heartbeat: timedelta | None = DEFAULT_HEARTBEAT
+    if (heartbeat_node := fields.get("heartbeat")) is not None:
+        heartbeat = checker.duration(heartbeat_node, "heartbeat")
+    if server is None or tls is None or heartbeat is None:
+        return None
+    return SyncChannel(server=server, tls=tls, ca_file=ca_file, heartbeat=heartbeat)
+
+
+def _tls(checker: _Checker, fields: dict[str, Node]) -> tuple[bool | None, Path | None]:
+    """``tls`` and ``ca_file`` of a channel that talks to the SYNC port."""
     tls: bool | None = False
     if (tls_node := fields.get("tls")) is not None:
         tls = checker.flag(tls_node, "tls")
@@ -581,9 +598,7 @@ def _sync_channel(checker: _Checker, node: Node, fields: dict[str, Node]) -> Syn
         ca_file = checker.path(ca_node, "ca_file")
         if tls is False:
             checker.fail(ca_node.location, "ca_file is used only with tls: true")
-    if server is None or tls is None:
-        return None
-    return SyncChannel(server=server, tls=tls, ca_file=ca_file)
+    return tls, ca_file
 
 
 def _udp_channel(checker: _Checker, node: Node, fields: dict[str, Node]) -> UdpChannel | None:
@@ -616,14 +631,16 @@ def _imap_channel(checker: _Checker, node: Node, fields: dict[str, Node]) -> Ima
 
 def _poll_channel(checker: _Checker, node: Node, fields: dict[str, Node]) -> PollChannel | None:
     server = _required(checker, fields, node, "server", checker.address)
+    tls, ca_file = _tls(checker, fields)
     every = None
     if (every_node := fields.get("every")) is not None:
         every = checker.duration(every_node, "every")
         if every is None:
             return None
-    if server is None:
+    if server is None or tls is None:
         return None
-    return PollChannel(server=server, every=every) if every else PollChannel(server=server)
+    extra = {"every": every} if every else {}
+    return PollChannel(server=server, tls=tls, ca_file=ca_file, **extra)
 
 
 def _required(

@@ -36,8 +36,8 @@ logged, every error located, and the old one kept; a valid one replaces the
 handlers. Changes to ``device``, ``secret_file``, ``state_dir`` or
 ``channels`` take effect only after a restart, and the log says so.
 
-The SYNC, IMAP and poll channels are not implemented yet: if configured, one
-warning says so and the listener runs with the others.
+The IMAP channel is not implemented: if configured, one warning says so and
+the listener runs with the others.
 """
 
 from __future__ import annotations
@@ -52,12 +52,18 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Final, Literal, Protocol
+from typing import Final, Literal, Protocol, TypeVar
 
 from pushsync.errors import PushsyncError, RulesError
 from pushsync.listener import protocol
 from pushsync.listener.actions import Actions, Performed, perform
-from pushsync.listener.channels import DEFAULT_MAILDIR_POLL, MaildirChannel, UdpChannel
+from pushsync.listener.channels import (
+    DEFAULT_MAILDIR_POLL,
+    MaildirChannel,
+    PollChannel,
+    SyncChannel,
+    UdpChannel,
+)
 from pushsync.listener.config import ListenerConfig, load_config, read_secret_file
 from pushsync.listener.dedupe import DedupeError, DedupeStore, GroupCommit
 from pushsync.listener.handlers import match
@@ -74,6 +80,7 @@ NOT_FOR_THIS_DEVICE: Final = "not for this device"
 DEDUPE_FAILED: Final = "dedupe store failed"
 
 Status = Literal["handled", "unmatched", "duplicate", "rejected"]
+C = TypeVar("C")
 Reply = Callable[[bytes], None]
 
 
@@ -329,9 +336,9 @@ class Listener:
 
     async def _start_channels(self) -> None:
         configured = self.config.channels
-        for name in ("sync", "imap", "poll"):
-            if getattr(configured, name) is not None:
-                logger.warning("%s channel not available yet; running without it", name)
+        if configured.imap is not None:
+            logger.warning("imap channel not available yet; running without it")
+        udp: UdpChannel | None = None
         if configured.udp is not None:
             udp = UdpChannel(self, configured.udp.bind)
             await udp.start()
@@ -340,10 +347,21 @@ class Listener:
             maildir = MaildirChannel(self, configured.maildir.path, poll=self.maildir_poll)
             await maildir.start()
             self.channels.append(maildir)
-        if not self.channels:
-            raise PushsyncError(
-                "none of the configured channels is available yet (only udp and maildir are)"
+        if configured.sync is not None:
+            bound = udp
+            sync = SyncChannel(
+                self,
+                configured.sync,
+                udp_port=lambda: bound.address[1] if bound is not None else None,
             )
+            await sync.start()
+            self.channels.append(sync)
+        if configured.poll is not None:
+            poll = PollChannel(self, configured.poll)
+            await poll.start()
+            self.channels.append(poll)
+        if not self.channels:
+            raise PushsyncError("none of the configured channels is available (imap is not yet)")
 
     def _describe(self, channel: Channel) -> str:
         if isinstance(channel, UdpChannel):
@@ -351,7 +369,18 @@ class Listener:
             return f"udp {host}:{port}"
         if isinstance(channel, MaildirChannel):
             return f"maildir {channel.path}"
+        if isinstance(channel, SyncChannel):
+            return f"sync {channel.config.server}{' (TLS)' if channel.config.tls else ''}"
+        if isinstance(channel, PollChannel):
+            return f"poll {channel.config.server} every {channel.config.every}"
         return channel.name
+
+    def channel(self, kind: type[C]) -> C:
+        """The running channel of type ``kind`` (after :attr:`started`)."""
+        for channel in self.channels:
+            if isinstance(channel, kind):
+                return channel
+        raise RuntimeError(f"no {kind.__name__} is running")
 
     @property
     def udp_address(self) -> tuple[str, int]:

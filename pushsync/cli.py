@@ -170,13 +170,60 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_dispatch(args: argparse.Namespace) -> int:
     from pushsync import db
     from pushsync.dispatcher.daemon import run_dispatcher
+    from pushsync.dispatcher.gateways import Gateway, describe_smtp, smtp_from_url
+    from pushsync.dispatcher.sync_server import server_tls
 
+    gateways: dict[str, Gateway] = {}
+    if args.smtp:
+        password = None
+        if args.smtp_password_file:
+            password = _read_text(args.smtp_password_file, "--smtp-password-file").strip()
+        smtp = smtp_from_url(args.smtp, password=password)
+        logging.getLogger("pushsync.dispatcher").info("SMTP gateway: %s", describe_smtp(smtp))
+        gateways["smtp"] = smtp
+    elif args.smtp_password_file:
+        raise UsageError("--smtp-password-file needs --smtp")
+    tls = None
+    if args.sync_tls_cert or args.sync_tls_key:
+        if not (args.sync_tls_cert and args.sync_tls_key):
+            raise UsageError("--sync-tls-cert and --sync-tls-key go together")
+        try:
+            tls = server_tls(args.sync_tls_cert, args.sync_tls_key)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot load the SYNC TLS certificate or key: {exc}") from exc
+    from pushsync.dispatcher.sync_server import HEARTBEAT
+
+    heartbeat = _seconds(args.heartbeat, "--heartbeat") if args.heartbeat else HEARTBEAT
     try:
-        return run_dispatcher(db.resolve_dsn(args.dsn), udp_listen=args.udp_listen)
+        return run_dispatcher(
+            db.resolve_dsn(args.dsn),
+            udp_listen=args.udp_listen,
+            sync_listen=args.sync_listen,
+            sync_tls=tls,
+            gateways=gateways,
+            metrics_listen=args.metrics,
+            heartbeat=heartbeat,
+        )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     except OSError as exc:
-        raise UsageError(f"cannot listen on {args.udp_listen}: {exc.strerror}") from exc
+        raise UsageError(f"cannot listen: {exc.strerror or exc}") from exc
+
+
+def _read_text(path: str, flag: str) -> str:
+    try:
+        return Path(path).read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{flag}: cannot read {path}: {getattr(exc, 'strerror', exc)}") from exc
+
+
+def _seconds(text: str, flag: str) -> float:
+    from pushsync.source import parse_duration
+
+    duration = parse_duration(text)
+    if duration is None or duration.total_seconds() <= 0:
+        raise UsageError(f"{flag} must be a duration such as 30s or 2m, not {text!r}")
+    return duration.total_seconds()
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
@@ -272,6 +319,28 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="where UDP messages leave from and acknowledgements arrive (default 0.0.0.0:0)",
     )
+    option(
+        dispatch,
+        "--sync-listen",
+        metavar="HOST:PORT",
+        help="the SYNC port devices connect to (default 0.0.0.0:2439; 'off' for none)",
+    )
+    option(dispatch, "--sync-tls-cert", metavar="PEM", help="serve SYNC inside TLS: certificate")
+    option(dispatch, "--sync-tls-key", metavar="PEM", help="the TLS certificate's private key")
+    option(
+        dispatch,
+        "--heartbeat",
+        metavar="DURATION",
+        help="PING a quiet SYNC device after this long; 3x silent closes it (default 30s)",
+    )
+    option(
+        dispatch,
+        "--smtp",
+        metavar="URL",
+        help="email gateway: smtp://[USER@]HOST[:PORT][?from=ADDRESS] (smtp+starttls:// too)",
+    )
+    option(dispatch, "--smtp-password-file", metavar="PATH", help="the SMTP password, in a file")
+    option(dispatch, "--metrics", metavar="HOST:PORT", help="serve /metrics and /healthz over HTTP")
     dispatch.set_defaults(handler=cmd_dispatch)
 
     listen = commands.add_parser("listen", help="run the device listener")

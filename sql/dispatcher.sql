@@ -8,6 +8,8 @@
 -- in the claiming statement, so a change committed later gets its own row
 -- instead of being folded into one already on its way (docs/schema.md).
 -- A 'sending' row is due again only once its lease has run out.
+-- A row that may go over SYNC to a device whose connection another live
+-- dispatcher holds is left to that dispatcher (it wakes on the same NOTIFY).
 WITH due AS MATERIALIZED (
     SELECT request_id
     FROM pushsync.outbox
@@ -15,6 +17,13 @@ WITH due AS MATERIALIZED (
       AND next_attempt_at <= now()
       AND expires_at > now()
       AND (state <> 'sending' OR lease_expires_at < now())
+      AND NOT (gateway IN ('auto', 'sync') AND EXISTS (
+          SELECT 1
+          FROM pushsync.sync_connections AS c
+          JOIN pushsync.dispatchers AS n ON n.owner = c.owner
+          WHERE c.device_id = outbox.device_id
+            AND c.owner <> %(owner)s
+            AND n.alive_until > now()))
     ORDER BY CASE priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END,
              next_attempt_at
     LIMIT %(limit)s
@@ -182,3 +191,106 @@ SELECT pg_try_advisory_xact_lock(hashtextextended('pushsync.poll:' || %(name)s, 
 -- function_name, filled in as a quoted identifier (psycopg.sql.Identifier),
 -- never as text; the function returns how many outbox rows the poll wrote.
 SELECT pushsync.{function}()
+
+-- claim_device --
+-- Light-weight polling: everything the device has not confirmed and that has
+-- not expired, due or not (it asked), except rows another dispatcher is
+-- sending under a live lease. Same columns as `claim`.
+WITH due AS MATERIALIZED (
+    SELECT request_id
+    FROM pushsync.outbox
+    WHERE device_id = %(device_id)s
+      AND state IN ('pending', 'sending', 'sent')
+      AND expires_at > now()
+      AND (state <> 'sending' OR lease_expires_at < now())
+    ORDER BY CASE priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END,
+             created_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE pushsync.outbox AS o
+    SET state = 'sending',
+        lease_owner = %(owner)s,
+        lease_expires_at = now() + %(lease)s::interval,
+        attempts = o.attempts + 1
+    FROM due
+    WHERE o.request_id = due.request_id
+    RETURNING o.request_id, o.rule, o.device_id, o.subject, o.content, o.priority,
+              o.gateway, o.created_at, o.expires_at, o.attempts, o.next_attempt_at
+)
+SELECT c.request_id, c.rule, c.device_id, c.subject, c.content, c.priority, c.gateway,
+       c.created_at, c.expires_at, c.attempts, d.secret,
+       NULL::text AS udp_address, NULL::text AS email_address
+FROM claimed AS c
+JOIN pushsync.devices AS d ON d.device_id = c.device_id
+ORDER BY CASE c.priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END,
+         c.created_at
+
+-- device_secret --
+-- The secret of an enabled device: SYNC authentication and ack verification.
+SELECT secret FROM pushsync.devices WHERE device_id = %(device_id)s AND enabled
+
+-- heartbeat --
+-- This dispatcher is alive for alive_for from now; also sweeps
+-- dispatchers dead for a minute (their connection records go with them).
+WITH me AS (
+    INSERT INTO pushsync.dispatchers (owner, host, pid, sync_address, udp_address, alive_until)
+    VALUES (%(owner)s, %(host)s, %(pid)s, %(sync_address)s, %(udp_address)s,
+            now() + %(alive_for)s::interval)
+    ON CONFLICT (owner) DO UPDATE
+    SET heartbeat_at = now(),
+        alive_until = excluded.alive_until,
+        sync_address = excluded.sync_address,
+        udp_address = excluded.udp_address
+    RETURNING owner
+)
+DELETE FROM pushsync.dispatchers
+WHERE alive_until < now() - interval '1 minute'
+  AND owner NOT IN (SELECT owner FROM me)
+
+-- dispatcher_gone --
+-- A clean stop: this dispatcher and its connection records.
+DELETE FROM pushsync.dispatchers WHERE owner = %(owner)s
+
+-- sync_connected --
+-- A device authenticated on this dispatcher's SYNC port: record the
+-- connection (replacing one held elsewhere), note the device was seen, and
+-- make what it has not confirmed due now, to go down the new connection.
+WITH conn AS (
+    INSERT INTO pushsync.sync_connections (device_id, owner, peer)
+    VALUES (%(device_id)s, %(owner)s, %(peer)s)
+    ON CONFLICT (device_id) DO UPDATE
+    SET owner = excluded.owner, peer = excluded.peer, connected_at = now()
+    RETURNING device_id
+), seen AS (
+    UPDATE pushsync.devices SET last_seen_at = now()
+    WHERE device_id = %(device_id)s
+    RETURNING device_id
+)
+UPDATE pushsync.outbox
+SET next_attempt_at = now()
+WHERE device_id = %(device_id)s
+  AND state = 'sent'
+  AND next_attempt_at > now()
+  AND EXISTS (SELECT 1 FROM conn)
+  AND EXISTS (SELECT 1 FROM seen)
+
+-- sync_disconnected --
+-- Only this dispatcher's record: the device may have connected elsewhere since.
+DELETE FROM pushsync.sync_connections
+WHERE device_id = %(device_id)s AND owner = %(owner)s AND peer = %(peer)s
+
+-- track --
+-- The UDP endpoint a device reported over SYNC, as its 'tracking' address
+-- (a 'manual' one still wins: pushsync.effective_addresses).
+WITH seen AS (
+    UPDATE pushsync.devices SET last_seen_at = now()
+    WHERE device_id = %(device_id)s
+    RETURNING device_id
+)
+INSERT INTO pushsync.device_addresses (device_id, medium, source, address)
+SELECT device_id, 'udp', 'tracking', %(address)s FROM seen
+ON CONFLICT (device_id, medium, source) DO UPDATE
+SET address = excluded.address, active = true, modified_at = now()
+WHERE pushsync.device_addresses.address IS DISTINCT FROM excluded.address
+   OR NOT pushsync.device_addresses.active
