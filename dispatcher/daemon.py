@@ -186,10 +186,10 @@ class Dispatcher:
         self._acks: deque[tuple[uuid.UUID, str]] = deque()
         self._ack_ready = asyncio.Event()
         self._held: set[uuid.UUID] = set()
-        self.store = PoolStore(dsn, self.owner, lease=lease)
+        self.alive_for = timedelta(seconds=max(15.0, 3 * housekeeping_interval))
+        self.store = PoolStore(dsn, self.owner, lease=lease, alive_for=self.alive_for)
         self.sync: SyncServer | None = None
         self.udp_address: str | None = None
-        self.alive_for = timedelta(seconds=max(15.0, 3 * housekeeping_interval))
         self.metrics = Metrics()
         self._database_error: str | None = "not connected yet"
 
@@ -450,8 +450,7 @@ class Dispatcher:
             return
         for device, held in list(self.sync.connections.items()):
             await conn.execute(
-                query("sync_connected"),
-                {"device_id": device, "owner": self.owner, "peer": held.peer},
+                query("sync_connected"), self.store.connected_params(device, held.peer)
             )
 
     async def _heartbeat(self, conn: AsyncConn) -> None:

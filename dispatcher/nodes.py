@@ -15,6 +15,8 @@ heartbeating: after ``alive_for`` the others claim its devices' rows again
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 import uuid
 from datetime import timedelta
@@ -41,11 +43,13 @@ class PoolStore:
         owner: str,
         *,
         lease: timedelta = timedelta(seconds=30),
+        alive_for: timedelta = timedelta(seconds=15),
         max_size: int = 4,
         timeout: float = 5.0,
     ) -> None:
         self.owner = owner
         self.lease = lease
+        self.alive_for = alive_for
         self.timeout = timeout
         self.pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
             dsn,
@@ -91,9 +95,18 @@ class PoolStore:
     # ----------------------------------------------------------------- connections
 
     async def connected(self, device: str, peer: str) -> None:
-        await self._run(
-            query("sync_connected"), {"device_id": device, "owner": self.owner, "peer": peer}
-        )
+        await self._run(query("sync_connected"), self.connected_params(device, peer))
+
+    def connected_params(self, device: str, peer: str) -> dict[str, Any]:
+        """The parameters of ``sync_connected`` (the daemon runs it too, after a reconnect)."""
+        return {
+            "device_id": device,
+            "owner": self.owner,
+            "peer": peer,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "alive_for": self.alive_for,
+        }
 
     async def disconnected(self, device: str, peer: str) -> None:
         await self._run(

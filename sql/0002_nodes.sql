@@ -24,9 +24,12 @@ CREATE TABLE IF NOT EXISTS pushsync.dispatchers (
 -- Which dispatcher holds each device's SYNC connection. A notification for
 -- a connected device is claimed only by that dispatcher (while it is alive),
 -- so it goes down the open connection whichever node the trigger woke.
+-- Not a foreign key to dispatchers: a device may connect before its
+-- dispatcher's first heartbeat; records of dispatchers that are gone are
+-- swept with them.
 CREATE TABLE IF NOT EXISTS pushsync.sync_connections (
     device_id    text PRIMARY KEY REFERENCES pushsync.devices ON DELETE CASCADE,
-    owner        text NOT NULL REFERENCES pushsync.dispatchers ON DELETE CASCADE,
+    owner        text NOT NULL,
     peer         text NOT NULL,
     connected_at timestamptz NOT NULL DEFAULT now()
 );

@@ -232,7 +232,7 @@ SELECT secret FROM pushsync.devices WHERE device_id = %(device_id)s AND enabled
 
 -- heartbeat --
 -- This dispatcher is alive for alive_for from now; also sweeps
--- dispatchers dead for a minute (their connection records go with them).
+-- dispatchers dead for a minute, and their connection records.
 WITH me AS (
     INSERT INTO pushsync.dispatchers (owner, host, pid, sync_address, udp_address, alive_until)
     VALUES (%(owner)s, %(host)s, %(pid)s, %(sync_address)s, %(udp_address)s,
@@ -243,20 +243,33 @@ WITH me AS (
         sync_address = excluded.sync_address,
         udp_address = excluded.udp_address
     RETURNING owner
+), dead AS (
+    DELETE FROM pushsync.dispatchers
+    WHERE alive_until < now() - interval '1 minute'
+      AND owner NOT IN (SELECT owner FROM me)
+    RETURNING owner
 )
-DELETE FROM pushsync.dispatchers
-WHERE alive_until < now() - interval '1 minute'
-  AND owner NOT IN (SELECT owner FROM me)
+DELETE FROM pushsync.sync_connections
+WHERE owner IN (SELECT owner FROM dead)
 
 -- dispatcher_gone --
 -- A clean stop: this dispatcher and its connection records.
-DELETE FROM pushsync.dispatchers WHERE owner = %(owner)s
+WITH gone AS (
+    DELETE FROM pushsync.dispatchers WHERE owner = %(owner)s
+)
+DELETE FROM pushsync.sync_connections WHERE owner = %(owner)s
 
 -- sync_connected --
 -- A device authenticated on this dispatcher's SYNC port: record the
 -- connection (replacing one held elsewhere), note the device was seen, and
 -- make what it has not confirmed due now, to go down the new connection.
-WITH conn AS (
+-- Registers this dispatcher too if its first heartbeat has not run yet, so
+-- that the others leave the device's rows to it from this moment.
+WITH node AS (
+    INSERT INTO pushsync.dispatchers (owner, host, pid, alive_until)
+    VALUES (%(owner)s, %(host)s, %(pid)s, now() + %(alive_for)s::interval)
+    ON CONFLICT (owner) DO NOTHING
+), conn AS (
     INSERT INTO pushsync.sync_connections (device_id, owner, peer)
     VALUES (%(device_id)s, %(owner)s, %(peer)s)
     ON CONFLICT (device_id) DO UPDATE

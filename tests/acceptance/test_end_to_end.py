@@ -88,8 +88,15 @@ handlers:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSYNC_")}
     listener = start("listen", "listener.yaml", cwd=tmp_path, env=env)
     dispatcher = start(
-        "dispatch", "--dsn", dsn, "--udp-listen", "127.0.0.1:0", "--sync-listen", "127.0.0.1:0",
-        cwd=tmp_path, env=env,
+        "dispatch",
+        "--dsn",
+        dsn,
+        "--udp-listen",
+        "127.0.0.1:0",
+        "--sync-listen",
+        "127.0.0.1:0",
+        cwd=tmp_path,
+        env=env,
     )
     try:
         trucking.report(db, location=100, by=2)
