@@ -142,18 +142,25 @@ def cmd_device_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(found, indent=2))
         return EXIT_OK
-    rows = [("DEVICE", "ENABLED", "LAST SEEN", "ADDRESSES")]
+    rows = [("DEVICE", "ENABLED", "CONNECTED", "LAST SEEN", "ADDRESSES")]
     for item in found:
         addresses = ", ".join(
             f"{a['medium']}={a['address']} ({a['source']}{'' if a['effective'] else ', unused'})"
             for a in item["addresses"]
         )
-        seen = item["last_seen_at"] or "never"
-        rows.append((item["device_id"], "yes" if item["enabled"] else "no", seen, addresses or "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        rows.append(
+            (
+                item["device_id"],
+                "yes" if item["enabled"] else "no",
+                "yes" if item["connected_to"] else "no",
+                item["last_seen_at"] or "never",
+                addresses or "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         print(
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3]
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[4]
         )
     return EXIT_OK
 

@@ -102,9 +102,11 @@ def add(conn: psycopg.Connection, device: NewDevice, secret_file: Path | None) -
 
 
 def listing(conn: psycopg.Connection) -> list[dict[str, Any]]:
-    """Every device with its addresses; never the secret."""
+    """Every device with its addresses and the dispatcher holding its SYNC connection (or
+    None); never the secret."""
     out = []
-    for device_id, enabled, created, seen, addresses in conn.execute(queries.get("device_list")):
+    rows = conn.execute(queries.get("device_list"))
+    for device_id, enabled, created, seen, addresses, connected_to in rows:
         out.append(
             {
                 "device_id": device_id,
@@ -112,6 +114,7 @@ def listing(conn: psycopg.Connection) -> list[dict[str, Any]]:
                 "created_at": _iso(created),
                 "last_seen_at": _iso(seen),
                 "addresses": addresses,
+                "connected_to": connected_to,
             }
         )
     return out

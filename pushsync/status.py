@@ -26,11 +26,30 @@ def collect(conn: psycopg.Connection) -> dict[str, Any]:
     for gateway, state, n in conn.execute(queries.get("status_gateways")):
         gateways.setdefault(gateway, {"sent": 0, "confirmed": 0, "failed": 0})[state] += n
     oldest = conn.execute(queries.get("status_oldest_unsent")).fetchone()
+    dispatchers = [
+        {
+            "owner": owner,
+            "host": host,
+            "pid": pid,
+            "sync_address": sync_address,
+            "udp_address": udp_address,
+            "started_at": started.isoformat(),
+            "heartbeat_seconds_ago": round(age, 1),
+            "alive": alive,
+            "connected_devices": devices,
+        }
+        for owner, host, pid, sync_address, udp_address, started, age, alive, devices in (
+            conn.execute(queries.get("status_dispatchers"))
+        )
+    ]
+    connected = conn.execute(queries.get("status_connected")).fetchone()
     return {
         "outbox": outbox,
         "oldest_unsent_seconds": oldest[0] if oldest else None,
         "history_24h": history,
         "gateways": gateways,
+        "connected_devices": connected[0] if connected else 0,
+        "dispatchers": dispatchers,
     }
 
 
@@ -49,4 +68,20 @@ def render(figures: dict[str, Any]) -> str:
         )
     if not figures["gateways"]:
         lines.append("  none yet")
+    alive = [d for d in figures["dispatchers"] if d["alive"]]
+    lines.append(
+        f"dispatchers alive: {len(alive)}; devices connected over SYNC: "
+        f"{figures['connected_devices']}"
+    )
+    for node in figures["dispatchers"]:
+        where = ", ".join(
+            f"{kind} {node[key]}"
+            for kind, key in (("sync", "sync_address"), ("udp", "udp_address"))
+            if node[key]
+        )
+        lines.append(
+            f"  {node['owner']}: {'alive' if node['alive'] else 'not responding'}, "
+            f"heartbeat {node['heartbeat_seconds_ago']:.0f} s ago, "
+            f"{node['connected_devices']} devices connected{'; ' + where if where else ''}"
+        )
     return "\n".join(lines)

@@ -32,7 +32,10 @@ SELECT d.device_id, d.enabled, d.created_at, d.last_seen_at,
                    'effective', e.device_id IS NOT NULL)
                ORDER BY a.medium, a.source)
            FILTER (WHERE a.device_id IS NOT NULL),
-           '[]') AS addresses
+           '[]') AS addresses,
+       (SELECT c.owner FROM pushsync.sync_connections AS c
+        JOIN pushsync.dispatchers AS n ON n.owner = c.owner
+        WHERE c.device_id = d.device_id AND n.alive_until > now()) AS connected_to
 FROM pushsync.devices AS d
 LEFT JOIN pushsync.device_addresses AS a ON a.device_id = d.device_id
 LEFT JOIN pushsync.effective_addresses AS e
@@ -79,3 +82,17 @@ ORDER BY gateway_used, state
 SELECT state, count(*) FROM pushsync.outbox_history
 WHERE finished_at > now() - interval '24 hours'
 GROUP BY state ORDER BY state
+
+-- status_dispatchers --
+SELECT owner, host, pid, sync_address, udp_address, started_at,
+       extract(epoch FROM now() - heartbeat_at)::float8 AS heartbeat_age,
+       alive_until > now() AS alive,
+       (SELECT count(*) FROM pushsync.sync_connections AS c WHERE c.owner = d.owner) AS devices
+FROM pushsync.dispatchers AS d
+ORDER BY started_at, owner
+
+-- status_connected --
+SELECT count(*)
+FROM pushsync.sync_connections AS c
+JOIN pushsync.dispatchers AS d ON d.owner = c.owner
+WHERE d.alive_until > now()

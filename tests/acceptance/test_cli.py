@@ -155,6 +155,7 @@ def test_device_add_and_list(pushsync: Run, tmp_path: Path, dsn: str) -> None:
     devices = json.loads(listing.stdout)
     assert [d["device_id"] for d in devices] == ["truck-17", "truck-18"]
     assert secret not in listing.stdout
+    assert [d["connected_to"] for d in devices] == [None, None]
     assert [
         (a["medium"], a["address"], a["source"], a["effective"]) for a in devices[0]["addresses"]
     ] == [
@@ -166,6 +167,7 @@ def test_device_add_and_list(pushsync: Run, tmp_path: Path, dsn: str) -> None:
     assert table.stdout.splitlines()[0].split() == [
         "DEVICE",
         "ENABLED",
+        "CONNECTED",
         "LAST",
         "SEEN",
         "ADDRESSES",
@@ -215,6 +217,34 @@ def test_status_counts_the_outbox(pushsync: Run, db: psycopg.Connection, dsn: st
         "udp": {"sent": 1, "confirmed": 0, "failed": 0},
     }
     assert figures["oldest_unsent_seconds"] >= 0
+    assert figures["dispatchers"] == [] and figures["connected_devices"] == 0
     text = pushsync("status", "--dsn", dsn)
     assert text.returncode == 0
     assert "  pending    1" in text.stdout.splitlines()
+
+
+def test_status_and_device_list_show_dispatchers_and_connections(
+    pushsync: Run, db: psycopg.Connection, dsn: str
+) -> None:
+    trucking.setup(db)
+    db.execute(
+        "INSERT INTO pushsync.dispatchers (owner, host, pid, sync_address, alive_until) VALUES "
+        "('node-a', 'h1', 10, '10.0.0.1:2439', now() + interval '1 minute'), "
+        "('node-b', 'h2', 20, NULL, now() - interval '1 second')"
+    )
+    db.execute(
+        "INSERT INTO pushsync.sync_connections (device_id, owner, peer) VALUES "
+        "('truck-1', 'node-a', '10.0.0.9:5000'), ('truck-2', 'node-b', '10.0.0.8:5000')"
+    )
+    figures = json.loads(pushsync("status", "--dsn", dsn, "--json").stdout)
+    assert figures["connected_devices"] == 1  # truck-2's dispatcher is not responding
+    assert [(d["owner"], d["alive"], d["connected_devices"]) for d in figures["dispatchers"]] == [
+        ("node-a", True, 1),
+        ("node-b", False, 1),
+    ]
+    text = pushsync("status", "--dsn", dsn).stdout
+    assert "dispatchers alive: 1; devices connected over SYNC: 1" in text
+    assert "node-b: not responding" in text
+    devices = json.loads(pushsync("device", "list", "--dsn", dsn, "--json").stdout)
+    connected = {d["device_id"]: d["connected_to"] for d in devices}
+    assert connected["truck-1"] == "node-a" and connected["truck-2"] is None
