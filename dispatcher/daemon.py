@@ -189,6 +189,7 @@ class Dispatcher:
         self.alive_for = timedelta(seconds=max(15.0, 3 * housekeeping_interval))
         self.store = PoolStore(dsn, self.owner, lease=lease, alive_for=self.alive_for)
         self.sync: SyncServer | None = None
+        self.sync_address: str | None = None
         self.udp_address: str | None = None
         self.metrics = Metrics()
         self._database_error: str | None = "not connected yet"
@@ -210,8 +211,9 @@ class Dispatcher:
         return await serve_metrics(self.metrics, host, port, self.health)
 
     def add_sync(self, server: SyncServer) -> None:
-        """Hold device connections on ``server`` and send through them first."""
+        """Hold device connections on ``server`` (started) and send through them first."""
         self.sync = server
+        self.sync_address = _join(*server.address)
         self.add_gateway(SyncGateway(server))
 
     def secret_for(self, device: str) -> bytes | None:
@@ -454,17 +456,13 @@ class Dispatcher:
             )
 
     async def _heartbeat(self, conn: AsyncConn) -> None:
-        sync_address = None
-        if self.sync is not None:
-            host, port = self.sync.address
-            sync_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         await conn.execute(
             query("heartbeat"),
             {
                 "owner": self.owner,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
-                "sync_address": sync_address,
+                "sync_address": self.sync_address,
                 "udp_address": self.udp_address,
                 "alive_for": self.alive_for,
             },

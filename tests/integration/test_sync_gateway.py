@@ -575,3 +575,78 @@ async def test_udp_ack_for_a_message_sent_before_a_restart_is_verified_from_the_
             sender.close()
         finally:
             udp.close()
+
+
+# --------------------------------------------------------------------------- the listener's side
+
+
+@pytest.mark.asyncio
+async def test_the_listener_reconnects_when_the_dispatcher_comes_back(
+    db: psycopg.Connection, dsn: str, tmp_path: Path
+) -> None:
+    add_device(db)
+    async with dispatching(dsn) as first:
+        server = server_address(first)
+        config = write_config(tmp_path, server)
+        async with listening(config) as listener:
+            from pushsync.listener.channels import SyncChannel
+
+            channel = listener.channel(SyncChannel)
+            await asyncio.wait_for(channel.connected.wait(), WAIT)
+            await first_gone(first)
+            await until(lambda: not channel.connected.is_set(), "the listener to notice")
+            second = Dispatcher(dsn, {}, poll_interval=0.2, housekeeping_interval=0.5)
+            sync = SyncServer(second.store, second.on_ack, on_connect=lambda _d: second.wake())
+            await sync.start(server.host, server.port)
+            second.add_sync(sync)
+            stop = asyncio.Event()
+            task = asyncio.create_task(second.run(stop))
+            try:
+                await asyncio.wait_for(channel.connected.wait(), WAIT)
+                assert channel.connections == 2
+                request_id = enqueue(db)
+                await until(lambda: outbox_row(db, request_id)[0] == "confirmed", "confirmation")
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, WAIT)
+                await sync.close()
+
+
+async def first_gone(dispatcher: Dispatcher) -> None:
+    """Close a running dispatcher's SYNC server (its devices lose their connection)."""
+    await sync_of(dispatcher).close()
+
+
+@pytest.mark.asyncio
+async def test_one_message_over_sync_and_udp_runs_once(
+    db: psycopg.Connection, dsn: str, tmp_path: Path
+) -> None:
+    add_device(db)
+    async with dispatching(dsn) as dispatcher:
+        config = write_config(tmp_path, server_address(dispatcher), udp=True)
+        async with listening(config) as listener:
+            from pushsync.listener.channels import SyncChannel
+
+            await asyncio.wait_for(listener.channel(SyncChannel).connected.wait(), WAIT)
+            await until(lambda: sync_of(dispatcher).is_connected(DEVICE), "the connection")
+            request_id = enqueue(db, content="once")
+            await until(lambda: outbox_row(db, request_id)[0] == "confirmed", "confirmation")
+            # The same signed message arrives again, over UDP this time.
+            msg = protocol.Message(
+                request_id=request_id,
+                device=DEVICE,
+                subject="sync",
+                content="once",
+                sender="pushsync",
+                priority="normal",
+                created=time.time(),
+                expires=time.time() + 600,
+            )
+            loop = asyncio.get_running_loop()
+            sender, _ = await loop.create_datagram_endpoint(
+                asyncio.DatagramProtocol, remote_addr=listener.udp_address
+            )
+            sender.sendto(protocol.encode_message(msg, SECRET))
+            await until(lambda: listener.counters.duplicates == 1, "the duplicate")
+            sender.close()
+            assert [r["content"] for r in runs(tmp_path)] == ["once"]

@@ -163,7 +163,7 @@ def test_defaults_of_channels_and_actions() -> None:
         channels:
           sync: {server: "[::1]:2439", tls: true, ca_file: ca.pem}
           imap: {host: mail.example.com, user: truck, password_file: imap.pw}
-          poll: {server: "hub.example.com:2439"}
+          poll: {server: "hub.example.com:2439", tls: true}
         handlers:
           - name: everything
             action: {socket: {port: 7000, send: "$message"}}
@@ -185,7 +185,9 @@ def test_defaults_of_channels_and_actions() -> None:
     imap = channels.imap
     assert imap is not None
     assert (imap.port, imap.folder, imap.every) == (993, "INBOX", timedelta(seconds=30))
+    assert channels.sync.heartbeat == timedelta(seconds=30)
     assert channels.poll is not None and channels.poll.every == timedelta(seconds=60)
+    assert channels.poll.tls and channels.poll.ca_file is None
     everything, timed, stop, started = loaded.handlers
     assert everything.action == SocketAction(
         host="localhost",
@@ -426,6 +428,17 @@ CASES = [
         "ca_file without tls",
         GOOD.replace('udp: {bind: "0.0.0.0:5001"}', 'sync: {server: "h:1", ca_file: ca.pem}'),
         "listener.yaml:4:34: channels.sync: ca_file is used only with tls: true",
+    ),
+    (
+        "poll ca_file without tls",
+        GOOD.replace('udp: {bind: "0.0.0.0:5001"}', 'poll: {server: "h:1", ca_file: ca.pem}'),
+        "listener.yaml:4:34: channels.poll: ca_file is used only with tls: true",
+    ),
+    (
+        "bad heartbeat",
+        GOOD.replace('udp: {bind: "0.0.0.0:5001"}', 'sync: {server: "h:1", heartbeat: 0s}'),
+        "listener.yaml:4:36: channels.sync: bad duration '0s' for heartbeat: expected a number "
+        "and a unit, e.g. 250ms, 30s, 5m, 1h30m",
     ),
     (
         "bad priority",
