@@ -103,6 +103,16 @@ class AsyncOutbox:
         params = {"owner": self.owner, "request_id": request_id, "gateway": gateway}
         return await self._changed("sent", params) == 1
 
+    async def sent_many(self, sends: list[tuple[uuid.UUID, str]]) -> set[uuid.UUID]:
+        """Record several sends in one statement; the request ids this owner still held."""
+        params = {
+            "owner": self.owner,
+            "request_ids": [request_id for request_id, _ in sends],
+            "gateways": [gateway for _, gateway in sends],
+        }
+        cur = await self.conn.execute(query("sent_many"), params)
+        return {row[0] for row in await cur.fetchall()}
+
     async def release(self, request_ids: list[uuid.UUID]) -> int:
         return await self._changed("release", {"owner": self.owner, "request_ids": request_ids})
 
@@ -374,8 +384,8 @@ class Dispatcher:
                 done, _ = await asyncio.wait(
                     [*pending, stopping], return_when=asyncio.FIRST_COMPLETED
                 )
-                for task in [t for t in pending if t in done]:
-                    await self._record(store, pending.pop(task), task.result(), sent)
+                finished = [(pending.pop(t), t.result()) for t in list(pending) if t in done]
+                await self._record(store, finished, sent)
                 if stopping in done:
                     break
         finally:
@@ -422,25 +432,36 @@ class Dispatcher:
         return Outcome(None, error, final=final, tried=tuple(failures))
 
     async def _record(
-        self, store: AsyncOutbox, item: Claimed, outcome: Outcome, sent: dict[str, int]
+        self, store: AsyncOutbox, finished: list[tuple[Claimed, Outcome]], sent: dict[str, int]
     ) -> None:
-        if outcome.gateway is not None:
-            ok = await store.sent(item.request_id, outcome.gateway)
-            sent[outcome.gateway] = sent.get(outcome.gateway, 0) + 1
-            self.metrics.sent(outcome.gateway)
-            if item.attempts == 1:
-                self.metrics.latency(time.time() - item.created_at.timestamp())
-        else:
-            ok = await store.failed(item.request_id, outcome.error, final=outcome.final)
-            for gateway in outcome.tried:
-                self.metrics.failed(gateway, outcome.final)
-            logger.warning(
-                "%s to %s %s: %s",
-                item.request_id,
-                item.device_id,
-                "failed for good" if outcome.final else "not sent, will retry",
-                outcome.error,
-            )
+        """Record what became of ``finished``: the sends in one statement, failures one by one."""
+        sends = [(item, outcome.gateway) for item, outcome in finished if outcome.gateway]
+        if sends:
+            now = time.time()
+            recorded = await store.sent_many([(item.request_id, gw) for item, gw in sends])
+            for item, gateway in sends:
+                sent[gateway] = sent.get(gateway, 0) + 1
+                self.metrics.sent(gateway)
+                if item.attempts == 1:
+                    self.metrics.latency(now - item.created_at.timestamp())
+                self._held.discard(item.request_id)
+                if item.request_id not in recorded:
+                    logger.warning("lost the lease on %s before recording it", item.request_id)
+        for item, outcome in finished:
+            if outcome.gateway is None:
+                await self._record_failure(store, item, outcome)
+
+    async def _record_failure(self, store: AsyncOutbox, item: Claimed, outcome: Outcome) -> None:
+        ok = await store.failed(item.request_id, outcome.error, final=outcome.final)
+        for gateway in outcome.tried:
+            self.metrics.failed(gateway, outcome.final)
+        logger.warning(
+            "%s to %s %s: %s",
+            item.request_id,
+            item.device_id,
+            "failed for good" if outcome.final else "not sent, will retry",
+            outcome.error,
+        )
         self._held.discard(item.request_id)
         if not ok:
             logger.warning("lost the lease on %s before recording it", item.request_id)

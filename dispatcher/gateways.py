@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import ipaddress
 import logging
 import re
 import smtplib
@@ -354,9 +355,23 @@ def format_peer(addr: Any) -> str:
 
 
 async def _resolve(host: str, port: int, transport: asyncio.DatagramTransport) -> Any:
-    """The first address of ``host`` the socket's address family can send to."""
+    """The first address of ``host`` the socket's address family can send to.
+
+    An IP literal of the socket's own family needs no lookup (the usual case:
+    tracked addresses are literals); anything else goes through getaddrinfo,
+    which asyncio runs in a thread.
+    """
     sock = transport.get_extra_info("socket")
     family = sock.family if sock is not None else socket.AF_UNSPEC
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        literal = None
+    if literal is not None:
+        if literal.version == 4 and family == socket.AF_INET:
+            return (host, port)
+        if literal.version == 6 and family == socket.AF_INET6:
+            return (host, port, 0, 0)
     flags = socket.AI_V4MAPPED if family == socket.AF_INET6 else 0
     infos = await asyncio.get_running_loop().getaddrinfo(
         host, port, family=family, type=socket.SOCK_DGRAM, flags=flags

@@ -69,6 +69,22 @@ WHERE request_id = %(request_id)s
   AND state = 'sending'
   AND lease_owner = %(owner)s
 
+-- sent_many --
+-- `sent` for a batch: request_ids[i] went out through gateways[i]. Returns the
+-- rows this owner still held (and so recorded).
+UPDATE pushsync.outbox AS o
+SET state = 'sent',
+    sent_at = now(),
+    gateway_used = s.gateway,
+    next_attempt_at = now() + o.resend_every,
+    lease_owner = NULL,
+    lease_expires_at = NULL
+FROM unnest(%(request_ids)s::uuid[], %(gateways)s::text[]) AS s(request_id, gateway)
+WHERE o.request_id = s.request_id
+  AND o.state = 'sending'
+  AND o.lease_owner = %(owner)s
+RETURNING o.request_id
+
 -- release --
 -- Give rows back unsent, as if never claimed: attempts - 1, lease cleared.
 -- A row sent before goes back to 'sent' (it stays due). A row never sent goes
