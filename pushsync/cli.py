@@ -210,11 +210,20 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
             gateways=gateways,
             metrics_listen=args.metrics,
             heartbeat=heartbeat,
+            batch=_positive(args.batch, "--batch"),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     except OSError as exc:
         raise UsageError(f"cannot listen: {exc.strerror or exc}") from exc
+
+
+def _positive(text: str | None, flag: str, default: int = 500) -> int:
+    if text is None:
+        return default
+    if not text.isdigit() or not 1 <= int(text) <= 100_000:
+        raise UsageError(f"{flag} must be a whole number from 1 to 100000, not {text!r}")
+    return int(text)
 
 
 def _read_text(path: str, flag: str) -> str:
@@ -348,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     option(dispatch, "--smtp-password-file", metavar="PATH", help="the SMTP password, in a file")
     option(dispatch, "--metrics", metavar="HOST:PORT", help="serve /metrics and /healthz over HTTP")
+    option(dispatch, "--batch", metavar="N", help="rows claimed at a time (default 500)")
     dispatch.set_defaults(handler=cmd_dispatch)
 
     listen = commands.add_parser("listen", help="run the device listener")

@@ -1,0 +1,1 @@
+"""Fan-out and connection benchmark of the dispatcher: see ``README.md``."""
