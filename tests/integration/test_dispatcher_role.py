@@ -1,0 +1,84 @@
+"""The dispatcher runs with exactly the grants docs/schema.md gives its role.
+
+The SQL block is taken from the documentation itself, so the docs cannot drift
+from what the dispatcher needs: a missing grant fails this test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from pushsync.listener import protocol
+from tests.integration.test_sync_gateway import (
+    DEVICE,
+    SECRET,
+    add_device,
+    dispatching,
+    enqueue,
+    outbox_row,
+    session,
+    until,
+)
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "schema.md"
+
+
+def documented_grants(role: str) -> list[str]:
+    """The statements of the docs' dispatcher role block, for a role named ``role``."""
+    text = DOCS.read_text(encoding="utf-8")
+    blocks = re.findall(r"```sql\n(.*?)```", text, re.DOTALL)
+    block = next(b for b in blocks if "CREATE ROLE pushsync_dispatcher" in b)
+    lines = [line for line in block.splitlines() if not line.lstrip().startswith("--")]
+    # The example poll function does not exist in this database.
+    statements = [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+    statements = [s for s in statements if "poll__" not in s]
+    return [s.replace("pushsync_dispatcher", role) for s in statements]
+
+
+@pytest.mark.asyncio
+async def test_the_documented_dispatcher_role_is_enough(db: psycopg.Connection, dsn: str) -> None:
+    role = f"pushsync_dispatcher_{uuid.uuid4().hex[:8]}"
+    for statement in documented_grants(role):
+        db.execute(statement)  # our own documentation's SQL
+    try:
+        add_device(db)
+        request_id = enqueue(db)
+        expired = enqueue(db)
+        db.execute(
+            "UPDATE pushsync.outbox SET expires_at = now() - interval '1 second', "
+            "created_at = now() - interval '1 minute' WHERE request_id = %s",
+            (expired,),
+        )
+        async with dispatching(make_conninfo(dsn, user=role)) as dispatcher:
+            conn = await session(dispatcher)
+            try:
+                conn.send(protocol.encode_track(":5001"))
+                frame = await conn.recv(timeout=10)
+                assert frame is not None and frame.type == protocol.FrameType.MESSAGE
+                msg = protocol.decode_message(frame.payload, SECRET, time.time())
+                assert msg.request_id == request_id
+                ack = protocol.Ack(request_id=request_id, device=DEVICE, confirmed=time.time())
+                conn.send(protocol.encode_ack_frame(protocol.encode_ack(ack, SECRET)))
+                await until(lambda: outbox_row(db, request_id)[0] == "confirmed", "confirmed")
+                await until(lambda: outbox_row(db, expired)[0] == "expired", "expired")
+                archived = "SELECT count(*) FROM pushsync.outbox_history"
+                await until(lambda: db.execute(archived).fetchone() == (2,), "archived")
+                tracked = db.execute(
+                    "SELECT address FROM pushsync.device_addresses WHERE source = 'tracking'"
+                ).fetchone()
+                assert tracked == ("127.0.0.1:5001",)
+            finally:
+                await conn.close("bye")
+            await asyncio.sleep(0)
+        assert db.execute("SELECT count(*) FROM pushsync.dispatchers").fetchone() == (0,)
+    finally:
+        db.execute(f'DROP OWNED BY "{role}"')
+        db.execute(f'DROP ROLE "{role}"')
