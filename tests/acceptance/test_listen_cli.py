@@ -103,3 +103,75 @@ def test_listen_runs_the_action_once_and_acks(tmp_path: Path) -> None:
         _, stderr = listener.communicate(timeout=30)
     assert listener.returncode == 0, stderr
     assert "Traceback" not in stderr
+
+
+MINIMAL = """\
+import sys, sysconfig
+paths = sysconfig.get_paths()
+sys.path[:] = [sys.argv[1], sys.argv[2], paths["stdlib"], paths["platstdlib"],
+               paths["stdlib"] + "/lib-dynload"]
+from pushsync.cli import main
+code = main(["listen", sys.argv[3]])
+heavy = sorted({"psycopg", "sqlglot", "jinja2"} & {m.split(".")[0] for m in sys.modules})
+print("server packages imported:", ",".join(heavy) or "none", file=sys.stderr)
+raise SystemExit(code)
+"""
+
+
+def test_listen_runs_with_only_the_standard_library_and_pyyaml(tmp_path: Path) -> None:
+    """A device's environment: no site-packages but a copy of PyYAML (``python -S -E``)."""
+    import shutil
+
+    import yaml
+
+    site = tmp_path / "site"
+    shutil.copytree(Path(yaml.__file__).parent, site / "yaml")
+    root = Path(__file__).resolve().parents[2]
+    port = free_udp_port()
+    config = write_config(tmp_path, port)
+    with socket.socket() as closed:  # a SYNC server that is not there: retried, not fatal
+        closed.bind(("127.0.0.1", 0))
+        nowhere = closed.getsockname()[1]
+    text = config.read_text()
+    config.write_text(
+        text.replace("channels:\n", f'channels:\n  sync: {{server: "127.0.0.1:{nowhere}"}}\n')
+    )
+    listener = subprocess.Popen(
+        [sys.executable, "-S", "-E", "-c", MINIMAL, str(site), str(root), str(config)],
+        cwd=tmp_path,
+        env={"PATH": os.environ.get("PATH", "")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        now = time.time()
+        message = protocol.Message(
+            request_id=uuid.uuid4(),
+            device="truck-1",
+            subject="sync",
+            content="minimal",
+            sender="pushsync",
+            priority="normal",
+            created=now,
+            expires=now + 60,
+        )
+        datagram = protocol.encode_message(message, SECRET)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as device_side:
+            device_side.settimeout(0.2)
+            ack = None
+            deadline = time.monotonic() + 20
+            while ack is None and time.monotonic() < deadline:
+                device_side.sendto(datagram, ("127.0.0.1", port))
+                try:
+                    ack = protocol.decode_ack(device_side.recv(2048), SECRET)
+                except TimeoutError:
+                    continue
+        assert ack is not None and ack.request_id == message.request_id
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        _, stderr = listener.communicate(timeout=30)
+    assert listener.returncode == 0, stderr
+    assert "server packages imported: none" in stderr
+    assert "sync: cannot connect to 127.0.0.1:" in stderr
+    assert "Traceback" not in stderr

@@ -1,0 +1,449 @@
+"""Property-based fuzzing of the running daemons over real sockets.
+
+Hypothesis feeds thousands of random and mutated inputs: datagrams to a running
+listener, SYNC streams from a fake server to the listener's sync channel, and
+SYNC streams to the dispatcher's SYNC server. Properties: nothing crashes, no
+action runs for anything that is not a validly signed message for the device,
+and each daemon still does its job afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pushsync.dispatcher.outbox import Claimed
+from pushsync.dispatcher.sync_server import SyncServer, SyncSettings
+from pushsync.listener import protocol
+from pushsync.listener.config import load_config
+from pushsync.listener.runtime import Listener
+
+SECRET = bytes(range(32))
+WRONG = bytes(range(1, 33))
+DEVICE = "truck-1"
+EXAMPLES = 1500
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    database=None,
+)
+T = TypeVar("T")
+
+
+def message(**changes: Any) -> protocol.Message:
+    now = time.time()
+    fields: dict[str, Any] = {
+        "request_id": uuid.uuid4(),
+        "device": DEVICE,
+        "subject": "sync",
+        "content": "fuzz",
+        "sender": "pushsync",
+        "priority": "normal",
+        "created": round(now, 3),
+        "expires": round(now + 600, 3),
+    }
+    fields.update(changes)
+    return protocol.Message(**fields)
+
+
+def mutate(data: bytes, draw: Callable[[st.SearchStrategy[Any]], Any]) -> bytes:
+    """Flip bits, cut, extend or splice ``data``."""
+    out = bytearray(data)
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["flip", "cut", "extend", "set"]))
+        if kind == "flip" and out:
+            at = draw(st.integers(0, len(out) - 1))
+            out[at] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "cut" and out:
+            del out[draw(st.integers(0, len(out) - 1)) :]
+        elif kind == "extend":
+            out += draw(st.binary(min_size=1, max_size=64))
+        elif out:
+            at = draw(st.integers(0, len(out) - 1))
+            out[at] = draw(st.integers(0, 255))
+    return bytes(out)
+
+
+@st.composite
+def hostile_envelopes(draw: Callable[[st.SearchStrategy[Any]], Any]) -> bytes:
+    """Anything but a validly signed, unexpired message for DEVICE."""
+    kind = draw(st.sampled_from(["random", "mutated", "wrong secret", "expired", "other device"]))
+    if kind == "random":
+        return bytes(draw(st.binary(max_size=1400)))
+    if kind == "wrong secret":
+        return protocol.encode_message(message(), WRONG)
+    if kind == "expired":
+        return protocol.encode_message(message(created=1.0, expires=2.0), SECRET)
+    if kind == "other device":
+        return protocol.encode_message(message(device="truck-2"), SECRET)
+    good = protocol.encode_message(message(), SECRET)
+    bad = mutate(good, draw)
+    if bad == good:
+        bad = good[:-1]
+    return bad
+
+
+class LoopThread:
+    """An event loop in a thread: the daemons run there while Hypothesis drives the test."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float = 30.0) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def close(self) -> None:
+        async def cancel_the_rest() -> None:
+            me = asyncio.current_task()
+            rest = [t for t in asyncio.all_tasks() if t is not me]
+            for task in rest:
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+            await asyncio.sleep(0.1)  # let closed transports finish closing
+
+        self.run(cancel_the_rest())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def write_config(directory: Path, channels: str) -> Path:
+    (directory / "device.key").write_text(protocol.format_secret(SECRET), encoding="ascii")
+    script = directory / "record.py"
+    script.write_text(
+        "import pathlib, sys\n"
+        "with (pathlib.Path(__file__).parent / 'runs.txt').open('a') as f:\n"
+        "    f.write(sys.argv[1] + '\\n')\n",
+        encoding="utf-8",
+    )
+    argv = json.dumps([sys.executable, str(script), "$request_id"])
+    path = directory / "listener.yaml"
+    path.write_text(
+        f"device: {DEVICE}\nsecret_file: device.key\nstate_dir: state\nchannels:\n{channels}"
+        f"handlers:\n  - name: record\n    action: {{run: {argv}, timeout: 10s}}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def runs(directory: Path) -> list[str]:
+    out = directory / "runs.txt"
+    return out.read_text().split() if out.exists() else []
+
+
+@contextmanager
+def running_listener(loop: LoopThread, config: Path) -> Iterator[Listener]:
+    async def start() -> tuple[Listener, asyncio.Event, asyncio.Task[None]]:
+        listener = Listener(load_config(config))
+        stop = asyncio.Event()
+        task = asyncio.create_task(listener.run(stop))
+        await asyncio.wait_for(listener.started.wait(), 10)
+        return listener, stop, task
+
+    listener, stop, task = loop.run(start())
+    try:
+        yield listener
+    finally:
+
+        async def finish() -> None:
+            stop.set()
+            await asyncio.wait_for(task, 15)
+
+        loop.run(finish())
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def loop() -> Iterator[LoopThread]:
+    thread = LoopThread()
+    try:
+        yield thread
+    finally:
+        thread.close()
+
+
+# --------------------------------------------------------------------------- UDP to the listener
+
+
+@pytest.mark.slow
+def test_hostile_datagrams_never_run_an_action(loop: LoopThread, tmp_path: Path) -> None:
+    config = write_config(tmp_path, '  udp: {bind: "127.0.0.1:0"}\n')
+    sent = 0
+    with running_listener(loop, config) as listener:
+        address = listener.udp_address
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+
+            @FUZZ
+            @given(hostile_envelopes())
+            def send(data: bytes) -> None:
+                nonlocal sent
+                sender.sendto(data, address)
+                sent += 1
+                if sent % 200 == 0:  # keep the socket's buffer from overflowing
+                    wait_until(lambda: listener.counters.received >= sent - 50, "the listener")
+
+            send()
+            wait_until(lambda: listener.counters.received >= sent, "every datagram")
+            assert runs(tmp_path) == []
+            assert listener.counters.handled == 0 and listener.counters.acks_sent == 0
+            good = message()
+            sender.sendto(protocol.encode_message(good, SECRET), address)
+            wait_until(lambda: runs(tmp_path) == [str(good.request_id)], "the valid message")
+    assert sent >= EXAMPLES // 2
+
+
+# --------------------------------------------------------------------------- SYNC to the listener
+
+
+class FakeServer:
+    """A SYNC server that authenticates the device, then writes whatever it is given.
+
+    Only the newest connection takes what :meth:`send` queues.
+    """
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.writer: asyncio.StreamWriter | None = None
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def send(self, data: bytes) -> None:
+        """Queue ``data`` for the current connection (call in the loop's thread)."""
+        self.queue.put_nowait(data)
+
+    def drop(self) -> None:
+        """Close the current connection (call in the loop's thread)."""
+        if self.writer is not None:
+            self.writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        frames = protocol.FrameReader()
+        try:
+            got: list[protocol.Frame] = []
+            while len(got) < 1:
+                got += frames.feed(await reader.read(4096))
+            hello = protocol.decode_hello(got.pop(0))
+            challenge = protocol.new_nonce()
+            writer.write(protocol.encode_challenge(challenge))
+            while len(got) < 1:
+                got += frames.feed(await reader.read(4096))
+            protocol.decode_auth(got.pop(0))
+            proof = protocol.server_proof(SECRET, hello.nonce, challenge, hello.device)
+            writer.write(protocol.encode_welcome(proof))
+            self.drop()
+            self.queue = asyncio.Queue()  # what was meant for the last connection is dropped
+            self.writer = writer
+            queue = self.queue
+            while True:
+                getting = asyncio.ensure_future(queue.get())
+                reading = asyncio.ensure_future(reader.read(4096))
+                done, _ = await asyncio.wait(
+                    [getting, reading], return_when=asyncio.FIRST_COMPLETED
+                )
+                for waiter in (getting, reading):
+                    waiter.cancel()
+                if reading in done and not reading.result():
+                    break  # the listener closed the connection
+                if getting in done:
+                    writer.write(getting.result())
+                    await writer.drain()
+        except (ConnectionError, protocol.ProtocolError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+@st.composite
+def hostile_streams(draw: Callable[[st.SearchStrategy[Any]], Any]) -> bytes:
+    """Bytes a server might send after WELCOME that must not run an action."""
+    kind = draw(st.sampled_from(["random", "frames", "mutated frame"]))
+    if kind == "random":
+        return bytes(draw(st.binary(min_size=1, max_size=300)))
+    if kind == "frames":
+        frame_type = draw(st.sampled_from(list(protocol.FrameType)))
+        if frame_type == protocol.FrameType.MESSAGE:
+            payload = draw(hostile_envelopes())
+        else:
+            payload = draw(st.binary(max_size=40))
+        return protocol.encode_frame(frame_type, payload)
+    good = protocol.encode_message_frame(protocol.encode_message(message(), SECRET))
+    bad = mutate(good, draw)
+    # Bytes after an intact frame leave a valid message: not what this tests.
+    return good[:-1] if bad.startswith(good) else bad
+
+
+@pytest.mark.slow
+def test_hostile_sync_streams_never_run_an_action(loop: LoopThread, tmp_path: Path) -> None:
+    fake = FakeServer()
+    port = loop.run(fake.start())
+    config = write_config(tmp_path, f'  sync: {{server: "127.0.0.1:{port}"}}\n')
+    with running_listener(loop, config) as listener:
+        from pushsync.listener.channels import SyncChannel
+
+        channel = listener.channel(SyncChannel)
+        channel.backoff.first = channel.backoff.most = 0.001  # reconnect at once
+        wait_until(channel.connected.is_set, "the first connection")
+
+        @settings(FUZZ, max_examples=EXAMPLES // 3)
+        @given(hostile_streams())
+        def send(data: bytes) -> None:
+            before = channel.connections
+            loop.loop.call_soon_threadsafe(fake.send, data)
+            # A bad stream drops the connection: wait for the next one.
+            time.sleep(0.002)
+            if not channel.connected.is_set() or channel.connections != before:
+                wait_until(channel.connected.is_set, "a reconnection")
+
+        send()
+        assert runs(tmp_path) == []
+        # A valid message on a fresh connection (the last one may hold half a frame).
+        good = message()
+        frame = protocol.encode_message_frame(protocol.encode_message(good, SECRET))
+        before = channel.connections
+        loop.loop.call_soon_threadsafe(fake.drop)
+        wait_until(
+            lambda: channel.connections > before and channel.connected.is_set(), "a fresh one"
+        )
+        loop.loop.call_soon_threadsafe(fake.send, frame)
+        wait_until(lambda: runs(tmp_path) == [str(good.request_id)], "the valid message")
+    loop.run(_close_server(fake))
+
+
+async def _close_server(fake: FakeServer) -> None:
+    fake.drop()
+    if fake.server is not None:
+        fake.server.close()
+        await fake.server.wait_closed()
+
+
+# --------------------------------------------------------------------------- SYNC to the dispatcher
+
+
+class MemoryStore:
+    """The SYNC server's store without a database: one device, records kept in lists."""
+
+    def __init__(self) -> None:
+        self.connected_devices: list[str] = []
+        self.tracked: list[tuple[str, str]] = []
+
+    async def secret(self, device: str) -> bytes | None:
+        return SECRET if device == DEVICE else None
+
+    async def connected(self, device: str, peer: str) -> None:
+        self.connected_devices.append(device)
+
+    async def disconnected(self, device: str, peer: str) -> None:
+        return None
+
+    async def track(self, device: str, address: str) -> None:
+        self.tracked.append((device, address))
+
+    async def claim_device(self, device: str, limit: int) -> list[Claimed]:
+        return []
+
+    async def sent(self, request_id: uuid.UUID, gateway: str) -> bool:
+        return True
+
+    async def failed(self, request_id: uuid.UUID, error: str, *, final: bool) -> bool:
+        return True
+
+
+@st.composite
+def client_streams(draw: Callable[[st.SearchStrategy[Any]], Any]) -> bytes:
+    """What a hostile client might send first: garbage, frames, a mutated handshake."""
+    kind = draw(st.sampled_from(["random", "frames", "mutated hello", "forged auth"]))
+    if kind == "random":
+        return bytes(draw(st.binary(min_size=1, max_size=600)))
+    if kind == "frames":
+        parts = [
+            protocol.encode_frame(
+                draw(st.sampled_from(list(protocol.FrameType))), draw(st.binary(max_size=80))
+            )
+            for _ in range(draw(st.integers(1, 4)))
+        ]
+        return b"".join(parts)
+    hello = protocol.encode_hello(protocol.Hello(device=DEVICE, nonce=protocol.new_nonce()))
+    if kind == "mutated hello":
+        return mutate(hello, draw)
+    return hello + protocol.encode_auth(draw(st.binary(min_size=32, max_size=32)))
+
+
+@pytest.mark.slow
+def test_hostile_clients_never_authenticate_and_the_server_keeps_serving(
+    loop: LoopThread,
+) -> None:
+    store = MemoryStore()
+    acks: list[protocol.Ack] = []
+    server = SyncServer(
+        store, lambda ack, _peer: acks.append(ack), settings=SyncSettings(handshake_timeout=2.0)
+    )
+    loop.run(server.start("127.0.0.1", 0))
+    host, port = server.address
+
+    async def attack(data: bytes) -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(data)
+        try:
+            await asyncio.wait_for(reader.read(65536), 0.05)
+        except (TimeoutError, ConnectionError):
+            pass
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+    @settings(FUZZ, max_examples=EXAMPLES // 2)
+    @given(client_streams())
+    def send(data: bytes) -> None:
+        loop.run(attack(data))
+
+    try:
+        send()
+        wait_until(lambda: not server._all, "every hostile connection to close", timeout=10)
+        assert store.connected_devices == [] and acks == []
+        assert server.stats.authenticated == 0
+
+        async def honest() -> bool:
+            from pushsync.listener.config import Address
+            from pushsync.listener.sync_client import open_session
+
+            session = await open_session(
+                Address(host=host, port=port), device=DEVICE, secret=SECRET
+            )
+            await session.close("bye")
+            return True
+
+        assert loop.run(honest())
+        assert store.connected_devices == [DEVICE]
+    finally:
+        loop.run(server.close())
