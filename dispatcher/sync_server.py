@@ -85,12 +85,22 @@ class SyncStore(Protocol):
 AckSink = Callable[[protocol.Ack, str], None]
 
 
+class Synchronizer(Protocol):
+    """Takes the synchronization frames of authenticated connections."""
+
+    def feed(self, conn: SyncConnection, frame: protocol.Frame) -> None: ...
+
+    def closed(self, conn: SyncConnection) -> None: ...
+
+
 @dataclass(slots=True)
 class SyncStats:
     """What the SYNC port has seen since the server started."""
 
     accepted: int = 0
     authenticated: int = 0
+    subscribed: int = 0
+    """Authenticated connections that asked for pushes (SUBSCRIBE)."""
     refused: int = 0
     """Connections closed for failing authentication."""
     dropped: int = 0
@@ -129,6 +139,8 @@ class SyncServer:
         self.sender = sender
         self.clock = clock
         self.stats = SyncStats()
+        self.synchronizer: Synchronizer | None = None
+        """Serves SYNC_BEGIN/UPLOAD/DOWNLOAD frames (the daemon sets one)."""
         self.connections: dict[str, SyncConnection] = {}
         """Authenticated connections by device id."""
         self._all: set[SyncConnection] = set()
@@ -194,12 +206,16 @@ class SyncServer:
         self._all.add(conn)
         self.stats.accepted += 1
 
-    def authenticated(self, conn: SyncConnection) -> None:
+    def subscribed(self, conn: SyncConnection) -> None:
+        """``conn`` asked for pushes: it becomes its device's connection, replacing any other."""
         assert conn.device is not None
         old = self.connections.get(conn.device)
+        if old is conn:
+            return
         self.connections[conn.device] = conn
-        self.stats.authenticated += 1
-        if old is not None and old is not conn:
+        self.stats.subscribed += 1
+        logger.info("sync: %s connected from %s", conn.device, conn.peer)
+        if old is not None:
             old.close("replaced by a new connection", forget=False)
         self.spawn(self._record_connected(conn), f"sync connected {conn.device}")
 
@@ -214,6 +230,8 @@ class SyncServer:
 
     def detached(self, conn: SyncConnection, *, forget: bool) -> None:
         self._all.discard(conn)
+        if self.synchronizer is not None:
+            self.synchronizer.closed(conn)
         device = conn.device
         if device is None or self.connections.get(device) is not conn:
             return
@@ -387,8 +405,8 @@ class SyncConnection(asyncio.Protocol):
                 protocol.server_proof(secret, self._client_nonce, self._challenge, device)
             )
         )
-        logger.info("sync: %s connected from %s", device, self.peer)
-        self.server.authenticated(self)
+        self.server.stats.authenticated += 1
+        logger.debug("sync: %s authenticated from %s", device, self.peer)
 
     def _traffic(self, frame: protocol.Frame) -> None:
         kind = frame.type
@@ -403,10 +421,23 @@ class SyncConnection(asyncio.Protocol):
             endpoint = protocol.decode_track(frame)
             address = protocol.tracked_address(endpoint, self.peer_host)
             self.server.spawn(self._track(address), f"sync track {self.device}")
+        elif kind == FrameType.SUBSCRIBE:
+            if frame.payload:
+                raise protocol.Malformed("SUBSCRIBE carries no payload")
+            self.server.subscribed(self)
         elif kind == FrameType.POLL:
             protocol.decode_poll(frame)
             self.server.stats.polls += 1
             self.server.spawn(self._poll(), f"sync poll {self.device}")
+        elif kind in (FrameType.SYNC_BEGIN, FrameType.UPLOAD, FrameType.DOWNLOAD):
+            if self.server.synchronizer is None:
+                self.write(
+                    protocol.encode_json_frame(
+                        FrameType.SYNC_ERROR, {"error": "this server does not synchronize"}
+                    )
+                )
+                return
+            self.server.synchronizer.feed(self, frame)
         elif kind == FrameType.BYE:
             reason = protocol.decode_bye(frame)
             logger.info("sync: %s said BYE: %r", self.device, reason[:80])

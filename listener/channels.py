@@ -290,6 +290,7 @@ class SyncChannel:
 
     async def _serve(self, session: Session) -> None:
         self._session = session
+        session.send(protocol.encode_subscribe())
         port = self.udp_port()
         if port is not None:
             session.send(protocol.encode_track(f":{port}"))

@@ -17,12 +17,13 @@ import enum
 import hashlib
 import hmac
 import ipaddress
+import json
 import math
 import re
 import secrets
 import uuid
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from pushsync.errors import PushsyncError, UsageError
 from pushsync.listener.limits import MAX_DATAGRAM
@@ -457,6 +458,13 @@ class FrameType(enum.IntEnum):
     ACK = 0x11
     TRACK = 0x12
     POLL = 0x13
+    SUBSCRIBE = 0x14
+    SYNC_BEGIN = 0x40
+    UPLOAD = 0x41
+    UPLOADED = 0x42
+    DOWNLOAD = 0x43
+    SYNC_END = 0x44
+    SYNC_ERROR = 0x45
     PING = 0x20
     PONG = 0x21
     BYE = 0x30
@@ -722,6 +730,75 @@ def decode_poll(frame: Frame) -> None:
     _expect(frame, FrameType.POLL)
     if frame.payload:
         raise Malformed("POLL carries no payload")
+
+
+def encode_subscribe() -> bytes:
+    """A SUBSCRIBE frame: "push my messages down this connection" (the persistent channel)."""
+    return encode_frame(FrameType.SUBSCRIBE)
+
+
+# --------------------------------------------------------------------------- synchronization
+
+SYNC_FRAMES: Final = frozenset(
+    {
+        FrameType.SYNC_BEGIN,
+        FrameType.UPLOAD,
+        FrameType.UPLOADED,
+        FrameType.DOWNLOAD,
+        FrameType.SYNC_END,
+        FrameType.SYNC_ERROR,
+    }
+)
+"""Frames of a synchronization; their payloads are JSON objects (UTF-8)."""
+
+MAX_JSON_DEPTH: Final = 32
+
+
+def encode_json_frame(frame_type: FrameType, payload: dict[str, Any]) -> bytes:
+    """A synchronization frame carrying ``payload`` as compact JSON; ``Oversized`` past 64 KiB."""
+    if frame_type not in SYNC_FRAMES:
+        raise Malformed(f"{frame_type.name} does not carry JSON")
+    data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return encode_frame(frame_type, data.encode("utf-8"))
+
+
+def decode_json_frame(frame: Frame, *types: FrameType) -> dict[str, Any]:
+    """The JSON object of a synchronization frame of one of ``types``.
+
+    Numbers with a fraction or exponent are returned as text (exact, as
+    PostgreSQL's ``numeric`` needs); ``Malformed`` for anything but a JSON object.
+    """
+    _expect(frame, *types)
+    try:
+        text = frame.payload.decode("utf-8")
+        value = json.loads(text, parse_float=str, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise Malformed(f"{frame.type.name} payload is not JSON") from None
+    if not isinstance(value, dict):
+        raise Malformed(f"{frame.type.name} payload must be a JSON object")
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise Malformed(f"{frame.type.name} payload nested too deeply")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth(value: Any) -> int:
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            return depth
+        nested: list[Any] = []
+        for item in level:
+            if isinstance(item, dict):
+                nested.extend(item.values())
+            elif isinstance(item, list):
+                nested.extend(item)
+        level = nested
+    return depth
 
 
 def encode_bye(reason: str = "") -> bytes:

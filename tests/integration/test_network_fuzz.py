@@ -440,6 +440,11 @@ def test_hostile_clients_never_authenticate_and_the_server_keeps_serving(
             session = await open_session(
                 Address(host=host, port=port), device=DEVICE, secret=SECRET
             )
+            session.send(protocol.encode_subscribe())
+            for _ in range(200):
+                if store.connected_devices:
+                    break
+                await asyncio.sleep(0.01)
             await session.close("bye")
             return True
 

@@ -171,8 +171,18 @@ async def listening(config_path: Path) -> AsyncIterator[Listener]:
         await asyncio.wait_for(task, WAIT)
 
 
-async def session(dispatcher: Dispatcher, secret: bytes = SECRET, device: str = DEVICE) -> Session:
-    return await open_session(server_address(dispatcher), device=device, secret=secret, timeout=5)
+async def session(
+    dispatcher: Dispatcher, secret: bytes = SECRET, device: str = DEVICE, *, subscribe: bool = True
+) -> Session:
+    """An authenticated connection; with ``subscribe``, the device's push connection."""
+    opened = await open_session(
+        server_address(dispatcher), device=device, secret=secret, timeout=5
+    )
+    if subscribe:
+        before = sync_of(dispatcher).stats.subscribed
+        opened.send(protocol.encode_subscribe())
+        await until(lambda: sync_of(dispatcher).stats.subscribed > before, "the subscription")
+    return opened
 
 
 async def closed_by_server(reader: asyncio.StreamReader) -> bytes:
