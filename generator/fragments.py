@@ -183,8 +183,10 @@ def _is_forbidden_function(name: str) -> bool:
     return name in FORBIDDEN_FUNCTIONS or name.startswith(FORBIDDEN_FUNCTION_PREFIXES)
 
 
-def _police(tree: exp.Expr) -> None:
+def _police(tree: exp.Expr, *, parameters: tuple[type[exp.Expr], ...] = ()) -> None:
     for node in tree.walk():
+        if parameters and isinstance(node, parameters):
+            continue
         if isinstance(node, _FORBIDDEN_NODES):
             raise FragmentError(f"only reading is allowed here, found {_describe(node)}")
         if isinstance(node, exp.Func):
@@ -216,6 +218,65 @@ def parse_query(text: str) -> exp.Query:
         raise FragmentError(f"expected a SELECT, found {_describe(tree)}")
     _require_qualified_tables(tree)
     return normalize_identifiers(tree, dialect=DIALECT)
+
+
+DEVICE_PARAMETER = "device_id"
+
+
+def parse_download(text: str) -> exp.Query:
+    """A publication's download: one read-only SELECT; ``:device_id`` is the syncing device.
+
+    The parameter becomes ``$1``, the argument of the generated download function.
+    """
+    trees = _parse(text)
+    if not trees:
+        raise FragmentError("expected a SELECT, found nothing")
+    if len(trees) > 1:
+        raise FragmentError("expected one SELECT, found more than one statement")
+    tree = trees[0]
+    for node in list(tree.find_all(exp.Placeholder)):
+        if node.name != DEVICE_PARAMETER:
+            raise FragmentError(f"unknown parameter :{node.name}: only :device_id may be used")
+        node.replace(exp.Parameter(this=exp.Literal.number(1)))
+    _police(tree, parameters=(exp.Parameter,))
+    if not isinstance(tree, exp.Query):
+        raise FragmentError(f"expected a SELECT, found {_describe(tree)}")
+    _require_qualified_tables(tree)
+    return normalize_identifiers(tree, dialect=DIALECT)
+
+
+def download_tables(tree: exp.Expr) -> list[tuple[str, str]]:
+    """The (schema, table) pairs a download reads, in order, without CTE names."""
+    ctes = {cte.alias_or_name.lower() for cte in tree.find_all(exp.CTE)}
+    found: list[tuple[str, str]] = []
+    for table in tree.find_all(exp.Table):
+        if not table.db and table.name.lower() in ctes:
+            continue
+        pair = (table.db, table.name)
+        if table.name and pair not in found:
+            found.append(pair)
+    return found
+
+
+def star_source(query: exp.Query) -> str | None:
+    """For ``SELECT *`` or ``SELECT x.*``: ``"*"`` or ``"x"``; None for any other list."""
+    if not isinstance(query, exp.Select) or len(query.expressions) != 1:
+        return None
+    only = query.expressions[0]
+    if isinstance(only, exp.Star):
+        return "*"
+    if isinstance(only, exp.Column) and isinstance(only.this, exp.Star):
+        return only.table
+    return None
+
+
+def table_alias_of(query: exp.Query, schema: str, name: str) -> list[str]:
+    """The names ``schema.name`` goes by in the FROM/JOIN of ``query`` (its alias, else name)."""
+    names = []
+    for table in query.find_all(exp.Table):
+        if table.db == schema and table.name == name:
+            names.append(table.alias_or_name)
+    return names
 
 
 def parse_condition(text: str) -> exp.Expr:

@@ -139,6 +139,38 @@ class Poll:
         return f"poll {self.name}"
 
 
+Conflict = Literal["server_wins", "client_wins", "newest"]
+CONFLICTS: tuple[Conflict, ...] = ("server_wins", "client_wins", "newest")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PublishedTable:
+    """One table of a publication: which rows a device holds, and what it may upload."""
+
+    table: TableName
+    location: Location
+    download: Fragment  # a SELECT of the table's rows; ``:device_id`` is the device
+    upload: tuple[Event, ...] = ()
+    conflict: Conflict = "server_wins"
+    newest_column: str | None = None
+    key: tuple[str, ...] = ()  # empty: the table's primary key, looked up when applied
+    field_locations: dict[str, Location] = field(default_factory=dict, compare=False)
+
+    def where(self, key: str) -> Location:
+        return self.field_locations.get(key, self.location)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Publication:
+    name: str
+    location: Location
+    tables: tuple[PublishedTable, ...]
+
+    @property
+    def label(self) -> str:
+        return f"publication {self.name}"
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RuleSet:
     """A whole rules file."""
@@ -148,3 +180,4 @@ class RuleSet:
     version: int
     rules: tuple[Rule, ...]
     polls: tuple[Poll, ...]
+    publications: tuple[Publication, ...] = ()

@@ -16,7 +16,17 @@ import sqlglot.expressions as exp
 
 from pushsync.errors import Location, Problems
 from pushsync.generator import fragments
-from pushsync.generator.model import Event, Fragment, Poll, Rule, RuleSet, TableName, Template
+from pushsync.generator.model import (
+    Event,
+    Fragment,
+    Poll,
+    Publication,
+    PublishedTable,
+    Rule,
+    RuleSet,
+    TableName,
+    Template,
+)
 from pushsync.listener.limits import MAX_MESSAGE_TEXT
 
 Pass = Callable[[RuleSet, Problems], None]
@@ -184,6 +194,71 @@ def reserved_text(rules: RuleSet, problems: Problems) -> None:
                 problems.add(where, f"the text {RESERVED!r} is reserved by pushsync", rule.label)
 
 
+def publications(rules: RuleSet, problems: Problems) -> None:
+    """Names, one entry per table, the download's shape, one key per table."""
+    seen: dict[str, Publication] = {}
+    keys: dict[TableName, tuple[tuple[str, ...], Location]] = {}
+    for publication in rules.publications:
+        context = publication.label
+        if publication.name in seen:
+            problems.add(
+                publication.location,
+                f"publication name {publication.name!r} is used twice",
+                context,
+            )
+        seen[publication.name] = publication
+        tables: set[TableName] = set()
+        for published in publication.tables:
+            if published.table in tables:
+                problems.add(
+                    published.where("table"),
+                    f"table {published.table} is in this publication twice",
+                    context,
+                )
+            tables.add(published.table)
+            _download_shape(published, problems, context)
+            if published.key:
+                known = keys.get(published.table)
+                if known is not None and known[0] != published.key:
+                    problems.add(
+                        published.where("key"),
+                        f"key of {published.table} differs from the one at {known[1]}: "
+                        "a table is captured by one key",
+                        context,
+                    )
+                keys.setdefault(published.table, (published.key, published.where("key")))
+            if published.conflict == "newest" and "update" not in published.upload:
+                problems.add(
+                    published.where("conflict"),
+                    "conflict: newest decides between updates, but upload does not allow update",
+                    context,
+                )
+
+
+def _download_shape(published: PublishedTable, problems: Problems, context: str) -> None:
+    query = published.download.tree
+    assert isinstance(query, exp.Query)
+    table = published.table
+    names = fragments.table_alias_of(query, table.schema, table.name)
+    where = published.where("download")
+    if not names:
+        problems.add(where, f"download must read {table} (the published table)", context)
+        return
+    star = fragments.star_source(query)
+    reads = fragments.download_tables(query)
+    if star == "*" and len(reads) == 1:
+        return
+    if star is not None and star in names:
+        return
+    alias = names[0]
+    shown = f"{alias}.*" if alias != table.name or len(reads) > 1 else "*"
+    problems.add(
+        where,
+        f"download must select whole rows of {table}: SELECT {shown} FROM ...",
+        context,
+    )
+
+
 PASSES: tuple[Pass, ...] = (
     unique_names,
     row_scopes,
@@ -193,6 +268,7 @@ PASSES: tuple[Pass, ...] = (
     message_size,
     key_conflicts,
     reserved_text,
+    publications,
 )
 
 
@@ -292,10 +368,32 @@ class PollPlan:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class PublishedPlan:
+    """One table of one publication: its download function and what it depends on."""
+
+    publication: str
+    position: int
+    published: PublishedTable
+    function: str
+    depends_on: tuple[TableName, ...]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CapturePlan:
+    """Change capture on one table: by key (``key``; empty: its primary key), or, for a
+    table that downloads only depend on, ``key`` None: only that it changed."""
+
+    table: TableName
+    key: tuple[str, ...] | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Plan:
     rules: RuleSet
     triggers: tuple[TriggerPlan, ...]
     polls: tuple[PollPlan, ...]
+    published: tuple[PublishedPlan, ...] = ()
+    captures: tuple[CapturePlan, ...] = ()
 
 
 def plan(rules: RuleSet) -> Plan:
@@ -323,4 +421,36 @@ def plan(rules: RuleSet) -> Plan:
         )
         for poll in rules.polls
     )
-    return Plan(rules=rules, triggers=triggers, polls=polls)
+    published: list[PublishedPlan] = []
+    keyed: dict[TableName, tuple[str, ...]] = {}
+    dependencies: list[TableName] = []
+    for publication in rules.publications:
+        for position, table in enumerate(publication.tables, start=1):
+            reads = [
+                TableName(schema=schema, name=name)
+                for schema, name in fragments.download_tables(table.download.tree)
+            ]
+            depends = tuple(t for t in reads if t != table.table)
+            published.append(
+                PublishedPlan(
+                    publication=publication.name,
+                    position=position,
+                    published=table,
+                    function=_object_name(
+                        "pub", publication.name, table.table.schema, table.table.name
+                    ),
+                    depends_on=depends,
+                )
+            )
+            if table.key or table.table not in keyed:
+                keyed[table.table] = table.key
+            dependencies += [t for t in depends if t not in dependencies]
+    captures = [CapturePlan(table=t, key=k) for t, k in keyed.items()]
+    captures += [CapturePlan(table=t, key=None) for t in dependencies if t not in keyed]
+    return Plan(
+        rules=rules,
+        triggers=triggers,
+        polls=polls,
+        published=tuple(published),
+        captures=tuple(sorted(captures, key=lambda c: (c.table.schema, c.table.name))),
+    )

@@ -35,6 +35,11 @@ def literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def regclass(table: str) -> str:
+    """``'schema.table'::regclass``."""
+    return f"{literal(table)}::regclass"
+
+
 def interval(value: timedelta) -> str:
     seconds = value.total_seconds()
     shown = int(seconds) if seconds == int(seconds) else seconds
@@ -89,6 +94,7 @@ def _environment() -> jinja2.Environment:
     env.filters.update(
         ident=ident,
         literal=literal,
+        regclass=regclass,
         interval=interval,
         dollar_quote=dollar_quote,
         text_sql=text_sql,

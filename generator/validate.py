@@ -16,9 +16,11 @@ from pushsync import source
 from pushsync.errors import Location, Problems
 from pushsync.generator import fragments, template
 from pushsync.generator.model import (
+    CONFLICTS,
     EVENTS,
     GATEWAYS,
     PRIORITIES,
+    Conflict,
     Delivery,
     Event,
     Fragment,
@@ -26,6 +28,8 @@ from pushsync.generator.model import (
     Literal_,
     Poll,
     Priority,
+    Publication,
+    PublishedTable,
     Rule,
     RuleSet,
     TableName,
@@ -36,7 +40,7 @@ NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 IDENTIFIER = re.compile(r"[a-z_][a-z0-9_$]*\Z")
 MAX_NAME = 63
 
-TOP_KEYS = ("version", "defaults", "rules", "polls")
+TOP_KEYS = ("version", "defaults", "rules", "polls", "publications")
 DELIVERY_KEYS = ("gateway", "ttl", "resend_every", "priority", "coalesce")
 RULE_KEYS = (
     "name",
@@ -51,6 +55,8 @@ RULE_KEYS = (
     *DELIVERY_KEYS,
 )
 POLL_KEYS = ("name", "every", "query", *DELIVERY_KEYS)
+PUBLICATION_KEYS = ("name", "tables")
+PUBLISHED_TABLE_KEYS = ("table", "download", "upload", "conflict", "key")
 
 T = TypeVar("T")
 
@@ -202,18 +208,18 @@ def _table(reader: _Reader, node: source.Node) -> TableName | None:
     return TableName(schema=schema, name=name)
 
 
-def _events(reader: _Reader, node: source.Node) -> tuple[Event, ...] | None:
+def _events(reader: _Reader, node: source.Node, key: str = "on") -> tuple[Event, ...] | None:
     items = node.value if isinstance(node.value, list) else [node]
     events: list[Event] = []
     for item in items:
-        event = reader.choice(item, "on", EVENTS)
+        event = reader.choice(item, key, EVENTS)
         if event is None:
             return None
         if event in events:
             reader.fail(item.location, f"event {event} is listed twice")
             return None
         events.append(event)
-    if not events:
+    if not events and key == "on":
         reader.fail(node.location, "on must list at least one of insert, update, delete")
         return None
     return tuple(events)
@@ -300,6 +306,90 @@ def _poll(reader: _Reader, node: source.Node, defaults: Delivery) -> Poll | None
     )
 
 
+def _publication(reader: _Reader, node: source.Node) -> Publication | None:
+    if not isinstance(node.value, dict):
+        reader.fail(node.location, "a publication must be a mapping")
+        return None
+    before = len(reader.problems)
+    name_node = reader.require(node, "name")
+    name = reader.name(name_node) if name_node else None
+    reader.context = f"publication {name}" if name else reader.context
+    reader.mapping(node, PUBLICATION_KEYS, "a publication")
+    tables: list[PublishedTable] = []
+    tables_node = reader.require(node, "tables")
+    if tables_node is not None:
+        if not isinstance(tables_node.value, list) or not tables_node.value:
+            reader.fail(tables_node.location, "tables must be a list of at least one table")
+        else:
+            for item in tables_node.value:
+                if (published := _published_table(reader, item)) is not None:
+                    tables.append(published)
+    if len(reader.problems) > before:
+        return None
+    assert name is not None
+    return Publication(name=name, location=node.location, tables=tuple(tables))
+
+
+def _published_table(reader: _Reader, node: source.Node) -> PublishedTable | None:
+    if not reader.mapping(node, PUBLISHED_TABLE_KEYS, "a publication table"):
+        return None
+    before = len(reader.problems)
+    fields: dict[str, source.Node] = node.value
+    table_node = reader.require(node, "table")
+    table = _table(reader, table_node) if table_node else None
+    download_node = reader.require(node, "download")
+    download = (
+        reader.fragment(download_node, "download", fragments.parse_download)
+        if download_node
+        else None
+    )
+    upload: tuple[Event, ...] = ()
+    if (upload_node := fields.get("upload")) is not None and upload_node.value is not None:
+        upload = _events(reader, upload_node, "upload") or ()
+    conflict: Conflict | None = "server_wins"
+    newest: str | None = None
+    if (conflict_node := fields.get("conflict")) is not None:
+        conflict, newest = _conflict(reader, conflict_node)
+    key: tuple[str, ...] | None = ()
+    if (key_node := fields.get("key")) is not None:
+        key = reader.identifiers(key_node, "key")
+    if len(reader.problems) > before:
+        return None
+    assert table is not None and download is not None and conflict is not None
+    assert key is not None
+    return PublishedTable(
+        table=table,
+        location=node.location,
+        download=download,
+        upload=upload,
+        conflict=conflict,
+        newest_column=newest,
+        key=key,
+        field_locations=node.key_locations,
+    )
+
+
+def _conflict(reader: _Reader, node: source.Node) -> tuple[Conflict | None, str | None]:
+    """``server_wins``, ``client_wins``, or ``{newest: column}``."""
+    if isinstance(node.value, dict):
+        if set(node.value) != {"newest"}:
+            reader.fail(node.location, "conflict as a mapping must be {newest: column}")
+            return None, None
+        column = reader.identifiers(node.value["newest"], "conflict.newest")
+        if column is None:
+            return None, None
+        if len(column) != 1:
+            reader.fail(node.value["newest"].location, "conflict.newest names one column")
+            return None, None
+        return "newest", column[0]
+    if node.value == "newest":
+        reader.fail(node.location, "conflict: newest needs a column: {newest: updated_at}")
+        return None, None
+    choices = tuple(c for c in CONFLICTS if c != "newest")
+    found = reader.choice(node, "conflict", choices)
+    return found, None
+
+
 def _items(reader: _Reader, root: dict[str, source.Node], key: str) -> list[source.Node]:
     node = root.get(key)
     if node is None or node.value is None:
@@ -335,10 +425,16 @@ def build(text: str, path: str, problems: Problems) -> RuleSet | None:
         reader.context = f"poll #{index}"
         if (poll := _poll(reader, item, defaults)) is not None:
             polls.append(poll)
+    publications: list[Publication] = []
+    for index, item in enumerate(_items(reader, fields, "publications"), start=1):
+        reader.context = f"publication #{index}"
+        if (publication := _publication(reader, item)) is not None:
+            publications.append(publication)
     return RuleSet(
         path=path,
         sha256=hashlib.sha256(text.encode()).hexdigest(),
         version=1,
         rules=tuple(rules),
         polls=tuple(polls),
+        publications=tuple(publications),
     )

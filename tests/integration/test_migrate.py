@@ -34,7 +34,7 @@ def snapshot(db: psycopg.Connection) -> dict[str, list[tuple[Any, ...]]]:
 
 
 def test_base_schema_is_in_the_template(db: psycopg.Connection) -> None:
-    assert schema.applied_versions(db) == {1}
+    assert schema.applied_versions(db) == {m.version for m in schema.migrations()} == {1, 2, 3}
     assert schema.migrate(db) == []  # nothing left to apply
 
 
@@ -81,7 +81,8 @@ def test_removing_a_rule_removes_its_trigger_and_function(db: psycopg.Connection
     # An empty rules file removes everything generated.
     trucking.apply_rules(db, "version: 1\n")
     assert snapshot(db)["triggers"] == []
-    assert [r[0] for r in snapshot(db)["functions"]] == ["key_join"]
+    base_functions = ["capture", "capture_changes", "key_join", "uncapture_except"]
+    assert [r[0] for r in snapshot(db)["functions"]] == base_functions
 
 
 def test_failed_migration_leaves_nothing_behind(db: psycopg.Connection) -> None:
@@ -130,6 +131,6 @@ def test_concurrent_migrations_are_serialised(pg_server: Any, postgresql: Any) -
     for thread in threads:
         thread.join(timeout=60)
     assert errors == []
-    assert applied == [1]  # one session applied it, the other found it done
+    assert applied == [1, 2, 3]  # one session applied them, the other found them done
     with psycopg.connect(dsn) as conn:
-        assert schema.applied_versions(conn) == {1}
+        assert schema.applied_versions(conn) == {1, 2, 3}

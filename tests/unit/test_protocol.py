@@ -449,11 +449,36 @@ def test_frame_types_are_the_documented_bytes() -> None:
         "ACK": 0x11,
         "TRACK": 0x12,
         "POLL": 0x13,
+        "SUBSCRIBE": 0x14,
         "PING": 0x20,
         "PONG": 0x21,
         "BYE": 0x30,
+        "SYNC_BEGIN": 0x40,
+        "UPLOAD": 0x41,
+        "UPLOADED": 0x42,
+        "DOWNLOAD": 0x43,
+        "SYNC_END": 0x44,
+        "SYNC_ERROR": 0x45,
     }
     assert p.encode_poll() == b"\x00\x00\x00\x01\x13"
+    assert p.encode_subscribe() == b"\x00\x00\x00\x01\x14"
+
+
+def test_json_frames_round_trip_and_keep_numbers_exact() -> None:
+    frame = p.encode_json_frame(p.FrameType.UPLOAD, {"n": 1, "x": 0.1, "s": "é"})
+    [decoded] = p.FrameReader().feed(frame)
+    assert p.decode_json_frame(decoded, p.FrameType.UPLOAD) == {"n": 1, "x": "0.1", "s": "é"}
+    with pytest.raises(p.Malformed):
+        p.encode_json_frame(p.FrameType.PING, {})
+    for payload in (b"[1]", b"{", b"\xff", b'{"a": NaN}', b"[" * 40 + b"]" * 40):
+        bad = p.Frame(p.FrameType.UPLOAD, payload)
+        with pytest.raises(p.Malformed):
+            p.decode_json_frame(bad, p.FrameType.UPLOAD)
+    deep = p.Frame(p.FrameType.UPLOAD, b'{"a":' * 40 + b"1" + b"}" * 40)
+    with pytest.raises(p.Malformed):
+        p.decode_json_frame(deep, p.FrameType.UPLOAD)
+    with pytest.raises(p.Oversized):
+        p.encode_json_frame(p.FrameType.UPLOAD, {"x": "a" * 70000})
 
 
 def test_frames_byte_by_byte_equal_frames_at_once() -> None:
