@@ -68,6 +68,7 @@ from pushsync.dispatcher.nodes import PoolStore
 from pushsync.dispatcher.outbox import Claimed, query
 from pushsync.dispatcher.polls import Poll, due_polls, list_polls, next_due, run_poll
 from pushsync.dispatcher.routing import gateway_order, next_gateway
+from pushsync.dispatcher.sync_endpoint import Synchronizer
 from pushsync.dispatcher.sync_server import DEFAULT_PORT as DEFAULT_SYNC_PORT
 from pushsync.dispatcher.sync_server import HEARTBEAT, SyncGateway, SyncServer, SyncSettings
 from pushsync.listener import protocol
@@ -180,6 +181,7 @@ class Dispatcher:
         housekeeping_interval: float = 5.0,
         archive_batch: int = 1000,
         polls_reload_interval: float = 30.0,
+        changes_retention: timedelta = timedelta(days=7),
     ) -> None:
         self.dsn = dsn
         self.gateways: dict[str, Gateway] = dict(gateways)
@@ -197,6 +199,7 @@ class Dispatcher:
         self._ack_ready = asyncio.Event()
         self._held: set[uuid.UUID] = set()
         self.alive_for = timedelta(seconds=max(15.0, 3 * housekeeping_interval))
+        self.changes_retention = changes_retention
         self.store = PoolStore(dsn, self.owner, lease=lease, alive_for=self.alive_for)
         self.sync: SyncServer | None = None
         self.sync_address: str | None = None
@@ -489,6 +492,12 @@ class Dispatcher:
             },
         )
 
+    async def _prune(self, conn: AsyncConn) -> None:
+        """Forget synchronization history older than ``changes_retention``."""
+        cur = await conn.execute(query("prune_changes"), {"keep": self.changes_retention})
+        if cur.rowcount:
+            logger.info("pruned the change log to the last %s", self.changes_retention)
+
     async def _count(self, conn: AsyncConn) -> None:
         """Refresh the gauges: outbox by state, oldest unsent, connected devices."""
         cur = await conn.execute(queries.get("status_states"))
@@ -505,6 +514,7 @@ class Dispatcher:
             expired = await store.expire()
             if expired:
                 logger.info("expired %d rows", expired)
+            await self._prune(store.conn)
             archived = 0
             while not stop.is_set():
                 moved = await store.archive(self.archive_batch)
@@ -697,9 +707,11 @@ def run_dispatcher(
                     settings=SyncSettings(heartbeat=heartbeat, tls=sync_tls),
                     on_connect=lambda _device: dispatcher.wake(),
                 )
+                sync.synchronizer = Synchronizer(dispatcher.store.pool)
                 await sync.start(*sync_address)
                 dispatcher.add_sync(sync)
                 closers.append(sync.close)
+                closers.append(sync.synchronizer.close)
                 logger.info(
                     "SYNC gateway on %s%s", _join(*sync.address), " (TLS)" if sync_tls else ""
                 )

@@ -270,6 +270,7 @@ class SyncConnection(asyncio.Protocol):
     __slots__ = (
         "_challenge",
         "_client_nonce",
+        "_drained",
         "_reader",
         "_secret",
         "_state",
@@ -295,6 +296,7 @@ class SyncConnection(asyncio.Protocol):
         self._client_nonce = b""
         self._challenge = b""
         self._secret: bytes | None = None
+        self._drained: asyncio.Event | None = None  # only while output is paused
 
     @property
     def open(self) -> bool:
@@ -313,6 +315,7 @@ class SyncConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         was_open = self._state == "open"
         self._state = "closed"
+        self.resume_writing()
         self.server.detached(self, forget=True)
         if was_open:
             logger.info("sync: %s at %s disconnected", self.device, self.peer)
@@ -337,6 +340,20 @@ class SyncConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
+
+    def pause_writing(self) -> None:
+        self._drained = asyncio.Event()
+
+    def resume_writing(self) -> None:
+        if self._drained is not None:
+            self._drained.set()
+            self._drained = None
+
+    async def drain(self) -> None:
+        """Wait until the transport takes more output (bulk senders: synchronization)."""
+        waiter = self._drained
+        if waiter is not None and self._state != "closed":
+            await waiter.wait()
 
     # ----------------------------------------------------------------- frames
 
@@ -507,13 +524,19 @@ class SyncConnection(asyncio.Protocol):
 
     # ----------------------------------------------------------------- output
 
-    def write(self, data: bytes) -> bool:
-        """Queue ``data``; False (and the connection dropped) if it cannot be."""
+    def write(self, data: bytes, *, bulk: bool = False) -> bool:
+        """Queue ``data``; False (and the connection dropped) if it cannot be.
+
+        A device that lets more than ``max_write_buffer`` bytes pile up is
+        dropped as too slow, unless ``bulk``: a bulk sender awaits :meth:`drain`.
+        """
         transport = self._transport
         if transport is None or transport.is_closing() or self._state == "closed":
             return False
         transport.write(data)
         self.last_sent = self.server.clock()
+        if bulk:
+            return True
         if transport.get_write_buffer_size() > self.server.settings.max_write_buffer:
             self.server.stats.dropped += 1
             self._drop("too slow: output is piling up")
@@ -529,6 +552,7 @@ class SyncConnection(asyncio.Protocol):
             with contextlib.suppress(Exception):
                 transport.write(protocol.encode_bye(reason))
         self._state = "closed"
+        self.resume_writing()
         self.server.detached(self, forget=forget)
         if transport is not None:
             transport.close()
@@ -540,6 +564,7 @@ class SyncConnection(asyncio.Protocol):
         )
         transport = self._transport
         self._state = "closed"
+        self.resume_writing()
         self.server.detached(self, forget=True)
         if transport is not None:
             transport.abort()

@@ -35,7 +35,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from email import message_from_bytes, policy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -243,8 +243,22 @@ class SyncChannel:
         self.connections = 0
         """Connections authenticated since start."""
         self._session: Session | None = None
+        self._lent: _Lent | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def borrow(self) -> AsyncIterator[_Lent | None]:
+        """The open connection for a synchronization (its frames come to it), or None."""
+        session = self._session
+        if session is None or session.closed or self._lent is not None:
+            yield None
+            return
+        lent = self._lent = _Lent(session)
+        try:
+            yield lent
+        finally:
+            self._lent = None
 
     async def start(self) -> None:
         """Start connecting in the background: a server that is down is retried, not fatal."""
@@ -282,6 +296,8 @@ class SyncChannel:
             finally:
                 self.connected.clear()
                 self._session = None
+                if self._lent is not None:
+                    self._lent.frames.put_nowait(None)  # the synchronization's connection ended
                 await session.close(None if session.closed else "")
             if not self._closing.is_set():
                 delay = self.backoff.next()
@@ -327,6 +343,13 @@ class SyncChannel:
         elif kind == FrameType.BYE:
             logger.info("sync: the server said BYE: %r", protocol.decode_bye(frame)[:80])
             return False
+        elif kind in protocol.SYNC_FRAMES and kind != FrameType.SYNC_BEGIN:
+            if self._lent is not None:
+                self._lent.frames.put_nowait(frame)
+            else:
+                logger.warning(
+                    "sync: %s from the server with no synchronization running", kind.name
+                )
         else:
             raise protocol.Malformed(f"{kind.name} from the server")
         return True
@@ -341,6 +364,20 @@ class SyncChannel:
             await self._session.close("listener stopping")
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
+
+
+class _Lent:
+    """The persistent connection, lent to one synchronization."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.frames: asyncio.Queue[protocol.Frame | None] = asyncio.Queue()
+
+    def send(self, data: bytes) -> bool:
+        return self.session.send(data)
+
+    async def recv(self, timeout: float | None = None) -> protocol.Frame | None:
+        return await asyncio.wait_for(self.frames.get(), timeout)
 
 
 def _take_message(listener: Listener, session: Session, payload: bytes, channel: str) -> None:

@@ -280,9 +280,21 @@ class ListenerConfig:
     state_dir: Path
     channels: Channels
     handlers: tuple[Handler, ...]
+    publication: str | None = None
+    """The publication ``sync`` synchronizes (the rules file's ``publications:``); None:
+    the server's only publication."""
+
+    @property
+    def sync_server(self) -> tuple[Address, bool, Path | None] | None:
+        """Where synchronization goes: the sync channel's server, else the poll channel's."""
+        for channel in (self.channels.sync, self.channels.poll):
+            if channel is not None:
+                return channel.server, channel.tls, channel.ca_file
+        return None
 
 
-TOP_KEYS: Final = ("device", "secret_file", "state_dir", "channels", "handlers")
+TOP_KEYS: Final = ("device", "secret_file", "state_dir", "publication", "channels", "handlers")
+PUBLICATION_NAME: Final = re.compile(r"[a-z][a-z0-9_]{0,62}\Z")
 CHANNEL_KEYS: Final = ("sync", "udp", "maildir", "imap", "poll")
 TEXT_FILTERS: Final = ("subject", "content", "message", "message_start", "sender")
 REGEX_FILTERS: Final = ("subject_matches", "content_matches", "message_matches", "sender_matches")
@@ -510,6 +522,16 @@ def _config(checker: _Checker, root: Node, path: Path) -> ListenerConfig | None:
     handlers = None
     if (handlers_node := checker.require(fields, root, "handlers")) is not None:
         handlers = _handlers(checker, handlers_node)
+    publication = None
+    if (publication_node := fields.get("publication")) is not None:
+        publication = checker.text(publication_node, "publication")
+        if publication is not None and not PUBLICATION_NAME.match(publication):
+            checker.fail(
+                publication_node.location,
+                f"bad publication name {publication!r}: lower-case letters, digits and _, "
+                "starting with a letter",
+            )
+            publication = None
     if device is None or secret_file is None or state_dir is None:
         return None
     if channels is None or handlers is None:
@@ -521,6 +543,7 @@ def _config(checker: _Checker, root: Node, path: Path) -> ListenerConfig | None:
         state_dir=state_dir,
         channels=channels,
         handlers=handlers,
+        publication=publication,
     )
 
 

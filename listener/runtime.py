@@ -56,7 +56,7 @@ from typing import Final, Literal, Protocol, TypeVar
 
 from pushsync.errors import PushsyncError, RulesError
 from pushsync.listener import protocol
-from pushsync.listener.actions import Actions, Performed, perform
+from pushsync.listener.actions import Actions, Outcome, Performed, perform
 from pushsync.listener.channels import (
     DEFAULT_MAILDIR_POLL,
     MaildirChannel,
@@ -67,6 +67,8 @@ from pushsync.listener.channels import (
 from pushsync.listener.config import ListenerConfig, load_config, read_secret_file
 from pushsync.listener.dedupe import DedupeError, DedupeStore, GroupCommit
 from pushsync.listener.handlers import match
+from pushsync.listener.localdb import LocalDatabaseError
+from pushsync.listener.sync import SyncFailed, sync_once
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +136,9 @@ class Listener:
         self.clock = clock
         self.counters = Counters()
         self.shutdown_requested = asyncio.Event()
-        self.actions = Actions(device=config.device, stop=self.shutdown_requested)
+        self.actions = Actions(
+            device=config.device, stop=self.shutdown_requested, sync=self._synchronize
+        )
         self.dedupe = DedupeStore.in_state_dir(config.state_dir)
         self._remembered = GroupCommit(self.dedupe)
         self.channels: list[Channel] = []
@@ -274,6 +278,20 @@ class Listener:
     def _reject(self, reason: str, detail: str, *, channel: str, peer: str) -> None:
         self.counters.rejected[reason] += 1
         logger.warning("dropped message via %s from %s: %s: %s", channel, peer, reason, detail)
+
+    async def _synchronize(self) -> Outcome:
+        """The ``sync`` action: over the open SYNC connection if there is one, else a new one."""
+        channel = next((c for c in self.channels if isinstance(c, SyncChannel)), None)
+        try:
+            if channel is not None and channel.connected.is_set():
+                async with channel.borrow() as lent:
+                    result = await sync_once(self.config, self.secret, lent)
+            else:
+                result = await sync_once(self.config, self.secret)
+        except (SyncFailed, LocalDatabaseError) as exc:
+            return Outcome(ok=False, detail=f"sync failed: {exc}")
+        logger.info("%s", result.describe())
+        return Outcome(ok=True, detail=result.describe())
 
     # ------------------------------------------------------------------ config
 

@@ -75,7 +75,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         with db.connect(args.dsn) as conn:
             dbcheck.require(conn, rules)
     print(
-        f"{args.rules}: ok ({_count(len(rules.rules), 'rule')}, {_count(len(rules.polls), 'poll')})"
+        f"{args.rules}: ok ({_count(len(rules.rules), 'rule')}, {_count(len(rules.polls), 'poll')}"
+        f", {_count(len(rules.publications), 'publication')})"
     )
     return EXIT_OK
 
@@ -172,6 +173,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         figures = status.collect(conn)
     print(json.dumps(figures, indent=2) if args.json else status.render(figures))
     return EXIT_OK
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from pushsync.listener.sync import run_sync
+
+    return run_sync(args.config)
 
 
 def cmd_dispatch(args: argparse.Namespace) -> int:
@@ -359,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     option(dispatch, "--metrics", metavar="HOST:PORT", help="serve /metrics and /healthz over HTTP")
     option(dispatch, "--batch", metavar="N", help="rows claimed at a time (default 500)")
     dispatch.set_defaults(handler=cmd_dispatch)
+
+    sync = commands.add_parser("sync", help="synchronize the device's local database once")
+    sync.add_argument("config", metavar="CONFIG.yaml")
+    sync.set_defaults(handler=cmd_sync)
 
     listen = commands.add_parser("listen", help="run the device listener")
     listen.add_argument("config", metavar="CONFIG.yaml")

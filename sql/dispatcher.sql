@@ -323,3 +323,18 @@ ON CONFLICT (device_id, medium, source) DO UPDATE
 SET address = excluded.address, active = true, modified_at = now()
 WHERE pushsync.device_addresses.address IS DISTINCT FROM excluded.address
    OR NOT pushsync.device_addresses.active
+
+-- prune_changes --
+-- Forget changes (and answered upload batches) older than %(keep)s. The
+-- horizon moves past the newest transaction forgotten: a device whose
+-- watermark is older gets full downloads.
+WITH gone AS (
+    DELETE FROM pushsync.changes WHERE changed_at < now() - %(keep)s::interval
+    RETURNING xid
+), uploads AS (
+    DELETE FROM pushsync.sync_uploads WHERE applied_at < now() - %(keep)s::interval
+)
+UPDATE pushsync.changes_horizon
+SET pruned_below = greatest(
+    pruned_below, ((SELECT max(xid)::text::numeric FROM gone) + 1)::text::xid8)
+WHERE EXISTS (SELECT 1 FROM gone)

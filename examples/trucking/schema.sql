@@ -22,7 +22,7 @@ CREATE TABLE IF NOT EXISTS public.route_stops (
 CREATE INDEX IF NOT EXISTS route_stops_location ON public.route_stops (location_id);
 
 CREATE TABLE IF NOT EXISTS public.disruption_reports (
-    report_id   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    report_id   uuid PRIMARY KEY DEFAULT gen_random_uuid(),  -- devices make their own offline
     location_id integer NOT NULL,
     reported_by integer NOT NULL REFERENCES public.drivers,
     status      text NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'cleared')),

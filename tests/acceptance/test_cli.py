@@ -24,7 +24,7 @@ def test_check_accepts_the_example(pushsync: Run, tmp_path: Path) -> None:
     copy_example(tmp_path)
     result = pushsync("check", "rules.yaml")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "rules.yaml: ok (5 rules, 0 polls)\n"
+    assert result.stdout == "rules.yaml: ok (5 rules, 0 polls, 1 publication)\n"
 
 
 def test_check_reports_located_errors_without_traceback(pushsync: Run, tmp_path: Path) -> None:

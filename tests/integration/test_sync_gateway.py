@@ -28,6 +28,7 @@ import trustme
 
 from pushsync.dispatcher.daemon import Dispatcher
 from pushsync.dispatcher.gateways import Gateway, RecordingGateway
+from pushsync.dispatcher.sync_endpoint import Synchronizer
 from pushsync.dispatcher.sync_server import SyncServer, SyncSettings, server_tls
 from pushsync.listener import protocol
 from pushsync.listener.config import Address, load_config
@@ -103,6 +104,7 @@ async def dispatching(
         settings=settings,
         on_connect=lambda _device: dispatcher.wake(),
     )
+    server.synchronizer = Synchronizer(dispatcher.store.pool)
     await server.start("127.0.0.1", 0)
     dispatcher.add_sync(server)
     stop = asyncio.Event()
@@ -111,6 +113,7 @@ async def dispatching(
         yield dispatcher
     finally:
         stop.set()
+        await server.synchronizer.close()
         await asyncio.wait_for(task, WAIT)
         await server.close()
 
@@ -175,9 +178,7 @@ async def session(
     dispatcher: Dispatcher, secret: bytes = SECRET, device: str = DEVICE, *, subscribe: bool = True
 ) -> Session:
     """An authenticated connection; with ``subscribe``, the device's push connection."""
-    opened = await open_session(
-        server_address(dispatcher), device=device, secret=secret, timeout=5
-    )
+    opened = await open_session(server_address(dispatcher), device=device, secret=secret, timeout=5)
     if subscribe:
         before = sync_of(dispatcher).stats.subscribed
         opened.send(protocol.encode_subscribe())

@@ -1,0 +1,363 @@
+"""The built-in sync client: upload local changes, download the publication's rows.
+
+``pushsync sync CONFIG`` and the listener's ``sync`` action run
+:func:`synchronize` over a SYNC connection: the listener's open one when it has
+one (:class:`~pushsync.listener.channels.SyncChannel` lends it), else a
+connection of its own. The local database is
+:class:`~pushsync.listener.localdb.LocalDatabase` in ``state_dir``
+(``local.db``). The frames and the guarantees are in ``docs/sync.md``:
+
+1. SYNC_BEGIN names the publication, the watermark of the last sync and the
+   shape of the local tables;
+2. local changes go up in batches of at most :data:`BATCH_ROWS` rows. A batch
+   is written down (its id and seq range) before it is sent, so a batch whose
+   answer was lost is sent again *as it was*, and the server, which remembers
+   batches, does not apply it twice. The answer removes the applied changes
+   from the change log and keeps rejected ones, with the reason, in the local
+   database's rejected table;
+3. DOWNLOAD asks for the rows; they are applied with the new watermark in one
+   SQLite transaction at SYNC_END. An interrupted sync leaves the previous
+   watermark, so the next one downloads the same changes again: applying a
+   row twice is harmless (upserts and deletes by key).
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from pushsync.errors import PushsyncError
+from pushsync.listener import protocol
+from pushsync.listener.config import ListenerConfig
+from pushsync.listener.localdb import Change, Column, LocalDatabase, TableDownload, TableSchema
+from pushsync.listener.protocol import FrameType
+
+logger = logging.getLogger(__name__)
+
+BATCH_ROWS: Final = 1000
+CHUNK_BYTES: Final = 48 * 1024
+REPLY_TIMEOUT: Final = 60.0
+LOCAL_DB: Final = "local.db"
+DEFAULT_PUBLICATION: Final = "default"
+"""The local name of the watermark when the config names no publication."""
+
+
+class SyncFailed(PushsyncError):
+    """The synchronization did not complete; the local database is as before its download."""
+
+
+class Transport(Protocol):
+    """A SYNC connection as the sync client needs it."""
+
+    def send(self, data: bytes) -> bool: ...
+
+    async def recv(self, timeout: float | None = None) -> protocol.Frame | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    publication: str
+    uploaded: int
+    rejected: int
+    upserted: int
+    deleted: int
+    full: tuple[str, ...]
+    """Tables downloaded in full."""
+    seconds: float
+
+    def describe(self) -> str:
+        full = f"; full download of {', '.join(self.full)}" if self.full else ""
+        return (
+            f"synchronized {self.publication} in {self.seconds * 1000:.0f} ms: "
+            f"{self.uploaded} changes up ({self.rejected} rejected), "
+            f"{self.upserted} rows down, {self.deleted} removed{full}"
+        )
+
+
+def local_database(config: ListenerConfig) -> LocalDatabase:
+    """The device's local database in ``state_dir``."""
+    config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return LocalDatabase.open(config.state_dir / LOCAL_DB)
+
+
+async def synchronize(
+    transport: Transport, db: LocalDatabase, publication: str | None
+) -> SyncResult:
+    """One synchronization over ``transport``; :class:`SyncFailed` if it did not complete."""
+    started = time.monotonic()
+    local_key = publication or DEFAULT_PUBLICATION
+    client = _Client(transport, db)
+    tables = {
+        name: {"columns": [[c.name, c.pgtype] for c in schema.columns], "key": list(schema.key)}
+        for name, schema in db.schema().items()
+    }
+    request: dict[str, Any] = {"watermark": db.watermark(local_key), "tables": tables}
+    if publication is not None:
+        request["publication"] = publication
+    client.send(FrameType.SYNC_BEGIN, request)
+    uploaded = rejected = 0
+    while (batch := _next_batch(db)) is not None:
+        done, refused = await client.upload(*batch)
+        uploaded += done
+        rejected += refused
+    transport.send(protocol.encode_frame(FrameType.DOWNLOAD))
+    downloads, end = await client.download()
+    stats = await asyncio.to_thread(db.apply, local_key, downloads, end["watermark"])
+    return SyncResult(
+        publication=str(end.get("publication") or local_key),
+        uploaded=uploaded,
+        rejected=rejected,
+        upserted=stats.upserted,
+        deleted=stats.deleted,
+        full=tuple(d.schema.name for d in downloads if d.full),
+        seconds=time.monotonic() - started,
+    )
+
+
+# --------------------------------------------------------------------------- upload batches
+
+
+def _state(db: LocalDatabase) -> Any:
+    """The client's own bookkeeping table in the local database."""
+    conn = db.connection
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS _pushsync_upload ("
+        "singleton INTEGER PRIMARY KEY CHECK (singleton = 1), "
+        "instance TEXT NOT NULL, batch TEXT, first_seq INTEGER, last_seq INTEGER)"
+    )
+    row = conn.execute(
+        "SELECT instance, batch, first_seq, last_seq FROM _pushsync_upload"
+    ).fetchone()
+    if row is None:
+        conn.execute(
+            "INSERT INTO _pushsync_upload (singleton, instance) VALUES (1, ?)", (uuid.uuid4().hex,)
+        )
+        conn.commit()
+        row = conn.execute(
+            "SELECT instance, batch, first_seq, last_seq FROM _pushsync_upload"
+        ).fetchone()
+    return row
+
+
+def _next_batch(db: LocalDatabase) -> tuple[str, list[Change]] | None:
+    """The batch to send: the one sent before and not answered, else the next changes."""
+    instance, batch, first, last = _state(db)
+    if batch is not None:
+        changes = [c for c in db.pending(BATCH_ROWS * 2) if first <= c.seq <= last]
+        if changes:
+            return batch, changes
+    changes = db.pending(BATCH_ROWS)
+    if not changes:
+        _forget_batch(db)
+        return None
+    batch = f"{instance}:{changes[0].seq}-{changes[-1].seq}"
+    conn = db.connection
+    conn.execute(
+        "UPDATE _pushsync_upload SET batch = ?, first_seq = ?, last_seq = ?",
+        (batch, changes[0].seq, changes[-1].seq),
+    )
+    conn.commit()
+    return batch, changes
+
+
+def _forget_batch(db: LocalDatabase) -> None:
+    conn = db.connection
+    conn.execute("UPDATE _pushsync_upload SET batch = NULL, first_seq = NULL, last_seq = NULL")
+    conn.commit()
+
+
+class _Client:
+    def __init__(self, transport: Transport, db: LocalDatabase) -> None:
+        self.transport = transport
+        self.db = db
+
+    def send(self, frame_type: FrameType, payload: dict[str, Any]) -> None:
+        if not self.transport.send(protocol.encode_json_frame(frame_type, payload)):
+            raise SyncFailed("the SYNC connection closed")
+
+    async def receive(self, *types: FrameType) -> dict[str, Any]:
+        return (await self.receive_frame(*types))[1]
+
+    async def receive_frame(self, *types: FrameType) -> tuple[FrameType, dict[str, Any]]:
+        try:
+            frame = await self.transport.recv(REPLY_TIMEOUT)
+        except TimeoutError:
+            raise SyncFailed(f"no answer from the server in {REPLY_TIMEOUT:g}s") from None
+        if frame is None:
+            raise SyncFailed("the server closed the connection during the synchronization")
+        if frame.type == FrameType.SYNC_ERROR:
+            error = protocol.decode_json_frame(frame, FrameType.SYNC_ERROR).get("error")
+            raise SyncFailed(f"the server refused: {str(error)[:300]}")
+        try:
+            return frame.type, protocol.decode_json_frame(frame, *types)
+        except protocol.ProtocolError as exc:
+            raise SyncFailed(f"unexpected answer from the server: {exc}") from None
+
+    async def upload(self, batch: str, changes: list[Change]) -> tuple[int, int]:
+        rows = [
+            {"seq": c.seq, "table": c.table, "op": c.op, "key": c.key, "old": c.old, "new": c.new}
+            for c in changes
+        ]
+        chunk: list[dict[str, Any]] = []
+        size = 0
+        for row in rows:
+            encoded = len(json.dumps(row, separators=(",", ":"), ensure_ascii=False).encode())
+            if chunk and size + encoded > CHUNK_BYTES:
+                self.send(FrameType.UPLOAD, {"batch": batch, "rows": chunk, "more": True})
+                chunk, size = [], 0
+            chunk.append(row)
+            size += encoded + 1
+        self.send(FrameType.UPLOAD, {"batch": batch, "rows": chunk, "more": False})
+        answer = await self.receive(FrameType.UPLOADED)
+        if answer.get("batch") != batch:
+            raise SyncFailed("the server answered another upload batch")
+        applied = _seqs(answer.get("applied"))
+        refused = _reasons(answer.get("rejected"))
+        expected = {c.seq for c in changes}
+        if set(applied) | set(refused) != expected:
+            raise SyncFailed("the server's answer does not cover the batch it was sent")
+        await asyncio.to_thread(self.db.uploaded, applied, refused)
+        _forget_batch(self.db)
+        for seq, reason in sorted(refused.items()):
+            logger.warning("sync: local change %d refused by the server: %s", seq, reason)
+        return len(applied), len(refused)
+
+    async def download(self) -> tuple[list[TableDownload], dict[str, Any]]:
+        tables: dict[str, _Accumulated] = {}
+        while True:
+            kind, payload = await self.receive_frame(FrameType.DOWNLOAD, FrameType.SYNC_END)
+            if kind == FrameType.SYNC_END:
+                if not isinstance(payload["watermark"], str):
+                    raise SyncFailed("SYNC_END without a watermark")
+                return [t.download() for t in tables.values()], payload
+            name = payload.get("table")
+            if not isinstance(name, str):
+                raise SyncFailed("DOWNLOAD without a table")
+            found = tables.get(name)
+            if found is None:
+                found = tables[name] = _Accumulated(name, payload)
+            found.add(payload)
+
+
+class _Accumulated:
+    """The DOWNLOAD frames of one table, put together."""
+
+    def __init__(self, name: str, first: Mapping[str, Any]) -> None:
+        shape = first.get("schema")
+        if not isinstance(shape, dict):
+            raise SyncFailed(f"DOWNLOAD of {name} without its schema")
+        try:
+            columns = tuple(Column(name=str(n), pgtype=str(t)) for n, t in shape["columns"])
+            key = tuple(str(k) for k in shape["key"])
+        except (KeyError, TypeError, ValueError):
+            raise SyncFailed(f"DOWNLOAD of {name} has a bad schema") from None
+        self.schema = TableSchema(name=name, columns=columns, key=key)
+        self.full = bool(first.get("full"))
+        self.upserts: list[dict[str, Any]] = []
+        self.deletes: list[dict[str, Any]] = []
+
+    def add(self, payload: Mapping[str, Any]) -> None:
+        for part, into in (("upserts", self.upserts), ("deletes", self.deletes)):
+            rows = payload.get(part, [])
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise SyncFailed(f"DOWNLOAD of {self.schema.name}: {part} must be objects")
+            into.extend(rows)
+
+    def download(self) -> TableDownload:
+        return TableDownload(
+            schema=self.schema, full=self.full, upserts=self.upserts, deletes=self.deletes
+        )
+
+
+def _seqs(value: Any) -> list[int]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise SyncFailed("the server's answer lists applied changes badly")
+    return list(value)
+
+
+def _reasons(value: Any) -> dict[int, str]:
+    if not isinstance(value, dict):
+        raise SyncFailed("the server's answer lists rejected changes badly")
+    try:
+        return {int(seq): str(reason) for seq, reason in value.items()}
+    except ValueError:
+        raise SyncFailed("the server's answer lists rejected changes badly") from None
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+async def sync_once(
+    config: ListenerConfig, secret: bytes, transport: Transport | None = None
+) -> SyncResult:
+    """One synchronization for ``config``'s device, over ``transport`` or a new connection."""
+    from pushsync.listener.sync_client import open_session
+
+    db = local_database(config)
+    try:
+        if transport is not None:
+            return await synchronize(transport, db, config.publication)
+        where = config.sync_server
+        if where is None:
+            raise SyncFailed("no sync or poll channel is configured to synchronize through")
+        server, tls, ca_file = where
+        try:
+            session = await open_session(
+                server, device=config.device, secret=secret, tls=tls, ca_file=ca_file
+            )
+        except (OSError, TimeoutError, protocol.ProtocolError) as exc:
+            raise SyncFailed(f"cannot connect to {server}: {exc}") from None
+        try:
+            return await synchronize(session, db, config.publication)
+        finally:
+            await session.close("sync done")
+    finally:
+        db.close()
+
+
+def run_sync(config_path: str) -> int:
+    """``pushsync sync CONFIG``: one synchronization now; 0 on success, 1 if it failed."""
+    import sys
+
+    from pushsync.errors import RulesError
+    from pushsync.listener.config import load_config, read_secret_file
+
+    try:
+        config = load_config(config_path)
+        secret = read_secret_file(config)
+    except RulesError as exc:
+        for problem in exc:
+            print(problem, file=sys.stderr)
+        return 2
+    except PushsyncError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:
+        result = asyncio.run(sync_once(config, secret))
+    except (SyncFailed, OSError) as exc:
+        print(f"sync failed: {exc}", file=sys.stderr)
+        return 1
+    print(result.describe())
+    return 0
+
+
+__all__ = [
+    "BATCH_ROWS",
+    "SyncFailed",
+    "SyncResult",
+    "Transport",
+    "local_database",
+    "run_sync",
+    "sync_once",
+    "synchronize",
+]
