@@ -9,6 +9,7 @@ PROBE = """
 import sys
 import pushsync.cli, pushsync.listener, pushsync.listener.limits
 import pushsync.listener.runtime, pushsync.listener.channels
+import pushsync.listener.localdb, pushsync.listener.sync, pushsync.listener.sync_client
 pushsync.cli.build_parser().parse_args(["device", "list"])
 pushsync.cli.build_parser().parse_args(["listen", "listener.yaml"])
 heavy = sorted({"psycopg", "sqlglot", "jinja2"} & {m.split(".")[0] for m in sys.modules})

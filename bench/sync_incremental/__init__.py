@@ -1,0 +1,1 @@
+"""Synchronization benchmark: initial download, incremental sync, full re-download."""
