@@ -44,14 +44,20 @@ SELECT c.request_id, c.rule, c.device_id, c.subject, c.content, c.priority, c.ga
        udp.address AS udp_address, email.address AS email_address
 FROM claimed AS c
 JOIN pushsync.devices AS d ON d.device_id = c.device_id
+-- As pushsync.effective_addresses (manual wins, then only if active), but as
+-- primary-key lookups: the view would read all of device_addresses per claim.
 LEFT JOIN LATERAL (
-    SELECT e.address FROM pushsync.effective_addresses AS e
-    WHERE e.device_id = c.device_id AND e.medium = 'udp'
-) AS udp ON true
+    SELECT a.address, a.active FROM pushsync.device_addresses AS a
+    WHERE a.device_id = c.device_id AND a.medium = 'udp'
+    ORDER BY a.source = 'manual' DESC
+    LIMIT 1
+) AS udp ON udp.active
 LEFT JOIN LATERAL (
-    SELECT e.address FROM pushsync.effective_addresses AS e
-    WHERE e.device_id = c.device_id AND e.medium = 'email'
-) AS email ON true
+    SELECT a.address, a.active FROM pushsync.device_addresses AS a
+    WHERE a.device_id = c.device_id AND a.medium = 'email'
+    ORDER BY a.source = 'manual' DESC
+    LIMIT 1
+) AS email ON email.active
 ORDER BY CASE c.priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END,
          c.next_attempt_at
 

@@ -20,7 +20,7 @@ import sys
 import time
 
 from pushsync.listener.config import Address
-from pushsync.listener.protocol import FrameType
+from pushsync.listener.protocol import FrameType, encode_subscribe
 from pushsync.listener.sync_client import Session, open_session
 
 SECRET = bytes(range(32))
@@ -38,7 +38,11 @@ async def _sync(host: str, port: int, count: int, expected: int) -> dict[str, fl
 
     async def connect(n: int) -> Session:
         async with gate:
-            return await open_session(server, device=device_id(n), secret=SECRET, timeout=TIMEOUT)
+            session = await open_session(
+                server, device=device_id(n), secret=SECRET, timeout=TIMEOUT
+            )
+            session.send(encode_subscribe())  # push my messages here
+            return session
 
     started = time.time()
     sessions = await asyncio.gather(*(connect(n) for n in range(count)))

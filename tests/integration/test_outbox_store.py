@@ -365,3 +365,33 @@ def test_failed_retries_later_or_for_good(fleet: psycopg.Connection) -> None:
     row = get(fleet, final)
     assert (row["state"], row["last_error"]) == ("failed", "no gateway can reach truck-1")
     assert store.claim(10, LEASE) == []
+
+
+def test_claimed_addresses_are_the_effective_addresses(db: psycopg.Connection) -> None:
+    """The claim's own lookup agrees with pushsync.effective_addresses in every combination."""
+    cases = {
+        "d-none": [],
+        "d-track": [("tracking", "10.0.0.1:1", True)],
+        "d-track-off": [("tracking", "10.0.0.1:1", False)],
+        "d-manual": [("manual", "10.0.0.2:2", True)],
+        "d-both": [("tracking", "10.0.0.1:1", True), ("manual", "10.0.0.2:2", True)],
+        "d-manual-off": [("tracking", "10.0.0.1:1", True), ("manual", "10.0.0.2:2", False)],
+        "d-track-off-manual": [("tracking", "10.0.0.1:1", False), ("manual", "10.0.0.2:2", True)],
+    }
+    add_devices(db, *cases)
+    for device, rows in cases.items():
+        for source, address, active in rows:
+            db.execute(
+                "INSERT INTO pushsync.device_addresses "
+                "(device_id, medium, source, address, active) VALUES (%s, 'udp', %s, %s, %s)",
+                (device, source, address, active),
+            )
+        enqueue(db, device)
+    claimed = {c.device_id: c.udp_address for c in OutboxStore(db, "a").claim(100, LEASE)}
+    view = dict(
+        db.execute(
+            "SELECT device_id, address FROM pushsync.effective_addresses WHERE medium = 'udp'"
+        ).fetchall()
+    )
+    assert claimed == {device: view.get(device) for device in cases}
+    assert claimed["d-manual-off"] is None  # an inactive manual address still decides
