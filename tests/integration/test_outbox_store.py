@@ -388,7 +388,7 @@ def test_claimed_addresses_are_the_effective_addresses(db: psycopg.Connection) -
             )
         enqueue(db, device)
     claimed = {c.device_id: c.udp_address for c in OutboxStore(db, "a").claim(100, LEASE)}
-    view = dict(
+    view: dict[str, str] = dict(
         db.execute(
             "SELECT device_id, address FROM pushsync.effective_addresses WHERE medium = 'udp'"
         ).fetchall()
