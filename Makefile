@@ -35,6 +35,10 @@ example: postgres
 
 bench: postgres
 	$(BIN)/python -m bench.trigger_overhead
+	$(BIN)/python -m bench.dispatch_throughput
+	$(BIN)/python -m bench.dispatch_latency
+	$(BIN)/python -m bench.sync_fanout
+	$(BIN)/python -m bench.sync_incremental
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,90 @@
+"""The dispatch benchmarks still run, and every path delivers what it was given.
+
+Only smoke runs: a few thousand rows, a few seconds of commits. The figures
+are for people to read (bench/dispatch_throughput/README.md,
+bench/dispatch_latency/README.md), not for assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_dispatch_throughput_smoke_run(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    completed = _run(
+        "bench.dispatch_throughput",
+        "--quick",
+        "--batches",
+        "100",
+        "--pgqueuer",
+        "100x1",
+        "--json",
+        str(results),
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    lines = completed.stdout.splitlines()
+    for target in ("floor b=500", "dispatcher b=100", "pgqueuer b=100 c=1"):
+        assert any(line.startswith(target) for line in lines), (target, completed.stdout)
+    assert any(line.startswith("dispatcher/floor:") for line in lines), completed.stdout
+    assert any(line.startswith("dispatcher/pgqueuer:") for line in lines), completed.stdout
+    data = json.loads(results.read_text())
+    runs = {run["target"]: run for run in data["runs"]}
+    assert set(runs) == {"floor b=500", "dispatcher b=100", "pgqueuer b=100 c=1"}
+    rows = data["settings"]["rows"]
+    assert runs["floor b=500"]["notes"]["claimed"] == rows
+    dispatcher = runs["dispatcher b=100"]["notes"]
+    assert dispatcher["distinct"] == rows, dispatcher  # every row reached the receiver
+    assert dispatcher["tracebacks"] == 0 and dispatcher["exit_status"] == 0, dispatcher
+    assert runs["pgqueuer b=100 c=1"]["notes"]["handled"] == rows
+    assert {"dispatcher_vs_floor", "dispatcher_vs_pgqueuer"} <= set(data["verdicts"])
+
+
+@pytest.mark.slow
+def test_dispatch_latency_smoke_run(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    completed = _run(
+        "bench.dispatch_latency",
+        "--seconds",
+        "1",
+        "--warmup",
+        "0.2",
+        "--json",
+        str(results),
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    lines = completed.stdout.splitlines()
+    assert "latency from commit returned (to the inserting client) to arrival:" in lines
+    assert "latency from INSERT sent (autocommit: INSERT + commit) to arrival:" in lines
+    for path in ("floor", "relay", "dispatcher", "pgqueuer"):
+        assert sum(line.startswith(f"{path} ") for line in lines) == 2, (path, completed.stdout)
+    for label in ("p50 dispatcher / floor (sent)", "p50 dispatcher / pgqueuer"):
+        assert any(line.startswith(label) for line in lines), (label, completed.stdout)
+    assert any(line.startswith("p99 dispatcher, ms") for line in lines), completed.stdout
+    data = json.loads(results.read_text())
+    assert set(data["results"]) == {"floor", "relay", "dispatcher", "pgqueuer"}
+    for name, result in data["results"].items():
+        assert result["received"] == result["measured"] > 0, (name, result)
+    for name in ("relay", "dispatcher"):
+        notes = data["results"][name]["notes"]
+        assert notes["bad_datagrams"] == 0 and notes["tracebacks"] == 0, (name, notes)
+        assert notes["not_all_recorded"] == 0, (name, notes)
