@@ -44,6 +44,7 @@ flight, releases the rows it holds unsent and closes its connections.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -319,6 +320,7 @@ class Dispatcher:
             self._wake.set()
             tasks = [
                 asyncio.create_task(self._listen_loop(listen), name="listen"),
+                asyncio.create_task(self._relay_stop(stop), name="stop relay"),
                 asyncio.create_task(self._send_loop(store, stop), name="send"),
                 asyncio.create_task(self._housekeeping_loop(store, stop), name="housekeeping"),
                 asyncio.create_task(self._confirm_loop(store, stop), name="confirm"),
@@ -337,8 +339,9 @@ class Dispatcher:
             if not stop.is_set():  # a loop returned by itself: the connection ended
                 raise psycopg.OperationalError("the database connection ended")
             # Stopping: the loops notice ``stop`` at their next step and return;
-            # the listener only waits, so it is cancelled.
+            # the listener and the stop relay only wait, so they are cancelled.
             tasks[0].cancel()
+            tasks[1].cancel()
             results = await asyncio.gather(*tasks, return_exceptions=True)
             errors = [r for r in results if isinstance(r, Exception)]
             if errors:
@@ -358,13 +361,24 @@ class Dispatcher:
 
     # ----------------------------------------------------------------- loops
 
+    async def _relay_stop(self, stop: asyncio.Event) -> None:
+        """Wake the loops that wait on their own event when ``stop`` is set; then wait."""
+        await stop.wait()
+        self._wake.set()
+        self._ack_ready.set()
+        await asyncio.Event().wait()  # cancelled with the listener
+
     async def _listen_loop(self, conn: AsyncConn) -> None:
         async for _ in conn.notifies():
             self._wake.set()
 
     async def _send_loop(self, store: AsyncOutbox, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            if await _wait_any(stop, self._wake, self.poll_interval):
+            # One event, no helper tasks: this wait is on every notification's path.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll_interval):
+                    await self._wake.wait()
+            if stop.is_set():
                 return
             self._wake.clear()
             while not stop.is_set() and await self._send_batch(store, stop) >= self.batch:
@@ -375,7 +389,7 @@ class Dispatcher:
         items = await store.claim(self.batch, self.lease)
         if not items:
             return 0
-        logger.info("claimed %d rows", len(items))
+        logger.debug("claimed %d rows", len(items))
         self._held.update(item.request_id for item in items)
         for item in items:
             self.store.remember_secret(item.device_id, item.secret)
@@ -539,7 +553,8 @@ class Dispatcher:
             self._ack_ready.clear()
             if self._acks:
                 continue
-            if await _wait_any(stop, self._ack_ready, None):
+            await self._ack_ready.wait()
+            if stop.is_set():
                 return
 
     async def _poll_loop(self, conn: AsyncConn, stop: asyncio.Event) -> None:

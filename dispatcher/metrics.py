@@ -344,9 +344,7 @@ async def serve_metrics(metrics: Metrics, host: str, port: int, health: Health) 
     """
     server = MetricsServer(metrics, health)
     await server.start(host, port)
-    bound, bound_port = server.address
-    shown = f"[{bound}]" if ":" in bound else bound
-    logger.info("metrics on http://%s:%d/metrics", shown, bound_port)
+    logger.debug("metrics server listening on %s port %d", *server.address)
     return server
 
 

@@ -37,9 +37,9 @@ def documented_grants(role: str) -> list[str]:
     blocks = re.findall(r"```sql\n(.*?)```", text, re.DOTALL)
     block = next(b for b in blocks if "CREATE ROLE pushsync_dispatcher" in b)
     lines = [line for line in block.splitlines() if not line.lstrip().startswith("--")]
-    # The example poll function does not exist in this database.
+    # The example poll, publication and application tables do not exist in this database.
     statements = [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
-    statements = [s for s in statements if "poll__" not in s]
+    statements = [s for s in statements if not re.search(r"poll__|pub__|public\.", s)]
     return [s.replace("pushsync_dispatcher", role) for s in statements]
 
 
@@ -79,6 +79,50 @@ async def test_the_documented_dispatcher_role_is_enough(db: psycopg.Connection, 
                 await conn.close("bye")
             await asyncio.sleep(0)
         assert db.execute("SELECT count(*) FROM pushsync.dispatchers").fetchone() == (0,)
+    finally:
+        db.execute(f'DROP OWNED BY "{role}"')
+        db.execute(f'DROP ROLE "{role}"')
+
+
+@pytest.mark.asyncio
+async def test_synchronization_runs_with_the_documented_kinds_of_grants(
+    db: psycopg.Connection, dsn: str, tmp_path: Path
+) -> None:
+    from tests.integration import trucking
+    from tests.integration.test_sync_publications import (
+        SECRET as SYNC_SECRET,
+    )
+    from tests.integration.test_sync_publications import (
+        device_config,
+        local_routes,
+        sync,
+        write_locally,
+    )
+
+    role = f"pushsync_dispatcher_{uuid.uuid4().hex[:8]}"
+    trucking.setup(db)
+    db.execute("UPDATE pushsync.devices SET secret = %s", (SYNC_SECRET,))
+    for statement in documented_grants(role):
+        db.execute(statement)
+    # The documented examples, for the trucking publication's functions and tables.
+    functions = db.execute(
+        "SELECT DISTINCT download_function FROM pushsync.publication_tables"
+    ).fetchall()
+    for (function,) in functions:
+        db.execute(f'GRANT EXECUTE ON FUNCTION pushsync."{function}"(text) TO "{role}"')
+    db.execute(
+        "GRANT SELECT ON public.routes, public.drivers, public.route_stops, "
+        f'public.disruption_reports TO "{role}"'
+    )
+    db.execute(f'GRANT UPDATE ON public.routes TO "{role}"')
+    db.execute(f'GRANT INSERT ON public.disruption_reports TO "{role}"')
+    try:
+        async with dispatching(make_conninfo(dsn, user=role)) as dispatcher:
+            truck2 = device_config(tmp_path, dispatcher, "truck-2")
+            await sync(truck2)
+            write_locally(truck2, "UPDATE routes SET route_name = 'by role' WHERE route_id = 20")
+            assert (await sync(truck2)).uploaded == 1
+            assert local_routes(truck2) == [(20, "by role", 2)]
     finally:
         db.execute(f'DROP OWNED BY "{role}"')
         db.execute(f'DROP ROLE "{role}"')
