@@ -1,0 +1,314 @@
+"""The metrics HTTP server on a real socket on 127.0.0.1: scrapes, health, bad requests.
+
+No database: these tests need only the loopback interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+import pytest_asyncio
+from prometheus_client.parser import text_string_to_metric_families
+
+from pushsync.dispatcher import metrics as m
+
+WAIT = 5.0
+
+
+@dataclass
+class Health:
+    """A health callback the test can flip."""
+
+    healthy: bool = True
+    reason: str = "ok"
+    calls: list[None] = field(default_factory=list)
+
+    def __call__(self) -> tuple[bool, str]:
+        self.calls.append(None)
+        return self.healthy, self.reason
+
+
+@dataclass
+class Served:
+    metrics: m.Metrics
+    health: Health
+    server: m.MetricsServer
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.address
+
+
+@pytest_asyncio.fixture
+async def served() -> AsyncIterator[Served]:
+    metrics = m.Metrics()
+    health = Health()
+    server = await m.serve_metrics(metrics, "127.0.0.1", 0, health)
+    try:
+        yield Served(metrics, health, server)
+    finally:
+        await server.close()
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int  # 0: the server closed the connection without answering
+    headers: dict[str, str]
+    body: bytes
+
+
+async def exchange(address: tuple[str, int], data: bytes) -> Response:
+    """Send raw bytes, read until the server closes, parse what came back."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        writer.write(data)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), WAIT)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    if not raw:
+        return Response(0, {}, b"")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("ascii").split("\r\n")
+    version, status, _ = status_line.split(" ", 2)
+    assert version == "HTTP/1.1"
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.lower()] = value.strip()
+    assert int(headers["content-length"]) == len(body)
+    assert headers["connection"] == "close"
+    return Response(int(status), headers, body)
+
+
+async def get(address: tuple[str, int], path: str, method: str = "GET") -> Response:
+    host, port = address
+    request = f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: t\r\n\r\n"
+    return await exchange(address, request.encode("ascii"))
+
+
+def urlopen(url: str, accept: str | None = None) -> tuple[int, str, bytes]:
+    """A request with the standard library's HTTP client (run in a thread)."""
+    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.headers["Content-Type"], exc.read()
+
+
+# --------------------------------------------------------------------------- /metrics
+
+
+@pytest.mark.asyncio
+async def test_scrape_over_http_parses_and_shows_current_values(served: Served) -> None:
+    served.metrics.sent("udp")
+    served.metrics.sent("udp")
+    served.metrics.failed("smtp", final=True)
+    served.metrics.latency(0.004)
+    served.metrics.set_outbox_depth({"pending": 3})
+    served.metrics.set_database_up(True)
+    host, port = served.address
+    status, content_type, body = await asyncio.to_thread(urlopen, f"http://{host}:{port}/metrics")
+    assert status == 200
+    assert content_type == "text/plain; version=0.0.4; charset=utf-8"
+    found = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode("utf-8"))
+        for s in family.samples
+    }
+    assert found[("pushsync_sends_total", (("gateway", "udp"),))] == 2
+    assert found[("pushsync_send_failures_total", (("final", "true"), ("gateway", "smtp")))] == 1
+    assert found[("pushsync_commit_to_send_seconds_bucket", (("le", "0.005"),))] == 1
+    assert found[("pushsync_outbox_rows", (("state", "pending"),))] == 3
+    assert found[("pushsync_database_up", ())] == 1
+    assert any(name.startswith("process_") for name, _ in found)
+
+    served.metrics.sent("udp")
+    again = await get(served.address, "/metrics?x=1")
+    assert again.status == 200
+    assert b'pushsync_sends_total{gateway="udp"} 3.0' in again.body
+
+
+@pytest.mark.asyncio
+async def test_scraper_asking_for_openmetrics_gets_it(served: Served) -> None:
+    host, port = served.address
+    accept = "application/openmetrics-text; version=1.0.0,text/plain;version=0.0.4;q=0.5"
+    status, content_type, body = await asyncio.to_thread(
+        urlopen, f"http://{host}:{port}/metrics", accept
+    )
+    assert status == 200
+    assert content_type.startswith("application/openmetrics-text; version=1.0.0")
+    assert body.endswith(b"# EOF\n")
+
+
+@pytest.mark.asyncio
+async def test_head_gives_headers_without_a_body(served: Served) -> None:
+    reader, writer = await asyncio.open_connection(*served.address)
+    writer.write(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    raw = await asyncio.wait_for(reader.read(), WAIT)
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert body == b""
+    length = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")]
+    assert int(length[0].split(b":")[1]) > 0  # the length a GET would have
+
+
+# --------------------------------------------------------------------------- /healthz
+
+
+@pytest.mark.asyncio
+async def test_healthz_is_200_when_healthy_and_503_with_the_reason_when_not(
+    served: Served,
+) -> None:
+    host, port = served.address
+    assert await asyncio.to_thread(urlopen, f"http://{host}:{port}/healthz") == (
+        200,
+        "text/plain; charset=utf-8",
+        b"ok\n",
+    )
+    served.health.healthy = False
+    served.health.reason = "database unreachable since 12:00:03"
+    status, _, body = await asyncio.to_thread(urlopen, f"http://{host}:{port}/healthz")
+    assert (status, body) == (503, b"database unreachable since 12:00:03\n")
+    served.health.healthy = True
+    assert (await get(served.address, "/healthz")).status == 200
+    assert len(served.health.calls) == 3  # asked on every request, never cached
+
+
+@pytest.mark.asyncio
+async def test_healthz_is_503_when_the_health_check_raises() -> None:
+    def broken() -> tuple[bool, str]:
+        raise RuntimeError("bug")
+
+    server = await m.serve_metrics(m.Metrics(), "127.0.0.1", 0, broken)
+    try:
+        response = await get(server.address, "/healthz")
+        assert (response.status, response.body) == (503, b"health check failed: RuntimeError\n")
+        assert (await get(server.address, "/metrics")).status == 200
+    finally:
+        await server.close()
+
+
+# --------------------------------------------------------------------------- other requests
+
+
+@pytest.mark.asyncio
+async def test_unknown_path_is_404_and_other_methods_405(served: Served) -> None:
+    assert (await get(served.address, "/")).status == 404
+    assert (await get(served.address, "/metrics/extra")).status == 404
+    assert (await get(served.address, "/nothing", method="POST")).status == 404
+    for method in ("POST", "PUT", "DELETE", "OPTIONS"):
+        response = await get(served.address, "/metrics", method=method)
+        assert response.status == 405, method
+        assert response.headers["allow"] == "GET, HEAD"
+    assert (await get(served.address, "/healthz", method="POST")).status == 405
+    assert served.health.calls == []  # a refused method never runs the check
+
+
+GARBAGE = [
+    pytest.param(bytes(range(256)) * 4 + b"\r\n\r\n", 400, id="binary"),
+    pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64, 0, id="tls-hello"),
+    pytest.param(b"GET /metrics\r\n\r\n", 400, id="http-0.9"),
+    pytest.param(b"GET /metrics HTTP/2.0\r\n\r\n", 505, id="bad-version"),
+    pytest.param(b"get /metrics HTTP/1.1\r\n\r\n", 400, id="lower-case-method"),
+    pytest.param(b"GET metrics HTTP/1.1\r\n\r\n", 400, id="bad-target"),
+    pytest.param(b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n", 400, id="bad-header"),
+    pytest.param(b"GET /metrics HTTP/1.1\r\nX: \xff\xfe\r\n\r\n", 400, id="not-ascii"),
+    pytest.param(b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n", 431, id="huge-line"),
+    pytest.param(b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 2000 + b"\r\n", 431, id="many-headers"),
+    pytest.param(b"GET /metrics HTT", 0, id="cut-short"),
+    pytest.param(b"", 0, id="empty"),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("data", "status"), GARBAGE)
+async def test_garbage_is_refused_and_the_next_request_is_served(
+    served: Served, data: bytes, status: int
+) -> None:
+    reader, writer = await asyncio.open_connection(*served.address)
+    writer.write(data)
+    await writer.drain()
+    writer.write_eof()  # the client has nothing more to say
+    try:
+        raw = await asyncio.wait_for(reader.read(), WAIT)
+    except ConnectionResetError:  # the server closed with unread bytes in its buffer
+        raw = b""
+    writer.close()
+    await writer.wait_closed()
+    answered = int(raw.split(b" ", 2)[1]) if raw else 0
+    assert answered == status
+    assert (await get(served.address, "/metrics")).status == 200
+    assert (await get(served.address, "/healthz")).status == 200
+
+
+@pytest.mark.asyncio
+async def test_slow_client_times_out_and_does_not_hold_up_others(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(m, "REQUEST_TIMEOUT", 0.3)
+    reader, writer = await asyncio.open_connection(*served.address)
+    writer.write(b"GET /metrics HTTP/1.1\r\n")  # and never the end of the head
+    await writer.drain()
+    assert (await get(served.address, "/healthz")).status == 200  # served meanwhile
+    raw = await asyncio.wait_for(reader.read(), WAIT)
+    assert raw.startswith(b"HTTP/1.1 408 ")
+    writer.close()
+    await writer.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_many_concurrent_scrapes(served: Served) -> None:
+    responses = await asyncio.gather(*(get(served.address, "/metrics") for _ in range(50)))
+    assert {r.status for r in responses} == {200}
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+@pytest.mark.asyncio
+async def test_port_zero_binds_an_ephemeral_port_and_close_stops_serving() -> None:
+    server = await m.serve_metrics(m.Metrics(), "127.0.0.1", 0, lambda: (True, ""))
+    host, port = server.address
+    assert host == "127.0.0.1" and port > 0
+    idle_reader, idle_writer = await asyncio.open_connection(host, port)  # left open
+    await asyncio.wait_for(server.close(), WAIT)  # does not wait for the idle client
+    assert await asyncio.wait_for(idle_reader.read(), WAIT) == b""
+    idle_writer.close()
+    with pytest.raises(OSError):
+        await asyncio.open_connection(host, port)
+    with pytest.raises(RuntimeError):
+        _ = server.address
+
+
+@pytest.mark.asyncio
+async def test_two_servers_with_their_own_metrics() -> None:
+    first, second = m.Metrics(), m.Metrics()
+    first.sent("udp")
+    a = await m.serve_metrics(first, "127.0.0.1", 0, lambda: (True, ""))
+    b = await m.serve_metrics(second, "127.0.0.1", 0, lambda: (False, "draining"))
+    try:
+        assert a.address != b.address
+        assert b'pushsync_sends_total{gateway="udp"} 1.0' in (await get(a.address, "/metrics")).body
+        assert b"pushsync_sends_total{" not in (await get(b.address, "/metrics")).body
+        assert (await get(b.address, "/healthz")).body == b"draining\n"
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.asyncio
+async def test_address_in_use_is_an_oserror(served: Served) -> None:
+    host, port = served.address
+    with pytest.raises(OSError):
+        await m.serve_metrics(m.Metrics(), host, port, lambda: (True, ""))
