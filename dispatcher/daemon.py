@@ -207,6 +207,8 @@ class Dispatcher:
         self.udp_address: str | None = None
         self.metrics = Metrics()
         self._database_error: str | None = "not connected yet"
+        self._established = 0
+        """Sessions that got as far as dispatching: a drop after one resets the backoff."""
 
     # ----------------------------------------------------------------- hooks for gateways
 
@@ -271,10 +273,13 @@ class Dispatcher:
         attempt = 0
         while not stop.is_set():
             attempt += 1
+            established = self._established
             try:
                 connected = await self._session(stop)
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 connected = False
+                if self._established != established:  # it worked for a while: start over
+                    delay, attempt = BACKOFF_FIRST, 1
                 reason = _first_line(exc)
                 self._database_error = reason
                 self.metrics.set_database_up(False)
@@ -309,11 +314,16 @@ class Dispatcher:
         tasks: list[asyncio.Task[None]] = []
         try:
             await listen.execute(f"LISTEN {CHANNEL}")
-            if self._held:  # claimed on a connection that dropped: give them back
-                released = await store.release(sorted(self._held))
+            # Rows claimed before a connection dropped (including claims whose result
+            # was lost with the connection) go back, to be claimed again at once.
+            cur = await work.execute(query("mine"), {"owner": self.owner})
+            mine = sorted({row[0] for row in await cur.fetchall()} | self._held)
+            if mine:
+                released = await store.release(mine)
                 logger.info("released %d rows held before reconnecting", released)
-                self._held.clear()
+            self._held.clear()
             await self._announce(work)
+            self._established += 1
             self._database_error = None
             self.metrics.set_database_up(True)
             logger.info("connected to %s; listening on channel %r", describe_dsn(self.dsn), CHANNEL)

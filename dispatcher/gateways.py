@@ -209,9 +209,10 @@ class UdpGateway:
             limit=limit,
         )
         loop = asyncio.get_running_loop()
-        await loop.create_datagram_endpoint(
+        transport, _ = await loop.create_datagram_endpoint(
             lambda: _AckProtocol(gateway), local_addr=local_addr, sock=sock
         )
+        enlarge_receive_buffer(transport)
         return gateway
 
     def attach(self, transport: asyncio.DatagramTransport) -> None:
@@ -336,6 +337,28 @@ class _AckProtocol(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         # e.g. ICMP port unreachable for an earlier datagram: the resend covers it.
         logger.debug("UDP socket error: %s", exc)
+
+
+RECEIVE_BUFFER: Final = 4 * 1024 * 1024
+"""Bytes asked for the UDP socket's receive buffer: the acks of a whole batch arrive
+in one burst, and the default buffer (about 200 KiB, some 250 acks) drops the rest."""
+
+
+def enlarge_receive_buffer(transport: asyncio.BaseTransport) -> int:
+    """Ask for :data:`RECEIVE_BUFFER` bytes of receive buffer; the size the kernel granted.
+
+    The kernel caps the request at ``net.core.rmem_max``; raise that sysctl for
+    more. Failure is not fatal: the size stays what it was.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+    except OSError as exc:
+        logger.debug("cannot enlarge the UDP receive buffer: %s", exc)
+    granted: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    return granted
 
 
 def split_address(address: str, *, lowest_port: int = 1) -> tuple[str, int]:

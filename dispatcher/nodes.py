@@ -58,6 +58,7 @@ class PoolStore:
             kwargs={"autocommit": True},
             open=False,
             name="pushsync-dispatcher",
+            check=AsyncConnectionPool.check_connection,  # a connection the server dropped
             reconnect_timeout=0,  # keep trying: the database may be away for a while
         )
         self._secrets: dict[str, tuple[float, bytes | None]] = {}

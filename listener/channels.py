@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator, Callable
 from email import message_from_bytes, policy
 from pathlib import Path
@@ -52,6 +53,9 @@ if TYPE_CHECKING:
     from pushsync.listener.runtime import Listener
 
 logger = logging.getLogger(__name__)
+
+RECEIVE_BUFFER: Final = 4 * 1024 * 1024
+"""Bytes asked for the UDP channel's receive buffer (the kernel caps it at rmem_max)."""
 
 MAX_MAIL: Final = 256 * 1024
 """Largest mail file read; a signed message is at most 1,200 bytes plus headers."""
@@ -84,9 +88,13 @@ class UdpChannel(asyncio.DatagramProtocol):
     async def start(self) -> None:
         """Bind the socket (port 0 picks a free port: see :attr:`address`)."""
         loop = asyncio.get_running_loop()
-        await loop.create_datagram_endpoint(
+        transport, _ = await loop.create_datagram_endpoint(
             lambda: self, local_addr=(self.bind.host, self.bind.port)
         )
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # a burst of messages must not overflow the default buffer
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
 
     @property
     def address(self) -> tuple[str, int]:

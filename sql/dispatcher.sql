@@ -64,32 +64,41 @@ ORDER BY CASE c.priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END,
 -- sent --
 -- Only while this owner still holds the row (a lease that ran out but was not
 -- taken over by another dispatcher still counts: nobody else is sending it).
-UPDATE pushsync.outbox
-SET state = 'sent',
-    sent_at = now(),
-    gateway_used = %(gateway)s,
-    next_attempt_at = now() + resend_every,
+-- A row the device confirmed before the send was recorded (its ack beat this
+-- statement) stays confirmed and gets its send time and gateway.
+UPDATE pushsync.outbox AS o
+SET state = CASE WHEN o.state = 'confirmed' THEN 'confirmed' ELSE 'sent' END,
+    sent_at = CASE WHEN o.state = 'confirmed' THEN coalesce(o.sent_at, now()) ELSE now() END,
+    gateway_used = CASE WHEN o.state = 'confirmed' THEN coalesce(o.gateway_used, %(gateway)s)
+                        ELSE %(gateway)s END,
+    next_attempt_at = CASE WHEN o.state = 'confirmed' THEN o.next_attempt_at
+                           ELSE now() + o.resend_every END,
     lease_owner = NULL,
     lease_expires_at = NULL
-WHERE request_id = %(request_id)s
-  AND state = 'sending'
-  AND lease_owner = %(owner)s
+WHERE o.request_id = %(request_id)s
+  AND ((o.state = 'sending' AND o.lease_owner = %(owner)s) OR o.state = 'confirmed')
 
 -- sent_many --
 -- `sent` for a batch: request_ids[i] went out through gateways[i]. Returns the
--- rows this owner still held (and so recorded).
+-- rows recorded: those this owner still held, and those already confirmed.
 UPDATE pushsync.outbox AS o
-SET state = 'sent',
-    sent_at = now(),
-    gateway_used = s.gateway,
-    next_attempt_at = now() + o.resend_every,
+SET state = CASE WHEN o.state = 'confirmed' THEN 'confirmed' ELSE 'sent' END,
+    sent_at = CASE WHEN o.state = 'confirmed' THEN coalesce(o.sent_at, now()) ELSE now() END,
+    gateway_used = CASE WHEN o.state = 'confirmed' THEN coalesce(o.gateway_used, s.gateway)
+                        ELSE s.gateway END,
+    next_attempt_at = CASE WHEN o.state = 'confirmed' THEN o.next_attempt_at
+                           ELSE now() + o.resend_every END,
     lease_owner = NULL,
     lease_expires_at = NULL
 FROM unnest(%(request_ids)s::uuid[], %(gateways)s::text[]) AS s(request_id, gateway)
 WHERE o.request_id = s.request_id
-  AND o.state = 'sending'
-  AND o.lease_owner = %(owner)s
+  AND ((o.state = 'sending' AND o.lease_owner = %(owner)s) OR o.state = 'confirmed')
 RETURNING o.request_id
+
+-- mine --
+-- Rows leased to this owner: after a reconnect, rows whose claim committed but
+-- whose result never arrived are among them.
+SELECT request_id FROM pushsync.outbox WHERE state = 'sending' AND lease_owner = %(owner)s
 
 -- release --
 -- Give rows back unsent, as if never claimed: attempts - 1, lease cleared.

@@ -259,9 +259,11 @@ def test_confirm_while_sending_wins_over_a_late_sent(fleet: psycopg.Connection) 
     rid = enqueue(fleet)
     store = OutboxStore(fleet, "a")
     store.claim(1, LEASE)
-    assert store.confirm(rid, "truck-1") is True
-    assert store.sent(rid, "sync") is False
-    assert get(fleet, rid)["state"] == "confirmed"
+    assert store.confirm(rid, "truck-1") is True  # the ack beat the record of the send
+    assert store.sent(rid, "sync") is True
+    row = get(fleet, rid)
+    assert (row["state"], row["gateway_used"]) == ("confirmed", "sync")
+    assert row["sent_at"] is not None and row["confirmed_at"] is not None
 
 
 def test_archive_moves_finished_rows_and_leaves_the_rest(fleet: psycopg.Connection) -> None:
