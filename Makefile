@@ -1,13 +1,14 @@
 # The two set-up commands of the README, and their parts.
-#   make example   install everything, then run the trucking example
+#   make demo      install everything, then run `pushsync demo` (embedded PostgreSQL)
 #   make test      install everything, then lint, type-check and run every test
+#   make example   the trucking walkthrough with the real commands, on a throwaway server
 
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install postgres test lint example bench clean
+.PHONY: install postgres test lint demo example bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ lint: $(STAMP)
 
 test: lint postgres
 	$(BIN)/pytest
+
+demo: $(STAMP)
+	$(BIN)/pushsync demo
 
 example: postgres
 	$(BIN)/python -m examples.trucking

@@ -175,6 +175,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pushsync.demo import run_demo
+
+    return run_demo(keep=args.keep, verbose=args.verbose)
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
     from pushsync.listener.sync import run_sync
 
@@ -366,6 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     option(dispatch, "--metrics", metavar="HOST:PORT", help="serve /metrics and /healthz over HTTP")
     option(dispatch, "--batch", metavar="N", help="rows claimed at a time (default 500)")
     dispatch.set_defaults(handler=cmd_dispatch)
+
+    demo = commands.add_parser(
+        "demo", help="the trucking story end to end on an embedded PostgreSQL, no set-up"
+    )
+    option(demo, "--keep", action="store_true", help="leave everything running until Ctrl-C")
+    option(demo, "--verbose", action="store_true", help="show the components' own logs too")
+    demo.set_defaults(handler=cmd_demo)
 
     sync = commands.add_parser("sync", help="synchronize the device's local database once")
     sync.add_argument("config", metavar="CONFIG.yaml")

@@ -221,7 +221,9 @@ async def test_refused_uploads_are_reported_kept_and_the_server_row_comes_back(
         fleet.execute("UPDATE public.routes SET route_name = 'south (server)' WHERE route_id = 20")
         write_locally(truck2, "UPDATE routes SET route_name = 'south (device)' WHERE route_id = 20")
         # Not allowed: routes take updates only.
-        write_locally(truck2, "INSERT INTO routes VALUES (99, 'mine', 2)")
+        write_locally(
+            truck2, "INSERT INTO routes (route_id, route_name, driver_id) VALUES (99, 'mine', 2)"
+        )
         result = await sync(truck2)
         assert (result.uploaded, result.rejected) == (0, 2)
         assert local_routes(truck2) == [(20, "south (server)", 2), (99, "mine", 2)]
@@ -329,7 +331,7 @@ async def test_schema_drift_rebuilds_the_local_table(
         result = await sync(truck2)
         assert result.rejected == 1
         columns = [row[1] for row in local(truck2, "PRAGMA table_info(routes)")]
-        assert columns == ["route_id", "route_name", "driver_id"]
+        assert columns == ["route_id", "route_name", "driver_id", "detour"]
         db = LocalDatabase.open(truck2.state_dir / "local.db")
         try:
             [refused] = db.rejected()
