@@ -2,7 +2,8 @@
 
 Tables and every column a rule names must exist, an update rule that pairs
 rows needs a key, and each SQL fragment must plan (EXPLAIN) in the environment
-the trigger runs in. Nothing is written: all of it happens in a transaction
+the trigger runs in. Each published table must exist with a key, name existing
+columns, and its download must plan and return the table's rows. Nothing is written: all of it happens in a transaction
 that is rolled back.
 """
 
@@ -14,7 +15,7 @@ from pushsync import queries
 from pushsync.db import first_line
 from pushsync.errors import Location, Problems
 from pushsync.generator import passes, render
-from pushsync.generator.model import Poll, Rule, RuleSet
+from pushsync.generator.model import Poll, Publication, PublishedTable, Rule, RuleSet
 
 TABLE_KINDS = {"r", "p"}  # ordinary and partitioned tables can carry these triggers
 
@@ -104,6 +105,51 @@ class _Checker:
     def poll(self, poll: Poll) -> None:
         self.explain(render.sql(poll.query), poll.query.location, poll.label, "query")
 
+    def published(self, publication: Publication, published: PublishedTable) -> None:
+        """The table, its key, the columns named, and that the download plans."""
+        label = publication.label
+        table = str(published.table)
+        kind = self.conn.execute(queries.get("table_kind"), {"table": table}).fetchone()
+        if kind is None:
+            self.problems.add(published.where("table"), f"table {table} does not exist", label)
+            return
+        if kind[0] not in TABLE_KINDS:
+            self.problems.add(
+                published.where("table"), f"{table} is not a table (it cannot be captured)", label
+            )
+            return
+        known = self.columns(table)
+        before = len(self.problems)
+        for column in published.key:
+            if column not in known:
+                self.problems.add(
+                    published.where("key"), f"key: {table} has no column {column}", label
+                )
+        if not published.key:
+            row = self.conn.execute(queries.get("primary_key"), {"table": table}).fetchone()
+            if not row or not row[0]:
+                self.problems.add(
+                    published.where("table"),
+                    f"{table} has no primary key: give the publication table a key: [column, ...]",
+                    label,
+                )
+        if published.newest_column is not None and published.newest_column not in known:
+            self.problems.add(
+                published.where("conflict"),
+                f"conflict: {table} has no column {published.newest_column}",
+                label,
+            )
+        if len(self.problems) == before:
+            # $1 is the device id; the function's return type must be the table's rows.
+            download = render.sql(published.download).replace("$1", "NULL::text")
+            target = f"{render.ident(published.table.schema)}.{render.ident(published.table.name)}"
+            self.explain(
+                f"SELECT (d::{target}).* FROM ({download}) AS d",
+                published.download.location,
+                label,
+                "download",
+            )
+
 
 def check(conn: psycopg.Connection, rules: RuleSet, problems: Problems) -> None:
     """Add to ``problems`` everything the database says is wrong with ``rules``."""
@@ -116,6 +162,9 @@ def check(conn: psycopg.Connection, rules: RuleSet, problems: Problems) -> None:
             checker.rule(rule, plan)
         for poll in rules.polls:
             checker.poll(poll)
+        for publication in rules.publications:
+            for published in publication.tables:
+                checker.published(publication, published)
 
 
 def require(conn: psycopg.Connection, rules: RuleSet) -> None:

@@ -123,7 +123,40 @@ def test_view_is_not_a_table(trucking_db: psycopg.Connection) -> None:
 
 
 def test_check_writes_nothing(trucking_db: psycopg.Connection) -> None:
+    triggers = "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal"
+    before = trucking_db.execute(triggers).fetchone()  # the example's own detour planner
     problems = Problems()
     dbcheck.check(trucking_db, generator.load(trucking.RULES), problems)
-    count = trucking_db.execute("SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal").fetchone()
-    assert count == (0,)
+    assert trucking_db.execute(triggers).fetchone() == before == (1,)
+
+
+def test_publications_are_checked_against_the_database(trucking_db: psycopg.Connection) -> None:
+    trucking_db.execute("CREATE TABLE public.keyless (a int, b text)")
+    text = """\
+version: 1
+publications:
+  - name: p
+    tables:
+      - table: public.no_such_table
+        download: SELECT * FROM public.no_such_table
+      - table: public.keyless
+        download: SELECT * FROM public.keyless
+      - table: public.routes
+        key: [route_code]
+        download: SELECT r.* FROM public.routes AS r
+        upload: [update]
+        conflict: {newest: changed_at}
+      - table: public.route_stops
+        download: |
+          SELECT s.* FROM public.route_stops AS s WHERE s.location = :device_id
+"""
+    found = problems_for(trucking_db, text)
+    assert found == [
+        "rules.yaml:10:9: publication p: key: public.routes has no column route_code",
+        "rules.yaml:13:9: publication p: conflict: public.routes has no column changed_at",
+        "rules.yaml:15:19: publication p: download: the database refuses it: column s.location "
+        "does not exist",
+        "rules.yaml:5:9: publication p: table public.no_such_table does not exist",
+        "rules.yaml:7:9: publication p: public.keyless has no primary key: give the "
+        "publication table a key: [column, ...]",
+    ], "\n".join(found)
