@@ -3,8 +3,8 @@
 Tables and every column a rule names must exist, an update rule that pairs
 rows needs a key, and each SQL fragment must plan (EXPLAIN) in the environment
 the trigger runs in. Each published table must exist with a key, name existing
-columns, and its download must plan and return the table's rows. Nothing is written: all of it happens in a transaction
-that is rolled back.
+columns, and its download must plan and return the table's rows. Nothing is
+written: all of it happens in a transaction that is rolled back.
 """
 
 from __future__ import annotations
