@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pushsync import __version__
+from pushsync import __version__, logs
 from pushsync.errors import DatabaseError, PushsyncError, RulesError, UsageError
 
 log = logging.getLogger("pushsync")
@@ -297,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         help="how much to log on stderr",
     )
+    option(
+        parser,
+        "--log-format",
+        choices=logs.FORMATS,
+        default="text",
+        help="text lines, or one JSON object per line for log collectors",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = commands.add_parser("check", help="validate a rules file")
@@ -399,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(name)s: %(message)s")
+    logs.configure(args.log_level, args.log_format)
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import psycopg
 
 from pushsync.listener import protocol
-from tests.acceptance.conftest import Run
+from tests.acceptance.conftest import Run, _executable
 from tests.integration import trucking
 
 
@@ -248,3 +250,38 @@ def test_status_and_device_list_show_dispatchers_and_connections(
     devices = json.loads(pushsync("device", "list", "--dsn", dsn, "--json").stdout)
     connected = {d["device_id"]: d["connected_to"] for d in devices}
     assert connected["truck-1"] == "node-a" and connected["truck-2"] is None
+
+
+def test_json_logs_carry_no_password(tmp_path: Path) -> None:
+    """``--log-format json``: one object per line; the DSN's password never appears."""
+    import signal
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    dsn = f"host=127.0.0.1 port={port} user=fleet password=hunter2-secret dbname=fleet"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSHSYNC_", "PG"))}
+    listens = ["--sync-listen", "127.0.0.1:0", "--udp-listen", "127.0.0.1:0"]
+    process = subprocess.Popen(
+        [*_executable(), "--log-format", "json", "dispatch", "--dsn", dsn, *listens],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert process.stderr is not None
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if "failed (attempt 2)" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=30)
+    assert process.returncode == 0
+    records = [json.loads(line) for line in lines + rest.splitlines() if line.strip()]
+    assert {"ts", "level", "logger", "message"} <= set(records[0])
+    failed = [r for r in records if "database connection" in r["message"]]
+    assert failed and failed[0]["level"] == "warning"
+    assert f"port={port}" in failed[0]["message"]
+    assert all("hunter2" not in json.dumps(r) for r in records)
