@@ -205,14 +205,18 @@ def _describe(node: exp.Expr) -> str:
     return f"a {type(node).__name__.upper()} statement"
 
 
-def parse_query(text: str) -> exp.Query:
-    """One read-only SELECT (set operations and CTEs allowed)."""
+def _one_statement(text: str) -> exp.Expr:
     trees = _parse(text)
     if not trees:
         raise FragmentError("expected a SELECT, found nothing")
     if len(trees) > 1:
         raise FragmentError("expected one SELECT, found more than one statement")
-    tree = trees[0]
+    return trees[0]
+
+
+def parse_query(text: str) -> exp.Query:
+    """One read-only SELECT (set operations and CTEs allowed)."""
+    tree = _one_statement(text)
     _police(tree)
     if not isinstance(tree, exp.Query):
         raise FragmentError(f"expected a SELECT, found {_describe(tree)}")
@@ -228,12 +232,7 @@ def parse_download(text: str) -> exp.Query:
 
     The parameter becomes ``$1``, the argument of the generated download function.
     """
-    trees = _parse(text)
-    if not trees:
-        raise FragmentError("expected a SELECT, found nothing")
-    if len(trees) > 1:
-        raise FragmentError("expected one SELECT, found more than one statement")
-    tree = trees[0]
+    tree = _one_statement(text)
     for node in list(tree.find_all(exp.Placeholder)):
         if node.name != DEVICE_PARAMETER:
             raise FragmentError(f"unknown parameter :{node.name}: only :device_id may be used")

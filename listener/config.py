@@ -20,7 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final, TypeAlias, TypeVar, cast
 
-from pushsync.errors import Location, Problems, UsageError
+from pushsync.errors import Location, Problems, PushsyncError, RulesError, UsageError
 from pushsync.listener.protocol import PRIORITIES, Priority, read_secret
 from pushsync.source import Node, closest, load, parse_duration, suggestion
 
@@ -545,6 +545,22 @@ def _config(checker: _Checker, root: Node, path: Path) -> ListenerConfig | None:
         handlers=handlers,
         publication=publication,
     )
+
+
+def load_for_command(path: str | Path) -> tuple[ListenerConfig, bytes] | int:
+    """The config and the device secret for a command (``listen``, ``sync``), or exit status 2
+    after printing every problem, located, to stderr."""
+    import sys
+
+    try:
+        config = load_config(path)
+        return config, read_secret_file(config)
+    except RulesError as exc:
+        for problem in exc:
+            print(problem, file=sys.stderr)
+    except PushsyncError as exc:
+        print(exc, file=sys.stderr)
+    return 2
 
 
 def _device(checker: _Checker, node: Node) -> str | None:

@@ -64,7 +64,7 @@ from pushsync.listener.channels import (
     SyncChannel,
     UdpChannel,
 )
-from pushsync.listener.config import ListenerConfig, load_config, read_secret_file
+from pushsync.listener.config import ListenerConfig, load_config, load_for_command, read_secret_file
 from pushsync.listener.dedupe import DedupeError, DedupeStore, GroupCommit
 from pushsync.listener.handlers import match
 from pushsync.listener.localdb import LocalDatabaseError
@@ -452,28 +452,23 @@ def run_listener(config_path: str, *, log_messages: bool = False) -> int:
     (every problem printed to stderr, located); 1 when the listener cannot
     start (no channel could be opened, the state directory is unusable).
     """
-    try:
-        config = load_config(config_path)
-    except RulesError as exc:
-        for problem in exc:
-            print(problem, file=sys.stderr)
-        return 2
-    except PushsyncError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    loaded = load_for_command(config_path)
+    if isinstance(loaded, int):
+        return loaded
+    config, secret = loaded
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
         )
     try:
-        return asyncio.run(_main(config, log_messages=log_messages))
+        return asyncio.run(_main(config, secret, log_messages=log_messages))
     except KeyboardInterrupt:
         return 0
 
 
-async def _main(config: ListenerConfig, *, log_messages: bool) -> int:
+async def _main(config: ListenerConfig, secret: bytes, *, log_messages: bool) -> int:
     try:
-        listener = Listener(config, log_messages=log_messages)
+        listener = Listener(config, secret=secret, log_messages=log_messages)
     except DedupeError as exc:
         print(exc, file=sys.stderr)
         return 1

@@ -329,22 +329,15 @@ def run_sync(config_path: str) -> int:
     """``pushsync sync CONFIG``: one synchronization now; 0 on success, 1 if it failed."""
     import sys
 
-    from pushsync.errors import RulesError
-    from pushsync.listener.config import load_config, read_secret_file
+    from pushsync.listener.config import load_for_command
 
-    try:
-        config = load_config(config_path)
-        secret = read_secret_file(config)
-    except RulesError as exc:
-        for problem in exc:
-            print(problem, file=sys.stderr)
-        return 2
-    except PushsyncError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    loaded = load_for_command(config_path)
+    if isinstance(loaded, int):
+        return loaded
+    config, secret = loaded
     try:
         result = asyncio.run(sync_once(config, secret))
-    except (SyncFailed, OSError) as exc:
+    except (SyncFailed, OSError, PushsyncError) as exc:
         print(f"sync failed: {exc}", file=sys.stderr)
         return 1
     print(result.describe())
