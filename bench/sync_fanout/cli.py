@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from bench.dispatcher_process import dispatcher_process
 from bench.sync_fanout.devices import SECRET, device_id
 from pushsync import generator, schema
 from tests.support.postgres import start_postgres
@@ -36,66 +32,6 @@ SERVER_OPTIONS = (
     "-c synchronous_commit=off -c shared_buffers=256MB -c max_connections=50 "
     "-c listen_addresses=127.0.0.1"
 )
-
-
-@dataclass(slots=True)
-class Dispatcher:
-    process: subprocess.Popen[str]
-    lines: list[str]
-    sync_port: int
-
-    def rss_kib(self) -> int:
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
-        assert found is not None
-        return int(found[1])
-
-
-def _drain(stream: IO[str], lines: list[str]) -> None:
-    for line in stream:
-        lines.append(line.rstrip("\n"))
-
-
-@contextmanager
-def dispatcher(dsn: str) -> Iterator[Dispatcher]:
-    command = [
-        sys.executable,
-        "-m",
-        "pushsync",
-        "dispatch",
-        "--dsn",
-        dsn,
-        "--sync-listen",
-        "127.0.0.1:0",
-        "--udp-listen",
-        "127.0.0.1:0",
-    ]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    assert process.stderr is not None
-    threading.Thread(target=_drain, args=(process.stderr, lines), daemon=True).start()
-    try:
-        port = _wait_for(lines, r"SYNC gateway on 127\.0\.0\.1:(\d+)", process)
-        _wait_for(lines, r"listening on channel", process)
-        yield Dispatcher(process, lines, int(port))
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-def _wait_for(lines: list[str], pattern: str, process: subprocess.Popen[str]) -> str:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        for line in list(lines):
-            if found := re.search(pattern, line):
-                return found[1] if found.groups() else line
-        if process.poll() is not None:
-            raise RuntimeError("the dispatcher exited:\n" + "\n".join(lines))
-        time.sleep(0.02)
-    raise RuntimeError(f"timed out waiting for {pattern!r}:\n" + "\n".join(lines))
 
 
 def prepare(conn: psycopg.Connection, devices: int) -> None:
@@ -142,7 +78,7 @@ def run(devices: int) -> dict[str, Any]:
         dsn = f"{base} dbname={DBNAME}"
         with psycopg.connect(dsn, autocommit=True) as conn:
             prepare(conn, devices)
-            with dispatcher(dsn) as node:
+            with dispatcher_process(dsn) as node:
                 # UDP: every device's manual address is one receiving socket.
                 receiver = _devices("udp", devices)
                 assert receiver.stdout is not None

@@ -21,21 +21,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import sqlite3
 import statistics
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from bench.dispatcher_process import dispatcher_process
 from pushsync import generator, schema
 from pushsync.listener import protocol
 from pushsync.listener.config import ListenerConfig, load_config
@@ -53,41 +48,6 @@ SERVER_OPTIONS = (
     "-c synchronous_commit=off -c shared_buffers=256MB -c max_connections=50 "
     "-c listen_addresses=127.0.0.1"
 )
-
-
-def _drain(stream: IO[str], lines: list[str]) -> None:
-    for line in stream:
-        lines.append(line.rstrip("\n"))
-
-
-@contextmanager
-def dispatcher(dsn: str) -> Iterator[int]:
-    """``pushsync dispatch`` in a subprocess; yields its SYNC port."""
-    command = [
-        sys.executable, "-m", "pushsync", "dispatch", "--dsn", dsn,
-        "--sync-listen", "127.0.0.1:0", "--udp-listen", "127.0.0.1:0",
-    ]  # fmt: skip
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    assert process.stderr is not None
-    threading.Thread(target=_drain, args=(process.stderr, lines), daemon=True).start()
-    try:
-        deadline = time.monotonic() + 30
-        port = None
-        while port is None or not any("listening on channel" in line for line in lines):
-            for line in list(lines):
-                if found := re.search(r"SYNC gateway on 127\.0\.0\.1:(\d+)", line):
-                    port = int(found[1])
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the dispatcher did not start:\n" + "\n".join(lines))
-            time.sleep(0.02)
-        yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def prepare(conn: psycopg.Connection, rows: int) -> None:
@@ -214,8 +174,8 @@ def run(rows: int, rounds: int, workdir: Path) -> dict[str, Any]:
         dsn = f"{base} dbname={DBNAME}"
         with psycopg.connect(dsn, autocommit=True) as conn:
             prepare(conn, rows)
-            with dispatcher(dsn) as port:
-                config = write_config(workdir, port)
+            with dispatcher_process(dsn) as node:
+                config = write_config(workdir, node.sync_port)
                 return asyncio.run(measure(conn, config, rows, rounds))
 
 

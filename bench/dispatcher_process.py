@@ -1,0 +1,72 @@
+"""``pushsync dispatch`` as a subprocess for the benchmarks: started, its ports read, stopped."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+
+@dataclass(slots=True)
+class DispatcherProcess:
+    process: subprocess.Popen[str]
+    lines: list[str]
+    """Its log, as it comes (a thread drains stderr so that it never blocks)."""
+    sync_port: int
+
+    def rss_kib(self) -> int:
+        """Its resident set size (VmRSS), in KiB."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        assert found is not None
+        return int(found[1])
+
+
+def _drain(stream: IO[str], lines: list[str]) -> None:
+    for line in stream:
+        lines.append(line.rstrip("\n"))
+
+
+@contextmanager
+def dispatcher_process(dsn: str, *extra: str) -> Iterator[DispatcherProcess]:
+    """Run ``pushsync dispatch`` on loopback ports until the block ends (SIGTERM)."""
+    command = [
+        sys.executable, "-m", "pushsync", "dispatch", "--dsn", dsn,
+        "--sync-listen", "127.0.0.1:0", "--udp-listen", "127.0.0.1:0", *extra,
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    assert process.stderr is not None
+    threading.Thread(target=_drain, args=(process.stderr, lines), daemon=True).start()
+    try:
+        port = _wait_for(lines, r"SYNC gateway on 127\.0\.0\.1:(\d+)", process)
+        _wait_for(lines, r"listening on channel", process)
+        yield DispatcherProcess(process, lines, int(port))
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _wait_for(lines: list[str], pattern: str, process: subprocess.Popen[str]) -> str:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for line in list(lines):
+            if found := re.search(pattern, line):
+                return found[1] if found.groups() else line
+        if process.poll() is not None:
+            raise RuntimeError("the dispatcher exited:\n" + "\n".join(lines))
+        time.sleep(0.02)
+    raise RuntimeError(f"timed out waiting for {pattern!r}:\n" + "\n".join(lines))
+
+
+__all__ = ["DispatcherProcess", "dispatcher_process"]
