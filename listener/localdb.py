@@ -670,6 +670,18 @@ class LocalDatabase:
         )
         return [Rejected(_change(row[:6]), str(row[6]), float(row[7])) for row in rows]
 
+    def forget_rejected(self, seqs: Iterable[int] | None = None) -> int:
+        """Drop refused changes once the application has dealt with them (all if ``seqs``
+        is None); how many were dropped."""
+        with self._transaction("forget rejected changes") as connection:
+            if seqs is None:
+                cursor = connection.execute(f"DELETE FROM {_REJECTED}")
+            else:
+                cursor = connection.executemany(
+                    f"DELETE FROM {_REJECTED} WHERE seq = ?", [(int(seq),) for seq in seqs]
+                )
+            return int(cursor.rowcount)
+
     # ------------------------------------------------------------------ writes
 
     def uploaded(self, applied: Iterable[int], rejected: Mapping[int, str]) -> None:

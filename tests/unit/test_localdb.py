@@ -995,3 +995,25 @@ def replay(copy: LocalDatabase, changes: Sequence[Change]) -> None:
             assert change.old is not None
             assert {k: change.old[k] for k in REPLAYED.key} == change.key
         copy.apply("p", [download(REPLAYED, upserts, deletes)], f"w{change.seq}")
+
+
+def test_forget_rejected_drops_what_the_application_dealt_with(tmp_path: Path) -> None:
+    from pushsync.listener.localdb import Column, LocalDatabase, TableDownload, TableSchema
+
+    db = LocalDatabase.open(tmp_path / "forget.db")
+    try:
+        schema = TableSchema(
+            name="public.t", columns=(Column("id", "integer"), Column("v", "text")), key=("id",)
+        )
+        db.apply("p", [TableDownload(schema=schema, full=True, upserts=[], deletes=[])], "w1")
+        for n in range(3):
+            db.connection.execute("INSERT INTO t VALUES (?, 'x')", (n,))
+        seqs = [c.seq for c in db.pending()]
+        db.uploaded([], {seq: "no" for seq in seqs})
+        assert len(db.rejected()) == 3
+        assert db.forget_rejected([seqs[0]]) == 1
+        assert [r.change.seq for r in db.rejected()] == seqs[1:]
+        assert db.forget_rejected() == 2
+        assert db.rejected() == []
+    finally:
+        db.close()
