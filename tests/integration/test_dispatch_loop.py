@@ -329,20 +329,21 @@ async def test_two_dispatchers_send_every_row_exactly_once(
         "INSERT INTO pushsync.outbox (rule, device_id, subject, content, coalescing, "
         "expires_at, resend_every) "
         "SELECT 'bulk', 'd' || (n % 10), 'sync', n::text, false, now() + interval '1 hour', "
-        "'1 hour' FROM generate_series(1, 1000) AS n"
+        "'1 hour' FROM generate_series(1, 5000) AS n"
     )
     ids = {uuid.UUID(str(r[0])) for r in db.execute("SELECT request_id FROM pushsync.outbox")}
     first, second = RecordingGateway("udp"), RecordingGateway("udp")
-    a = Dispatcher(dsn, {"udp": first}, owner="a", batch=50, poll_interval=0.05)
-    b = Dispatcher(dsn, {"udp": second}, owner="b", batch=50, poll_interval=0.05)
+    a = Dispatcher(dsn, {"udp": first}, owner="a", batch=100, poll_interval=0.05)
+    b = Dispatcher(dsn, {"udp": second}, owner="b", batch=100, poll_interval=0.05)
     started = time.perf_counter()
     async with running(a), running(b):
-        await until(lambda: states(db) == {"sent": 1000}, "all 1,000 rows sent", timeout=20)
+        await until(lambda: states(db) == {"sent": 5000}, "all 5,000 rows sent", timeout=60)
     elapsed = time.perf_counter() - started
     sent = [i.request_id for i in first.items] + [i.request_id for i in second.items]
-    print(f"\n1,000 rows: a sent {len(first.items)}, b {len(second.items)} in {elapsed:.2f} s")
-    assert len(sent) == 1000
+    print(f"\n5,000 rows: a sent {len(first.items)}, b {len(second.items)} in {elapsed:.2f} s")
+    assert len(sent) == 5000  # none twice
     assert set(sent) == ids
+    assert first.items and second.items  # both took part
 
 
 def test_gateways_satisfy_the_protocol() -> None:
