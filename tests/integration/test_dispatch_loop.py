@@ -367,3 +367,46 @@ async def test_reconnects_after_the_database_drops_its_connections(
         enqueue(db, "d1")
         await until(lambda: states(db) == {"sent": 1}, "the send after reconnecting")
     assert len(udp.items) == 1
+
+
+@pytest.mark.asyncio
+async def test_unconfirmed_message_is_resent_then_confirmed(
+    db: psycopg.Connection, dsn: str
+) -> None:
+    trucking.add_devices(db, "truck-1")
+    device = await Device.bind()
+    set_address(db, "truck-1", "udp", device.address)
+    request_id = enqueue(db, "truck-1")
+    db.execute(
+        "UPDATE pushsync.outbox SET resend_every = interval '300 milliseconds' "
+        "WHERE request_id = %s",
+        (request_id,),
+    )
+    dispatcher = Dispatcher(dsn, {}, poll_interval=0.05, housekeeping_interval=30.0)
+    udp = await UdpGateway.bind(
+        ("127.0.0.1", 0), secret_for=dispatcher.secret_for, on_ack=dispatcher.on_ack
+    )
+    dispatcher.add_gateway(udp)
+    try:
+        async with running(dispatcher):
+            first, first_at = await device.receive()  # lost ack: nothing sent back
+            second, second_at = await device.receive()  # the resend
+            assert first == second  # the same signed message, byte for byte
+            assert second_at - first_at >= 0.25
+            msg = protocol.decode_message(second, SECRET, time.time())
+            ack = protocol.Ack(request_id=msg.request_id, device="truck-1", confirmed=time.time())
+            device.transport.sendto(protocol.encode_ack(ack, SECRET), udp.local_address)
+            await until(lambda: finished(db) == [(request_id, "confirmed")], "the confirmation")
+            row = db.execute(
+                "SELECT attempts, confirmed_at IS NOT NULL FROM pushsync.outbox "
+                "WHERE request_id = %s",
+                (request_id,),
+            ).fetchone()
+            assert row is not None and row[0] >= 2 and row[1]
+            while not device.inbox.queue.empty():  # a resend that crossed the ack
+                device.inbox.queue.get_nowait()
+            await asyncio.sleep(0.6)  # confirmed: never sent again
+            assert device.inbox.queue.empty()
+    finally:
+        udp.close()
+        device.transport.close()
