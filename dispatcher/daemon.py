@@ -196,6 +196,7 @@ class Dispatcher:
         self._poll_runs: dict[str, float] = {}
         """When each poll last ran here (or was found running elsewhere), ``time.monotonic()``."""
         self._wake = asyncio.Event()
+        self._reload_polls = asyncio.Event()
         self._acks: deque[tuple[uuid.UUID, str]] = deque()
         self._ack_ready = asyncio.Event()
         self._held: set[uuid.UUID] = set()
@@ -249,6 +250,13 @@ class Dispatcher:
     def wake(self) -> None:
         """Claim now instead of at the next poll."""
         self._wake.set()
+
+    def reload(self) -> None:
+        """SIGHUP: read the polls again now, and forget cached device secrets (a device
+        disabled or given a new secret is refused from now on, not within a minute)."""
+        logger.info("SIGHUP: reloading the polls and forgetting cached device secrets")
+        self._reload_polls.set()
+        self.store.forget_secrets()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -572,7 +580,8 @@ class Dispatcher:
         reload_at = time.monotonic() + self.polls_reload_interval
         while not stop.is_set():
             now = time.monotonic()
-            if now >= reload_at:
+            if now >= reload_at or self._reload_polls.is_set():
+                self._reload_polls.clear()
                 polls = await self._load_polls(conn, polls)
                 reload_at = now + self.polls_reload_interval
             for poll in due_polls(polls, self._poll_runs, now):
@@ -582,7 +591,7 @@ class Dispatcher:
             now = time.monotonic()
             wait = next_due(polls, self._poll_runs, now)
             delay = reload_at - now if wait is None else min(wait, reload_at - now)
-            if await _wait(stop, max(delay, 0.01)):
+            if await _wait_any(stop, self._reload_polls, max(delay, 0.01)):
                 return
 
     async def _load_polls(self, conn: AsyncConn, known: list[Poll] | None) -> list[Poll]:
@@ -749,10 +758,11 @@ def run_dispatcher(
             signals = (signal.SIGTERM, signal.SIGINT)
             for signum in signals:
                 loop.add_signal_handler(signum, _stopper(stop, signum))
+            loop.add_signal_handler(signal.SIGHUP, dispatcher.reload)
             try:
                 await dispatcher.run(stop)
             finally:
-                for signum in signals:
+                for signum in (*signals, signal.SIGHUP):
                     loop.remove_signal_handler(signum)
         finally:
             for close in reversed(closers):

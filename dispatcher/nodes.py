@@ -78,6 +78,9 @@ class PoolStore:
             return None
         return found[1]
 
+    def forget_secrets(self) -> None:
+        self._secrets.clear()
+
     def remember_secret(self, device: str, secret: bytes) -> None:
         self._secrets[device] = (time.monotonic() + SECRET_CACHE_SECONDS, secret)
 

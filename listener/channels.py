@@ -25,8 +25,9 @@ peer sends can raise out of a channel.
   sends POLL, takes the messages up to the server's closing POLL, acks them
   and says BYE.
 
-The IMAP channel is not implemented; the runtime logs that once and runs with
-the others.
+The IMAP channel (:class:`pushsync.listener.imap.ImapChannel`) fetches mails
+from an IMAP folder and verifies them as the maildir channel does, with
+:func:`message_from_mail`.
 """
 
 from __future__ import annotations
@@ -513,7 +514,7 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _message_from_mail(data: bytes, secret: bytes, now: float) -> protocol.Message:
+def message_from_mail(data: bytes, secret: bytes, now: float) -> protocol.Message:
     """The verified message in the raw mail ``data``; :class:`ProtocolError` if none."""
     if len(data) > MAX_MAIL:
         raise protocol.Oversized(f"mail larger than {MAX_MAIL} bytes")
@@ -534,3 +535,6 @@ def _message_from_mail(data: bytes, secret: bytes, now: float) -> protocol.Messa
         secret,
         now,
     )
+
+
+_message_from_mail = message_from_mail

@@ -20,7 +20,7 @@ hand it verified messages. For each message :meth:`Listener.handle`:
    default). Like MobiLink, **a message that no handler matched is not
    confirmed**: the device did not accept it, and the dispatcher keeps it
    until it expires (a redelivery is then a duplicate and is not acked either).
-   A channel without a way back (Maildir) passes ``reply=None``.
+   A channel without a way back (Maildir, IMAP) passes ``reply=None``.
 
 Envelopes that fail verification (``ProtocolError``: forged, expired,
 oversized, malformed, unsupported version) are counted by reason and logged
@@ -36,8 +36,8 @@ logged, every error located, and the old one kept; a valid one replaces the
 handlers. Changes to ``device``, ``secret_file``, ``state_dir`` or
 ``channels`` take effect only after a restart, and the log says so.
 
-The IMAP channel is not implemented: if configured, one warning says so and
-the listener runs with the others.
+The IMAP channel is :mod:`pushsync.listener.imap`, the others are in
+:mod:`pushsync.listener.channels`.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ from pushsync.listener.channels import (
 from pushsync.listener.config import ListenerConfig, load_config, load_for_command, read_secret_file
 from pushsync.listener.dedupe import DedupeError, DedupeStore, GroupCommit
 from pushsync.listener.handlers import match
+from pushsync.listener.imap import ImapChannel
 from pushsync.listener.localdb import LocalDatabaseError
 from pushsync.listener.sync import SyncFailed, sync_once
 
@@ -354,8 +355,6 @@ class Listener:
 
     async def _start_channels(self) -> None:
         configured = self.config.channels
-        if configured.imap is not None:
-            logger.warning("imap channel not available yet; running without it")
         udp: UdpChannel | None = None
         if configured.udp is not None:
             udp = UdpChannel(self, configured.udp.bind)
@@ -365,6 +364,10 @@ class Listener:
             maildir = MaildirChannel(self, configured.maildir.path, poll=self.maildir_poll)
             await maildir.start()
             self.channels.append(maildir)
+        if configured.imap is not None:
+            imap = ImapChannel(self, configured.imap)
+            await imap.start()
+            self.channels.append(imap)
         if configured.sync is not None:
             bound = udp
             sync = SyncChannel(
@@ -379,7 +382,7 @@ class Listener:
             await poll.start()
             self.channels.append(poll)
         if not self.channels:
-            raise PushsyncError("none of the configured channels is available (imap is not yet)")
+            raise PushsyncError("no channel is configured")
 
     def _describe(self, channel: Channel) -> str:
         if isinstance(channel, UdpChannel):
@@ -391,6 +394,11 @@ class Listener:
             return f"sync {channel.config.server}{' (TLS)' if channel.config.tls else ''}"
         if isinstance(channel, PollChannel):
             return f"poll {channel.config.server} every {channel.config.every}"
+        if isinstance(channel, ImapChannel):
+            imap = channel.config
+            return (
+                f"imap {channel.server} folder {imap.folder!r} as {imap.user!r} every {imap.every}"
+            )
         return channel.name
 
     def channel(self, kind: type[C]) -> C:

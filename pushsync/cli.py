@@ -40,6 +40,10 @@ def _truthy(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes", "on")
 
 
+ENVIRONMENT_ERRORS: list[str] = []
+"""Values of ``PUSHSYNC_...`` variables that their option does not accept."""
+
+
 def option(parser: argparse.ArgumentParser, flag: str, *aliases: str, **kwargs: Any) -> None:
     """Add ``flag`` with its ``PUSHSYNC_...`` variable as the default."""
     variable = env_name(flag)
@@ -47,7 +51,14 @@ def option(parser: argparse.ArgumentParser, flag: str, *aliases: str, **kwargs: 
     if kwargs.get("action") == "store_true":
         kwargs["default"] = _truthy(value) if value is not None else False
     elif value is not None:
-        kwargs["default"] = value
+        choices = kwargs.get("choices")
+        if choices is not None and value not in choices:
+            # argparse checks choices only of values given on the command line.
+            ENVIRONMENT_ERRORS.append(
+                f"{variable}={value!r}: expected one of {', '.join(map(str, choices))}"
+            )
+        else:
+            kwargs["default"] = value
     kwargs["help"] = f"{kwargs.get('help', '')} [env: {variable}]".strip()
     parser.add_argument(*aliases, flag, **kwargs)
 
@@ -404,8 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    ENVIRONMENT_ERRORS.clear()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if ENVIRONMENT_ERRORS:
+        for error in ENVIRONMENT_ERRORS:
+            print(f"pushsync: {error}", file=sys.stderr)
+        return EXIT_USAGE
     logs.configure(args.log_level, args.log_format)
     handler: Handler = args.handler
     try:

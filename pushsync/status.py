@@ -9,14 +9,17 @@ import psycopg
 from pushsync import queries
 
 STATES = ("pending", "sending", "sent", "confirmed", "expired", "failed")
+GATEWAY_STATES = ("sent", "confirmed", "expired", "failed")
+"""What became of the messages a gateway sent: still awaiting confirmation, confirmed,
+expired without a confirmation, failed."""
 
 
 def collect(conn: psycopg.Connection) -> dict[str, Any]:
     """The figures ``status`` shows, as a dict with stable keys (the ``--json`` output).
 
     ``gateways`` counts, per gateway, messages sent (awaiting confirmation),
-    confirmed and failed: those still in the outbox and those finished in the
-    last 24 hours.
+    confirmed, expired (sent, never confirmed) and failed: those still in the
+    outbox and those finished in the last 24 hours.
     """
     outbox = dict.fromkeys(STATES, 0)
     outbox.update({state: n for state, n in conn.execute(queries.get("status_states"))})
@@ -24,7 +27,8 @@ def collect(conn: psycopg.Connection) -> dict[str, Any]:
     history.update({state: n for state, n in conn.execute(queries.get("status_history"))})
     gateways: dict[str, dict[str, int]] = {}
     for gateway, state, n in conn.execute(queries.get("status_gateways")):
-        gateways.setdefault(gateway, {"sent": 0, "confirmed": 0, "failed": 0})[state] += n
+        counts = gateways.setdefault(gateway, dict.fromkeys(GATEWAY_STATES, 0))
+        counts[state] = counts.get(state, 0) + n
     oldest = conn.execute(queries.get("status_oldest_unsent")).fetchone()
     dispatchers = [
         {
@@ -61,11 +65,10 @@ def render(figures: dict[str, Any]) -> str:
     lines.append("oldest unsent: " + ("none" if oldest is None else f"{oldest:.1f} s ago"))
     lines.append("finished in the last 24 h:")
     lines += [f"  {state:<10} {n}" for state, n in figures["history_24h"].items()]
-    lines.append("per gateway (sent / confirmed / failed):")
+    lines.append("per gateway (sent / confirmed / expired / failed):")
     for gateway, counts in sorted(figures["gateways"].items()):
-        lines.append(
-            f"  {gateway:<10} {counts['sent']} / {counts['confirmed']} / {counts['failed']}"
-        )
+        shown = " / ".join(str(counts[state]) for state in GATEWAY_STATES)
+        lines.append(f"  {gateway:<10} {shown}")
     if not figures["gateways"]:
         lines.append("  none yet")
     alive = [d for d in figures["dispatchers"] if d["alive"]]

@@ -10,6 +10,7 @@
 -- A 'sending' row is due again only once its lease has run out.
 -- A row that may go over SYNC to a device whose connection another live
 -- dispatcher holds is left to that dispatcher (it wakes on the same NOTIFY).
+-- A disabled device's rows are not sent; they expire.
 WITH due AS MATERIALIZED (
     SELECT request_id
     FROM pushsync.outbox
@@ -17,6 +18,8 @@ WITH due AS MATERIALIZED (
       AND next_attempt_at <= now()
       AND expires_at > now()
       AND (state <> 'sending' OR lease_expires_at < now())
+      AND EXISTS (SELECT 1 FROM pushsync.devices AS d
+                  WHERE d.device_id = outbox.device_id AND d.enabled)
       AND NOT (gateway IN ('auto', 'sync') AND EXISTS (
           SELECT 1
           FROM pushsync.sync_connections AS c

@@ -70,7 +70,7 @@ WHERE state IN ('pending', 'sending')
 SELECT gateway_used, state, count(*)
 FROM (
     SELECT gateway_used, state FROM pushsync.outbox
-    WHERE gateway_used IS NOT NULL AND state IN ('sent', 'confirmed', 'failed')
+    WHERE gateway_used IS NOT NULL AND state IN ('sent', 'confirmed', 'expired', 'failed')
     UNION ALL
     SELECT gateway_used, state FROM pushsync.outbox_history
     WHERE gateway_used IS NOT NULL AND finished_at > now() - interval '24 hours'

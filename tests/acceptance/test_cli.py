@@ -215,14 +215,22 @@ def test_status_counts_the_outbox(pushsync: Run, db: psycopg.Connection, dsn: st
         "failed": 1,
     }
     assert figures["gateways"] == {
-        "smtp": {"sent": 0, "confirmed": 0, "failed": 1},
-        "udp": {"sent": 1, "confirmed": 0, "failed": 0},
+        "smtp": {"sent": 0, "confirmed": 0, "expired": 0, "failed": 1},
+        "udp": {"sent": 1, "confirmed": 0, "expired": 0, "failed": 0},
     }
     assert figures["oldest_unsent_seconds"] >= 0
     assert figures["dispatchers"] == [] and figures["connected_devices"] == 0
+    # A message sent and never confirmed expires: counted, in the outbox and once archived.
+    db.execute(
+        "UPDATE pushsync.outbox SET state = 'expired', gateway_used = 'udp' "
+        "WHERE device_id = 'truck-4'"
+    )
+    figures = json.loads(pushsync("status", "--dsn", dsn, "--json").stdout)
+    assert figures["gateways"]["udp"] == {"sent": 1, "confirmed": 0, "expired": 1, "failed": 0}
     text = pushsync("status", "--dsn", dsn)
     assert text.returncode == 0
-    assert "  pending    1" in text.stdout.splitlines()
+    assert "  expired    1" in text.stdout.splitlines()
+    assert "  udp        1 / 0 / 1 / 0" in text.stdout.splitlines()
 
 
 def test_status_and_device_list_show_dispatchers_and_connections(
@@ -285,3 +293,30 @@ def test_json_logs_carry_no_password(tmp_path: Path) -> None:
     assert failed and failed[0]["level"] == "warning"
     assert f"port={port}" in failed[0]["message"]
     assert all("hunter2" not in json.dumps(r) for r in records)
+
+
+def test_dispatch_survives_sighup_and_stops_on_sigterm(dsn: str, tmp_path: Path) -> None:
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSYNC_")}
+    listens = ["--sync-listen", "127.0.0.1:0", "--udp-listen", "127.0.0.1:0"]
+    process = subprocess.Popen(
+        [*_executable(), "dispatch", "--dsn", dsn, *listens],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert process.stderr is not None
+    for line in process.stderr:
+        if "listening on channel" in line:
+            break
+    process.send_signal(signal.SIGHUP)
+    for line in process.stderr:
+        if "SIGHUP: reloading" in line:
+            break
+    assert process.poll() is None  # still running
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=30)
+    assert process.returncode == 0, rest
+    assert "Traceback" not in rest

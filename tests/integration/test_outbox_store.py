@@ -397,3 +397,11 @@ def test_claimed_addresses_are_the_effective_addresses(db: psycopg.Connection) -
     )
     assert claimed == {device: view.get(device) for device in cases}
     assert claimed["d-manual-off"] is None  # an inactive manual address still decides
+
+
+def test_a_disabled_devices_rows_are_not_claimed(fleet: psycopg.Connection) -> None:
+    off = enqueue(fleet, "truck-2")
+    on = enqueue(fleet, "truck-1")
+    fleet.execute("UPDATE pushsync.devices SET enabled = false WHERE device_id = 'truck-2'")
+    assert [c.request_id for c in OutboxStore(fleet, "a").claim(10, LEASE)] == [on]
+    assert get(fleet, off)["state"] == "pending"  # left to expire
