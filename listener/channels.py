@@ -206,6 +206,8 @@ class MaildirChannel:
             self._move(file, "T")
             return
         status = await listener.handle(msg, reply=None, channel=self.name, peer=peer)
+        if status == "deferred":
+            return  # stays in new/: taken again at the next look
         self._move(file, "T" if status == "rejected" else "S")
 
     def _move(self, file: Path, flag: str) -> None:

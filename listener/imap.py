@@ -186,6 +186,8 @@ class ImapChannel:
             status = "rejected"
         else:
             status = await listener.handle(msg, reply=None, channel=self.name, peer=peer)
+        if status == "deferred":
+            return True  # left unseen: taken again at the next look
         await self._call(self._mark, uid, status == "rejected")
         return True
 

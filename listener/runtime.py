@@ -82,7 +82,9 @@ DRAIN_TIMEOUT: Final = 10.0
 NOT_FOR_THIS_DEVICE: Final = "not for this device"
 DEDUPE_FAILED: Final = "dedupe store failed"
 
-Status = Literal["handled", "unmatched", "duplicate", "rejected"]
+Status = Literal["handled", "unmatched", "duplicate", "rejected", "deferred"]
+"""``deferred``: valid, but it could not be taken now (the dedupe store failed); a
+channel that holds its messages (maildir, IMAP) keeps it for its next look."""
 C = TypeVar("C")
 Reply = Callable[[bytes], None]
 
@@ -204,7 +206,7 @@ class Listener:
         except DedupeError as exc:
             # Neither run nor ack: the server resends, and the store may work by then.
             self._reject(DEDUPE_FAILED, str(exc), channel=channel, peer=peer)
-            return "rejected"
+            return "deferred"
         handlers = match(self.config.handlers, msg)
         if not first:
             self.counters.duplicates += 1

@@ -221,6 +221,32 @@ async def test_new_message_by_maildir_runs_and_a_forged_mail_is_trashed(tmp_path
 
 
 @pytest.mark.asyncio
+async def test_a_mail_that_cannot_be_taken_now_stays_for_the_next_look(tmp_path: Path) -> None:
+    """The dedupe store failing is not the mail's fault: it is kept, not trashed."""
+    from pushsync.listener.dedupe import DedupeError
+
+    config_path = write_config(tmp_path)
+    async with listening(config_path) as listener:
+        remember = listener._remembered.remember
+        failing = True
+
+        async def flaky(request_id: uuid.UUID, expires: float) -> bool:
+            if failing:
+                raise DedupeError("disk full")
+            return await remember(request_id, expires)
+
+        listener._remembered.remember = flaky  # type: ignore[method-assign,assignment]
+        maildir = tmp_path / "Maildir"
+        good = claimed(("127.0.0.1", 9))
+        drop_mail(maildir, good, "good.mail")
+        await until(lambda: listener.counters.rejected["dedupe store failed"] >= 2)
+        assert (maildir / "new" / "good.mail").exists() and runs(tmp_path) == []
+        failing = False
+        await until(lambda: (maildir / "cur" / "good.mail:2,S").exists())
+        assert [r["request_id"] for r in runs(tmp_path)] == [str(good.request_id)]
+
+
+@pytest.mark.asyncio
 async def test_bad_datagrams_are_dropped_and_counted_and_the_listener_keeps_working(
     tmp_path: Path,
 ) -> None:
