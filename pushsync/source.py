@@ -98,6 +98,8 @@ class _Reader:
             return Node([self.convert(item) for item in node.value], where)
         assert isinstance(node, yaml.ScalarNode)
         constructed = _construct_scalar(node)
+        if isinstance(constructed, str) and (problem := _bad_text(constructed)):
+            raise RulesError([Problem(where, problem)])
         style = node.style or None
         content_line = node.start_mark.line + (1 if style in ("|", ">") else 0)
         return Node(
@@ -142,6 +144,18 @@ class _Reader:
         if problems:
             raise RulesError(problems)
         return Node(values, where, key_locations=keys)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _bad_text(text: str) -> str | None:
+    """Why ``text`` cannot be used anywhere (PostgreSQL, SQLite, UTF-8), or None."""
+    if "\x00" in text:
+        return "text may not contain NUL (\\0): PostgreSQL text cannot hold it"
+    if _SURROGATE.search(text):
+        return "text may not contain a lone surrogate (\\ud800-\\udfff): it is not UTF-8"
+    return None
 
 
 _CONSTRUCTOR = yaml.SafeLoader("")

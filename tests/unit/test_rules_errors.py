@@ -34,6 +34,18 @@ def only_problem(text: str) -> str:
 # (case id, rules text, the whole expected message)
 CASES = [
     (
+        "NUL escape",
+        "version: 1\nrules:\n  - name: r\n    table: public.t\n    on: insert\n"
+        '    recipients: all\n    subject: "a\\0b"\n',
+        "rules.yaml:7:14: text may not contain NUL (\\0): PostgreSQL text cannot hold it",
+    ),
+    (
+        "lone surrogate escape",
+        "version: 1\nrules:\n  - name: r\n    table: public.t\n    on: insert\n"
+        "    recipients: all\n    when: \"new.x = '\\ud800'\"\n",
+        "rules.yaml:7:11: text may not contain a lone surrogate (\\ud800-\\udfff): it is not UTF-8",
+    ),
+    (
         "invalid yaml",
         "version: 1\nrules:\n  - name: r\n   table: x\n",
         "rules.yaml:4:4: invalid YAML: expected <block end>, but found '<block mapping start>'",
