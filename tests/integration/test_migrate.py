@@ -19,8 +19,10 @@ SNAPSHOT = {
         SELECT p.proname::text, pg_get_functiondef(p.oid), p.prosecdef, p.proconfig::text
         FROM pg_proc p WHERE p.pronamespace = 'pushsync'::regnamespace ORDER BY 1""",
     "triggers": """
-        SELECT tgrelid::regclass::text, tgname::text, pg_get_triggerdef(oid)
-        FROM pg_trigger WHERE NOT tgisinternal ORDER BY 1, 2""",
+        SELECT t.tgrelid::regclass::text, t.tgname::text, pg_get_triggerdef(t.oid)
+        FROM pg_trigger AS t JOIN pg_proc AS p ON p.oid = t.tgfoid
+        WHERE NOT t.tgisinternal AND p.pronamespace = 'pushsync'::regnamespace
+        ORDER BY 1, 2""",
     "rules": "SELECT xmin::text, * FROM pushsync.rules ORDER BY name",
     "versions": "SELECT version, name FROM pushsync.schema_version ORDER BY version",
     "acl": """
