@@ -136,7 +136,7 @@ class Synchronizer:
         try:
             await _Sync(self, session, device).run(begin)
             self.completed += 1
-        except SyncRefused as exc:
+        except (SyncRefused, protocol.ProtocolError) as exc:
             self.failed += 1
             logger.warning("sync: %s: %s", device, exc)
             _error(conn, str(exc))

@@ -271,6 +271,8 @@ class SyncConnection(asyncio.Protocol):
         "_challenge",
         "_client_nonce",
         "_drained",
+        "_next_track",
+        "_polling",
         "_reader",
         "_secret",
         "_state",
@@ -297,6 +299,10 @@ class SyncConnection(asyncio.Protocol):
         self._challenge = b""
         self._secret: bytes | None = None
         self._drained: asyncio.Event | None = None  # only while output is paused
+        self._next_track: str | None = None
+        """The newest TRACK not recorded yet; one recording runs at a time (a flood of
+        TRACK frames costs one task, not one each)."""
+        self._polling = False
 
     @property
     def open(self) -> bool:
@@ -437,7 +443,10 @@ class SyncConnection(asyncio.Protocol):
         elif kind == FrameType.TRACK:
             endpoint = protocol.decode_track(frame)
             address = protocol.tracked_address(endpoint, self.peer_host)
-            self.server.spawn(self._track(address), f"sync track {self.device}")
+            idle = self._next_track is None
+            self._next_track = address
+            if idle:
+                self.server.spawn(self._track(), f"sync track {self.device}")
         elif kind == FrameType.SUBSCRIBE:
             if frame.payload:
                 raise protocol.Malformed("SUBSCRIBE carries no payload")
@@ -445,7 +454,9 @@ class SyncConnection(asyncio.Protocol):
         elif kind == FrameType.POLL:
             protocol.decode_poll(frame)
             self.server.stats.polls += 1
-            self.server.spawn(self._poll(), f"sync poll {self.device}")
+            if not self._polling:  # one poll at a time answers every POLL sent meanwhile
+                self._polling = True
+                self.server.spawn(self._poll(), f"sync poll {self.device}")
         elif kind in (FrameType.SYNC_BEGIN, FrameType.UPLOAD, FrameType.DOWNLOAD):
             if self.server.synchronizer is None:
                 self.write(
@@ -480,14 +491,17 @@ class SyncConnection(asyncio.Protocol):
         except Exception:
             logger.exception("sync: ack handler failed for %s", ack.request_id)
 
-    async def _track(self, address: str) -> None:
+    async def _track(self) -> None:
         assert self.device is not None
-        try:
-            await self.server.store.track(self.device, address)
-        except Exception as exc:
-            logger.warning("sync: cannot record %s's address: %s", self.device, _reason(exc))
-            return
-        logger.info("sync: %s tracks UDP %s", self.device, address)
+        while (address := self._next_track) is not None:
+            try:
+                await self.server.store.track(self.device, address)
+            except Exception as exc:
+                logger.warning("sync: cannot record %s's address: %s", self.device, _reason(exc))
+            else:
+                logger.info("sync: %s tracks UDP %s", self.device, address)
+            if self._next_track == address:
+                self._next_track = None
 
     async def _poll(self) -> None:
         """Send everything the device has not confirmed, then POLL."""
@@ -505,6 +519,8 @@ class SyncConnection(asyncio.Protocol):
             logger.warning("sync: poll by %s failed: %s", device, _reason(exc))
             self.close("server unavailable, try again later")
             return
+        finally:
+            self._polling = False
         self.write(protocol.encode_poll())
 
     async def _send_polled(self, item: Claimed) -> None:

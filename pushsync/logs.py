@@ -44,6 +44,9 @@ def configure(level: str, log_format: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # sqlglot warns about SQL it parses as a plain command; the generator refuses
+    # such SQL with a located error of its own, so the warning only adds noise.
+    logging.getLogger("sqlglot").setLevel(logging.ERROR)
 
 
 __all__ = ["FORMATS", "JsonFormatter", "configure"]

@@ -179,6 +179,13 @@ def load(text: str, path: str) -> Node:
         if document is None:
             return Node({}, Location(path, 1, 1))
         return _Reader(text, path).convert(document)
+    except yaml.reader.ReaderError as exc:
+        before = text[: exc.position]
+        line = before.count("\n") + 1
+        column = exc.position - (before.rfind("\n") + 1) + 1
+        code = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1])
+        problem = f"invalid YAML: character U+{code:04X} is not allowed in YAML text"
+        raise RulesError([Problem(Location(path, line, column), problem)]) from exc
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = Location(path, mark.line + 1, mark.column + 1) if mark else Location(path, 1, 1)
