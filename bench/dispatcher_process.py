@@ -1,4 +1,4 @@
-"""``pushsync dispatch`` as a subprocess for the benchmarks: started, its ports read, stopped."""
+"""For the benchmarks: a throwaway database, and ``pushsync dispatch`` as a subprocess."""
 
 from __future__ import annotations
 
@@ -12,6 +12,28 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+SERVER_OPTIONS = (
+    "-c synchronous_commit=off -c shared_buffers=256MB -c max_connections=50 "
+    "-c listen_addresses=127.0.0.1"
+)
+
+
+@contextmanager
+def throwaway_database(dbname: str = "bench") -> Iterator[str]:
+    """A new PostgreSQL server with an empty database ``dbname``; its DSN."""
+    import psycopg
+    from psycopg import sql
+
+    from tests.support.postgres import start_postgres
+
+    with start_postgres(
+        dbname=dbname, postgres_options=SERVER_OPTIONS, create_template=False
+    ) as executor:
+        base = f"host={executor.host} port={executor.port} user={executor.user}"
+        with psycopg.connect(f"{base} dbname=postgres", autocommit=True) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+        yield f"{base} dbname={dbname}"
 
 
 @dataclass(slots=True)
@@ -69,4 +91,4 @@ def _wait_for(lines: list[str], pattern: str, process: subprocess.Popen[str]) ->
     raise RuntimeError(f"timed out waiting for {pattern!r}:\n" + "\n".join(lines))
 
 
-__all__ = ["DispatcherProcess", "dispatcher_process"]
+__all__ = ["DispatcherProcess", "dispatcher_process", "throwaway_database"]

@@ -18,20 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
-from bench.dispatcher_process import dispatcher_process
+from bench.dispatcher_process import dispatcher_process, throwaway_database
 from bench.sync_fanout.devices import SECRET, device_id
 from pushsync import generator, schema
-from tests.support.postgres import start_postgres
 
 HERE = Path(__file__).resolve().parent
 DBNAME = "bench"
 TARGETS = {"udp_seconds": 1.0, "sync_seconds": 2.0, "kib_per_connection": 15.0}
-SERVER_OPTIONS = (
-    "-c synchronous_commit=off -c shared_buffers=256MB -c max_connections=50 "
-    "-c listen_addresses=127.0.0.1"
-)
 
 
 def prepare(conn: psycopg.Connection, devices: int) -> None:
@@ -69,13 +63,7 @@ def _alert(conn: psycopg.Connection) -> float:
 
 def run(devices: int) -> dict[str, Any]:
     figures: dict[str, Any] = {"devices": devices}
-    with start_postgres(
-        dbname=DBNAME, postgres_options=SERVER_OPTIONS, create_template=False
-    ) as executor:
-        base = f"host={executor.host} port={executor.port} user={executor.user}"
-        with psycopg.connect(f"{base} dbname=postgres", autocommit=True) as admin:
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DBNAME)))
-        dsn = f"{base} dbname={DBNAME}"
+    with throwaway_database(DBNAME) as dsn:
         with psycopg.connect(dsn, autocommit=True) as conn:
             prepare(conn, devices)
             with dispatcher_process(dsn) as node:

@@ -28,15 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
-from bench.dispatcher_process import dispatcher_process
+from bench.dispatcher_process import dispatcher_process, throwaway_database
 from pushsync import generator, schema
 from pushsync.listener import protocol
 from pushsync.listener.config import ListenerConfig, load_config
 from pushsync.listener.runtime import Listener
 from pushsync.listener.sync import local_database, sync_once
-from tests.support.postgres import start_postgres
 
 HERE = Path(__file__).resolve().parent
 DBNAME = "bench"
@@ -44,10 +42,6 @@ DEVICE = "dev-1"
 SECRET = bytes(range(32))
 CHANGED = 10
 TARGETS = {"speedup": 20.0, "push_to_synced_ms": 50.0}
-SERVER_OPTIONS = (
-    "-c synchronous_commit=off -c shared_buffers=256MB -c max_connections=50 "
-    "-c listen_addresses=127.0.0.1"
-)
 
 
 def prepare(conn: psycopg.Connection, rows: int) -> None:
@@ -165,13 +159,7 @@ async def measure(
 
 
 def run(rows: int, rounds: int, workdir: Path) -> dict[str, Any]:
-    with start_postgres(
-        dbname=DBNAME, postgres_options=SERVER_OPTIONS, create_template=False
-    ) as executor:
-        base = f"host={executor.host} port={executor.port} user={executor.user}"
-        with psycopg.connect(f"{base} dbname=postgres", autocommit=True) as admin:
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DBNAME)))
-        dsn = f"{base} dbname={DBNAME}"
+    with throwaway_database(DBNAME) as dsn:
         with psycopg.connect(dsn, autocommit=True) as conn:
             prepare(conn, rows)
             with dispatcher_process(dsn) as node:

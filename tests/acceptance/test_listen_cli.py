@@ -51,6 +51,35 @@ handlers:
     return config
 
 
+def new_message(content: str) -> protocol.Message:
+    now = time.time()
+    return protocol.Message(
+        request_id=uuid.uuid4(),
+        device="truck-1",
+        subject="sync",
+        content=content,
+        sender="pushsync",
+        priority="normal",
+        created=now,
+        expires=now + 60,
+    )
+
+
+def send_until_acked(message: protocol.Message, port: int) -> protocol.Ack | None:
+    """Send the datagram every 0.2 s (also before the listener is up) until it is acked."""
+    datagram = protocol.encode_message(message, SECRET)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as device_side:
+        device_side.settimeout(0.2)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            device_side.sendto(datagram, ("127.0.0.1", port))
+            try:
+                return protocol.decode_ack(device_side.recv(2048), SECRET)
+            except TimeoutError:
+                continue
+    return None
+
+
 def test_bad_config_is_refused_with_located_errors(pushsync: Run, tmp_path: Path) -> None:
     (tmp_path / "listener.yaml").write_text("device: truck 1\nhandlers: []\n")
     result = pushsync("listen", "listener.yaml")
@@ -72,28 +101,8 @@ def test_listen_runs_the_action_once_and_acks(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        now = time.time()
-        message = protocol.Message(
-            request_id=uuid.uuid4(),
-            device="truck-1",
-            subject="sync",
-            content="$(rm -rf /); `id`",
-            sender="pushsync",
-            priority="normal",
-            created=now,
-            expires=now + 60,
-        )
-        datagram = protocol.encode_message(message, SECRET)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as device_side:
-            device_side.settimeout(0.2)
-            ack = None
-            deadline = time.monotonic() + 20
-            while ack is None and time.monotonic() < deadline:
-                device_side.sendto(datagram, ("127.0.0.1", port))  # also before it is up
-                try:
-                    ack = protocol.decode_ack(device_side.recv(2048), SECRET)
-                except TimeoutError:
-                    continue
+        message = new_message("$(rm -rf /); `id`")
+        ack = send_until_acked(message, port)
         assert ack is not None, "no acknowledgement from the listener"
         assert ack.request_id == message.request_id
         ran = (tmp_path / "ran.jsonl").read_text().splitlines()
@@ -145,28 +154,8 @@ def test_listen_runs_with_only_the_standard_library_and_pyyaml(tmp_path: Path) -
         text=True,
     )
     try:
-        now = time.time()
-        message = protocol.Message(
-            request_id=uuid.uuid4(),
-            device="truck-1",
-            subject="sync",
-            content="minimal",
-            sender="pushsync",
-            priority="normal",
-            created=now,
-            expires=now + 60,
-        )
-        datagram = protocol.encode_message(message, SECRET)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as device_side:
-            device_side.settimeout(0.2)
-            ack = None
-            deadline = time.monotonic() + 20
-            while ack is None and time.monotonic() < deadline:
-                device_side.sendto(datagram, ("127.0.0.1", port))
-                try:
-                    ack = protocol.decode_ack(device_side.recv(2048), SECRET)
-                except TimeoutError:
-                    continue
+        message = new_message("minimal")
+        ack = send_until_acked(message, port)
         assert ack is not None and ack.request_id == message.request_id
     finally:
         listener.send_signal(signal.SIGTERM)
