@@ -45,8 +45,9 @@ from pushsync.listener.protocol import FrameType
 
 logger = logging.getLogger(__name__)
 
-MAX_UPLOAD_ROWS: Final = 10_000
-"""Rows one upload batch may hold; devices send at most 1,000."""
+MAX_UPLOAD_ROWS: Final = 2_000
+"""Rows one upload batch may hold; devices send at most 1,000. The answer (every seq,
+and the reasons of refusals) must fit one 64 KiB frame."""
 MAX_UPLOAD_BYTES: Final = 32 * 1024 * 1024
 CHUNK_BYTES: Final = 48 * 1024
 """Payload size a DOWNLOAD frame is filled to (frames hold at most 64 KiB)."""
@@ -154,6 +155,21 @@ class Synchronizer:
         finally:
             if self._sessions.get(conn) is session:
                 del self._sessions[conn]
+
+
+def _answer(batch: str, result: dict[str, Any]) -> dict[str, Any]:
+    """The UPLOADED payload: every seq always; reasons shortened until it fits one frame."""
+    answer = {"batch": batch, **result}
+    rejected: dict[str, str] = result["rejected"]
+    each = max((len(reason) for reason in rejected.values()), default=0)
+    while _json_size(answer) > CHUNK_BYTES and each > 0:
+        each //= 2
+        answer["rejected"] = {seq: reason[:each] for seq, reason in rejected.items()}
+    return answer
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
 
 
 def _error(conn: SyncConnection, text: str) -> None:
@@ -277,11 +293,7 @@ class _Sync:
         assert batch is not None
         changes = [_change(row, n) for n, row in enumerate(rows)]
         result = await self._apply(batch, changes, tables)
-        data = json.dumps({"batch": batch, **result}, separators=(",", ":"))
-        if len(data) > CHUNK_BYTES:  # many long reasons: shorten them, never drop a seq
-            for seq in result["rejected"]:
-                result["rejected"][seq] = result["rejected"][seq][:80]
-        self.conn.write(protocol.encode_json_frame(FrameType.UPLOADED, {"batch": batch, **result}))
+        self.conn.write(protocol.encode_json_frame(FrameType.UPLOADED, _answer(batch, result)))
         return len(result["applied"])
 
     async def _apply(
