@@ -6,15 +6,17 @@ One :class:`Dispatcher` runs three loops over one autocommit
 
 * the send loop claims due rows (``FOR UPDATE SKIP LOCKED``, with a lease),
   sends each through the gateways :func:`~pushsync.dispatcher.routing.gateway_order`
-  picks, first choice first, falling back to the next on failure, and records
-  ``sent`` or ``failed``. It wakes on every NOTIFY and at least every
+  picks (a live SYNC connection first), first choice first, falling back to the
+  next on failure, and records the batch's sends in one statement, failures one
+  by one. It wakes on every NOTIFY and at least every
   ``poll_interval`` seconds, so a lost NOTIFY, a reconnect or rows written
   while the dispatcher was down never strand a row; it claims again at once
   while batches come back full;
-* housekeeping every ``housekeeping_interval``: ``expire`` then ``archive``
-  (repeated while batches are full);
-* confirmations: verified UDP acks are queued and recorded with ``confirm``;
-  an ack that cannot be recorded (database down) stays queued;
+* housekeeping every ``housekeeping_interval``: the heartbeat in
+  ``pushsync.dispatchers``, the gauges, ``expire``, pruning the change log,
+  then ``archive`` (repeated while batches are full);
+* confirmations: verified acks (UDP, SYNC) are queued and recorded with
+  ``confirm``; an ack that cannot be recorded (database down) stays queued;
 * polls (:mod:`~pushsync.dispatcher.polls`): the rules file's polls, each run
   when due, under an advisory lock so two dispatchers never run one poll at
   once. The list is re-read every ``polls_reload_interval`` seconds, so a new
@@ -24,6 +26,11 @@ One :class:`Dispatcher` runs three loops over one autocommit
   (lock, then call) that the other loops' statements must not join, and so a
   slow poll does not hold up sending. Last runs are kept in memory: see the
   limitation in :mod:`~pushsync.dispatcher.polls`.
+
+The SYNC server (:mod:`~pushsync.dispatcher.sync_server`), the synchronization
+endpoint and UDP acks for rows sent before a restart reach the database through
+a small connection pool (:class:`~pushsync.dispatcher.nodes.PoolStore`), so a
+handshake never waits behind a claim.
 
 The statements are the named blocks of ``sql/dispatcher.sql``, the same ones
 the synchronous :class:`~pushsync.dispatcher.outbox.OutboxStore` runs, executed
@@ -35,9 +42,10 @@ it holds them.
 
 When the database connection drops, the daemon reconnects with capped
 exponential backoff (0.2 s doubling to 5 s), logging one line per attempt
-(never the password). Rows it had claimed but not recorded are released on
-the next connection; if that never comes their lease runs out and another
-dispatcher takes them. On stop it claims nothing more, cancels sends still in
+(never the password); a session that worked starts the backoff over. Rows
+leased to it are released on the next connection (also those whose claim
+committed but whose result was lost); if that never comes their lease runs out
+and another dispatcher takes them. On stop it claims nothing more, cancels sends still in
 flight, releases the rows it holds unsent and closes its connections.
 """
 
