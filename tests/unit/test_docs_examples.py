@@ -51,7 +51,15 @@ SHELLS = frozenset({"sh", "bash", "shell", "console"})
 SHELL_SYNTAX = ("$(", "`", "<(", ">(")
 ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
 ENV_MENTION = re.compile(r"\bPUSHSYNC_[A-Z0-9_]+")
-HARNESS_VARIABLES = frozenset({"PUSHSYNC_PG_BINDIR", "PUSHSYNC_PG_USER", "PUSHSYNC_UPDATE_GOLDEN"})
+HARNESS_VARIABLES = frozenset(
+    {
+        "PUSHSYNC_PG_BINDIR",
+        "PUSHSYNC_PG_USER",
+        "PUSHSYNC_UPDATE_GOLDEN",
+        "PUSHSYNC_RELIABILITY_SCALE",
+        "PUSHSYNC_RELIABILITY_REPORT",
+    }
+)
 """Variables of the test harness (docs/development.md), not of the CLI."""
 
 
