@@ -67,10 +67,10 @@ from datetime import timedelta
 from typing import Any
 
 import psycopg
-from psycopg import conninfo
 from psycopg.rows import class_row
 
-from pushsync import queries
+from pushsync import db, queries
+from pushsync.db import first_line
 from pushsync.dispatcher.gateways import Gateway, UdpGateway, split_address
 from pushsync.dispatcher.metrics import Metrics, MetricsServer, serve_metrics
 from pushsync.dispatcher.nodes import PoolStore
@@ -163,16 +163,6 @@ class Outcome:
 def default_owner() -> str:
     """A lease owner unique to this process: host, pid and a random tag."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def describe_dsn(dsn: str) -> str:
-    """The DSN's host, port, user and database, for log lines: never the password."""
-    try:
-        params = conninfo.conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "(unparsable DSN)"
-    keys = ("host", "port", "user", "dbname")
-    return " ".join(f"{k}={params[k]}" for k in keys if params.get(k)) or "(libpq defaults)"
 
 
 class Dispatcher:
@@ -270,7 +260,7 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Dispatch until ``stop`` is set; reconnect with backoff when the database drops."""
-        where = describe_dsn(self.dsn)
+        where = db.describe(self.dsn)
         logger.info("dispatcher %s starting (%s)", self.owner, where)
         await self.store.open()
         try:
@@ -280,7 +270,7 @@ class Dispatcher:
                 async with asyncio.timeout(5.0):
                     await self.store.gone()
             except Exception as exc:
-                logger.warning("could not remove this dispatcher's record: %s", _first_line(exc))
+                logger.warning("could not remove this dispatcher's record: %s", first_line(exc))
             await self.store.close()
         logger.info("dispatcher %s stopped", self.owner)
 
@@ -296,7 +286,7 @@ class Dispatcher:
                 connected = False
                 if self._established != established:  # it worked for a while: start over
                     delay, attempt = BACKOFF_FIRST, 1
-                reason = _first_line(exc)
+                reason = first_line(exc)
                 self._database_error = reason
                 self.metrics.set_database_up(False)
                 logger.warning(
@@ -342,7 +332,7 @@ class Dispatcher:
             self._established += 1
             self._database_error = None
             self.metrics.set_database_up(True)
-            logger.info("connected to %s; listening on channel %r", describe_dsn(self.dsn), CHANNEL)
+            logger.info("connected to %s; listening on channel %r", db.describe(self.dsn), CHANNEL)
             self._wake.set()
             tasks = [
                 asyncio.create_task(self._listen_loop(listen), name="listen"),
@@ -520,17 +510,12 @@ class Dispatcher:
             )
 
     async def _heartbeat(self, conn: AsyncConn) -> None:
-        await conn.execute(
-            query("heartbeat"),
-            {
-                "owner": self.owner,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "sync_address": self.sync_address,
-                "udp_address": self.udp_address,
-                "alive_for": self.alive_for,
-            },
-        )
+        params = {
+            **self.store.node_params(),
+            "sync_address": self.sync_address,
+            "udp_address": self.udp_address,
+        }
+        await conn.execute(query("heartbeat"), params)
 
     async def _prune(self, conn: AsyncConn) -> None:
         """Forget synchronization history older than ``changes_retention``."""
@@ -627,12 +612,7 @@ class Dispatcher:
         except Exception as exc:
             if conn.broken or conn.closed:
                 raise
-            text = str(exc).strip()
-            logger.error(
-                "poll %s failed: %s",
-                poll.name,
-                text.splitlines()[0] if text else type(exc).__name__,
-            )
+            logger.error("poll %s failed: %s", poll.name, first_line(exc))
             return
         if written is None:
             logger.debug("poll %s is running in another dispatcher; skipped", poll.name)
@@ -669,11 +649,6 @@ async def _wait_any(stop: asyncio.Event, event: asyncio.Event, timeout: float | 
             waiter.cancel()
         await asyncio.gather(*waiters, return_exceptions=True)
     return stop.is_set()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 async def _close(conn: AsyncConn) -> None:

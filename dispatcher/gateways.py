@@ -33,6 +33,7 @@ from typing import Any, Final, Protocol, cast
 from pushsync.dispatcher.outbox import Claimed
 from pushsync.errors import UsageError
 from pushsync.listener import protocol
+from pushsync.listener.channels import format_peer as format_peer  # re-exported
 from pushsync.listener.config import parse_address
 from pushsync.listener.limits import MAX_DATAGRAM
 
@@ -367,14 +368,6 @@ def split_address(address: str, *, lowest_port: int = 1) -> tuple[str, int]:
     if found is None:
         raise ValueError(f"bad UDP address {address!r}: expected HOST:PORT or [V6]:PORT")
     return found.host, found.port
-
-
-def format_peer(addr: Any) -> str:
-    """A socket address as ``host:port`` (``[v6]:port``)."""
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host = str(addr[0])
-        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
-    return str(addr)
 
 
 async def _resolve(host: str, port: int, transport: asyncio.DatagramTransport) -> Any:

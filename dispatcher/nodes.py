@@ -101,16 +101,18 @@ class PoolStore:
     async def connected(self, device: str, peer: str) -> None:
         await self._run(query("sync_connected"), self.connected_params(device, peer))
 
-    def connected_params(self, device: str, peer: str) -> dict[str, Any]:
-        """The parameters of ``sync_connected`` (the daemon runs it too, after a reconnect)."""
+    def node_params(self) -> dict[str, Any]:
+        """Who this dispatcher is, as ``heartbeat`` and ``sync_connected`` record it."""
         return {
-            "device_id": device,
             "owner": self.owner,
-            "peer": peer,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "alive_for": self.alive_for,
         }
+
+    def connected_params(self, device: str, peer: str) -> dict[str, Any]:
+        """The parameters of ``sync_connected`` (the daemon runs it too, after a reconnect)."""
+        return {**self.node_params(), "device_id": device, "peer": peer}
 
     async def disconnected(self, device: str, peer: str) -> None:
         await self._run(

@@ -39,6 +39,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
+from pushsync.db import first_line
 from pushsync.dispatcher.sync_server import SyncConnection
 from pushsync.listener import protocol
 from pushsync.listener.protocol import FrameType
@@ -143,8 +144,7 @@ class Synchronizer:
             _error(conn, str(exc))
         except (psycopg.Error, OSError, TimeoutError) as exc:
             self.failed += 1
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            logger.warning("sync: %s failed: %s", device, reason)
+            logger.warning("sync: %s failed: %s", device, first_line(exc))
             _error(conn, "the server could not complete the synchronization; try again")
         except asyncio.CancelledError:
             raise
@@ -690,7 +690,7 @@ async def _newer(
 
 def _pg_reason(exc: psycopg.Error) -> str:
     diag = exc.diag
-    text = diag.message_primary or str(exc).strip().splitlines()[0]
+    text = diag.message_primary or first_line(exc)
     return f"refused by the database: {text}"
 
 

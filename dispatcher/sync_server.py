@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
+from pushsync.db import first_line
 from pushsync.dispatcher.gateways import SendResult, failed, format_peer, sent, to_message
 from pushsync.dispatcher.outbox import Claimed
 from pushsync.listener import protocol
@@ -224,7 +225,7 @@ class SyncServer:
         try:
             await self.store.connected(conn.device, conn.peer)
         except Exception as exc:
-            logger.warning("sync: cannot record %s's connection: %s", conn.device, _reason(exc))
+            logger.warning("sync: cannot record %s's connection: %s", conn.device, first_line(exc))
         if self.on_connect is not None and self.connections.get(conn.device) is conn:
             self.on_connect(conn.device)
 
@@ -243,7 +244,7 @@ class SyncServer:
         try:
             await self.store.disconnected(device, peer)
         except Exception as exc:
-            logger.warning("sync: cannot record %s's disconnection: %s", device, _reason(exc))
+            logger.warning("sync: cannot record %s's disconnection: %s", device, first_line(exc))
 
     async def _sweep(self) -> None:
         settings = self.settings
@@ -399,7 +400,7 @@ class SyncConnection(asyncio.Protocol):
         try:
             secret = await self.server.store.secret(device)
         except Exception as exc:
-            logger.warning("sync: cannot look up device %s: %s", device, _reason(exc))
+            logger.warning("sync: cannot look up device %s: %s", device, first_line(exc))
             self.close("server unavailable, try again later")
             return
         if self._state == "closed":
@@ -497,7 +498,7 @@ class SyncConnection(asyncio.Protocol):
             try:
                 await self.server.store.track(self.device, address)
             except Exception as exc:
-                logger.warning("sync: cannot record %s's address: %s", self.device, _reason(exc))
+                logger.warning("sync: cannot record %s's address: %s", self.device, first_line(exc))
             else:
                 logger.info("sync: %s tracks UDP %s", self.device, address)
             if self._next_track == address:
@@ -516,7 +517,7 @@ class SyncConnection(asyncio.Protocol):
                 if len(items) < POLL_BATCH:
                     break
         except Exception as exc:
-            logger.warning("sync: poll by %s failed: %s", device, _reason(exc))
+            logger.warning("sync: poll by %s failed: %s", device, first_line(exc))
             self.close("server unavailable, try again later")
             return
         finally:
@@ -618,11 +619,6 @@ def server_tls(cert_file: str, key_file: str) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert_file, key_file)
     return context
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 __all__ = [

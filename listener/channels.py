@@ -279,13 +279,7 @@ class SyncChannel:
         server = str(self.config.server)
         while not self._closing.is_set():
             try:
-                session = await open_session(
-                    self.config.server,
-                    device=self.listener.config.device,
-                    secret=self.listener.secret,
-                    tls=self.config.tls,
-                    ca_file=self.config.ca_file,
-                )
+                session = await _connect(self.listener, self.config)
             except (OSError, TimeoutError, protocol.ProtocolError) as exc:
                 delay = self.backoff.next()
                 logger.warning(
@@ -377,6 +371,17 @@ class SyncChannel:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
+async def _connect(listener: Listener, config: SyncConfig | PollConfig) -> Session:
+    """An authenticated connection to the SYNC port a channel names."""
+    return await open_session(
+        config.server,
+        device=listener.config.device,
+        secret=listener.secret,
+        tls=config.tls,
+        ca_file=config.ca_file,
+    )
+
+
 class _Lent:
     """The persistent connection, lent to one synchronization."""
 
@@ -455,13 +460,7 @@ class PollChannel:
 
     async def poll(self) -> int:
         """One poll: connect, POLL, take the messages, BYE; how many messages came."""
-        session = await open_session(
-            self.config.server,
-            device=self.listener.config.device,
-            secret=self.listener.secret,
-            tls=self.config.tls,
-            ca_file=self.config.ca_file,
-        )
+        session = await _connect(self.listener, self.config)
         taken = 0
         handling: list[asyncio.Task[Any]] = []
         try:
