@@ -58,6 +58,7 @@ import os
 import signal
 import socket
 import ssl
+import threading
 import time
 import uuid
 from collections import deque
@@ -87,6 +88,14 @@ logger = logging.getLogger(__name__)
 CHANNEL = "pushsync"
 BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 5.0
+STOP_TIMEOUT = 3.0
+"""Seconds the loops get to finish after SIGTERM before they are cancelled."""
+LEAVE_TIMEOUT = 2.0
+"""Seconds for each step of leaving after that: the cancelled loops, this
+dispatcher's record, the connection pool."""
+EXIT_DEADLINE = 12.0
+"""Seconds after SIGTERM at which the process exits even if a step above hangs
+(e.g. an SMTP session in a thread): status 0, nothing lost (leases run out)."""
 DEFAULT_SYNC_LISTEN = f"0.0.0.0:{DEFAULT_SYNC_PORT}"
 """Where devices open their SYNC connections unless ``--sync-listen`` says otherwise."""
 DEFAULT_UDP_LISTEN = "0.0.0.0:0"
@@ -264,15 +273,44 @@ class Dispatcher:
         logger.info("dispatcher %s starting (%s)", self.owner, where)
         await self.store.open()
         try:
-            await self._run(stop, where)
+            await self._run_until_stopped(stop, where)
         finally:
-            try:
-                async with asyncio.timeout(5.0):
-                    await self.store.gone()
-            except Exception as exc:
-                logger.warning("could not remove this dispatcher's record: %s", first_line(exc))
-            await self.store.close()
+            if self._database_error is None:
+                try:
+                    async with asyncio.timeout(LEAVE_TIMEOUT):
+                        await self.store.gone()
+                except Exception as exc:
+                    reason = first_line(exc) or "no answer"
+                    logger.warning("could not remove this dispatcher's record: %s", reason)
+            await self.store.close(LEAVE_TIMEOUT)
         logger.info("dispatcher %s stopped", self.owner)
+
+    async def _run_until_stopped(self, stop: asyncio.Event, where: str) -> None:
+        """:meth:`_run`, given :data:`STOP_TIMEOUT` to drain once ``stop`` is set, then cancelled.
+
+        Draining needs the database (rows held are released, acks recorded); a
+        database that does not answer must not keep the process from exiting.
+        """
+        running = asyncio.create_task(self._run(stop, where), name="dispatcher")
+        stopping = asyncio.create_task(stop.wait(), name="stop")
+        try:
+            await asyncio.wait([running, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if not running.done():
+                await asyncio.wait([running], timeout=STOP_TIMEOUT)
+            if not running.done():
+                logger.warning(
+                    "still draining %.0fs after the stop request (is the database answering?); "
+                    "stopping now: rows held here go back when their lease runs out",
+                    STOP_TIMEOUT,
+                )
+                running.cancel()
+                # A query being cancelled waits for the server's answer; not forever.
+                await asyncio.wait([running], timeout=LEAVE_TIMEOUT)
+                self._database_error = self._database_error or "stopped while busy"
+            if running.done() and not running.cancelled():
+                running.result()
+        finally:
+            stopping.cancel()
 
     async def _run(self, stop: asyncio.Event, where: str) -> None:
         delay = BACKOFF_FIRST
@@ -564,6 +602,10 @@ class Dispatcher:
             self._ack_ready.clear()
             if self._acks:
                 continue
+            # The stop relay wakes this loop by setting ``_ack_ready``; if that
+            # happened while acks were being recorded, the clear above undid it.
+            if stop.is_set():
+                return
             await self._ack_ready.wait()
             if stop.is_set():
                 return
@@ -768,9 +810,30 @@ def split_listen(text: str) -> tuple[str, int]:
 def _stopper(stop: asyncio.Event, signum: signal.Signals) -> Any:
     def handler() -> None:
         logger.info("%s: stopping", signum.name)
+        if not stop.is_set():
+            _exit_at_the_latest(EXIT_DEADLINE)
         stop.set()
 
     return handler
+
+
+def _exit_at_the_latest(seconds: float) -> None:
+    """Exit with status 0 after ``seconds`` even if stopping hangs (a thread, a socket).
+
+    Everything before this is bounded too; this is the guarantee a service
+    manager relies on, so it does not send SIGKILL with leases held.
+    """
+
+    def force() -> None:
+        logger.error("still stopping %.0fs after the stop request: exiting now", seconds)
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        os._exit(0)
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True
+    timer.start()
 
 
 __all__ = [

@@ -67,8 +67,8 @@ class PoolStore:
         """Start the pool without waiting for the database (it may not be up yet)."""
         await self.pool.open(wait=False)
 
-    async def close(self) -> None:
-        await self.pool.close()
+    async def close(self, timeout: float = 5.0) -> None:
+        await self.pool.close(timeout)
 
     # ----------------------------------------------------------------- secrets
 

@@ -1,0 +1,44 @@
+"""The dispatcher's loops return when asked to stop, whatever they were doing at that moment."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from pushsync.dispatcher.daemon import Dispatcher
+from pushsync.listener import protocol
+
+
+class StoppedWhileConfirming:
+    """An outbox whose ``confirm`` lets the stop request (SIGTERM) in while it runs."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self.stop = stop
+        self.confirmed: list[uuid.UUID] = []
+
+    async def confirm(self, request_id: uuid.UUID, device_id: str) -> bool:
+        self.stop.set()
+        for _ in range(3):  # the stop relay runs now and wakes the loop
+            await asyncio.sleep(0)
+        self.confirmed.append(request_id)
+        return True
+
+
+@pytest.mark.asyncio
+async def test_a_stop_while_an_ack_is_recorded_ends_the_confirm_loop() -> None:
+    dispatcher = Dispatcher("host=127.0.0.1 dbname=unused", {})
+    stop = asyncio.Event()
+    store = StoppedWhileConfirming(stop)
+    relay = asyncio.create_task(dispatcher._relay_stop(stop))
+    ack = protocol.Ack(request_id=uuid.uuid4(), device="dev-1", confirmed=time.time())
+    dispatcher.on_ack(ack, "127.0.0.1:9")
+    try:
+        loop = dispatcher._confirm_loop(store, stop)  # type: ignore[arg-type]
+        await asyncio.wait_for(loop, 5.0)
+    finally:
+        relay.cancel()
+        await asyncio.gather(relay, return_exceptions=True)
+    assert store.confirmed == [ack.request_id]
