@@ -86,6 +86,8 @@ from pushsync.listener import protocol
 logger = logging.getLogger(__name__)
 
 CHANNEL = "pushsync"
+DEVICES_CHANNEL = "pushsync_devices"
+"""Device ids that lost access (disabled, new secret, removed): sql/0005_device_changes.sql."""
 BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 5.0
 STOP_TIMEOUT = 3.0
@@ -259,8 +261,10 @@ class Dispatcher:
         self._wake.set()
 
     def reload(self) -> None:
-        """SIGHUP: read the polls again now, and forget cached device secrets (a device
-        disabled or given a new secret is refused from now on, not within a minute)."""
+        """SIGHUP: read the polls again now, and forget the secrets cached for UDP acks.
+
+        Not needed for disabling a device: that reaches every dispatcher at once
+        (:meth:`revoke`)."""
         logger.info("SIGHUP: reloading the polls and forgetting cached device secrets")
         self._reload_polls.set()
         self.store.forget_secrets()
@@ -358,6 +362,8 @@ class Dispatcher:
         tasks: list[asyncio.Task[None]] = []
         try:
             await listen.execute(f"LISTEN {CHANNEL}")
+            await listen.execute(f"LISTEN {DEVICES_CHANNEL}")
+            await self._recheck_access()
             # Rows claimed before a connection dropped (including claims whose result
             # was lost with the connection) go back, to be claimed again at once.
             cur = await work.execute(query("mine"), {"owner": self.owner})
@@ -423,8 +429,30 @@ class Dispatcher:
         await asyncio.Event().wait()  # cancelled with the listener
 
     async def _listen_loop(self, conn: AsyncConn) -> None:
-        async for _ in conn.notifies():
-            self._wake.set()
+        async for note in conn.notifies():
+            if note.channel == DEVICES_CHANNEL:
+                self.revoke(note.payload)
+            else:
+                self._wake.set()
+
+    def revoke(self, device: str) -> None:
+        """``device`` was disabled, removed or given a new secret: close its connections
+        and forget its secret; it must authenticate again (and is refused if disabled)."""
+        self.store.forget_secret(device)
+        closed = 0 if self.sync is None else self.sync.cut_off(device, "access revoked")
+        if closed:
+            logger.info("device %s lost access: closed %d connection(s)", device, closed)
+
+    async def _recheck_access(self) -> None:
+        """After (re)connecting: notifications sent while this dispatcher was not
+        listening are lost, so forget every cached secret and look at who is connected."""
+        self.store.forget_secrets()
+        if self.sync is None:
+            return
+        connected = sorted(self.sync.devices())
+        if connected:
+            for device in await self.store.revoked(connected):
+                self.revoke(device)
 
     async def _send_loop(self, store: AsyncOutbox, stop: asyncio.Event) -> None:
         while not stop.is_set():

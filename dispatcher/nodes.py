@@ -31,7 +31,7 @@ from pushsync.dispatcher.outbox import Claimed, query
 logger = logging.getLogger(__name__)
 
 SECRET_CACHE_SECONDS: Final = 60.0
-"""How long a looked-up device secret (or its absence) is reused."""
+"""How long a secret that came with a claimed row verifies that device's UDP acks."""
 
 
 class PoolStore:
@@ -73,6 +73,8 @@ class PoolStore:
     # ----------------------------------------------------------------- secrets
 
     def cached_secret(self, device: str) -> bytes | None:
+        """The secret the last claim brought for ``device``, if recent: verifies UDP acks
+        without a query. Forgotten when the device loses access (:meth:`forget_secret`)."""
         found = self._secrets.get(device)
         if found is None or found[0] < time.monotonic():
             return None
@@ -81,20 +83,29 @@ class PoolStore:
     def forget_secrets(self) -> None:
         self._secrets.clear()
 
-    def remember_secret(self, device: str, secret: bytes) -> None:
-        self._secrets[device] = (time.monotonic() + SECRET_CACHE_SECONDS, secret)
+    def forget_secret(self, device: str) -> None:
+        self._secrets.pop(device, None)
 
-    async def secret(self, device: str) -> bytes | None:
-        """The secret of an enabled device (cached briefly, absence too)."""
-        found = self._secrets.get(device)
-        if found is not None and found[0] >= time.monotonic():
-            return found[1]
-        row = await self._one(query("device_secret"), {"device_id": device})
-        secret = bytes(row[0]) if row else None
+    def remember_secret(self, device: str, secret: bytes) -> None:
         if len(self._secrets) > 100_000:
             self._secrets.clear()
         self._secrets[device] = (time.monotonic() + SECRET_CACHE_SECONDS, secret)
-        return secret
+
+    async def secret(self, device: str) -> bytes | None:
+        """The secret of an enabled device, always from the database.
+
+        Authentication asks here: no cache, so that a device disabled a moment
+        ago is refused, and a device seen recently answers no faster than an
+        unknown one.
+        """
+        row = await self._one(query("device_secret"), {"device_id": device})
+        return bytes(row[0]) if row else None
+
+    async def revoked(self, devices: list[str]) -> list[str]:
+        """Those of ``devices`` that are disabled or gone."""
+        async with self.pool.connection(self.timeout) as conn:
+            cur = await conn.execute(query("devices_revoked"), {"device_ids": devices})
+            return [str(row[0]) for row in await cur.fetchall()]
 
     # ----------------------------------------------------------------- connections
 

@@ -264,6 +264,15 @@ ORDER BY CASE c.priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END,
 -- The secret of an enabled device: SYNC authentication and ack verification.
 SELECT secret FROM pushsync.devices WHERE device_id = %(device_id)s AND enabled
 
+-- devices_revoked --
+-- Of the devices connected here, those disabled or removed: after a reconnect
+-- of the LISTEN connection, whose notifications (pushsync_devices) may be lost.
+SELECT c.device_id
+FROM unnest(%(device_ids)s::text[]) AS c(device_id)
+WHERE NOT EXISTS (
+    SELECT FROM pushsync.devices AS d WHERE d.device_id = c.device_id AND d.enabled
+)
+
 -- heartbeat --
 -- This dispatcher is alive for alive_for from now; also sweeps
 -- dispatchers dead for a minute, and their connection records.

@@ -28,7 +28,7 @@ import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -447,9 +447,16 @@ class OwnServer:
 
     executor: PostgreSQLExecutor
     dsn: str
+    opened: list[psycopg.Connection[Any]] = field(default_factory=list)
 
     def connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.dsn, autocommit=True)
+        """A connection, closed by the fixture at the latest (also when the test fails)."""
+        self.opened.append(psycopg.connect(self.dsn, autocommit=True))
+        return self.opened[-1]
+
+    def close(self) -> None:
+        for conn in self.opened:
+            conn.close()
 
 
 @pytest.fixture
@@ -470,7 +477,10 @@ def own_server() -> Iterator[OwnServer]:
             check=False,
         )
         assert migrated.returncode == 0, migrated.stderr
-        yield server
+        try:
+            yield server
+        finally:
+            server.close()
 
 
 @pytest.mark.slow
