@@ -13,7 +13,9 @@ shared with the rules file.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -492,16 +494,39 @@ def load_config(path: str | Path) -> ListenerConfig:
 
 
 def read_secret_file(config: ListenerConfig) -> bytes:
-    """The device secret from the config's ``secret_file``."""
+    """The device secret from the config's ``secret_file``.
+
+    Refused, as ssh refuses a private key, when the file is open to anyone but
+    its owner (group or other permission bits) or owned by another user than
+    the one running the listener (or root): whoever can read it can act as
+    the device.
+    """
     where = config.secret_file
     try:
-        text = where.read_text(encoding="ascii")
+        with where.open("rb") as handle:
+            _check_key_file(os.fstat(handle.fileno()), where, config.path)
+            text = handle.read(4096).decode("ascii")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{where}: cannot read the key file: {exc}") from exc
     try:
         return read_secret(text)
     except UsageError as exc:
         raise UsageError(f"{where}: {exc}") from None
+
+
+def _check_key_file(status: os.stat_result, where: Path, config: Path) -> None:
+    named = f"(secret_file of {config})"
+    if status.st_mode & 0o077:
+        mode = stat.S_IMODE(status.st_mode)
+        raise UsageError(
+            f"{where}: the key file is open to other users (mode {mode:04o}) {named}; "
+            f"it must be readable by its owner only: chmod 600 {where}"
+        )
+    if status.st_uid not in (os.getuid(), 0):
+        raise UsageError(
+            f"{where}: the key file belongs to another user (uid {status.st_uid}) {named}; "
+            "it must belong to the user running pushsync (or root)"
+        )
 
 
 def _config(checker: _Checker, root: Node, path: Path) -> ListenerConfig | None:

@@ -150,6 +150,7 @@ class Peer:
 
 def write_config(directory: Path, variant: str, sink_port: int | None) -> Path:
     (directory / "bench.key").write_text(protocol.format_secret(SECRET))
+    (directory / "bench.key").chmod(0o600)  # the listener refuses a key others can read
     if variant == "sync":
         action = "sync"
     elif variant == "socket":

@@ -57,6 +57,10 @@ def prepare(conn: psycopg.Connection, rows: int) -> None:
         "INSERT INTO pushsync.devices (device_id, secret) VALUES (%s, %s)", (DEVICE, SECRET)
     )
     conn.execute(
+        "INSERT INTO pushsync.device_publications (device_id, publication) VALUES (%s, 'items')",
+        (DEVICE,),
+    )
+    conn.execute(
         "INSERT INTO public.items SELECT n, %s, 'item ' || n, n %% 1000 + 0.99, now() "
         "FROM generate_series(1, %s) AS n",
         (DEVICE, rows),
@@ -67,6 +71,7 @@ def prepare(conn: psycopg.Connection, rows: int) -> None:
 def write_config(directory: Path, port: int) -> ListenerConfig:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "device.key").write_text(protocol.format_secret(SECRET), encoding="ascii")
+    (directory / "device.key").chmod(0o600)  # the listener refuses a key others can read
     path = directory / "listener.yaml"
     path.write_text(
         f"device: {DEVICE}\nsecret_file: device.key\nstate_dir: state\npublication: items\n"

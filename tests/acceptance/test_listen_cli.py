@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pushsync.listener import protocol
 from tests.acceptance.conftest import Run, _executable
+from tests.support.keys import write_key
 
 SECRET = bytes(range(32))
 
@@ -32,7 +33,7 @@ def free_udp_port() -> int:
 
 
 def write_config(tmp_path: Path, port: int) -> Path:
-    (tmp_path / "truck-1.key").write_text(protocol.format_secret(SECRET))
+    write_key(tmp_path / "truck-1.key", SECRET)
     (tmp_path / "record.py").write_text(RECORDER)
     config = tmp_path / "listener.yaml"
     config.write_text(

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import psycopg
 
-from pushsync.listener import protocol
 from tests.acceptance.conftest import _executable
 from tests.acceptance.test_end_to_end import stop
 from tests.integration import trucking
+from tests.support.keys import write_key
 
 SECRET = bytes(range(32))
 
 
 def write_config(directory: Path, server: str) -> Path:
-    (directory / "truck-2.key").write_text(protocol.format_secret(SECRET), encoding="ascii")
+    write_key(directory / "truck-2.key", SECRET)
     path = directory / "truck-2.yaml"
     path.write_text(
         "device: truck-2\nsecret_file: truck-2.key\nstate_dir: state\npublication: driver\n"

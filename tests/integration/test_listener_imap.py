@@ -30,12 +30,12 @@ import trustme
 
 from pushsync.dispatcher.gateways import SmtpGateway
 from pushsync.dispatcher.outbox import Claimed
-from pushsync.listener import protocol
 from pushsync.listener.channels import MAX_MAIL
 from pushsync.listener.config import ImapChannel as ImapConfig
 from pushsync.listener.config import load_config
 from pushsync.listener.imap import ImapChannel, ImapError, mailbox_name, read_password
 from pushsync.listener.runtime import Listener
+from tests.support.keys import write_key
 
 SECRET = bytes(range(32))
 OTHER = bytes(range(1, 33))
@@ -354,7 +354,7 @@ def write_config(
 ) -> Path:
     script = directory / "record.py"
     script.write_text(SCRIPT, encoding="utf-8")
-    (directory / "truck-1.key").write_text(protocol.format_secret(SECRET), encoding="ascii")
+    write_key(directory / "truck-1.key", SECRET)
     (directory / "imap.pw").write_text(password + "\n", encoding="ascii")
     argv = [sys.executable, str(script), "$request_id", "$content"]
     path = directory / "listener.yaml"

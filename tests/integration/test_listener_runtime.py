@@ -29,6 +29,7 @@ from pushsync.listener import protocol
 from pushsync.listener.config import Address, load_config
 from pushsync.listener.config import UdpChannel as UdpConfig
 from pushsync.listener.runtime import Listener, run_listener
+from tests.support.keys import write_key
 
 SECRET = bytes(range(32))
 OTHER = bytes(range(1, 33))
@@ -48,7 +49,7 @@ with out.open("a", encoding="utf-8") as f:
 def write_config(directory: Path, tag: str = "first", *, broken: bool = False) -> Path:
     script = directory / "record.py"
     script.write_text(SCRIPT, encoding="utf-8")
-    (directory / "truck-1.key").write_text(protocol.format_secret(SECRET), encoding="ascii")
+    write_key(directory / "truck-1.key", SECRET)
     argv = [sys.executable, str(script), tag, "$request_id", "$content"]
     text = f"""\
 device: {DEVICE}

@@ -6,3 +6,7 @@ real sockets, a real PostgreSQL and the real CLI, and asserts both that the
 attack is refused and that rows, roles, settings and secrets are as before.
 The fixtures ``db`` and ``dsn`` come from ``tests/conftest.py``.
 """
+
+from tests.acceptance.conftest import pushsync
+
+__all__ = ["pushsync"]  # the real CLI as a subprocess: pushsync(*args, env={...})

@@ -38,7 +38,7 @@ import yaml
 from pushsync import cli, generator, status
 from pushsync.errors import RulesError
 from pushsync.listener.config import load_config, read_secret_file
-from pushsync.listener.protocol import format_secret
+from tests.support.keys import write_key
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC_FILES = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
@@ -311,7 +311,7 @@ def test_listener_examples_load(block: Block, tmp_path: Path) -> None:
     if isinstance(secret_file, str) and not Path(secret_file).is_absolute():
         key = tmp_path / secret_file
         key.parent.mkdir(parents=True, exist_ok=True)
-        key.write_text(format_secret(bytes(range(32))), encoding="ascii")
+        write_key(key, bytes(range(32)))
     config = load_config(path)
     if config.secret_file.is_relative_to(tmp_path):
         assert read_secret_file(config) == bytes(range(32))

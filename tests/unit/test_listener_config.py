@@ -138,12 +138,14 @@ def test_absolute_paths_stay_absolute() -> None:
 
 def test_read_secret_file(tmp_path: Path) -> None:
     (tmp_path / "d1.key").write_text("ab" * 32 + "\n", encoding="ascii")
+    (tmp_path / "d1.key").chmod(0o600)
     loaded = loads_config(GOOD, str(tmp_path / "listener.yaml"))
     assert read_secret_file(loaded) == bytes.fromhex("ab" * 32)
 
 
 def test_read_secret_file_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "d1.key").write_text("not hex\n", encoding="ascii")
+    (tmp_path / "d1.key").chmod(0o600)
     loaded = loads_config(GOOD, str(tmp_path / "listener.yaml"))
     with pytest.raises(UsageError, match=re.escape(f"{tmp_path / 'd1.key'}: key file:")):
         read_secret_file(loaded)
