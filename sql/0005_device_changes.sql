@@ -35,3 +35,6 @@ CREATE TRIGGER device_removed
 AFTER DELETE ON pushsync.devices
 FOR EACH ROW
 EXECUTE FUNCTION pushsync.device_access_changed();
+
+INSERT INTO pushsync.schema_version (version, name) VALUES (5, 'device_changes')
+ON CONFLICT (version) DO NOTHING;
