@@ -3,21 +3,55 @@
 Tables and every column a rule names must exist, an update rule that pairs
 rows needs a key, and each SQL fragment must plan (EXPLAIN) in the environment
 the trigger runs in. Each published table must exist with a key, name existing
-columns, and its download must plan and return the table's rows. Nothing is
-written: all of it happens in a transaction that is rolled back.
+columns, and its download must plan and return the table's rows.
+
+And nothing the rules use may be changed by a role the rules file does not
+trust: every function under ``trusted_functions:`` and every relation a
+fragment reads must be owned by the role that migrates, by a superuser, or by
+a role under ``trusted_owners:``; a trusted function may not be ``SECURITY
+DEFINER`` itself. The generated functions run with the migrating role's
+rights, so whoever can redefine what they call or read could run code with
+those rights. Nothing is written: all of it happens in a transaction that is
+rolled back.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import psycopg
 
 from pushsync import queries
 from pushsync.db import first_line
 from pushsync.errors import Location, Problems
-from pushsync.generator import passes, render
-from pushsync.generator.model import Poll, Publication, PublishedTable, Rule, RuleSet
+from pushsync.generator import allowed, passes, render
+from pushsync.generator.model import Fragment, Poll, Publication, PublishedTable, Rule, RuleSet
 
 TABLE_KINDS = {"r", "p"}  # ordinary and partitioned tables can carry these triggers
+RELATION_KINDS = {
+    "r": "a table",
+    "p": "a partitioned table",
+    "v": "a view",
+    "m": "a materialized view",
+    "f": "a foreign table",
+    "S": "a sequence",
+}
+_TRUST = render.named_blocks("dbcheck.sql.j2")
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    """The role that applies the migration, which the generated functions run as."""
+
+    name: str
+    superuser: bool
+
+
+def migrating_role(conn: psycopg.Connection) -> Role:
+    """Who is connected: the owner the migration's ``SECURITY DEFINER`` functions get."""
+    row = conn.execute(_TRUST["migrating_role"]).fetchone()
+    assert row is not None
+    return Role(name=str(row[0]), superuser=bool(row[1]))
 
 
 class _Checker:
@@ -151,13 +185,98 @@ class _Checker:
             )
 
 
+class _Trust:
+    """Who may change what the rules call and read: the migrating role, superusers, and
+    the roles under ``trusted_owners:``."""
+
+    def __init__(self, conn: psycopg.Connection, rules: RuleSet, problems: Problems) -> None:
+        self.conn = conn
+        self.problems = problems
+        self.role = migrating_role(conn)
+        self.owners = {t.name for t in rules.trusted_owners}
+
+    def trusted(self, owner: str, superuser: bool) -> bool:
+        return superuser or owner == self.role.name or owner in self.owners
+
+    def advice(self, owner: str) -> str:
+        return (
+            f"make {self.role.name} (the role that migrates) its owner, or list {owner} under "
+            "trusted_owners if it may run code with that role's rights"
+        )
+
+    def owners_exist(self, rules: RuleSet) -> None:
+        names = [t.name for t in rules.trusted_owners]
+        rows = self.conn.execute(_TRUST["roles"], {"names": names}).fetchall()
+        known = {str(row[0]) for row in rows}
+        for trusted in rules.trusted_owners:
+            if trusted.name not in known:
+                self.problems.add(
+                    trusted.location, f"trusted_owners: there is no role {trusted.name}"
+                )
+
+    def functions(self, rules: RuleSet) -> None:
+        for trusted in rules.trusted_functions:
+            schema, _, name = trusted.name.partition(".")
+            rows = self.conn.execute(_TRUST["functions"], {"schema": schema, "name": name})
+            found = rows.fetchall()
+            if not found:
+                self.problems.add(
+                    trusted.location, f"trusted_functions: {trusted.name} does not exist"
+                )
+            for signature, owner, superuser, definer in found:
+                if definer:
+                    self.problems.add(
+                        trusted.location,
+                        f"trusted_functions: {signature} is SECURITY DEFINER: it runs as its "
+                        f"owner {owner}, not as the rules do; rules may call only functions "
+                        "that run as their caller",
+                    )
+                if not self.trusted(owner, superuser):
+                    self.problems.add(
+                        trusted.location,
+                        f"trusted_functions: {signature} is owned by {owner}, who could redefine "
+                        f"it to run anything with the rights of {self.role.name}; "
+                        + self.advice(owner),
+                    )
+
+    def reads(self, label: str, key: str, fragment: Fragment) -> None:
+        for read in allowed.reads(fragment.tree):
+            row = self.conn.execute(
+                _TRUST["relation"], {"schema": read.schema, "name": read.name}
+            ).fetchone()
+            if row is None:
+                continue  # EXPLAIN says it does not exist
+            kind, owner, superuser = str(row[0]), str(row[1]), bool(row[2])
+            if self.trusted(owner, superuser):
+                continue
+            what = RELATION_KINDS.get(kind, "a relation")
+            self.problems.add(
+                fragment.locate(read.line, read.column),
+                f"{key}: {read} is {what} owned by {owner}, who could change what reading it "
+                f"runs (a view's query, a row-level security policy, a view in its place) "
+                f"with the rights of {self.role.name}; " + self.advice(owner),
+                label,
+            )
+
+
+def _trust(conn: psycopg.Connection, rules: RuleSet, problems: Problems) -> None:
+    trust = _Trust(conn, rules, problems)
+    trust.owners_exist(rules)
+    trust.functions(rules)
+    for found in passes.sql_fragments(rules):
+        assert isinstance(found.value, Fragment)
+        trust.reads(found.label, found.key, found.value)
+
+
 def check(conn: psycopg.Connection, rules: RuleSet, problems: Problems) -> None:
     """Add to ``problems`` everything the database says is wrong with ``rules``."""
     plan = passes.plan(rules)
     checker = _Checker(conn, problems)
     with conn.transaction(force_rollback=True):
-        # The environment of the generated trigger functions.
+        # The environment of the generated functions.
         conn.execute("SET LOCAL search_path = pg_catalog, pg_temp")
+        conn.execute("SET LOCAL standard_conforming_strings = on")
+        _trust(conn, rules, problems)
         for rule in rules.rules:
             checker.rule(rule, plan)
         for poll in rules.polls:

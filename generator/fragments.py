@@ -1,11 +1,16 @@
-"""Parse and police the SQL written in a rules file.
+"""Parse, police and render again the SQL written in a rules file.
 
-Every fragment (``when``, ``recipients``, ``polls.query``) is parsed with
-sqlglot's postgres dialect and accepted only if it is exactly one SELECT (or one
-boolean expression) that reads: no DML, DDL, second statement, locking clause,
-``SELECT INTO``, bind parameter, or call to a function that writes, signals,
-sleeps or reaches outside the database. Comments are dropped when the fragment
-is rendered again, so nothing can hide in them.
+Every fragment (``when``, ``recipients``, ``polls.query``, a publication's
+``download``) is parsed with sqlglot's postgres dialect and accepted only if it
+is exactly one SELECT (or one boolean expression) that reads: no DML, DDL,
+second statement, locking clause, ``SELECT INTO`` or bind parameter. What it may
+call, cast to and read is decided by the allow-lists of
+:mod:`pushsync.generator.allowed`, for every fragment of the file at once.
+
+Comments are dropped when the fragment is rendered again, so nothing can hide
+in them, and a string with a backslash is rendered ``E'...'`` with the
+backslash doubled: it means the same whatever ``standard_conforming_strings``
+the session has.
 """
 
 from __future__ import annotations
@@ -16,10 +21,40 @@ from dataclasses import dataclass
 
 import sqlglot
 import sqlglot.expressions as exp
+from sqlglot.dialects.postgres import Postgres
 from sqlglot.errors import ParseError, SqlglotError, TokenError
+from sqlglot.generators.postgres import PostgresGenerator
 from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
 
 DIALECT = "postgres"
+
+
+def escape_string(text: str) -> str:
+    """A string literal that means ``text`` whatever standard_conforming_strings says."""
+    if "\\" in text:
+        return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+    return "'" + text.replace("'", "''") + "'"
+
+
+class _Rendering(Postgres):
+    """PostgreSQL as pushsync writes it: strings safe under either string setting."""
+
+    class Generator(PostgresGenerator):
+        def literal_sql(self, expression: exp.Literal) -> str:
+            if expression.is_string:
+                return escape_string(str(expression.this or ""))
+            return str(super().literal_sql(expression))
+
+        def rawstring_sql(self, expression: exp.RawString) -> str:
+            return escape_string(str(expression.this))
+
+        def anonymous_sql(self, expression: exp.Anonymous) -> str:
+            name = expression.this
+            if isinstance(name, exp.Identifier) and name.quoted:
+                # sqlglot would upper-case a quoted name, making it another function.
+                return str(self.func(self.sql(name), *expression.expressions, normalize=False))
+            return str(super().anonymous_sql(expression))
+
 
 # Statement kinds that have no business inside a SELECT or a condition.
 _FORBIDDEN_NODES: tuple[type[exp.Expr], ...] = (
@@ -56,58 +91,6 @@ _FORBIDDEN_NODES: tuple[type[exp.Expr], ...] = (
     exp.Placeholder,
     exp.Parameter,
     exp.SessionParameter,
-)
-
-# Functions that write, signal other sessions, read the server's files, sleep,
-# or run SQL given as text. Exact names, then prefixes.
-FORBIDDEN_FUNCTIONS = frozenset(
-    {
-        "pg_terminate_backend",
-        "pg_cancel_backend",
-        "pg_reload_conf",
-        "pg_rotate_logfile",
-        "pg_promote",
-        "pg_log_backend_memory_contexts",
-        "pg_stat_file",
-        "pg_notify",
-        "pg_export_snapshot",
-        "pg_import_system_collations",
-        "pg_extension_config_dump",
-        "pg_current_xact_id",
-        "txid_current",
-        "set_config",
-        "nextval",
-        "setval",
-        "lowrite",
-        "loread",
-    }
-)
-FORBIDDEN_FUNCTION_PREFIXES = (
-    "dblink",
-    "lo_",
-    "pg_advisory",
-    "pg_try_advisory",
-    "pg_backup_",
-    "pg_start_backup",
-    "pg_stop_backup",
-    "pg_switch_wal",
-    "pg_wal_",
-    "pg_create_",
-    "pg_drop_",
-    "pg_copy_",
-    "pg_replication_",
-    "pg_logical_",
-    "pg_stat_reset",
-    "pg_stat_statements_reset",
-    "pg_file_",
-    "pg_ls_",
-    "pg_read_",
-    "pg_sleep",
-    "query_to_xml",
-    "cursor_to_xml",
-    "table_to_xml",
-    "schema_to_xml",
-    "database_to_xml",
 )
 
 PLACEHOLDER_SCOPES = ("new", "old")
@@ -172,27 +155,12 @@ def _token_error(exc: TokenError) -> str:
     return text
 
 
-def function_name(node: exp.Func) -> str:
-    """The lower-case name a function call is written with."""
-    if isinstance(node, exp.Anonymous):
-        return str(node.name).lower()
-    return node.sql_name().lower()
-
-
-def _is_forbidden_function(name: str) -> bool:
-    return name in FORBIDDEN_FUNCTIONS or name.startswith(FORBIDDEN_FUNCTION_PREFIXES)
-
-
 def _police(tree: exp.Expr, *, parameters: tuple[type[exp.Expr], ...] = ()) -> None:
     for node in tree.walk():
         if parameters and isinstance(node, parameters):
             continue
         if isinstance(node, _FORBIDDEN_NODES):
             raise FragmentError(f"only reading is allowed here, found {_describe(node)}")
-        if isinstance(node, exp.Func):
-            name = function_name(node)
-            if _is_forbidden_function(name):
-                raise FragmentError(f"function {name}() is not allowed in rules")
 
 
 def _describe(node: exp.Expr) -> str:
@@ -364,5 +332,5 @@ def output_columns(query: exp.Query) -> list[str] | None:
 
 
 def render(tree: exp.Expr, pretty: bool = False) -> str:
-    """SQL for ``tree``: every identifier quoted, no comments."""
-    return tree.sql(dialect=DIALECT, identify=True, comments=False, pretty=pretty)
+    """SQL for ``tree``: every identifier quoted, no comments, strings safe either way."""
+    return tree.sql(dialect=_Rendering, identify=True, comments=False, pretty=pretty)

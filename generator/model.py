@@ -172,6 +172,14 @@ class Publication:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Trusted:
+    """An entry of ``trusted_functions:`` (``schema.name``) or ``trusted_owners:`` (a role)."""
+
+    name: str
+    location: Location
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class RuleSet:
     """A whole rules file."""
 
@@ -181,3 +189,5 @@ class RuleSet:
     rules: tuple[Rule, ...]
     polls: tuple[Poll, ...]
     publications: tuple[Publication, ...] = ()
+    trusted_functions: tuple[Trusted, ...] = ()
+    trusted_owners: tuple[Trusted, ...] = ()

@@ -7,6 +7,7 @@ and a :class:`Problems` collector, so each can be run and tested alone.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import sqlglot.expressions as exp
 
 from pushsync.errors import Location, Problems
-from pushsync.generator import fragments
+from pushsync.generator import allowed, fragments
 from pushsync.generator.model import (
     Event,
     Fragment,
@@ -37,6 +38,74 @@ SCOPES: dict[Event, frozenset[str]] = {
     "update": frozenset({"new", "old"}),
     "delete": frozenset({"old"}),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A value somewhere in the model: whose it is (``label``), under which key, in what."""
+
+    label: str
+    key: str
+    value: object
+    holder: object
+
+    @property
+    def where(self) -> Location:
+        if isinstance(self.value, Fragment):
+            return self.value.location
+        where = getattr(self.holder, "where", None)
+        return where(self.key) if callable(where) else Location("", 1, 1)
+
+
+def model_values(rules: RuleSet, kinds: tuple[type, ...]) -> Iterator[Found]:
+    """Every value of one of ``kinds`` that the rules file holds, wherever the model keeps it.
+
+    The model is walked through its dataclass fields, so a key added to the model
+    later (a new kind of SQL fragment) is found without being named here.
+    """
+    yield from _walk(rules, kinds, "", "", rules)
+
+
+def _walk(
+    value: object, kinds: tuple[type, ...], label: str, key: str, holder: object
+) -> Iterator[Found]:
+    if isinstance(value, kinds):
+        yield Found(label, key, value, holder)
+    elif isinstance(value, tuple):
+        for item in value:
+            yield from _walk(item, kinds, label, key, holder)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        label = getattr(value, "label", label)
+        for field in dataclasses.fields(value):
+            yield from _walk(getattr(value, field.name), kinds, label, field.name, value)
+
+
+def sql_fragments(rules: RuleSet) -> Iterator[Found]:
+    """Every SQL fragment of the file: ``when``, ``recipients``, ``query``, ``download``, ..."""
+    return model_values(rules, (Fragment,))
+
+
+def allowed_sql(rules: RuleSet, problems: Problems) -> None:
+    """Rules SQL calls, casts to and reads only what the allow-lists accept."""
+    trusted = frozenset(t.name for t in rules.trusted_functions)
+    for found in sql_fragments(rules):
+        fragment = found.value
+        assert isinstance(fragment, Fragment)
+        said: set[str] = set()
+        for refusal in allowed.refusals(fragment.tree, trusted):
+            if refusal.message not in said:
+                said.add(refusal.message)
+                where = fragment.locate(refusal.line, refusal.column)
+                problems.add(where, f"{found.key}: {refusal.message}", found.label)
+    for found in model_values(rules, (TableName,)):
+        table = found.value
+        assert isinstance(table, TableName)
+        if allowed.closed(table.schema):
+            problems.add(
+                found.where,
+                f"{found.key} {table}: tables of {table.schema} cannot be watched or published",
+                found.label,
+            )
 
 
 def unique_names(rules: RuleSet, problems: Problems) -> None:
@@ -260,6 +329,7 @@ def _download_shape(published: PublishedTable, problems: Problems, context: str)
 
 
 PASSES: tuple[Pass, ...] = (
+    allowed_sql,
     unique_names,
     row_scopes,
     update_only_keys,

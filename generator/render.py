@@ -8,6 +8,7 @@ dollar-quoted with a tag that does not occur in them.
 
 from __future__ import annotations
 
+import re
 import textwrap
 from datetime import timedelta
 from pathlib import PurePath
@@ -21,6 +22,16 @@ from pushsync.generator.passes import RESERVED, Plan, TriggerPlan
 
 KEY_MARKER = RESERVED + "key*/"
 NOTIFY_CHANNEL = "pushsync"
+PINNED = "\n".join(
+    (
+        "SET search_path = pg_catalog, pg_temp",
+        "SET standard_conforming_strings = on",
+        "SET jit = off",
+    )
+)
+"""The settings every generated function runs with, whatever the calling session set:
+names resolve in pg_catalog (never in a schema the application can write), string
+literals mean what they say, and no plan is JIT-compiled."""
 
 
 def ident(name: str) -> str:
@@ -30,9 +41,7 @@ def ident(name: str) -> str:
 
 def literal(text: str) -> str:
     """A SQL string literal that means the same whatever standard_conforming_strings says."""
-    if "\\" in text:
-        return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
-    return "'" + text.replace("'", "''") + "'"
+    return fragments.escape_string(text)
 
 
 def regclass(table: str) -> str:
@@ -101,11 +110,20 @@ def _environment() -> jinja2.Environment:
         sql=sql,
         changed=changed,
     )
-    env.globals.update(KEY_MARKER=KEY_MARKER, NOTIFY_CHANNEL=NOTIFY_CHANNEL)
+    env.globals.update(KEY_MARKER=KEY_MARKER, NOTIFY_CHANNEL=NOTIFY_CHANNEL, PINNED=PINNED)
     return env
 
 
 _ENV = _environment()
+
+
+_BLOCK = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
+
+
+def named_blocks(template: str) -> dict[str, str]:
+    """The ``-- name --`` blocks of a template that holds one SQL statement per block."""
+    parts = _BLOCK.split(_ENV.get_template(template).render())
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
 def trigger_function(trigger: TriggerPlan) -> str:

@@ -14,7 +14,7 @@ from typing import Any, TypeVar, cast
 
 from pushsync import source
 from pushsync.errors import Location, Problems
-from pushsync.generator import fragments, template
+from pushsync.generator import allowed, fragments, template
 from pushsync.generator.model import (
     CONFLICTS,
     EVENTS,
@@ -34,13 +34,22 @@ from pushsync.generator.model import (
     RuleSet,
     TableName,
     Template,
+    Trusted,
 )
 
 NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 IDENTIFIER = re.compile(r"[a-z_][a-z0-9_$]*\Z")
 MAX_NAME = 63
 
-TOP_KEYS = ("version", "defaults", "rules", "polls", "publications")
+TOP_KEYS = (
+    "version",
+    "defaults",
+    "trusted_functions",
+    "trusted_owners",
+    "rules",
+    "polls",
+    "publications",
+)
 DELIVERY_KEYS = ("gateway", "ttl", "resend_every", "priority", "coalesce")
 RULE_KEYS = (
     "name",
@@ -430,6 +439,7 @@ def build(text: str, path: str, problems: Problems) -> RuleSet | None:
         reader.context = f"publication #{index}"
         if (publication := _publication(reader, item)) is not None:
             publications.append(publication)
+    reader.context = None
     return RuleSet(
         path=path,
         sha256=hashlib.sha256(text.encode()).hexdigest(),
@@ -437,4 +447,48 @@ def build(text: str, path: str, problems: Problems) -> RuleSet | None:
         rules=tuple(rules),
         polls=tuple(polls),
         publications=tuple(publications),
+        trusted_functions=_trusted(reader, fields, "trusted_functions", _function_name),
+        trusted_owners=_trusted(reader, fields, "trusted_owners", _role_name),
     )
+
+
+def _trusted(
+    reader: _Reader,
+    root: dict[str, source.Node],
+    key: str,
+    check: Callable[[str], str | None],
+) -> tuple[Trusted, ...]:
+    """The names listed under ``key``, each checked by ``check`` (a reason, or None)."""
+    found: dict[str, Trusted] = {}
+    for item in _items(reader, root, key):
+        name = item.value
+        if not isinstance(name, str):
+            reader.fail(item.location, f"{key}: {name!r} is not a name")
+            continue
+        if (reason := check(name)) is not None:
+            reader.fail(item.location, f"{key}: {name}: {reason}")
+        elif name in found:
+            reader.fail(item.location, f"{key}: {name} is listed twice")
+        else:
+            found[name] = Trusted(name=name, location=item.location)
+    return tuple(found.values())
+
+
+def _function_name(name: str) -> str | None:
+    schema, dot, function = name.partition(".")
+    if not dot or not IDENTIFIER.match(schema) or not IDENTIFIER.match(function):
+        return "name the function as schema.function, in lower case"
+    if allowed.closed(schema):
+        return (
+            f"functions in {schema} cannot be trusted; of the built-ins, only those of "
+            "the allow-list may be called"
+        )
+    return None
+
+
+def _role_name(name: str) -> str | None:
+    if not name or len(name.encode()) > MAX_NAME:
+        return f"a role name has 1 to {MAX_NAME} bytes"
+    if name.lower() == "public":
+        return "PUBLIC is every role: trust a role that owns what rules use"
+    return None

@@ -9,7 +9,7 @@ YAML syntax errors. For each, ``pushsync.generator.loads`` must raise
 (``rules.yaml:LINE:COL:`` with the line inside the file).
 
 A sample (20 times the scale), together with files only the database can refuse
-(tables, columns and functions that do not exist, a view), is given to
+(tables, columns, trusted functions and owners that do not exist), is given to
 ``pushsync migrate --dsn`` as a subprocess, on a database holding the
 example's schema with its valid rules applied: it must exit 2 with located
 errors and no traceback, and a snapshot of the catalog and of pushsync's own
@@ -80,6 +80,10 @@ CONDITIONS = [
     "pg_advisory_lock(1) IS NULL",
     "pg_notify('pushsync', 'x') IS NULL",
     "txid_current() > 0",
+    "ts_stat('SELECT pg_catalog.set_config(''role'', ''x'', false)') IS NOT NULL",
+    "pg_catalog.ts_rewrite('a'::tsquery, 'SELECT 1') IS NULL",
+    "new.status::regclass IS NOT NULL",
+    "EXISTS (SELECT FROM pg_catalog.pg_authid)",
     "new.status = $1",
     "new.status = 'open' /* unterminated",
     "new.status = 'open",
@@ -113,6 +117,9 @@ QUERIES = [
     "SELECT set_config('role', 'postgres', false) AS device_id",
     "SELECT d.device_id FROM public.drivers d UNION SELECT lo_export(1, '/tmp/x')::text",
     "GRANT ALL ON public.drivers TO PUBLIC",
+    "SELECT d.device_id, d.secret FROM pushsync.devices d",
+    "SELECT name AS device_id FROM pg_catalog.pg_settings",
+    "SELECT d.device_id FROM public.drivers d, ts_stat('SELECT 1') AS s",
     "SELECT d.device_id FROM public.drivers d WHERE d.name = 'x",
 ]
 """``recipients``: the same, as a query."""
@@ -126,6 +133,7 @@ DOWNLOADS = [
     "SELECT * FROM public.disruption_reports WHERE pg_sleep(1) IS NULL",
     "SELECT * FROM public.routes",
     "WITH x AS (DELETE FROM public.routes RETURNING *) SELECT * FROM public.disruption_reports",
+    "SELECT * FROM public.disruption_reports WHERE EXISTS (SELECT FROM pushsync.devices)",
 ]
 """A publication's ``download``."""
 
@@ -351,8 +359,8 @@ MUTATIONS: list[tuple[Mutation, float]] = [
 DATABASE_ONLY = [
     ("    table: public.disruption_reports", "    table: public.no_such_table"),
     ("    columns: [status, location_id]", "    columns: [status, no_such_column]"),
-    ("    when: new.status = 'open'", "    when: public.no_such_function(new.status)"),
-    ("    table: public.disruption_reports", "    table: pg_catalog.pg_stat_activity"),
+    ("version: 1", "version: 1\ntrusted_functions: [public.no_such_function]"),
+    ("version: 1", "version: 1\ntrusted_owners: [no_such_role]"),
     ("    when: new.status = 'open'", "    when: new.no_such_column = 'open'"),
     (ROUTE_REMOVED_RECIPIENTS, "    recipients: SELECT d.device_id FROM public.no_such_table d"),
 ]

@@ -31,6 +31,8 @@ def only_problem(text: str) -> str:
     return found[0]
 
 
+BUILTIN = ": only read-only built-in functions are allowed (see docs/rules.md)"
+
 # (case id, rules text, the whole expected message)
 CASES = [
     (
@@ -139,12 +141,14 @@ CASES = [
     (
         "pg_terminate_backend in when",
         GOOD_RULE + "    when: pg_terminate_backend(42)\n",
-        "rules.yaml:7:11: rule r: when: function pg_terminate_backend() is not allowed in rules",
+        "rules.yaml:7:11: rule r: when: function pg_terminate_backend() is not allowed in rules"
+        + BUILTIN,
     ),
     (
         "schema-qualified pg_terminate_backend",
         GOOD_RULE + "    when: pg_catalog.pg_terminate_backend(42)\n",
-        "rules.yaml:7:11: rule r: when: function pg_terminate_backend() is not allowed in rules",
+        "rules.yaml:7:11: rule r: when: function pg_catalog.pg_terminate_backend() is not allowed "
+        "in rules" + BUILTIN,
     ),
     (
         "dblink in recipients",
@@ -152,12 +156,61 @@ CASES = [
             "SELECT device_id FROM public.devices_of_t",
             "SELECT device_id FROM dblink('host=x', 'DELETE FROM t') AS x(device_id text)",
         ),
-        "rules.yaml:6:17: rule r: recipients: function dblink() is not allowed in rules",
+        "rules.yaml:6:39: rule r: recipients: function dblink() is not allowed in rules" + BUILTIN,
     ),
     (
         "query_to_xml runs SQL given as text",
         GOOD_RULE + "    when: query_to_xml('DELETE FROM public.t', true, true, '') IS NULL\n",
-        "rules.yaml:7:11: rule r: when: function query_to_xml() is not allowed in rules",
+        "rules.yaml:7:11: rule r: when: function query_to_xml() is not allowed in rules" + BUILTIN,
+    ),
+    (
+        "ts_stat runs SQL given as text",
+        GOOD_RULE + "    when: ts_stat('SELECT 1') IS NULL\n",
+        "rules.yaml:7:11: rule r: when: function ts_stat() is not allowed in rules" + BUILTIN,
+    ),
+    (
+        "a function of the application, not trusted",
+        GOOD_RULE + "    when: public.is_open(new.status)\n",
+        "rules.yaml:7:11: rule r: when: function public.is_open() is not allowed in rules: "
+        "list it under trusted_functions if it only reads",
+    ),
+    (
+        "a trusted function",
+        "trusted_functions: [public.is_open]\n" + GOOD_RULE + "    when: public.is_open(new.x)\n",
+        None,
+    ),
+    (
+        "a built-in cannot be trusted",
+        "trusted_functions: [pg_catalog.ts_stat]\n" + GOOD_RULE,
+        "rules.yaml:1:21: trusted_functions: pg_catalog.ts_stat: functions in pg_catalog cannot "
+        "be trusted; of the built-ins, only those of the allow-list may be called",
+    ),
+    (
+        "a trusted function without its schema",
+        "trusted_functions: [is_open]\n" + GOOD_RULE,
+        "rules.yaml:1:21: trusted_functions: is_open: name the function as schema.function, "
+        "in lower case",
+    ),
+    (
+        "PUBLIC is not an owner to trust",
+        "trusted_owners: [public]\n" + GOOD_RULE,
+        "rules.yaml:1:18: trusted_owners: public: PUBLIC is every role: trust a role that owns "
+        "what rules use",
+    ),
+    (
+        "device secrets in recipients",
+        GOOD_RULE.replace(
+            "SELECT device_id FROM public.devices_of_t",
+            "SELECT device_id, secret FROM pushsync.devices",
+        ),
+        "rules.yaml:6:47: rule r: recipients: pushsync.devices may not be read by rules: "
+        "pushsync's own tables (devices and their secrets, the outbox) are not for rules",
+    ),
+    (
+        "a rule on pushsync's own table",
+        GOOD_RULE.replace("public.t", "pushsync.devices"),
+        "rules.yaml:4:5: rule r: table pushsync.devices: tables of pushsync cannot be watched "
+        "or published",
     ),
     (
         "comment cannot hide a statement",
