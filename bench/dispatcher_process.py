@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import resource
 import subprocess
 import sys
 import threading
@@ -57,16 +58,25 @@ def _drain(stream: IO[str], lines: list[str]) -> None:
 
 
 @contextmanager
-def dispatcher_process(dsn: str, *extra: str) -> Iterator[DispatcherProcess]:
-    """Run ``pushsync dispatch`` on loopback ports until the block ends (SIGTERM)."""
+def dispatcher_process(
+    dsn: str, *extra: str, nofile: int | None = None
+) -> Iterator[DispatcherProcess]:
+    """Run ``pushsync dispatch`` on loopback ports until the block ends (SIGTERM); with
+    ``nofile``, at most that many open files (as systemd's ``LimitNOFILE=``)."""
     command = [
         sys.executable, "-m", "pushsync", "dispatch", "--dsn", dsn,
         "--sync-listen", "127.0.0.1:0", "--udp-listen", "127.0.0.1:0", *extra,
     ]  # fmt: skip
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+
+    def limit() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, preexec_fn=limit)
     lines: list[str] = []
     assert process.stderr is not None
-    threading.Thread(target=_drain, args=(process.stderr, lines), daemon=True).start()
+    drain = threading.Thread(target=_drain, args=(process.stderr, lines), daemon=True)
+    drain.start()
     try:
         port = _wait_for(lines, r"SYNC gateway on 127\.0\.0\.1:(\d+)", process)
         _wait_for(lines, r"listening on channel", process)
@@ -77,6 +87,9 @@ def dispatcher_process(dsn: str, *extra: str) -> Iterator[DispatcherProcess]:
             process.wait(10)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait(10)
+        drain.join(10)
+        process.stderr.close()
 
 
 def _wait_for(lines: list[str], pattern: str, process: subprocess.Popen[str]) -> str:

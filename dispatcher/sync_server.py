@@ -13,11 +13,24 @@ authenticate with challenge-response under their secret (``docs/protocol.md``,
   sent at once, then one POLL frame meaning "that is all";
 * PING/PONG both ways, and BYE.
 
+Every frame after WELCOME, both ways, carries a tag under the connection's
+session keys; a frame whose tag does not match closes the connection.
+
 Each connection is an :class:`asyncio.Protocol` with no task of its own once
 authenticated: one sweep task per server sends heartbeats and closes peers
 that stay silent, that do not finish the handshake in time, or whose unread
 output piles up. That keeps a connection to a few kilobytes, so one process
 holds tens of thousands.
+
+Unauthenticated peers cost bounded resources. The server accepts connections
+itself (:meth:`SyncServer._accept`), so that running out of file descriptors
+is one throttled log line, not a traceback per attempt. At most
+``max_preauth`` connections (``max_preauth_per_host`` from one address) may
+be unauthenticated at once; one more closes the *oldest* of them, so a flood
+of idle connections cannot lock out a device that arrives later. A failed
+authentication — wrong proof, unknown or disabled device — is answered
+``failed_auth_delay`` after its AUTH arrived, whatever made it fail, after
+the same work (an HMAC under a dummy secret for a device without one).
 
 The database work (secret lookup, connection records, tracking, claims for
 polls) goes through a :class:`SyncStore`; the daemon's implementation uses a
@@ -30,13 +43,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import hmac
 import logging
+import os
+import secrets
+import socket
 import ssl
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 from pushsync.db import first_line
 from pushsync.dispatcher.gateways import SendResult, failed, format_peer, sent, to_message
@@ -44,6 +62,7 @@ from pushsync.dispatcher.outbox import Claimed
 from pushsync.listener import protocol
 from pushsync.listener.limits import MAX_DATAGRAM
 from pushsync.listener.protocol import FrameType
+from pushsync.logs import Throttle
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +77,22 @@ MAX_PREAUTH_BUFFER: Final = 1024
 MAX_WRITE_BUFFER: Final = 256 * 1024
 """Unsent bytes queued for one device after which it counts as too slow and is dropped."""
 POLL_BATCH: Final = 100
+MAX_PREAUTH: Final = 256
+"""Unauthenticated connections held at once; one more closes the oldest."""
+MAX_PREAUTH_PER_HOST: Final = 32
+"""Unauthenticated connections held at once from one address; one more closes its oldest."""
+FAILED_AUTH_DELAY: Final = 0.2
+"""Seconds after an AUTH arrives at which a failed authentication is answered."""
+BACKLOG: Final = 1024
+ACCEPT_BATCH: Final = 64
+"""Connections accepted per turn of the event loop."""
+ACCEPT_PAUSE: Final = 1.0
+"""Seconds the server stops accepting when the system refuses (no file descriptor left)
+and no unauthenticated connection can make room."""
+EVICT_BATCH: Final = 16
+"""Unauthenticated connections closed at once when no file descriptor is left."""
+_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+BUSY: Final = "too many connections, try again later"
 
 
 class SyncStore(Protocol):
@@ -110,6 +145,12 @@ class SyncStats:
     bad_acks: int = 0
     polls: int = 0
     pushed: int = 0
+    evicted: int = 0
+    """Unauthenticated connections closed to make room for newer ones."""
+    accept_errors: int = 0
+    """Connections the system would not let the server accept (e.g. no file descriptor)."""
+    bad_frames: int = 0
+    """Connections closed for a frame whose tag did not match (forged, replayed, reordered)."""
 
 
 @dataclass(kw_only=True)
@@ -117,7 +158,60 @@ class SyncSettings:
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     heartbeat: float = HEARTBEAT
     max_write_buffer: int = MAX_WRITE_BUFFER
+    max_preauth: int = MAX_PREAUTH
+    max_preauth_per_host: int = MAX_PREAUTH_PER_HOST
+    failed_auth_delay: float = FAILED_AUTH_DELAY
     tls: ssl.SSLContext | None = field(default=None, repr=False)
+
+
+T = TypeVar("T", bound=Hashable)
+
+
+class Waiting(Generic[T]):
+    """Unauthenticated connections, oldest first: overall and by source address.
+
+    :meth:`add` admits a new one and names those to close so that at most
+    ``most`` wait overall and ``per_host`` from one address — always the
+    oldest, never the one just admitted.
+    """
+
+    def __init__(self, most: int, per_host: int) -> None:
+        self.most = max(1, most)
+        self.per_host = max(1, per_host)
+        self._hosts: dict[T, str] = {}  # insertion order: oldest first
+        self._by_host: dict[str, dict[T, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._hosts)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._hosts
+
+    def add(self, item: T, host: str) -> list[T]:
+        """Admit ``item``; the connections to close now, oldest first."""
+        self._hosts[item] = host
+        same = self._by_host.setdefault(host, {})
+        same[item] = None
+        victims: list[T] = []
+        if len(same) > self.per_host:
+            victims.append(next(iter(same)))
+            self.discard(victims[-1])
+        if len(self._hosts) > self.most:
+            victims.append(next(iter(self._hosts)))
+            self.discard(victims[-1])
+        return victims
+
+    def oldest(self) -> T | None:
+        return next(iter(self._hosts), None)
+
+    def discard(self, item: T) -> None:
+        host = self._hosts.pop(item, None)
+        if host is None:
+            return
+        same = self._by_host[host]
+        del same[item]
+        if not same:
+            del self._by_host[host]
 
 
 class SyncServer:
@@ -145,33 +239,55 @@ class SyncServer:
         self.connections: dict[str, SyncConnection] = {}
         """Authenticated connections by device id."""
         self._all: set[SyncConnection] = set()
-        self._server: asyncio.Server | None = None
+        self._waiting: Waiting[SyncConnection] = Waiting(
+            self.settings.max_preauth, self.settings.max_preauth_per_host
+        )
+        """Connections not authenticated yet, oldest first."""
+        self.dummy_secret = secrets.token_bytes(protocol.SECRET_SIZE)
+        """Checks the proof of a device without a secret, so that it costs the same work."""
+        self.throttle = Throttle(logger)
+        """For lines any peer can cause: at most one of a kind per interval."""
+        self._sockets: list[socket.socket] = []
+        self._address: tuple[str, int] | None = None
+        self._resuming: dict[socket.socket, asyncio.TimerHandle] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self, host: str, port: int) -> None:
         """Listen on ``host:port`` (port 0: the system picks; see :attr:`address`)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: SyncConnection(self),
-            host,
-            port,
-            ssl=self.settings.tls,
-            ssl_handshake_timeout=self.settings.handshake_timeout if self.settings.tls else None,
-            reuse_address=True,
-            backlog=1024,
-        )
+        self._sockets = await _listen(loop, host, port, BACKLOG)
+        host_, port_ = self._sockets[0].getsockname()[:2]
+        self._address = (str(host_), int(port_))
+        for sock in self._sockets:
+            loop.add_reader(sock.fileno(), self._accept, sock)
         self._sweeper = asyncio.create_task(self._sweep(), name="pushsync sync sweep")
 
     @property
     def address(self) -> tuple[str, int]:
-        if self._server is None or not self._server.sockets:
+        if self._address is None:
             raise RuntimeError("the SYNC server is not started")
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return str(host), int(port)
+        return self._address
+
+    @property
+    def unauthenticated(self) -> int:
+        """Connections accepted and not authenticated yet."""
+        return len(self._waiting)
 
     def is_connected(self, device: str) -> bool:
         return device in self.connections
+
+    def devices(self) -> set[str]:
+        """The devices with a connection here, authenticated or in their handshake."""
+        return {conn.device for conn in self._all if conn.device is not None}
+
+    def cut_off(self, device: str, reason: str) -> int:
+        """Close every connection of ``device`` now, also one still in its handshake
+        (its secret may have been read just before the device lost access); how many."""
+        found = [conn for conn in self._all if conn.device == device]
+        for conn in found:
+            conn.close(reason)
+        return len(found)
 
     def push(self, device: str, envelope: bytes) -> bool:
         """Write one MESSAGE frame to ``device``'s connection; False if it has none."""
@@ -183,8 +299,7 @@ class SyncServer:
 
     async def close(self) -> None:
         """Stop accepting, say BYE to every device and close; wait for pending store calls."""
-        if self._server is not None:
-            self._server.close()
+        self._stop_listening()
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
@@ -192,9 +307,110 @@ class SyncServer:
             conn.close("server stopping")
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5.0)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5.0)
+        await asyncio.sleep(0)  # the transports just closed let go of their sockets
+
+    def _stop_listening(self) -> None:
+        loop = asyncio.get_running_loop()
+        for handle in self._resuming.values():
+            handle.cancel()
+        self._resuming.clear()
+        for sock in self._sockets:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        self._sockets = []
+
+    # ----------------------------------------------------------------- accepting
+
+    def _accept(self, sock: socket.socket) -> None:
+        """Take the connections waiting on a listening socket (called when it is readable)."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                accepted, addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                self._accept_failed(sock, exc)
+                return
+            accepted.setblocking(False)
+            self._serve(accepted, addr)
+
+    def _accept_failed(self, sock: socket.socket, exc: OSError) -> None:
+        """No file descriptor (or memory) left: make room if an unauthenticated peer holds one,
+        stop accepting for a moment, and say so in one line (not one per attempt)."""
+        self.stats.accept_errors += 1
+        pause = ACCEPT_PAUSE
+        if exc.errno in _OUT_OF_RESOURCES:
+            evicted = 0
+            while evicted < EVICT_BATCH and (oldest := self._waiting.oldest()) is not None:
+                oldest.close(BUSY, abort=True)  # its descriptor is free at the next turn
+                evicted += 1
+            self.stats.evicted += evicted
+            if evicted:
+                pause = 0.0
+            self.throttle.warning(
+                "sync: cannot accept connections: %s (raise LimitNOFILE / ulimit -n); %s",
+                os.strerror(exc.errno or 0),
+                "closed the oldest unauthenticated connections" if evicted else "pausing",
+                key="accept resources",
+            )
+        else:
+            self.throttle.warning("sync: cannot accept a connection: %s", exc, key="accept")
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(sock.fileno())
+        self._resuming[sock] = loop.call_later(pause, self._resume, sock)
+
+    def _resume(self, sock: socket.socket) -> None:
+        self._resuming.pop(sock, None)
+        if sock in self._sockets:
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
+
+    def _serve(self, sock: socket.socket, addr: Any) -> None:
+        """Count the new connection as unauthenticated (closing the oldest if there are too
+        many), then set up its transport (and TLS) in a task."""
+        conn = SyncConnection(self, addr)
+        self._all.add(conn)
+        self.stats.accepted += 1
+        for victim in self._waiting.add(conn, conn.peer_host):
+            self.stats.evicted += 1
+            self.throttle.warning(
+                "sync: too many unauthenticated connections; closing the oldest, from %s",
+                victim.peer,
+                key="evicted",
+            )
+            victim.close(BUSY, abort=True)
+        task = asyncio.get_running_loop().create_task(
+            self._open(conn, sock), name=f"sync open {conn.peer}"
+        )
+        conn.opening = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda done: _close_unless_served(done, sock))
+
+    async def _open(self, conn: SyncConnection, sock: socket.socket) -> bool:
+        """Wrap ``sock`` in a transport (after the TLS handshake, if any); False if that failed."""
+        tls = self.settings.tls
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: conn,
+                sock,
+                ssl=tls,
+                ssl_handshake_timeout=self.settings.handshake_timeout if tls else None,
+            )
+        except Exception as exc:  # TLS refused, reset, timed out: that peer only
+            self.throttle.info(
+                "sync: %s: connection not set up: %s: %s",
+                conn.peer,
+                type(exc).__name__,
+                exc,
+                key="open",
+            )
+            conn.gone()
+            return False
+        finally:
+            conn.opening = None
+        return True
 
     # ----------------------------------------------------------------- internals
 
@@ -203,9 +419,10 @@ class SyncServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def attached(self, conn: SyncConnection) -> None:
-        self._all.add(conn)
-        self.stats.accepted += 1
+    def authenticated(self, conn: SyncConnection) -> None:
+        """``conn`` passed the handshake: it no longer counts as unauthenticated."""
+        self._waiting.discard(conn)
+        self.stats.authenticated += 1
 
     def subscribed(self, conn: SyncConnection) -> None:
         """``conn`` asked for pushes: it becomes its device's connection, replacing any other."""
@@ -231,6 +448,7 @@ class SyncServer:
 
     def detached(self, conn: SyncConnection, *, forget: bool) -> None:
         self._all.discard(conn)
+        self._waiting.discard(conn)
         if self.synchronizer is not None:
             self.synchronizer.closed(conn)
         device = conn.device
@@ -266,7 +484,7 @@ class SyncServer:
 
 
 class SyncConnection(asyncio.Protocol):
-    """One device's connection; states: hello → auth → open → closed."""
+    """One device's connection; states: hello → auth → checking → open → closed."""
 
     __slots__ = (
         "_challenge",
@@ -275,26 +493,32 @@ class SyncConnection(asyncio.Protocol):
         "_next_track",
         "_polling",
         "_reader",
+        "_sealer",
         "_secret",
         "_state",
         "_transport",
         "device",
         "last_received",
         "last_sent",
+        "opening",
         "peer",
         "peer_host",
         "server",
         "started",
     )
 
-    def __init__(self, server: SyncServer) -> None:
+    def __init__(self, server: SyncServer, addr: Any) -> None:
         self.server = server
         self.device: str | None = None
-        self.peer = "?"
-        self.peer_host = ""
+        self.peer = format_peer(addr)
+        self.peer_host = str(addr[0]) if isinstance(addr, tuple) else ""
         self.started = self.last_received = self.last_sent = server.clock()
+        self.opening: asyncio.Task[bool] | None = None
+        """Sets up the transport (and TLS) until connection_made."""
         self._transport: asyncio.Transport | None = None
         self._reader = protocol.FrameReader()
+        self._sealer: protocol.FrameSealer | None = None
+        """Tags what the server sends, once authenticated."""
         self._state = "hello"
         self._client_nonce = b""
         self._challenge = b""
@@ -313,11 +537,15 @@ class SyncConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        if self._state == "closed":  # closed while its transport was being set up
+            transport.abort()
+            return
         self._transport = transport
-        addr = transport.get_extra_info("peername")
-        self.peer = format_peer(addr)
-        self.peer_host = str(addr[0]) if isinstance(addr, tuple) else ""
-        self.server.attached(self)
+
+    def gone(self) -> None:
+        """The connection could not be set up (TLS handshake failed, reset)."""
+        self._state = "closed"
+        self.server.detached(self, forget=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
         was_open = self._state == "open"
@@ -331,14 +559,16 @@ class SyncConnection(asyncio.Protocol):
         if self._state == "closed":
             return
         self.last_received = self.server.clock()
+        reader = self._reader
         try:
-            frames = self._reader.feed(data)
-            if self._state != "open" and self._reader.buffered > MAX_PREAUTH_BUFFER:
-                raise protocol.Oversized("too much data before authentication")
-            for frame in frames:
-                if self._state == "closed":
-                    return
+            reader.add(data)
+            while self._state != "closed" and (frame := reader.take()) is not None:
                 self._frame(frame)
+            if self._state != "open" and reader.buffered > MAX_PREAUTH_BUFFER:
+                raise protocol.Oversized("too much data before authentication")
+        except protocol.BadSignature as exc:  # only frames after WELCOME carry tags
+            self.server.stats.bad_frames += 1
+            self._drop(f"{type(exc).__name__}: {exc}")
         except protocol.ProtocolError as exc:
             self._drop(f"{type(exc).__name__}: {exc}")
         except Exception:  # a bug here must not stop the server
@@ -380,8 +610,11 @@ class SyncConnection(asyncio.Protocol):
             hello = protocol.decode_hello(frame)
         except protocol.UnsupportedVersion as exc:
             self.server.stats.refused += 1
-            logger.info("sync: %s: %s", self.peer, exc)
-            self.close("unsupported version")
+            self.server.throttle.info("sync: %s: %s", self.peer, exc, key="version")
+            self.close(
+                f"unsupported version: this server speaks SYNC version {protocol.SYNC_VERSION}; "
+                "upgrade pushsync on the device"
+            )
             return
         self.device = hello.device
         self._client_nonce = hello.nonce
@@ -392,45 +625,61 @@ class SyncConnection(asyncio.Protocol):
     def _auth(self, frame: protocol.Frame) -> None:
         proof = protocol.decode_auth(frame)
         self._state = "checking"
-        self.server.spawn(self._check(proof), f"sync auth {self.peer}")
+        arrived = asyncio.get_running_loop().time()
+        self.server.spawn(self._check(proof, arrived), f"sync auth {self.peer}")
 
-    async def _check(self, proof: bytes) -> None:
+    async def _check(self, proof: bytes, arrived: float) -> None:
+        """Answer WELCOME at once, or BYE ``failed_auth_delay`` after the AUTH ``arrived``.
+
+        Unknown, disabled and wrong-secret devices take the same path: one
+        lookup, one HMAC (under a dummy secret when there is none), one
+        comparison, then the wait for the fixed deadline.
+        """
         device = self.device
+        server = self.server
         assert device is not None
         try:
-            secret = await self.server.store.secret(device)
+            secret = await server.store.secret(device)
         except Exception as exc:
-            logger.warning("sync: cannot look up device %s: %s", device, first_line(exc))
+            server.throttle.warning(
+                "sync: cannot look up device %s: %s", device, first_line(exc), key="lookup"
+            )
+            await self._until(arrived + server.settings.failed_auth_delay)
             self.close("server unavailable, try again later")
             return
-        if self._state == "closed":
-            return
-        expected = None
-        if secret is not None:
-            expected = protocol.client_proof(secret, self._challenge, self._client_nonce, device)
-        try:
-            protocol.verify_proof(expected or bytes(protocol.MAC_SIZE), proof)
-            if secret is None:
-                raise protocol.BadSignature("authentication failed")
-        except protocol.BadSignature:
-            self.server.stats.refused += 1
-            logger.warning(
+        key = server.dummy_secret if secret is None else secret
+        expected = protocol.client_proof(key, self._challenge, self._client_nonce, device)
+        if not hmac.compare_digest(expected, proof) or secret is None:
+            server.stats.refused += 1
+            server.throttle.warning(
                 "sync: %s failed to authenticate as %r (wrong secret, unknown or disabled)",
                 self.peer,
                 device,
+                key="refused",
             )
+            await self._until(arrived + server.settings.failed_auth_delay)
             self.close("authentication failed")
             return
-        assert secret is not None
+        if self._state == "closed":
+            return
         self._secret = secret
-        self._state = "open"
         self.write(
             protocol.encode_welcome(
                 protocol.server_proof(secret, self._client_nonce, self._challenge, device)
             )
         )
-        self.server.stats.authenticated += 1
+        keys = protocol.session_keys(secret, self._client_nonce, self._challenge, device)
+        self._sealer = protocol.FrameSealer(keys.down)
+        self._reader.authenticate(keys.up)
+        self._state = "open"
+        server.authenticated(self)
         logger.debug("sync: %s authenticated from %s", device, self.peer)
+
+    @staticmethod
+    async def _until(deadline: float) -> None:
+        delay = deadline - asyncio.get_running_loop().time()
+        if delay > 0:
+            await asyncio.sleep(delay)
 
     def _traffic(self, frame: protocol.Frame) -> None:
         kind = frame.type
@@ -550,6 +799,8 @@ class SyncConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing() or self._state == "closed":
             return False
+        if self._sealer is not None:
+            data = self._sealer.seal(data)
         transport.write(data)
         self.last_sent = self.server.clock()
         if bulk:
@@ -560,25 +811,35 @@ class SyncConnection(asyncio.Protocol):
             return False
         return True
 
-    def close(self, reason: str | None, *, forget: bool = True) -> None:
-        """Say BYE (with ``reason``, if any) and close."""
+    def close(self, reason: str | None, *, forget: bool = True, abort: bool = False) -> None:
+        """Say BYE (with ``reason``, if any) and close; ``abort``: without waiting for
+        output to drain (the file descriptor is free at once)."""
         if self._state == "closed":
             return
         transport = self._transport
         if reason is not None and transport is not None and not transport.is_closing():
             with contextlib.suppress(Exception):
-                transport.write(protocol.encode_bye(reason))
+                bye = protocol.encode_bye(reason)
+                transport.write(bye if self._sealer is None else self._sealer.seal(bye))
         self._state = "closed"
         self.resume_writing()
         self.server.detached(self, forget=forget)
-        if transport is not None:
+        if transport is None:
+            if self.opening is not None:
+                self.opening.cancel()  # its socket is closed when the task ends
+        elif abort:
+            transport.abort()
+        else:
             transport.close()
 
     def _drop(self, why: str) -> None:
         self.server.stats.dropped += 1
-        logger.warning(
-            "sync: dropped %s (%s): %s", self.peer, self.device or "unauthenticated", why
-        )
+        if self._state == "open":
+            logger.warning("sync: dropped %s (%s): %s", self.peer, self.device, why)
+        else:
+            self.server.throttle.warning(
+                "sync: dropped %s (unauthenticated): %s", self.peer, why, key="dropped"
+            )
         transport = self._transport
         self._state = "closed"
         self.resume_writing()
@@ -613,6 +874,44 @@ class SyncGateway:
         return sent(self.name)
 
 
+async def _listen(
+    loop: asyncio.AbstractEventLoop, host: str, port: int, backlog: int
+) -> list[socket.socket]:
+    """Listening, non-blocking sockets for every address ``host`` resolves to (as
+    :meth:`asyncio.loop.create_server` makes them)."""
+    infos = await loop.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno,
+                    f"error while attempting to bind on address {address!r}: {exc.strerror}",
+                ) from None
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _close_unless_served(task: asyncio.Task[bool], sock: socket.socket) -> None:
+    """After a connection's set-up task: close its socket unless a transport took it."""
+    if task.cancelled() or task.exception() is not None or not task.result():
+        sock.close()
+
+
 def server_tls(cert_file: str, key_file: str) -> ssl.SSLContext:
     """A server-side TLS context (TLS 1.2 or newer) from a PEM certificate chain and key."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -623,11 +922,14 @@ def server_tls(cert_file: str, key_file: str) -> ssl.SSLContext:
 
 __all__ = [
     "DEFAULT_PORT",
+    "MAX_PREAUTH",
+    "MAX_PREAUTH_PER_HOST",
     "SyncConnection",
     "SyncGateway",
     "SyncServer",
     "SyncSettings",
     "SyncStats",
     "SyncStore",
+    "Waiting",
     "server_tls",
 ]

@@ -59,6 +59,9 @@ class UnsupportedVersion(ProtocolError):
 
 MAGIC: Final = b"PS"
 VERSION: Final = 1
+"""The envelope's version (its third byte)."""
+SYNC_VERSION: Final = 2
+"""The SYNC connection's version (HELLO's first byte): 2 authenticates every frame after WELCOME."""
 KIND_MESSAGE: Final = ord("M")
 KIND_ACK: Final = ord("A")
 MAC_SIZE: Final = 32
@@ -490,40 +493,86 @@ def encode_frame(frame_type: FrameType, payload: bytes = b"") -> bytes:
 class FrameReader:
     """Turns a byte stream into frames, whatever the pieces it arrives in.
 
+    After :meth:`authenticate` every frame must be followed by its tag
+    (:func:`frame_tag`) under the peer's session key and the next sequence
+    number; a frame whose tag does not match is :class:`BadSignature`.
+
     After a :class:`ProtocolError` the stream cannot be trusted any more: every
-    later :meth:`feed` raises again. Drop the peer.
+    later call raises again. Drop the peer.
     """
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._at = 0
         self._failure: ProtocolError | None = None
+        self._mac: _FrameMac | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes received that do not make a whole frame yet."""
-        return len(self._buffer)
+        return len(self._buffer) - self._at
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether frames must carry tags (after :meth:`authenticate`)."""
+        return self._mac is not None
+
+    def authenticate(self, key: bytes) -> None:
+        """From the next frame on, check each frame's tag under ``key`` (sequence 0, 1, …)."""
+        if self._mac is not None:
+            raise RuntimeError("the stream is authenticated already")
+        self._mac = _FrameMac(key)
 
     def feed(self, data: bytes) -> list[Frame]:
         """The frames completed by ``data``, in order."""
-        if self._failure is not None:
-            raise type(self._failure)(str(self._failure))
-        self._buffer += data
+        self.add(data)
         frames: list[Frame] = []
-        at = 0
+        while (frame := self.take()) is not None:
+            frames.append(frame)
+        return frames
+
+    def add(self, data: bytes) -> None:
+        """Buffer ``data``; :meth:`take` returns the frames it completes, one at a time."""
+        self._raise_if_failed()
+        if self._at:
+            del self._buffer[: self._at]
+            self._at = 0
+        self._buffer += data
+
+    def take(self) -> Frame | None:
+        """The next whole frame, or None until more data arrives.
+
+        One at a time, so that a caller can :meth:`authenticate` between two
+        frames (a device does, right after WELCOME).
+        """
+        self._raise_if_failed()
+        mac = self._mac
         try:
-            while (found := _frame_at(self._buffer, at)) is not None:
-                frame, at = found
-                frames.append(frame)
+            found = _frame_at(self._buffer, self._at, TAG_SIZE if mac else 0)
+            if found is None:
+                return None
+            frame, end = found
+            if mac is not None:
+                mac.check(
+                    bytes(self._buffer[self._at : end - TAG_SIZE]),
+                    self._buffer[end - TAG_SIZE : end],
+                )
         except ProtocolError as exc:
             self._failure = exc
             self._buffer.clear()
+            self._at = 0
             raise
-        del self._buffer[:at]
-        return frames
+        self._at = end
+        return frame
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise type(self._failure)(str(self._failure))
 
 
-def _frame_at(buffer: bytearray, at: int) -> tuple[Frame, int] | None:
-    """The frame starting at ``at`` and where the next starts, or None if incomplete."""
+def _frame_at(buffer: bytearray, at: int, tag: int) -> tuple[Frame, int] | None:
+    """The frame starting at ``at`` and where the next starts (after ``tag`` bytes of
+    tag), or None if incomplete."""
     if len(buffer) - at < 4:
         return None
     length = int.from_bytes(buffer[at : at + 4], "big")
@@ -536,9 +585,115 @@ def _frame_at(buffer: bytearray, at: int) -> tuple[Frame, int] | None:
     if buffer[at + 4] not in _FRAME_TYPES:
         raise Malformed(f"unknown frame type {buffer[at + 4]:#04x}")
     end = at + 4 + length
-    if len(buffer) < end:
+    if len(buffer) < end + tag:
         return None
-    return Frame(FrameType(buffer[at + 4]), bytes(buffer[at + 5 : end])), end
+    return Frame(FrameType(buffer[at + 4]), bytes(buffer[at + 5 : end])), end + tag
+
+
+# --------------------------------------------------------------------------- frame authentication
+
+TAG_SIZE: Final = 16
+"""Bytes of the tag after each frame of an authenticated SYNC stream (truncated HMAC-SHA256)."""
+_KEY_LABEL: Final = b"pushsync-sync-2 key "
+_UP: Final = b"device->server"
+_DOWN: Final = b"server->device"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
+class SessionKeys:
+    """The keys of one SYNC connection: one per direction, so nothing can be reflected."""
+
+    up: bytes
+    """Tags what the device sends."""
+    down: bytes
+    """Tags what the server sends."""
+
+
+def hkdf_sha256(salt: bytes, ikm: bytes, info: bytes, length: int = 32) -> bytes:
+    """HKDF (RFC 5869) with HMAC-SHA256: extract with ``salt``, expand ``info`` to ``length``."""
+    if not 0 < length <= 255 * 32:
+        raise ValueError("HKDF-SHA256 makes 1 to 8160 bytes")
+    prk = hmac.digest(salt, ikm, "sha256")
+    out, block = b"", b""
+    for counter in range(1, -(-length // 32) + 1):
+        block = hmac.digest(prk, block + info + bytes([counter]), "sha256")
+        out += block
+    return out[:length]
+
+
+def session_keys(
+    secret: bytes, client_nonce: bytes, server_nonce: bytes, device: str
+) -> SessionKeys:
+    """Both directions' keys, from the device secret and both nonces of the handshake."""
+    salt = _nonce(client_nonce) + _nonce(server_nonce)
+    device_id = _device_bytes(device)
+    return SessionKeys(
+        up=hkdf_sha256(salt, secret, _KEY_LABEL + _UP + b" " + device_id),
+        down=hkdf_sha256(salt, secret, _KEY_LABEL + _DOWN + b" " + device_id),
+    )
+
+
+def frame_tag(key: bytes, seq: int, frame: bytes) -> bytes:
+    """The tag of a frame (length, type and payload): HMAC-SHA256(key, u64 seq ‖ frame), cut
+    to :data:`TAG_SIZE` bytes."""
+    return hmac.digest(key, seq.to_bytes(8, "big") + frame, "sha256")[:TAG_SIZE]
+
+
+class _FrameMac:
+    """Tags (or checks) the frames of one direction, counting the sequence number."""
+
+    __slots__ = ("_keyed", "seq")
+
+    def __init__(self, key: bytes) -> None:
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256)  # copied: saves hashing the key
+        self.seq = 0
+
+    def tag(self, frame: bytes) -> bytes:
+        mac = self._keyed.copy()
+        mac.update(self.seq.to_bytes(8, "big"))
+        mac.update(frame)
+        self.seq += 1
+        return mac.digest()[:TAG_SIZE]
+
+    def check(self, frame: bytes, tag: bytes | bytearray) -> None:
+        if not hmac.compare_digest(self.tag(frame), bytes(tag)):
+            raise BadSignature("frame authentication failed")
+
+
+class FrameSealer:
+    """Appends to each frame sent its tag under ``key`` with the next sequence number.
+
+    Give it the frames of one direction, in the order they are written.
+    """
+
+    __slots__ = ("_mac",)
+
+    def __init__(self, key: bytes) -> None:
+        self._mac = _FrameMac(key)
+
+    @property
+    def sent(self) -> int:
+        """Frames sealed so far (the next frame's sequence number)."""
+        return self._mac.seq
+
+    def seal(self, data: bytes) -> bytes:
+        """``data`` (one or more whole frames) with a tag after each frame.
+
+        ``ValueError`` if ``data`` is not a sequence of whole frames: a caller's mistake.
+        """
+        out: list[bytes] = []
+        at = 0
+        while at < len(data):
+            length = int.from_bytes(data[at : at + 4], "big")
+            end = at + 4 + length
+            if len(data) - at < 5 or length == 0 or end > len(data):
+                raise ValueError("only whole frames can be sealed")
+            if at == 0 and end == len(data):  # the usual case: one frame
+                return data + self._mac.tag(data)
+            frame = data[at:end]
+            out += (frame, self._mac.tag(frame))
+            at = end
+        return b"".join(out)
 
 
 def _expect(frame: Frame, *types: FrameType) -> None:
@@ -563,7 +718,7 @@ def new_nonce() -> bytes:
 
 
 def encode_hello(hello: Hello) -> bytes:
-    payload = bytes([VERSION]) + _nonce(hello.nonce) + _short(_device_bytes(hello.device))
+    payload = bytes([SYNC_VERSION]) + _nonce(hello.nonce) + _short(_device_bytes(hello.device))
     return encode_frame(FrameType.HELLO, payload)
 
 
@@ -572,8 +727,8 @@ def decode_hello(frame: Frame) -> Hello:
     _expect(frame, FrameType.HELLO)
     reader = _Reader(frame.payload)
     version = reader.u8("version")
-    if version != VERSION:
-        raise UnsupportedVersion(f"SYNC version {version}, this side speaks {VERSION}")
+    if version != SYNC_VERSION:
+        raise UnsupportedVersion(f"SYNC version {version}, this side speaks {SYNC_VERSION}")
     nonce = reader.take(NONCE_SIZE, "nonce")
     device = _device_from(reader.short("device"))
     reader.end()
@@ -609,13 +764,13 @@ def decode_welcome(frame: Frame) -> bytes:
 
 def client_proof(secret: bytes, server_nonce: bytes, client_nonce: bytes, device: str) -> bytes:
     """What the device sends in AUTH: it knows the secret, for this connection."""
-    parts = (b"pushsync-sync-client", _nonce(server_nonce), _nonce(client_nonce))
+    parts = (b"pushsync-sync-2-client", _nonce(server_nonce), _nonce(client_nonce))
     return _sign(secret, b"".join(parts) + _device_bytes(device))
 
 
 def server_proof(secret: bytes, client_nonce: bytes, server_nonce: bytes, device: str) -> bytes:
     """What the server sends in WELCOME: it knows the secret too."""
-    parts = (b"pushsync-sync-server", _nonce(client_nonce), _nonce(server_nonce))
+    parts = (b"pushsync-sync-2-server", _nonce(client_nonce), _nonce(server_nonce))
     return _sign(secret, b"".join(parts) + _device_bytes(device))
 
 

@@ -3,7 +3,10 @@
 :func:`open_session` opens a TCP connection (inside TLS when configured) to
 the dispatcher's SYNC port and runs the handshake of ``docs/protocol.md``: it
 returns only once the server has proved it knows the device secret too.
-A :class:`Session` then reads and writes frames. The listener's ``sync`` and
+A :class:`Session` then reads and writes frames, each authenticated with a
+tag under the connection's session keys (``docs/protocol.md``, "Frame
+authentication"): a frame that fails its tag ends the connection with
+:class:`~pushsync.listener.protocol.BadSignature`. The listener's ``sync`` and
 ``poll`` channels (:mod:`pushsync.listener.channels`) and the built-in sync
 client use it. Standard library only.
 """
@@ -51,7 +54,7 @@ class Session:
         self.secret = secret
         self.server = server
         self._frames = protocol.FrameReader()
-        self._ready: list[protocol.Frame] = []
+        self._sealer: protocol.FrameSealer | None = None
 
     @property
     def closed(self) -> bool:
@@ -69,15 +72,28 @@ class Session:
         :class:`~pushsync.listener.protocol.ProtocolError` for a bad stream.
         """
         async with asyncio.timeout(timeout):
-            while not self._ready:
+            while (frame := self._frames.take()) is None:
                 data = await self.reader.read(READ_SIZE)
                 if not data:
                     return None
-                self._ready.extend(self._frames.feed(data))
-        return self._ready.pop(0)
+                self._frames.add(data)
+        return frame
+
+    def authenticate(self, keys: protocol.SessionKeys) -> None:
+        """From now on tag every frame sent and check every frame received (after WELCOME)."""
+        self._sealer = protocol.FrameSealer(keys.up)
+        self._frames.authenticate(keys.down)
 
     def send(self, data: bytes) -> bool:
-        """Queue ``data`` for the server; False if the connection is closed."""
+        """Queue ``data`` (whole frames, tagged here once authenticated); False if closed."""
+        if self.writer.is_closing():
+            return False
+        if self._sealer is not None:
+            data = self._sealer.seal(data)
+        return self.send_raw(data)
+
+    def send_raw(self, data: bytes) -> bool:
+        """Queue ``data`` as it is, untagged (tests that play a broken device)."""
         if self.writer.is_closing():
             return False
         try:
@@ -143,6 +159,7 @@ async def open_session(
             protocol.verify_proof(
                 protocol.server_proof(secret, client_nonce, challenge, device), welcome
             )
+            session.authenticate(protocol.session_keys(secret, client_nonce, challenge, device))
         except BaseException:
             await session.close()
             raise

@@ -5,6 +5,10 @@
 traceback, when there is one), for log collectors. Either way the records are
 the same: pushsync never logs secrets — device secrets, SMTP passwords and DSN
 passwords are kept out of every message.
+
+:class:`Throttle` keeps a flood (bad datagrams, connection attempts) from
+flooding the log: one line per kind of event and interval, and a count of
+the lines it held back.
 """
 
 from __future__ import annotations
@@ -12,10 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final
 
 FORMATS: Final = ("text", "json")
+THROTTLE_INTERVAL: Final = 10.0
+"""Seconds between two lines of one kind that :class:`Throttle` lets through."""
 TEXT_FORMAT: Final = "%(name)s: %(message)s"
 
 
@@ -49,4 +57,54 @@ def configure(level: str, log_format: str = "text") -> None:
     logging.getLogger("sqlglot").setLevel(logging.ERROR)
 
 
-__all__ = ["FORMATS", "JsonFormatter", "configure"]
+class Throttle:
+    """Logs each kind of line at most once per ``interval`` seconds, counting the rest.
+
+    The kind is the format string (or ``key``, when given), not the formatted
+    line: a flood from changing peers is still one kind. The lines held back
+    go to DEBUG (``--log-level debug`` shows every one); the next line of a
+    kind that gets through ends with "(N more suppressed)".
+    """
+
+    MAX_KINDS: Final = 1024
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = THROTTLE_INTERVAL,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.clock = clock
+        self._kinds: dict[Hashable, list[Any]] = {}  # kind -> [last logged at, suppressed]
+
+    def log(self, level: int, msg: str, *args: Any, key: Hashable = None) -> bool:
+        """Log ``msg % args`` unless its kind was logged less than ``interval`` ago."""
+        if not self.logger.isEnabledFor(level):
+            return False
+        kind = msg if key is None else key
+        now = self.clock()
+        seen = self._kinds.get(kind)
+        if seen is not None and now - seen[0] < self.interval:
+            seen[1] += 1
+            self.logger.debug(msg, *args)
+            return False
+        suppressed = seen[1] if seen is not None else 0
+        if len(self._kinds) >= self.MAX_KINDS and seen is None:
+            self._kinds.clear()
+        self._kinds[kind] = [now, 0]
+        if suppressed:
+            msg, args = f"{msg} (%d more suppressed)", (*args, suppressed)
+        self.logger.log(level, msg, *args)
+        return True
+
+    def warning(self, msg: str, *args: Any, key: Hashable = None) -> bool:
+        return self.log(logging.WARNING, msg, *args, key=key)
+
+    def info(self, msg: str, *args: Any, key: Hashable = None) -> bool:
+        return self.log(logging.INFO, msg, *args, key=key)
+
+
+__all__ = ["FORMATS", "JsonFormatter", "Throttle", "configure"]

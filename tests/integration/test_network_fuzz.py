@@ -32,6 +32,7 @@ from pushsync.dispatcher.sync_server import SyncServer, SyncSettings
 from pushsync.listener import protocol
 from pushsync.listener.config import load_config
 from pushsync.listener.runtime import Listener
+from tests.support.keys import write_key
 
 SECRET = bytes(range(32))
 WRONG = bytes(range(1, 33))
@@ -127,7 +128,7 @@ class LoopThread:
 
 
 def write_config(directory: Path, channels: str) -> Path:
-    (directory / "device.key").write_text(protocol.format_secret(SECRET), encoding="ascii")
+    write_key(directory / "device.key", SECRET)
     script = directory / "record.py"
     script.write_text(
         "import pathlib, sys\n"
@@ -224,11 +225,14 @@ def test_hostile_datagrams_never_run_an_action(loop: LoopThread, tmp_path: Path)
 class FakeServer:
     """A SYNC server that authenticates the device, then writes whatever it is given.
 
-    Only the newest connection takes what :meth:`send` queues.
+    It holds the device's secret, so it tags the frames it is given as the
+    real server would (a hostile server, not a stranger on the path): what
+    :meth:`send` queues goes out tagged, what :meth:`send_raw` queues as it is.
+    Only the newest connection takes what is queued.
     """
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[bytes, bool]] = asyncio.Queue()
         self.writer: asyncio.StreamWriter | None = None
         self.server: asyncio.Server | None = None
 
@@ -237,8 +241,12 @@ class FakeServer:
         return int(self.server.sockets[0].getsockname()[1])
 
     def send(self, data: bytes) -> None:
-        """Queue ``data`` for the current connection (call in the loop's thread)."""
-        self.queue.put_nowait(data)
+        """Queue whole frames for the current connection, to be tagged (in the loop's thread)."""
+        self.queue.put_nowait((data, True))
+
+    def send_raw(self, data: bytes) -> None:
+        """Queue bytes to write as they are (call in the loop's thread)."""
+        self.queue.put_nowait((data, False))
 
     def drop(self) -> None:
         """Close the current connection (call in the loop's thread)."""
@@ -259,6 +267,8 @@ class FakeServer:
             protocol.decode_auth(got.pop(0))
             proof = protocol.server_proof(SECRET, hello.nonce, challenge, hello.device)
             writer.write(protocol.encode_welcome(proof))
+            keys = protocol.session_keys(SECRET, hello.nonce, challenge, hello.device)
+            sealer = protocol.FrameSealer(keys.down)
             self.drop()
             self.queue = asyncio.Queue()  # what was meant for the last connection is dropped
             self.writer = writer
@@ -274,7 +284,8 @@ class FakeServer:
                 if reading in done and not reading.result():
                     break  # the listener closed the connection
                 if getting in done:
-                    writer.write(getting.result())
+                    data, tag = getting.result()
+                    writer.write(sealer.seal(data) if tag else data)
                     await writer.drain()
         except (ConnectionError, protocol.ProtocolError):
             pass
@@ -285,22 +296,34 @@ class FakeServer:
 
 
 @st.composite
-def hostile_streams(draw: Callable[[st.SearchStrategy[Any]], Any]) -> bytes:
-    """Bytes a server might send after WELCOME that must not run an action."""
-    kind = draw(st.sampled_from(["random", "frames", "mutated frame"]))
+def hostile_streams(draw: Callable[[st.SearchStrategy[Any]], Any]) -> tuple[bytes, bool]:
+    """What a server might send after WELCOME that must not run an action: bytes, and
+    whether they are whole frames to tag (a hostile server holding the key) or go as
+    they are (garbage, or an injection by someone without the key)."""
+    kind = draw(st.sampled_from(["random", "frames", "mutated frame", "untagged", "tampered"]))
     if kind == "random":
-        return bytes(draw(st.binary(min_size=1, max_size=300)))
+        return bytes(draw(st.binary(min_size=1, max_size=300))), False
+    good = protocol.encode_message_frame(protocol.encode_message(message(), SECRET))
     if kind == "frames":
         frame_type = draw(st.sampled_from(list(protocol.FrameType)))
         if frame_type == protocol.FrameType.MESSAGE:
             payload = draw(hostile_envelopes())
         else:
             payload = draw(st.binary(max_size=40))
-        return protocol.encode_frame(frame_type, payload)
-    good = protocol.encode_message_frame(protocol.encode_message(message(), SECRET))
+        return protocol.encode_frame(frame_type, payload), True
+    if kind == "untagged":  # a valid message injected without a tag, or a made-up one
+        return good + draw(st.binary(max_size=protocol.TAG_SIZE)), False
+    if kind == "tampered":  # tagged under another session's key
+        keys = protocol.session_keys(SECRET, protocol.new_nonce(), protocol.new_nonce(), DEVICE)
+        return protocol.FrameSealer(keys.down).seal(good), False
     bad = mutate(good, draw)
     # Bytes after an intact frame leave a valid message: not what this tests.
-    return good[:-1] if bad.startswith(good) else bad
+    bad = good[:-1] if bad.startswith(good) else bad
+    try:
+        protocol.FrameSealer(bytes(32)).seal(bad)
+    except ValueError:
+        return bad, False  # not whole frames: as they are
+    return bad, True
 
 
 @pytest.mark.slow
@@ -317,9 +340,10 @@ def test_hostile_sync_streams_never_run_an_action(loop: LoopThread, tmp_path: Pa
 
         @settings(FUZZ, max_examples=EXAMPLES // 3)
         @given(hostile_streams())
-        def send(data: bytes) -> None:
+        def send(stream: tuple[bytes, bool]) -> None:
+            data, tag = stream
             before = channel.connections
-            loop.loop.call_soon_threadsafe(fake.send, data)
+            loop.loop.call_soon_threadsafe(fake.send if tag else fake.send_raw, data)
             # A bad stream drops the connection: wait for the next one.
             time.sleep(0.002)
             if not channel.connected.is_set() or channel.connections != before:

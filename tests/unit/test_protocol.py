@@ -558,11 +558,13 @@ def test_frame_size_limit() -> None:
     ("decoder", "frame", "error"),
     [
         (p.decode_hello, p.Frame(p.FrameType.PING), p.Malformed),
-        (p.decode_hello, p.Frame(p.FrameType.HELLO, b"\x02" + b"c" * 32), p.UnsupportedVersion),
-        (p.decode_hello, p.Frame(p.FrameType.HELLO, b"\x01" + b"c" * 31), p.Malformed),
-        (p.decode_hello, p.Frame(p.FrameType.HELLO, b"\x01" + b"c" * 32 + b"\x01"), p.Malformed),
-        (p.decode_hello, p.Frame(p.FrameType.HELLO, b"\x01" + b"c" * 32 + b"\x02-a"), p.Malformed),
-        (p.decode_hello, p.Frame(p.FrameType.HELLO, b"\x01" + b"c" * 32 + b"\x01ab"), p.Malformed),
+        # Version 1 (frames without tags) is refused before anything else is read.
+        (p.decode_hello, p.Frame(p.FrameType.HELLO, b"\x01" + b"c" * 32), p.UnsupportedVersion),
+        (p.decode_hello, p.Frame(p.FrameType.HELLO, b"\x03" + b"c" * 32), p.UnsupportedVersion),
+        (p.decode_hello, p.Frame(p.FrameType.HELLO, b"\x02" + b"c" * 31), p.Malformed),
+        (p.decode_hello, p.Frame(p.FrameType.HELLO, b"\x02" + b"c" * 32 + b"\x01"), p.Malformed),
+        (p.decode_hello, p.Frame(p.FrameType.HELLO, b"\x02" + b"c" * 32 + b"\x02-a"), p.Malformed),
+        (p.decode_hello, p.Frame(p.FrameType.HELLO, b"\x02" + b"c" * 32 + b"\x01ab"), p.Malformed),
         (p.decode_challenge, p.Frame(p.FrameType.CHALLENGE, b"s" * 31), p.Malformed),
         (p.decode_challenge, p.Frame(p.FrameType.AUTH, b"s" * 32), p.Malformed),
         (p.decode_auth, p.Frame(p.FrameType.AUTH, b"a" * 33), p.Malformed),
@@ -665,6 +667,157 @@ def test_proof_refuses_bad_inputs() -> None:
         p.server_proof(SECRET, b"c" * 32, b"s" * 32, "")
     with pytest.raises(p.BadSignature):
         p.verify_proof(b"x" * 32, b"")
+
+
+# --------------------------------------------------------------------------- frame authentication
+
+KEYS = p.session_keys(SECRET, b"c" * 32, b"s" * 32, "truck-17")
+TRAFFIC = [
+    p.encode_subscribe(),
+    p.encode_track(":5001"),
+    p.encode_ack_frame(p.encode_ack(ACK, SECRET)),
+    p.encode_ping(7),
+    p.encode_json_frame(p.FrameType.UPLOAD, {"batch": 1, "rows": []}),
+    p.encode_frame(p.FrameType.MESSAGE, b"m" * 65535),
+]
+
+
+def sealed(key: bytes, frames: Sequence[bytes]) -> bytes:
+    sealer = p.FrameSealer(key)
+    return b"".join(sealer.seal(frame) for frame in frames)
+
+
+def opened(key: bytes, data: bytes, chunk: int | None = None) -> list[p.Frame]:
+    reader = p.FrameReader()
+    reader.authenticate(key)
+    chunk = chunk or len(data) or 1
+    return [f for at in range(0, len(data), chunk) for f in reader.feed(data[at : at + chunk])]
+
+
+def test_hkdf_is_rfc_5869() -> None:
+    """RFC 5869, appendix A.1 (test case 1)."""
+    okm = p.hkdf_sha256(
+        bytes.fromhex("000102030405060708090a0b0c"),
+        bytes.fromhex("0b" * 22),
+        bytes.fromhex("f0f1f2f3f4f5f6f7f8f9"),
+        42,
+    )
+    assert okm.hex() == (
+        "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"
+    )
+
+
+def test_session_keys_differ_by_direction_and_bind_everything() -> None:
+    assert KEYS.up != KEYS.down and len(KEYS.up) == len(KEYS.down) == 32
+    assert SECRET not in KEYS.up + KEYS.down
+    others = [
+        p.session_keys(OTHER, b"c" * 32, b"s" * 32, "truck-17"),
+        p.session_keys(SECRET, b"C" * 32, b"s" * 32, "truck-17"),
+        p.session_keys(SECRET, b"c" * 32, b"S" * 32, "truck-17"),
+        p.session_keys(SECRET, b"s" * 32, b"c" * 32, "truck-17"),  # nonces swapped
+        p.session_keys(SECRET, b"c" * 32, b"s" * 32, "truck-18"),
+    ]
+    keys = {KEYS.up, KEYS.down} | {k for o in others for k in (o.up, o.down)}
+    assert len(keys) == 2 + 2 * len(others)
+    assert str(KEYS.up) not in repr(KEYS) and str(KEYS.down) not in repr(KEYS)  # logs safe
+
+
+def test_the_documented_key_schedule_and_tag() -> None:
+    """docs/protocol.md spells both out; built here with hmac alone."""
+    salt = b"c" * 32 + b"s" * 32
+    prk = hmac.digest(salt, SECRET, "sha256")
+    up = hmac.digest(prk, b"pushsync-sync-2 key device->server truck-17\x01", "sha256")
+    down = hmac.digest(prk, b"pushsync-sync-2 key server->device truck-17\x01", "sha256")
+    assert (KEYS.up, KEYS.down) == (up, down)
+    frame = p.encode_ping(7)
+    tag = hmac.digest(up, (5).to_bytes(8, "big") + frame, "sha256")[:16]
+    assert p.frame_tag(up, 5, frame) == tag
+
+
+def test_sealed_frames_round_trip_in_any_pieces() -> None:
+    data = sealed(KEYS.up, TRAFFIC)
+    assert len(data) == sum(len(f) for f in TRAFFIC) + p.TAG_SIZE * len(TRAFFIC)
+    frames = opened(KEYS.up, data)
+    assert [f.type for f in frames] == [f[4] for f in TRAFFIC]
+    assert opened(KEYS.up, data, 1) == frames == opened(KEYS.up, data, 1000)
+    # Several frames sealed at once get one tag each, as sealed one by one.
+    assert p.FrameSealer(KEYS.up).seal(b"".join(TRAFFIC)) == data
+
+
+def test_a_changed_byte_anywhere_is_never_read() -> None:
+    """Refused (or, for a longer length, waited for): never read, nor what follows it."""
+    pieces = _each_sealed(KEYS.up, TRAFFIC[:4])
+    data = b"".join(pieces)
+    good = opened(KEYS.up, data)
+    for at in range(len(data)):
+        changed = bytearray(data)
+        changed[at] ^= 0x40
+        before = next(n for n in range(len(pieces)) if at < sum(map(len, pieces[: n + 1])))
+        reader = p.FrameReader()
+        reader.authenticate(KEYS.up)
+        try:
+            frames = reader.feed(bytes(changed))
+        except p.ProtocolError:
+            continue
+        assert frames == good[:before] and reader.buffered > 0, at
+
+
+@pytest.mark.parametrize(
+    "attack",
+    ["reflected", "replayed", "reordered", "dropped", "other session", "untagged", "injected"],
+)
+def test_forged_replayed_reordered_and_reflected_frames_are_refused(attack: str) -> None:
+    frames = [sealed_one for sealed_one in _each_sealed(KEYS.up, TRAFFIC[:4])]
+    if attack == "reflected":  # what the server sent, back to it
+        data = sealed(KEYS.down, TRAFFIC[:2])
+    elif attack == "replayed":
+        data = b"".join(frames[:2]) + frames[1]
+    elif attack == "reordered":
+        data = frames[0] + frames[2] + frames[1]
+    elif attack == "dropped":
+        data = frames[0] + frames[2]
+    elif attack == "other session":
+        other = p.session_keys(SECRET, b"c" * 32, b"x" * 32, "truck-17")
+        data = frames[0] + sealed(other.up, TRAFFIC[:2])[len(frames[0]) :]
+    elif attack == "untagged":
+        data = frames[0] + TRAFFIC[1] + bytes(p.TAG_SIZE)
+    else:  # a frame inserted with a made-up tag
+        data = frames[0] + TRAFFIC[3] + b"\x00" * p.TAG_SIZE + frames[1]
+    reader = p.FrameReader()
+    reader.authenticate(KEYS.up)
+    with pytest.raises(p.BadSignature):
+        reader.feed(data)
+    with pytest.raises(p.BadSignature):
+        reader.feed(frames[0])  # a failed stream stays failed
+
+
+def _each_sealed(key: bytes, frames: Sequence[bytes]) -> list[bytes]:
+    sealer = p.FrameSealer(key)
+    return [sealer.seal(frame) for frame in frames]
+
+
+def test_take_switches_to_tagged_frames_between_two_frames() -> None:
+    """A device reads WELCOME, then authenticates the rest of the same bytes."""
+    data = p.encode_welcome(b"w" * 32) + sealed(KEYS.down, [p.encode_ping(1)])
+    reader = p.FrameReader()
+    reader.add(data)
+    welcome = reader.take()
+    assert welcome is not None and welcome.type == p.FrameType.WELCOME
+    reader.authenticate(KEYS.down)
+    assert reader.take() == p.Frame(p.FrameType.PING, (1).to_bytes(8, "big"))
+    assert reader.take() is None and reader.buffered == 0
+    with pytest.raises(RuntimeError):
+        reader.authenticate(KEYS.down)
+
+
+def test_only_whole_frames_are_sealed() -> None:
+    sealer = p.FrameSealer(KEYS.up)
+    for data in (b"\x00\x00\x00\x00", b"\x00\x00\x00\x05\x13", p.encode_poll()[:-1], b"x"):
+        with pytest.raises(ValueError):
+            sealer.seal(data)
+    assert sealer.sent == 0
+    sealer.seal(p.encode_poll() + p.encode_poll())
+    assert sealer.sent == 2
 
 
 # --------------------------------------------------------------------------- properties

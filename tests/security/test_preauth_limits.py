@@ -1,0 +1,142 @@
+"""Idle unauthenticated connections cannot lock devices out of the SYNC port.
+
+The attacker opens 1,100 TCP connections to a real ``pushsync dispatch`` and
+never says a word, from the device's own address (think of a shared NAT) and
+from 40 others, more than the dispatcher's default caps (256 unauthenticated
+connections, 32 from one address) and more than its file descriptors allow
+(systemd's default ``LimitNOFILE=1024``, and a tighter 200). Then the real
+listener connects: it authenticates and gets its push within seconds, the
+dispatcher keeps running, and its log stays a few lines long — not a
+traceback per refused accept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import resource
+import select
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from bench.dispatcher_process import dispatcher_process
+from pushsync.dispatcher.sync_server import MAX_PREAUTH, MAX_PREAUTH_PER_HOST
+from pushsync.listener.config import Address
+from tests.integration.test_sync_gateway import (
+    DEVICE,
+    add_device,
+    enqueue,
+    listening,
+    outbox_row,
+    runs,
+    until,
+    write_config,
+)
+
+IDLE = 1100
+"""Connections the attacker opens, as in the incident."""
+FROM_DEVICE_ADDRESS = 300
+"""Of those, from 127.0.0.1, where the device connects from."""
+OTHER_ADDRESSES = 40
+DEVICE_WITHIN = 5.0
+"""Seconds for the device to connect, authenticate and confirm a push, once the flood is
+in (half the handshake timeout, after which idle peers would be closed anyway)."""
+MOST_LOG_LINES = 40
+
+
+@contextlib.contextmanager
+def more_open_files(wanted: int) -> Iterator[None]:
+    """This test process needs a descriptor per attacking connection."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    raised = min(max(soft, wanted), hard if hard != resource.RLIM_INFINITY else wanted)
+    if raised < wanted:
+        pytest.skip(f"needs {wanted} open files, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def sources() -> list[str]:
+    others = [f"127.0.1.{n}" for n in range(1, OTHER_ADDRESSES + 1)]
+    rest = IDLE - FROM_DEVICE_ADDRESS
+    return ["127.0.0.1"] * FROM_DEVICE_ADDRESS + [others[n % len(others)] for n in range(rest)]
+
+
+def open_idle(port: int) -> list[socket.socket]:
+    """Start every connection at once (non-blocking: a full accept queue must not stall)."""
+    opened: list[socket.socket] = []
+    for host in sources():
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.bind((host, 0))
+        code = sock.connect_ex(("127.0.0.1", port))
+        assert code in (0, errno.EINPROGRESS), errno.errorcode.get(code)
+        opened.append(sock)
+    return opened
+
+
+def closed_by_server(socks: list[socket.socket], timeout: float) -> int:
+    """How many of ``socks`` the server closed (readable: EOF, BYE or a reset) once
+    ``IDLE - MAX_PREAUTH`` are, or ``timeout`` passed."""
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    for sock in socks:
+        poller.register(sock, select.POLLIN)
+    gone: set[int] = set()
+    while len(gone) < IDLE - MAX_PREAUTH and (left := deadline - time.monotonic()) > 0:
+        for fd, _ in poller.poll(min(left, 0.1) * 1000):
+            gone.add(fd)
+            poller.unregister(fd)
+    return len(gone)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("nofile", [1024, 200])
+async def test_idle_connections_do_not_lock_out_a_device(
+    db: psycopg.Connection, dsn: str, tmp_path: Path, nofile: int
+) -> None:
+    add_device(db)
+    with (
+        more_open_files(IDLE + 200),
+        dispatcher_process(dsn, nofile=nofile) as dispatcher,
+    ):
+        logged_before = len(dispatcher.lines)
+        idle = open_idle(dispatcher.sync_port)
+        try:
+            # The server keeps the newest; the oldest beyond the caps are closed.
+            evicted = await asyncio.to_thread(closed_by_server, idle, 5.0)
+            assert evicted >= IDLE - MAX_PREAUTH
+
+            started = time.monotonic()
+            request_id = enqueue(db)
+            server = Address(host="127.0.0.1", port=dispatcher.sync_port)
+            async with listening(write_config(tmp_path, server)):
+                await until(
+                    lambda: outbox_row(db, request_id)[0] == "confirmed",
+                    "the device to get its push",
+                    timeout=DEVICE_WITHIN,
+                )
+            assert time.monotonic() - started < DEVICE_WITHIN
+            assert [r["request_id"] for r in runs(tmp_path)] == [str(request_id)]
+
+            assert dispatcher.process.poll() is None, "the dispatcher exited"
+            log = dispatcher.lines[logged_before:]
+            assert len(log) <= MOST_LOG_LINES, "\n".join(log[:60])
+            assert not any("Traceback" in line for line in log), "\n".join(log[:60])
+            connected = db.execute("SELECT device_id FROM pushsync.sync_connections").fetchall()
+            assert connected in ([], [(DEVICE,)])
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_the_caps_are_the_documented_defaults() -> None:
+    assert (MAX_PREAUTH, MAX_PREAUTH_PER_HOST) == (256, 32)
