@@ -24,7 +24,7 @@ import psycopg
 from pushsync import queries
 from pushsync.db import first_line
 from pushsync.errors import Location, Problems
-from pushsync.generator import allowed, passes, render
+from pushsync.generator import allowed, fragments, passes, render
 from pushsync.generator.model import Fragment, Poll, Publication, PublishedTable, Rule, RuleSet
 
 TABLE_KINDS = {"r", "p"}  # ordinary and partitioned tables can carry these triggers
@@ -182,6 +182,32 @@ class _Checker:
                 published.download.location,
                 label,
                 "download",
+            )
+            if published.upload_check is not None:
+                self._upload_check(published, known, target, label)
+
+    def _upload_check(
+        self, published: PublishedTable, known: set[str], target: str, label: str
+    ) -> None:
+        """The columns ``upload_check`` names exist, and it plans over ``new`` and ``old``."""
+        check = published.upload_check
+        assert check is not None
+        before = len(self.problems)
+        for ref in fragments.row_references(check.tree):
+            if ref.column not in known:
+                self.problems.add(
+                    check.locate(ref.line, ref.column_number),
+                    f"upload_check: {ref.scope}.{ref.column}: {published.table} has no column "
+                    f"{ref.column}",
+                    label,
+                )
+        if len(self.problems) == before:
+            condition = render.sql(check).replace("$1", "NULL::text")
+            self.explain(
+                f'SELECT ({condition}) FROM {target} AS "new" CROSS JOIN {target} AS "old"',
+                check.location,
+                label,
+                "upload_check",
             )
 
 

@@ -201,15 +201,57 @@ def parse_download(text: str) -> exp.Query:
     The parameter becomes ``$1``, the argument of the generated download function.
     """
     tree = _one_statement(text)
-    for node in list(tree.find_all(exp.Placeholder)):
-        if node.name != DEVICE_PARAMETER:
-            raise FragmentError(f"unknown parameter :{node.name}: only :device_id may be used")
-        node.replace(exp.Parameter(this=exp.Literal.number(1)))
+    _bind_device(tree)
     _police(tree, parameters=(exp.Parameter,))
     if not isinstance(tree, exp.Query):
         raise FragmentError(f"expected a SELECT, found {_describe(tree)}")
     _require_qualified_tables(tree)
     return normalize_identifiers(tree, dialect=DIALECT)
+
+
+def _bind_device(tree: exp.Expr) -> None:
+    """``:device_id`` becomes ``$1``; any other parameter is refused."""
+    for node in list(tree.find_all(exp.Placeholder)):
+        if node.name != DEVICE_PARAMETER:
+            raise FragmentError(f"unknown parameter :{node.name}: only :device_id may be used")
+        node.replace(exp.Parameter(this=exp.Literal.number(1)))
+
+
+def parse_upload_check(text: str) -> exp.Expr:
+    """A publication's ``upload_check``: one boolean expression over ``new`` and ``old``.
+
+    Checked like a download (and like a rule's ``when``); ``:device_id`` is the
+    uploading device and becomes ``$1``, the first argument of the generated
+    check function. ``new`` and ``old`` may also stand alone (``old IS NULL``:
+    an insert).
+    """
+    if not text.strip():
+        raise FragmentError("expected an expression, found nothing")
+    trees = _parse(text + ")", CONDITION_PREFIX)
+    if len(trees) != 1:
+        raise FragmentError("expected one expression, found more than one statement")
+    tree = trees[0]
+    _bind_device(tree)
+    _police(tree, parameters=(exp.Parameter,))
+    if (
+        not isinstance(tree, exp.Select)
+        or len(tree.expressions) != 1
+        or any(v for k, v in tree.args.items() if k != "expressions")
+    ):
+        raise FragmentError("expected one expression")
+    condition = tree.expressions[0]
+    if isinstance(condition, exp.Paren):
+        condition = condition.this
+    _require_qualified_tables(condition)
+    for column in _outer_columns(condition):
+        whole_row = not column.table and column.name.lower() in PLACEHOLDER_SCOPES
+        if column.table.lower() not in PLACEHOLDER_SCOPES and not whole_row:
+            raise FragmentError(
+                f"column {column.sql(dialect=DIALECT)} must be written new.{column.name} "
+                f"or old.{column.name}"
+            )
+    normalized: exp.Expr = normalize_identifiers(condition.copy(), dialect=DIALECT)
+    return normalized
 
 
 def download_tables(tree: exp.Expr) -> list[tuple[str, str]]:

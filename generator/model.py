@@ -151,6 +151,8 @@ class PublishedTable:
     location: Location
     download: Fragment  # a SELECT of the table's rows; ``:device_id`` is the device
     upload: tuple[Event, ...] = ()
+    upload_check: Fragment | None = None
+    """A condition over ``new`` and ``old`` every uploaded change must also meet."""
     conflict: Conflict = "server_wins"
     newest_column: str | None = None
     key: tuple[str, ...] = ()  # empty: the table's primary key, looked up when applied

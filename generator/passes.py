@@ -302,6 +302,28 @@ def publications(rules: RuleSet, problems: Problems) -> None:
                     "conflict: newest decides between updates, but upload does not allow update",
                     context,
                 )
+            _upload_check_scopes(published, problems, context)
+
+
+def _upload_check_scopes(published: PublishedTable, problems: Problems, context: str) -> None:
+    """An ``upload_check`` needs uploads, and rows that some uploaded operation has."""
+    if published.upload_check is None:
+        return
+    if not published.upload:
+        problems.add(
+            published.where("upload_check"),
+            "upload_check: upload allows nothing, so there is nothing to check",
+            context,
+        )
+        return
+    available = frozenset().union(*(SCOPES[op] for op in published.upload))
+    for scope, column, where in _fragment_refs(published.upload_check):
+        if scope not in available:
+            problems.add(
+                where,
+                f"{scope}.{column}: uploaded {' and '.join(published.upload)}s have no {scope} row",
+                context,
+            )
 
 
 def _download_shape(published: PublishedTable, problems: Problems, context: str) -> None:
@@ -446,6 +468,8 @@ class PublishedPlan:
     published: PublishedTable
     function: str
     depends_on: tuple[TableName, ...]
+    check_function: str | None = None
+    """The function deciding ``upload_check``, if the table has one."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -510,6 +534,15 @@ def plan(rules: RuleSet) -> Plan:
                         "pub", publication.name, table.table.schema, table.table.name
                     ),
                     depends_on=depends,
+                    check_function=None
+                    if table.upload_check is None
+                    else _object_name(
+                        "pub",
+                        publication.name,
+                        table.table.schema,
+                        table.table.name,
+                        "upload_check",
+                    ),
                 )
             )
             if table.key or table.table not in keyed:

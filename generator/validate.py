@@ -65,7 +65,7 @@ RULE_KEYS = (
 )
 POLL_KEYS = ("name", "every", "query", *DELIVERY_KEYS)
 PUBLICATION_KEYS = ("name", "tables")
-PUBLISHED_TABLE_KEYS = ("table", "download", "upload", "conflict", "key")
+PUBLISHED_TABLE_KEYS = ("table", "download", "upload", "upload_check", "conflict", "key")
 
 T = TypeVar("T")
 
@@ -160,7 +160,8 @@ class _Reader:
         except fragments.FragmentError as exc:
             self.fail(node.inner(exc.line, exc.column), f"{key}: {exc.message}")
             return None
-        offset = len(fragments.CONDITION_PREFIX) if parse is fragments.parse_condition else 0
+        conditions = (fragments.parse_condition, fragments.parse_upload_check)
+        offset = len(fragments.CONDITION_PREFIX) if parse in conditions else 0
         return Fragment(tree=tree, node=node, offset=offset)
 
     def template(self, node: source.Node, key: str) -> Template | None:
@@ -355,6 +356,9 @@ def _published_table(reader: _Reader, node: source.Node) -> PublishedTable | Non
     upload: tuple[Event, ...] = ()
     if (upload_node := fields.get("upload")) is not None and upload_node.value is not None:
         upload = _events(reader, upload_node, "upload") or ()
+    upload_check: Fragment | None = None
+    if (check_node := fields.get("upload_check")) is not None:
+        upload_check = reader.fragment(check_node, "upload_check", fragments.parse_upload_check)
     conflict: Conflict | None = "server_wins"
     newest: str | None = None
     if (conflict_node := fields.get("conflict")) is not None:
@@ -371,6 +375,7 @@ def _published_table(reader: _Reader, node: source.Node) -> PublishedTable | Non
         location=node.location,
         download=download,
         upload=upload,
+        upload_check=upload_check,
         conflict=conflict,
         newest_column=newest,
         key=key,

@@ -168,3 +168,28 @@ publications:
         "rules.yaml:7:9: publication p: public.keyless has no primary key: give the "
         "publication table a key: [column, ...]",
     ], "\n".join(found)
+
+
+def test_upload_checks_are_checked_against_the_database(trucking_db: psycopg.Connection) -> None:
+    text = """\
+version: 1
+publications:
+  - name: p
+    tables:
+      - table: public.disruption_reports
+        download: SELECT * FROM public.disruption_reports
+        upload: [insert, update]
+        upload_check: new.filed_by = 1 AND old.status = 'open'
+      - table: public.routes
+        download: SELECT * FROM public.routes
+        upload: [update]
+        upload_check: |
+          new.driver_id = (SELECT d.driver_id FROM public.drivers d WHERE d.device = :device_id)
+"""
+    found = problems_for(trucking_db, text)
+    assert found == [
+        "rules.yaml:12:23: publication p: upload_check: the database refuses it: column "
+        "d.device does not exist",
+        "rules.yaml:8:23: publication p: upload_check: new.filed_by: public.disruption_reports "
+        "has no column filed_by",
+    ], "\n".join(found)
