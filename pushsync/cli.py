@@ -134,16 +134,54 @@ def cmd_device_add(args: argparse.Namespace) -> int:
         device_id=devices.check_device_id(args.id),
         udp=devices.parse_udp_address(args.udp) if args.udp else None,
         email=devices.check_email(args.email) if args.email else None,
+        publications=_publications(args.publication),
     )
     secret_file = Path(args.secret_file) if args.secret_file else None
     with db.connect(args.dsn) as conn:
         secret = devices.add(conn, device, secret_file)
+        _warn_undefined(conn, device.publications)
     if secret_file is not None:
         print(f"device {device.device_id} added; secret written to {secret_file}", file=sys.stderr)
     else:
         print(f"device {device.device_id} added; its secret (shown once):", file=sys.stderr)
         sys.stdout.write(format_secret(secret))
     return EXIT_OK
+
+
+def cmd_device_grant(args: argparse.Namespace) -> int:
+    """``device grant ID NAME...`` and ``device revoke ID NAME...``."""
+    from pushsync import db, devices
+
+    device_id = devices.check_device_id(args.id)
+    names = [devices.check_publication(name) for name in args.publications]
+    change = devices.grant if args.device_command == "grant" else devices.revoke
+    with db.connect(args.dsn) as conn:
+        now = change(conn, device_id, names)
+        if args.device_command == "grant":
+            _warn_undefined(conn, names)
+    print(f"device {device_id} may synchronize: {', '.join(now) or 'nothing'}")
+    return EXIT_OK
+
+
+def _publications(flags: list[str] | None) -> tuple[str, ...]:
+    """``--publication`` (repeatable), else ``PUSHSYNC_PUBLICATION`` (comma-separated)."""
+    from pushsync import devices
+
+    if flags is None:
+        flags = [n for n in os.environ.get(env_name("--publication"), "").split(",") if n.strip()]
+    names = [devices.check_publication(name.strip()) for name in flags]
+    return tuple(dict.fromkeys(names))
+
+
+def _warn_undefined(conn: Any, names: Sequence[str]) -> None:
+    from pushsync import devices
+
+    for name in devices.undefined(conn, names):
+        log.warning(
+            "no applied rules file defines publication %s (yet): the device can synchronize "
+            "it once one does",
+            name,
+        )
 
 
 def cmd_device_list(args: argparse.Namespace) -> int:
@@ -347,7 +385,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="write the secret to this new file (mode 0600) instead of printing it",
     )
+    add.add_argument(
+        "--publication",
+        action="append",
+        metavar="NAME",
+        help="let the device synchronize this publication (repeatable; "
+        "later: device grant/revoke) [env: PUSHSYNC_PUBLICATION, comma-separated]",
+    )
     add.set_defaults(handler=cmd_device_add)
+    for action, what in (
+        ("grant", "let a device synchronize these publications too"),
+        ("revoke", "stop a device from synchronizing these publications"),
+    ):
+        grants = device_commands.add_parser(action, help=what)
+        grants.add_argument("id", metavar="ID")
+        grants.add_argument("publications", metavar="NAME", nargs="+")
+        _dsn(grants)
+        grants.set_defaults(handler=cmd_device_grant)
     listing = device_commands.add_parser("list", help="show devices and their addresses")
     _dsn(listing)
     option(listing, "--json", action="store_true", help="machine-readable output")

@@ -1,10 +1,11 @@
-"""Register devices and show them: ``pushsync device add`` / ``device list``."""
+"""Register devices, grant them publications, show them: ``pushsync device ...``."""
 
 from __future__ import annotations
 
 import os
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +19,8 @@ from pushsync.listener import protocol
 from pushsync.listener.config import parse_address
 
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+PUBLICATION = re.compile(r"[a-z][a-z0-9_]{0,62}\Z")
+"""A publication's name, as the rules file allows it."""
 _EMAIL = re.compile(r"[^@\s]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+\Z")
 
 
@@ -39,6 +42,15 @@ def parse_udp_address(text: str) -> str:
             "e.g. 192.0.2.7:5001"
         )
     return str(found)
+
+
+def check_publication(name: str) -> str:
+    if not PUBLICATION.match(name):
+        raise UsageError(
+            f"bad publication name {name!r}: use lower-case letters, digits and _, "
+            "starting with a letter, at most 63 characters"
+        )
+    return name
 
 
 def check_email(text: str) -> str:
@@ -68,6 +80,8 @@ class NewDevice:
     device_id: str
     udp: str | None = None
     email: str | None = None
+    publications: tuple[str, ...] = ()
+    """The publications the device may synchronize (none: it cannot synchronize)."""
 
 
 def add(conn: psycopg.Connection, device: NewDevice, secret_file: Path | None) -> bytes:
@@ -91,6 +105,11 @@ def add(conn: psycopg.Connection, device: NewDevice, secret_file: Path | None) -
                         queries.get("address_upsert"),
                         {"device_id": device.device_id, "medium": medium, "address": address},
                     )
+            if device.publications:
+                conn.execute(
+                    queries.get("publication_grant"),
+                    {"device_id": device.device_id, "publications": list(device.publications)},
+                )
             if secret_file is not None:
                 write_secret_file(secret_file, secret)
                 written = True
@@ -99,6 +118,42 @@ def add(conn: psycopg.Connection, device: NewDevice, secret_file: Path | None) -
             secret_file.unlink(missing_ok=True)
         raise
     return secret
+
+
+def grant(conn: psycopg.Connection, device_id: str, publications: Sequence[str]) -> list[str]:
+    """Let ``device_id`` also synchronize ``publications``; the publications it now may
+    synchronize. UsageError if there is no such device."""
+    return _change_grants(conn, "publication_grant", device_id, publications)
+
+
+def revoke(conn: psycopg.Connection, device_id: str, publications: Sequence[str]) -> list[str]:
+    """Stop ``device_id`` from synchronizing ``publications`` (its next SYNC_BEGIN for one
+    is refused); the publications it still may synchronize. UsageError if unknown."""
+    return _change_grants(conn, "publication_revoke", device_id, publications)
+
+
+def granted(conn: psycopg.Connection, device_id: str) -> list[str]:
+    """The publications ``device_id`` may synchronize, by name."""
+    rows = conn.execute(queries.get("publications_granted"), {"device_id": device_id})
+    return [str(name) for (name,) in rows]
+
+
+def undefined(conn: psycopg.Connection, publications: Sequence[str]) -> list[str]:
+    """Those of ``publications`` that no applied rules file defines (yet)."""
+    rows = conn.execute(queries.get("publications_defined"), {"publications": list(publications)})
+    defined = {str(name) for (name,) in rows}
+    return [name for name in publications if name not in defined]
+
+
+def _change_grants(
+    conn: psycopg.Connection, query: str, device_id: str, publications: Sequence[str]
+) -> list[str]:
+    params = {"device_id": device_id, "publications": list(publications)}
+    with conn.transaction():
+        if conn.execute(queries.get("device_lock"), params).fetchone() is None:
+            raise UsageError(f"there is no device {device_id}")
+        conn.execute(queries.get(query), params)
+        return granted(conn, device_id)
 
 
 def listing(conn: psycopg.Connection) -> list[dict[str, Any]]:

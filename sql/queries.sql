@@ -22,6 +22,30 @@ VALUES (%(device_id)s, %(medium)s, 'manual', %(address)s)
 ON CONFLICT (device_id, medium, source) DO UPDATE
 SET address = excluded.address, active = true, modified_at = now()
 
+-- device_lock --
+-- Grants change under the device's row lock: two changes of one device's
+-- grants run one after the other, and a removed device is reported as such.
+SELECT device_id FROM pushsync.devices WHERE device_id = %(device_id)s FOR UPDATE
+
+-- publication_grant --
+INSERT INTO pushsync.device_publications (device_id, publication)
+SELECT %(device_id)s, p FROM unnest(%(publications)s::text[]) AS p
+ON CONFLICT (device_id, publication) DO NOTHING
+
+-- publication_revoke --
+DELETE FROM pushsync.device_publications
+WHERE device_id = %(device_id)s AND publication = ANY (%(publications)s::text[])
+
+-- publications_granted --
+SELECT publication FROM pushsync.device_publications
+WHERE device_id = %(device_id)s
+ORDER BY publication
+
+-- publications_defined --
+-- Which of these publications the applied rules define (a grant may come first).
+SELECT DISTINCT publication FROM pushsync.publication_tables
+WHERE publication = ANY (%(publications)s::text[])
+
 -- device_list --
 SELECT d.device_id, d.enabled, d.created_at, d.last_seen_at,
        coalesce(

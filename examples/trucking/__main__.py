@@ -75,7 +75,9 @@ def run(dsn: str, workdir: Path) -> int:
         pushsync("migrate", "--dsn", dsn, "rules.yaml", cwd=workdir)
         for truck in TRUCKS:
             pushsync(
-                "device", "add", truck, "--dsn", dsn, "--secret-file", f"{truck}.key", cwd=workdir
+                *("device", "add", truck, "--dsn", dsn, "--secret-file", f"{truck}.key"),
+                *("--publication", "driver"),
+                cwd=workdir,
             )
         load_fleet(conn)
         conn.execute("DELETE FROM pushsync.outbox")  # forget the roster notices

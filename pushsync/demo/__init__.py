@@ -152,9 +152,8 @@ def prepare_database(conn: psycopg.Connection, workdir: Path) -> dict[str, Path]
         home.mkdir(parents=True, exist_ok=True)
         keys[driver.device] = home / "device.key"
         email = f"{driver.device}@fleet.example" if driver.channel == "email" else None
-        devices.add(
-            conn, devices.NewDevice(driver.device, email=email), secret_file=keys[driver.device]
-        )
+        device = devices.NewDevice(driver.device, email=email, publications=("driver",))
+        devices.add(conn, device, secret_file=keys[driver.device])
     with conn.transaction():
         for d in DRIVERS:
             conn.execute(

@@ -49,11 +49,19 @@ def setup(db: psycopg.Connection) -> None:
     clear_outbox(db)
 
 
-def add_devices(db: psycopg.Connection, *device_ids: str) -> None:
+def add_devices(
+    db: psycopg.Connection, *device_ids: str, publications: tuple[str, ...] = ("driver",)
+) -> None:
+    """Register devices, each allowed to synchronize ``publications``."""
     for device_id in device_ids:
         db.execute(
             "INSERT INTO pushsync.devices (device_id, secret) VALUES (%s, %s)",
             (device_id, b"0123456789abcdef"),
+        )
+        db.execute(
+            "INSERT INTO pushsync.device_publications (device_id, publication) "
+            "SELECT %s, unnest(%s::text[])",
+            (device_id, list(publications)),
         )
 
 
