@@ -6,12 +6,24 @@ watermark, the shape of its local tables), then zero or more upload batches
 DOWNLOAD frames, one table after the other, and SYNC_END carrying the new
 watermark. ``docs/sync.md`` has the frames and the guarantees; in short:
 
+* **Who may synchronize what.** A device synchronizes only the publications
+  granted to it (``pushsync.device_publications``); asking for another one is
+  answered exactly like asking for one that does not exist.
 * **Uploads** of one batch are applied in one transaction, each row under a
   savepoint: a row that fails (not allowed, a conflict the table's policy
   refuses, a constraint) is rejected with its reason and the others go on.
   The batch and its result are recorded in ``pushsync.sync_uploads`` in the
   same transaction, so a batch sent again is answered from there and never
   applied twice. The device id is the connection's, never the payload's.
+* **Each uploaded row is authorized**: the server's row before the change
+  (update, delete) and the row as written (insert, update) must both be rows
+  the device downloads — the publication's download function, called with
+  the connection's device id inside the applying transaction, must return
+  them — and the table's ``upload_check`` function, if any, must accept the
+  change. Otherwise the savepoint is rolled back (with whatever triggers on
+  the table did) and the row is rejected. An update or delete must carry the
+  row as the device last had it (``old``) unless the table's policy is
+  ``client_wins``.
 * **Downloads** run in one REPEATABLE READ transaction. Its snapshot is the
   new watermark. A table is sent in full the first time, when its shape on
   the device differs from the server's, when a table its download depends on
@@ -25,6 +37,14 @@ watermark. ``docs/sync.md`` has the frames and the guarantees; in short:
 Everything the device sends is checked before use: names are looked up in the
 publication registry and the catalog, never put into SQL; values travel as
 JSON and become typed rows through ``jsonb_populate_record``.
+
+**Bounded.** A session holds at most one upload batch, as the frames that
+carried it (:data:`MAX_UPLOAD_BYTES`), plus what arrived ahead of it
+(:class:`SyncLimits`); each frame is decoded when it arrives, to check it, and
+again, alone, when its rows are applied, so decoded rows never pile up. A
+device runs one synchronization at a time, and the server at most
+``SyncLimits.sessions``; a session waits for one of those slots at most
+``SyncLimits.slot_wait`` seconds.
 """
 
 from __future__ import annotations
@@ -32,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -49,7 +70,12 @@ logger = logging.getLogger(__name__)
 MAX_UPLOAD_ROWS: Final = 2_000
 """Rows one upload batch may hold; devices send at most 1,000. The answer (every seq,
 and the reasons of refusals) must fit one 64 KiB frame."""
-MAX_UPLOAD_BYTES: Final = 32 * 1024 * 1024
+MAX_UPLOAD_BYTES: Final = 16 * 1024 * 1024
+"""Bytes of UPLOAD frames one batch may take."""
+MAX_IMAGE_COLUMNS: Final = 1_600
+"""Columns one row image (key, old, new) may name: PostgreSQL's limit for a table."""
+MAX_BATCH_VALUES: Final = 1_000_000
+"""Values (columns of every image of every row) one upload batch may hold."""
 CHUNK_BYTES: Final = 48 * 1024
 """Payload size a DOWNLOAD frame is filled to (frames hold at most 64 KiB)."""
 IDLE_TIMEOUT: Final = 60.0
@@ -59,8 +85,27 @@ OPS: Final = ("insert", "update", "delete")
 AsyncConn = psycopg.AsyncConnection[Any]
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SyncLimits:
+    """What synchronizations may take of the dispatcher."""
+
+    sessions: int = 8
+    """Synchronizations running at once, over all devices (each device: one)."""
+    slot_wait: float = 30.0
+    """Seconds a synchronization waits for one of ``sessions`` before it is refused."""
+    held_bytes: int = MAX_UPLOAD_BYTES + 2 * protocol.MAX_FRAME
+    """Bytes of frames one session may hold: its batch, and what the device sent ahead."""
+    forced_keys: int = 10_000
+    """Keys of refused rows one session remembers to send back; beyond, the table is
+    downloaded in full."""
+
+
 class SyncRefused(Exception):
     """The device sent something the synchronization cannot go on with; the text says what."""
+
+
+class _Rejected(Exception):
+    """One uploaded row is refused (its savepoint is rolled back); the text says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +120,7 @@ class ServerTable:
     newest: str | None
     function: str
     depends_on: tuple[str, ...]
+    check_function: str | None = None
 
     @property
     def column_names(self) -> frozenset[str]:
@@ -91,39 +137,70 @@ class ServerTable:
 @dataclass(slots=True)
 class _Session:
     conn: SyncConnection
+    device: str
     frames: asyncio.Queue[protocol.Frame] = field(default_factory=asyncio.Queue)
+    queued: int = 0
+    """Bytes of frames received and not yet read by the session."""
+    kept: int = 0
+    """Bytes of frames the session keeps: the upload batch being received or applied."""
     task: asyncio.Task[None] | None = None
+
+    @property
+    def held(self) -> int:
+        return self.queued + self.kept
 
 
 class Synchronizer:
     """Runs the synchronizations of a SYNC server's connections (one at a time each)."""
 
-    def __init__(self, pool: AsyncConnectionPool[AsyncConn], *, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[AsyncConn],
+        *,
+        timeout: float = 10.0,
+        limits: SyncLimits | None = None,
+    ) -> None:
         self.pool = pool
         self.timeout = timeout
+        self.limits = limits or SyncLimits()
+        self._slots = asyncio.Semaphore(self.limits.sessions)
         self._sessions: dict[SyncConnection, _Session] = {}
+        self._devices: dict[str, _Session] = {}
+        self._discarding: set[SyncConnection] = set()
+        """Connections whose synchronization was refused: the rest of its frames is dropped."""
         self.completed = 0
         self.failed = 0
 
     def feed(self, conn: SyncConnection, frame: protocol.Frame) -> None:
         session = self._sessions.get(conn)
         if frame.type == FrameType.SYNC_BEGIN:
+            self._discarding.discard(conn)
             if session is not None:
                 _error(conn, "a synchronization is already running on this connection")
                 return
-            session = _Session(conn)
-            self._sessions[conn] = session
-            session.task = asyncio.create_task(self._run(session, frame), name="pushsync sync")
+            self._begin(conn, frame)
             return
         if session is None:
-            _error(conn, f"{frame.type.name} without SYNC_BEGIN")
+            if conn not in self._discarding:
+                _error(conn, f"{frame.type.name} without SYNC_BEGIN")
+            return
+        session.queued += len(frame.payload)
+        if session.held > self.limits.held_bytes:
+            self._refuse(
+                session,
+                f"the device sent more than {self.limits.held_bytes // (1024 * 1024)} MiB "
+                "ahead of the server's answers",
+            )
             return
         session.frames.put_nowait(frame)
 
     def closed(self, conn: SyncConnection) -> None:
-        session = self._sessions.pop(conn, None)
-        if session is not None and session.task is not None:
-            session.task.cancel()
+        self._discarding.discard(conn)
+        session = self._sessions.get(conn)
+        if session is not None:
+            self._forget(session)
+            if session.task is not None:
+                session.task.cancel()
 
     async def close(self) -> None:
         tasks = [s.task for s in self._sessions.values() if s.task is not None]
@@ -131,30 +208,76 @@ class Synchronizer:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _run(self, session: _Session, begin: protocol.Frame) -> None:
-        conn = session.conn
+    def _begin(self, conn: SyncConnection, frame: protocol.Frame) -> None:
         device = conn.device
         assert device is not None
+        if device in self._devices:
+            self.failed += 1
+            logger.warning("sync: %s asked for a second synchronization at once", device)
+            _error(
+                conn,
+                "a synchronization of this device is already running; try again when it has ended",
+            )
+            self._discarding.add(conn)
+            return
+        session = _Session(conn, device)
+        self._sessions[conn] = session
+        self._devices[device] = session
+        session.task = asyncio.create_task(self._run(session, frame), name="pushsync sync")
+
+    def _forget(self, session: _Session) -> None:
+        if self._sessions.get(session.conn) is session:
+            del self._sessions[session.conn]
+        if self._devices.get(session.device) is session:
+            del self._devices[session.device]
+
+    def _refuse(self, session: _Session, text: str) -> None:
+        """End ``session`` now, from outside its task, with ``text`` for the device."""
+        self._forget(session)
+        if session.task is not None:
+            session.task.cancel()
+        self.failed += 1
+        logger.warning("sync: %s: %s", session.device, text)
+        _error(session.conn, text)
+        self._discarding.add(session.conn)
+
+    async def _run(self, session: _Session, begin: protocol.Frame) -> None:
+        device = session.device
         try:
-            await _Sync(self, session, device).run(begin)
+            await self._in_slot(session, begin)
             self.completed += 1
         except (SyncRefused, protocol.ProtocolError) as exc:
-            self.failed += 1
+            self._failed(session, str(exc))
             logger.warning("sync: %s: %s", device, exc)
-            _error(conn, str(exc))
         except (psycopg.Error, OSError, TimeoutError) as exc:
-            self.failed += 1
+            self._failed(session, "the server could not complete the synchronization; try again")
             logger.warning("sync: %s failed: %s", device, first_line(exc))
-            _error(conn, "the server could not complete the synchronization; try again")
         except asyncio.CancelledError:
             raise
         except Exception:
-            self.failed += 1
+            self._failed(session, "internal server error")
             logger.exception("sync: %s failed", device)
-            _error(conn, "internal server error")
         finally:
-            if self._sessions.get(conn) is session:
-                del self._sessions[conn]
+            self._forget(session)
+
+    async def _in_slot(self, session: _Session, begin: protocol.Frame) -> None:
+        try:
+            async with asyncio.timeout(self.limits.slot_wait):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise SyncRefused(
+                "the server is busy with other synchronizations; try again later"
+            ) from None
+        try:
+            await _Sync(self, session).run(begin)
+        finally:
+            self._slots.release()
+
+    def _failed(self, session: _Session, text: str) -> None:
+        self.failed += 1
+        _error(session.conn, text)
+        if session.conn.open:
+            self._discarding.add(session.conn)
 
 
 def _answer(batch: str, result: dict[str, Any]) -> dict[str, Any]:
@@ -180,13 +303,18 @@ def _error(conn: SyncConnection, text: str) -> None:
 
 
 class _Sync:
-    def __init__(self, owner: Synchronizer, session: _Session, device: str) -> None:
+    def __init__(self, owner: Synchronizer, session: _Session) -> None:
         self.owner = owner
         self.session = session
         self.conn = session.conn
-        self.device = device
+        self.device = session.device
+        self.local: dict[str, Any] = {}
+        """The device's description of its local tables (SYNC_BEGIN)."""
         self.forced: dict[str, list[dict[str, Any]]] = {}
         """Keys of rows whose upload was refused: sent back so the device has the server's."""
+        self.forced_count = 0
+        self.full: set[str] = set()
+        """Tables to download in full: more refused keys than a session remembers."""
 
     async def run(self, begin: protocol.Frame) -> None:
         request = protocol.decode_json_frame(begin, FrameType.SYNC_BEGIN)
@@ -198,6 +326,8 @@ class _Sync:
         local = request.get("tables") or {}
         if not isinstance(local, dict):
             raise SyncRefused("tables must be an object")
+        self.local = local
+        del request
         publication, tables = await self._tables(publication)
         uploaded = 0
         while True:
@@ -221,36 +351,44 @@ class _Sync:
 
     async def _next(self) -> protocol.Frame:
         try:
-            return await asyncio.wait_for(self.session.frames.get(), IDLE_TIMEOUT)
+            frame = await asyncio.wait_for(self.session.frames.get(), IDLE_TIMEOUT)
         except TimeoutError:
             raise SyncRefused("the device went quiet during the synchronization") from None
+        self.session.queued -= len(frame.payload)
+        return frame
 
     # ----------------------------------------------------------------- the publication
 
     async def _tables(self, publication: str | None) -> tuple[str, dict[str, ServerTable]]:
         async with self.owner.pool.connection(self.owner.timeout) as db:
+            cur = await db.execute(
+                "SELECT g.publication FROM pushsync.device_publications AS g "
+                "WHERE g.device_id = %s AND EXISTS (SELECT 1 FROM pushsync.publication_tables "
+                "AS p WHERE p.publication = g.publication) ORDER BY 1",
+                (self.device,),
+            )
+            granted = [str(n) for (n,) in await cur.fetchall()]
             if publication is None:
-                cur = await db.execute(
-                    "SELECT DISTINCT publication FROM pushsync.publication_tables ORDER BY 1"
-                )
-                names = [str(n) for (n,) in await cur.fetchall()]
-                if len(names) != 1:
+                if len(granted) != 1:
                     raise SyncRefused(
                         "name the publication to synchronize (`publication:` in the listener "
-                        f"config): this server has {', '.join(names) or 'none'}"
+                        f"config): this device may synchronize {', '.join(granted) or 'none'}"
                     )
-                publication = names[0]
+                publication = granted[0]
+            if publication not in granted:
+                # Not granted or not defined: the same answer, so nothing is learnt.
+                raise SyncRefused(f"there is no publication {publication!r}")
             cur = await db.execute(
                 "SELECT table_name, key_columns, upload, conflict, newest_column, "
-                "download_function, depends_on FROM pushsync.publication_tables "
-                "WHERE publication = %s ORDER BY position",
+                "download_function, depends_on, upload_check_function "
+                "FROM pushsync.publication_tables WHERE publication = %s ORDER BY position",
                 (publication,),
             )
             rows = await cur.fetchall()
             if not rows:
                 raise SyncRefused(f"there is no publication {publication!r}")
             tables: dict[str, ServerTable] = {}
-            for name, key, upload, conflict, newest, function, depends in rows:
+            for name, key, upload, conflict, newest, function, depends, check in rows:
                 columns = await _columns(db, name)
                 tables[name] = ServerTable(
                     name=name,
@@ -261,43 +399,52 @@ class _Sync:
                     newest=newest,
                     function=function,
                     depends_on=tuple(depends),
+                    check_function=check,
                 )
             return publication, tables
 
     # ----------------------------------------------------------------- upload
 
     async def _upload(self, first: protocol.Frame, tables: dict[str, ServerTable]) -> int:
+        """Receive one batch (checking each frame as it comes), then apply it."""
+        frames: list[protocol.Frame] = []
         frame = first
-        rows: list[Any] = []
-        size = 0
         batch: str | None = None
-        while True:
-            payload = protocol.decode_json_frame(frame, FrameType.UPLOAD)
-            size += len(frame.payload)
-            name = _text(payload.get("batch"), "batch")
-            if batch is not None and name != batch:
-                raise SyncRefused("UPLOAD frames of one batch must name the same batch")
-            batch = name
-            chunk = payload.get("rows")
-            if not isinstance(chunk, list):
-                raise SyncRefused("rows must be a list")
-            rows += chunk
-            if len(rows) > MAX_UPLOAD_ROWS or size > MAX_UPLOAD_BYTES:
-                raise SyncRefused(
-                    f"upload batch too large: at most {MAX_UPLOAD_ROWS} rows and "
-                    f"{MAX_UPLOAD_BYTES // (1024 * 1024)} MiB"
-                )
-            if not payload.get("more"):
-                break
-            frame = await self._next()
-        assert batch is not None
-        changes = [_change(row, n) for n, row in enumerate(rows)]
-        result = await self._apply(batch, changes, tables)
+        rows = values = 0
+        try:
+            while True:
+                payload = protocol.decode_json_frame(frame, FrameType.UPLOAD)
+                self.session.kept += len(frame.payload)
+                frames.append(frame)
+                name = _text(payload.get("batch"), "batch")
+                if batch is not None and name != batch:
+                    raise SyncRefused("UPLOAD frames of one batch must name the same batch")
+                batch = name
+                chunk = payload.get("rows")
+                if not isinstance(chunk, list):
+                    raise SyncRefused("rows must be a list")
+                for row in chunk:
+                    values += _change(row, rows).values
+                    rows += 1
+                    if rows > MAX_UPLOAD_ROWS or values > MAX_BATCH_VALUES:
+                        raise _too_large()
+                if self.session.kept > MAX_UPLOAD_BYTES:
+                    raise _too_large()
+                more = payload.get("more")
+                del payload, chunk
+                if not more:
+                    break
+                frame = await self._next()
+            assert batch is not None
+            result = await self._apply(batch, frames, tables)
+        finally:
+            self.session.kept -= sum(len(f.payload) for f in frames)
+            frames.clear()
         self.conn.write(protocol.encode_json_frame(FrameType.UPLOADED, _answer(batch, result)))
         return len(result["applied"])
 
     async def _apply(
-        self, batch: str, changes: list[dict[str, Any]], tables: dict[str, ServerTable]
+        self, batch: str, frames: list[protocol.Frame], tables: dict[str, ServerTable]
     ) -> dict[str, Any]:
         async with self.owner.pool.connection(self.owner.timeout) as db:
             async with db.transaction():
@@ -313,12 +460,12 @@ class _Sync:
                     return known
                 applied: list[int] = []
                 rejected: dict[str, str] = {}
-                for change in changes:
+                for change in _changes(frames):
                     reason = await self._apply_one(db, change, tables)
                     if reason is None:
-                        applied.append(change["seq"])
+                        applied.append(change.seq)
                     else:
-                        rejected[str(change["seq"])] = reason
+                        rejected[str(change.seq)] = reason
                 result = {"applied": applied, "rejected": rejected}
                 await db.execute(
                     "INSERT INTO pushsync.sync_uploads (device_id, batch, result) "
@@ -328,35 +475,43 @@ class _Sync:
                 return result
 
     async def _apply_one(
-        self, db: AsyncConn, change: dict[str, Any], tables: dict[str, ServerTable]
+        self, db: AsyncConn, change: _Change, tables: dict[str, ServerTable]
     ) -> str | None:
         """Apply one uploaded change; the reason it was refused, or None."""
-        table = tables.get(change["table"])
+        table = tables.get(change.table)
         if table is None:
-            return f"table {change['table']} is not in this publication"
-        op = change["op"]
-        if op not in table.upload:
-            return f"uploading {op}s to {table.name} is not allowed"
-        for part in ("key", "old", "new"):
-            image = change[part]
-            if image is None:
-                continue
-            unknown = sorted(set(image) - table.column_names)
-            if unknown:
-                return (
-                    f"column {unknown[0]} of {table.name} does not exist on the server "
-                    "(its shape changed; the next download brings the new one)"
-                )
-        if set(table.key) - set(change["key"]):
-            return f"the key of {table.name} is {', '.join(table.key)}"
-        try:
-            async with db.transaction():  # a savepoint: this row alone fails
-                reason = await _write(db, table, change)
-        except psycopg.Error as exc:
-            reason = _pg_reason(exc)
-        if reason is not None and op != "insert":
-            self.forced.setdefault(table.name, []).append(change["key"])
+            return f"table {change.table} is not in this publication"
+        reason = _admissible(table, change, self._declared(table))
+        if reason is None:
+            try:
+                async with db.transaction():  # a savepoint: this row alone fails
+                    await _write(db, table, change, self.device)
+            except _Rejected as exc:
+                reason = str(exc)
+            except psycopg.Error as exc:
+                reason = _pg_reason(exc)
+        if reason is not None and change.op != "insert" and set(table.key) <= set(change.key):
+            self._force(table, change.key)  # the next download brings the server's row
         return reason
+
+    def _declared(self, table: ServerTable) -> frozenset[str]:
+        """The server's columns that the device's local table has (all, if it says none)."""
+        local = self.local.get(table.name)
+        columns = local.get("columns") if isinstance(local, dict) else None
+        if not isinstance(columns, list):
+            return table.column_names
+        named = {c[0] for c in columns if isinstance(c, list) and c and isinstance(c[0], str)}
+        return table.column_names & named
+
+    def _force(self, table: ServerTable, key: dict[str, Any]) -> None:
+        if table.name in self.full:
+            return
+        if self.forced_count >= self.owner.limits.forced_keys:
+            self.full.add(table.name)
+            self.forced_count -= len(self.forced.pop(table.name, []))
+            return
+        self.forced.setdefault(table.name, []).append(key)
+        self.forced_count += 1
 
     # ----------------------------------------------------------------- download
 
@@ -379,6 +534,7 @@ class _Sync:
                 since = await self._usable_watermark(db, watermark)
                 for table in tables.values():
                     full = since is None or _shape(local.get(table.name)) != table.schema()
+                    full = full or table.name in self.full
                     if since is not None and not full and table.depends_on:
                         full = await _changed(db, list(table.depends_on), since)
                     if full:
@@ -563,93 +719,280 @@ async def _changed(db: AsyncConn, tables: list[str], since: str) -> bool:
     return bool(row and row[0])
 
 
-async def _write(db: AsyncConn, table: ServerTable, change: dict[str, Any]) -> str | None:
-    """Apply one checked change under the table's conflict policy; the refusal, or None."""
-    op = change["op"]
-    key = json.dumps(change["key"])
-    where = _key_match(table, key)
+# --------------------------------------------------------------------------- one uploaded row
+
+
+@dataclass(frozen=True, slots=True)
+class _Change:
+    """One uploaded change, checked for shape (not yet for meaning)."""
+
+    seq: int
+    table: str
+    op: str
+    key: dict[str, Any]
+    old: dict[str, Any] | None
+    new: dict[str, Any] | None
+
+    @property
+    def values(self) -> int:
+        """How many values its images hold."""
+        return sum(len(image) for image in (self.key, self.old, self.new) if image is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Current:
+    """The server's row an uploaded change finds, locked."""
+
+    text: str
+    """The row as JSON (``to_jsonb``)."""
+    record: str
+    """The row as PostgreSQL's text of a record of the table: exact, for the upload check."""
+    theirs: bool
+    """Whether the device's download returns it."""
+
+    @property
+    def values(self) -> dict[str, Any]:
+        values: dict[str, Any] = json.loads(self.text, parse_float=str)
+        return values
+
+
+def _admissible(table: ServerTable, change: _Change, declared: frozenset[str]) -> str | None:
+    """Why ``change`` cannot be applied to ``table`` whatever the server holds, or None.
+
+    ``declared``: the server's columns the device's local table has; an update or
+    delete must carry them all in ``old`` (the row as the device last had it),
+    unless the table's policy is ``client_wins``.
+    """
+    op = change.op
+    if op not in table.upload:
+        return f"uploading {op}s to {table.name} is not allowed"
+    for image in (change.key, change.old, change.new):
+        unknown = sorted(set(image or ()) - table.column_names)
+        if unknown:
+            return (
+                f"column {unknown[0]} of {table.name} does not exist on the server "
+                "(its shape changed; the next download brings the new one)"
+            )
+    if set(table.key) - set(change.key):
+        return f"the key of {table.name} is {', '.join(table.key)}"
+    if op != "delete" and change.new is None:
+        return f"{_a(op)} needs the new row"
     if op == "insert":
-        new = change["new"]
-        if new is None:
-            return "an insert needs the new row"
-        columns = [sql.Identifier(c) for c in new]
-        inserted = await db.execute(
-            sql.SQL(
-                "INSERT INTO {table} ({cols}) SELECT {xcols} "
-                "FROM jsonb_populate_record(NULL::{table}, %s::jsonb) AS x ON CONFLICT DO NOTHING"
-            ).format(
-                table=table.ident(),
-                cols=sql.SQL(", ").join(columns),
-                xcols=sql.SQL(", ").join(sql.SQL("x.{}").format(c) for c in columns),
-            ),
-            (json.dumps(new),),
+        assert change.new is not None
+        if any(k not in change.new or change.new[k] != change.key[k] for k in table.key):
+            return f"the key of an insert must be the key of its new row in {table.name}"
+        return None
+    if table.conflict == "client_wins":
+        return None
+    if change.old is None:
+        return (
+            f"{_a(op)} of {table.name} must carry the row as the device last had it (old); "
+            f"only a client_wins table takes one without"
         )
-        if inserted.rowcount == 1:
-            return None
-        if table.conflict == "server_wins":
-            return f"a row with this key already exists in {table.name}"
-        return await _update(db, table, where, new, current=None)
-    cur = await db.execute(
-        sql.SQL("SELECT to_jsonb(t)::text FROM {table} AS t WHERE {where} FOR UPDATE").format(
-            table=table.ident(), where=where
-        )
-    )
-    row = await cur.fetchone()
-    if row is None:
-        if op == "delete":
-            return None  # already gone: what the device wanted
-        return f"the row no longer exists in {table.name}"
-    current = json.loads(row[0], parse_float=str)
-    old = change["old"]
-    if old is not None and not await _same(db, table, old, current):
-        if table.conflict == "server_wins":
-            return f"the row changed in {table.name} since the device last had it; server wins"
-        if table.conflict == "newest" and op == "update":
-            if not await _newer(db, table, change["new"], row[0]):
-                return f"the server's row of {table.name} is newer ({table.newest})"
-        elif table.conflict == "newest":
-            return f"the row changed in {table.name} since the device last had it"
-    if op == "delete":
+    missing = sorted((declared | set(table.key)) - set(change.old))
+    if missing:
+        return f"the old row of this {op} lacks column {missing[0]} of {table.name}"
+    return None
+
+
+def _a(op: str) -> str:
+    return f"an {op}" if op[0] in "aeiou" else f"a {op}"
+
+
+def _not_theirs(table: ServerTable) -> str:
+    return f"the row is not (or no longer) one of this device's rows of {table.name}"
+
+
+async def _write(db: AsyncConn, table: ServerTable, change: _Change, device: str) -> None:
+    """Apply one admissible change for ``device`` under the table's conflict policy.
+
+    Raises :class:`_Rejected` when the change may not be applied; the caller's
+    savepoint then undoes whatever was written, triggers' work included. The
+    download function runs in this transaction after the write, so it sees the
+    row as written (and as the table's triggers left it).
+    """
+    params: dict[str, Any] = {"key": json.dumps(change.key), "device": device}
+    where = _key_match(table, sql.Placeholder("key"))
+    current = await _current(db, table, where, params)
+    if change.op == "insert" and current is None:
+        written = await _insert(db, table, change.new)
+        await _after(db, table, written, None, device)
+        return
+    if current is None:
+        if change.op == "delete":
+            return  # already gone: what the device wanted
+        raise _Rejected(_not_theirs(table))
+    if not current.theirs:
+        raise _Rejected(_not_theirs(table))
+    if change.op == "insert" and table.conflict == "server_wins":
+        raise _Rejected(f"a row with this key already exists in {table.name}")
+    await _resolve(db, table, change, current)
+    if change.op == "delete":
+        await _upload_check(db, table, device, None, current.record)
         await db.execute(
             sql.SQL("DELETE FROM {table} AS t WHERE {where}").format(
                 table=table.ident(), where=where
-            )
+            ),
+            params,
         )
+        return
+    written = await _update(db, table, where, change.new, params)
+    await _after(db, table, written, current.record, device)
+
+
+async def _current(
+    db: AsyncConn, table: ServerTable, where: sql.Composable, params: dict[str, Any]
+) -> _Current | None:
+    """The server's row of the change's key, locked, and whether the device holds it."""
+    cur = await db.execute(
+        sql.SQL(
+            "SELECT to_jsonb(t)::text, t::text, EXISTS (SELECT 1 FROM pushsync.{function}"
+            "(%(device)s) AS f WHERE {mine}) FROM {table} AS t WHERE {where} FOR UPDATE OF t"
+        ).format(
+            function=sql.Identifier(table.function),
+            mine=_same_key(table, "f", "t"),
+            table=table.ident(),
+            where=where,
+        ),
+        params,
+    )
+    row = await cur.fetchone()
+    if row is None:
         return None
-    new = change["new"]
-    if new is None:
-        return "an update needs the new row"
-    return await _update(db, table, where, new, current=current)
+    return _Current(text=row[0], record=row[1], theirs=bool(row[2]))
+
+
+async def _resolve(db: AsyncConn, table: ServerTable, change: _Change, current: _Current) -> None:
+    """The conflict policy, when the server's row is not the one the device changed."""
+    if change.old is None or await _same(db, table, change.old, current.values):
+        return
+    if table.conflict == "server_wins":
+        raise _Rejected(
+            f"the row changed in {table.name} since the device last had it; server wins"
+        )
+    if table.conflict == "newest":
+        if change.op != "update":
+            raise _Rejected(f"the row changed in {table.name} since the device last had it")
+        if not await _newer(db, table, change.new, current.text):
+            raise _Rejected(f"the server's row of {table.name} is newer ({table.newest})")
+
+
+async def _insert(db: AsyncConn, table: ServerTable, new: dict[str, Any] | None) -> str:
+    """Insert ``new``; the row written, as the text of a record."""
+    assert new is not None
+    columns = [sql.Identifier(c) for c in new]
+    cur = await db.execute(
+        sql.SQL(
+            "INSERT INTO {table} AS t ({cols}) SELECT {xcols} "
+            "FROM jsonb_populate_record(NULL::{table}, %s::jsonb) AS x RETURNING t::text"
+        ).format(
+            table=table.ident(),
+            cols=sql.SQL(", ").join(columns),
+            xcols=sql.SQL(", ").join(sql.SQL("x.{}").format(c) for c in columns),
+        ),
+        (json.dumps(new),),
+    )
+    row = await cur.fetchone()
+    if row is None:  # a rule or an INSTEAD trigger took it elsewhere
+        raise _Rejected(f"the insert into {table.name} wrote no row")
+    return str(row[0])
 
 
 async def _update(
-    db: AsyncConn, table: ServerTable, where: sql.Composable, new: dict[str, Any], current: Any
-) -> str | None:
+    db: AsyncConn,
+    table: ServerTable,
+    where: sql.Composable,
+    new: dict[str, Any] | None,
+    params: dict[str, Any],
+) -> str:
+    """Update the row of the key to ``new``; the row written, as the text of a record."""
+    assert new is not None
     columns = [sql.Identifier(c) for c in new]
-    await db.execute(
+    cur = await db.execute(
         sql.SQL(
             "UPDATE {table} AS t SET ({cols}) = (SELECT {xcols} "
-            "FROM jsonb_populate_record(NULL::{table}, %s::jsonb) AS x) WHERE {where}"
+            "FROM jsonb_populate_record(NULL::{table}, %(new)s::jsonb) AS x) WHERE {where} "
+            "RETURNING t::text"
         ).format(
             table=table.ident(),
             cols=sql.SQL(", ").join(columns),
             xcols=sql.SQL(", ").join(sql.SQL("x.{}").format(c) for c in columns),
             where=where,
         ),
-        (json.dumps(new),),
+        {**params, "new": json.dumps(new)},
     )
-    return None
+    row = await cur.fetchone()
+    if row is None:
+        raise _Rejected(f"the update of {table.name} wrote no row")
+    return str(row[0])
 
 
-def _key_match(table: ServerTable, key_json: str) -> sql.Composable:
+async def _after(
+    db: AsyncConn, table: ServerTable, written: str, old: str | None, device: str
+) -> None:
+    """The row as written must be one the device downloads, and pass the upload check."""
+    check: sql.Composable = sql.SQL("true")
+    if table.check_function is not None:
+        check = sql.SQL("pushsync.{}(%(device)s, t, %(old)s::{})").format(
+            sql.Identifier(table.check_function), table.ident()
+        )
+    cur = await db.execute(
+        sql.SQL(
+            "SELECT EXISTS (SELECT 1 FROM pushsync.{function}(%(device)s) AS f WHERE {mine}), "
+            "{check} FROM {table} AS t, (SELECT (%(written)s::{table}).*) AS w WHERE {same}"
+        ).format(
+            function=sql.Identifier(table.function),
+            mine=_same_key(table, "f", "t"),
+            check=check,
+            table=table.ident(),
+            same=_same_key(table, "t", "w"),
+        ),
+        {"device": device, "old": old, "written": written},
+    )
+    row = await cur.fetchone()
+    if row is None or not row[0]:
+        raise _Rejected(
+            f"the row as written would not be one of this device's rows of {table.name}"
+        )
+    if not row[1]:
+        raise _Rejected(f"the upload_check of {table.name} refuses this change")
+
+
+async def _upload_check(
+    db: AsyncConn, table: ServerTable, device: str, new: str | None, old: str | None
+) -> None:
+    if table.check_function is None:
+        return
+    cur = await db.execute(
+        sql.SQL("SELECT pushsync.{}(%s, %s::{table}, %s::{table})").format(
+            sql.Identifier(table.check_function), table=table.ident()
+        ),
+        (device, new, old),
+    )
+    row = await cur.fetchone()
+    if row is None or not row[0]:
+        raise _Rejected(f"the upload_check of {table.name} refuses this change")
+
+
+def _key_match(table: ServerTable, key: sql.Composable) -> sql.Composable:
+    """``t``'s key equals the key in the JSON object ``key``, typed as the table's."""
     columns = [sql.Identifier(k) for k in table.key]
     return sql.SQL(
-        "({lhs}) = (SELECT {rhs} FROM jsonb_populate_record(NULL::{table}, {key}) AS k)"
+        "({lhs}) = (SELECT {rhs} FROM jsonb_populate_record(NULL::{table}, {key}::jsonb) AS k)"
     ).format(
         lhs=sql.SQL(", ").join(sql.SQL("t.{}").format(c) for c in columns),
         rhs=sql.SQL(", ").join(sql.SQL("k.{}").format(c) for c in columns),
         table=table.ident(),
-        key=sql.Literal(key_json),
+        key=key,
+    )
+
+
+def _same_key(table: ServerTable, left: str, right: str) -> sql.Composable:
+    """``(left.k1, …) = (right.k1, …)`` over the table's key."""
+    columns = [sql.Identifier(k) for k in table.key]
+    return sql.SQL("({}) = ({})").format(
+        sql.SQL(", ").join(sql.SQL("{}.{}").format(sql.Identifier(left), c) for c in columns),
+        sql.SQL(", ").join(sql.SQL("{}.{}").format(sql.Identifier(right), c) for c in columns),
     )
 
 
@@ -707,8 +1050,15 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
-def _change(row: Any, index: int) -> dict[str, Any]:
-    """One uploaded change, checked for shape (not yet for meaning)."""
+def _too_large() -> SyncRefused:
+    return SyncRefused(
+        f"upload batch too large: at most {MAX_UPLOAD_ROWS} rows, "
+        f"{MAX_UPLOAD_BYTES // (1024 * 1024)} MiB and {MAX_BATCH_VALUES:,} values"
+    )
+
+
+def _change(row: Any, index: int) -> _Change:
+    """One uploaded change, checked for shape and size (not yet for meaning)."""
     if not isinstance(row, dict):
         raise SyncRefused(f"upload row {index} is not an object")
     seq = row.get("seq")
@@ -718,15 +1068,32 @@ def _change(row: Any, index: int) -> dict[str, Any]:
     op = row.get("op")
     if op not in OPS:
         raise SyncRefused(f"upload row {index}: op must be insert, update or delete")
-    images: dict[str, Any] = {}
+    images: dict[str, dict[str, Any] | None] = {}
     for part in ("key", "old", "new"):
         image = row.get(part)
         if image is not None and not isinstance(image, dict):
             raise SyncRefused(f"upload row {index}: {part} must be an object")
+        if image is not None and len(image) > MAX_IMAGE_COLUMNS:
+            raise SyncRefused(
+                f"upload row {index}: {part} names {len(image)} columns; "
+                f"a table has at most {MAX_IMAGE_COLUMNS}"
+            )
         images[part] = image
-    if images["key"] is None:
+    key = images["key"]
+    if key is None:
         raise SyncRefused(f"upload row {index}: key is missing")
-    return {"seq": seq, "table": table, "op": op, **images}
+    return _Change(seq=seq, table=table, op=op, key=key, old=images["old"], new=images["new"])
 
 
-__all__ = ["MAX_UPLOAD_ROWS", "SyncRefused", "Synchronizer"]
+def _changes(frames: list[protocol.Frame]) -> Iterator[_Change]:
+    """The changes of a batch's frames, decoding one frame at a time."""
+    index = 0
+    for frame in frames:
+        rows = protocol.decode_json_frame(frame, FrameType.UPLOAD)["rows"]
+        for row in rows:
+            yield _change(row, index)
+            index += 1
+        del rows
+
+
+__all__ = ["MAX_UPLOAD_ROWS", "SyncLimits", "SyncRefused", "Synchronizer"]

@@ -9,7 +9,8 @@ connection of its own. The local database is
 
 1. SYNC_BEGIN names the publication, the watermark of the last sync and the
    shape of the local tables;
-2. local changes go up in batches of at most :data:`BATCH_ROWS` rows. A batch
+2. local changes go up in batches of at most :data:`BATCH_ROWS` rows and
+   :data:`BATCH_BYTES` bytes (the server takes at most 16 MiB). A batch
    is written down (its id and seq range) before it is sent, so a batch whose
    answer was lost is sent again *as it was*, and the server, which remembers
    batches, does not apply it twice. The answer removes the applied changes
@@ -43,6 +44,8 @@ from pushsync.listener.protocol import FrameType
 logger = logging.getLogger(__name__)
 
 BATCH_ROWS: Final = 1000
+BATCH_BYTES: Final = 8 * 1024 * 1024
+"""Bytes of JSON rows a new batch is cut at (a single larger row goes alone)."""
 CHUNK_BYTES: Final = 48 * 1024
 REPLY_TIMEOUT: Final = 60.0
 LOCAL_DB: Final = "local.db"
@@ -154,7 +157,7 @@ def _next_batch(db: LocalDatabase) -> tuple[str, list[Change]] | None:
         changes = [c for c in db.pending(BATCH_ROWS * 2) if first <= c.seq <= last]
         if changes:
             return batch, changes
-    changes = db.pending(BATCH_ROWS)
+    changes = _cut(db.pending(BATCH_ROWS))
     if not changes:
         _forget_batch(db)
         return None
@@ -166,6 +169,28 @@ def _next_batch(db: LocalDatabase) -> tuple[str, list[Change]] | None:
     )
     conn.commit()
     return batch, changes
+
+
+def _cut(changes: list[Change]) -> list[Change]:
+    """The first of ``changes`` that fit :data:`BATCH_BYTES` as JSON (at least one)."""
+    size = 0
+    for count, change in enumerate(changes):
+        size += len(json.dumps(_row(change), separators=(",", ":")))  # ASCII: >= its bytes
+        if count and size > BATCH_BYTES:
+            return changes[:count]
+    return changes
+
+
+def _row(change: Change) -> dict[str, Any]:
+    """A change as an UPLOAD frame carries it."""
+    return {
+        "seq": change.seq,
+        "table": change.table,
+        "op": change.op,
+        "key": change.key,
+        "old": change.old,
+        "new": change.new,
+    }
 
 
 def _forget_batch(db: LocalDatabase) -> None:
@@ -202,10 +227,7 @@ class _Client:
             raise SyncFailed(f"unexpected answer from the server: {exc}") from None
 
     async def upload(self, batch: str, changes: list[Change]) -> tuple[int, int]:
-        rows = [
-            {"seq": c.seq, "table": c.table, "op": c.op, "key": c.key, "old": c.old, "new": c.new}
-            for c in changes
-        ]
+        rows = [_row(c) for c in changes]
         chunk: list[dict[str, Any]] = []
         size = 0
         for row in rows:
@@ -345,6 +367,7 @@ def run_sync(config_path: str) -> int:
 
 
 __all__ = [
+    "BATCH_BYTES",
     "BATCH_ROWS",
     "SyncFailed",
     "SyncResult",

@@ -110,6 +110,14 @@ async def test_synchronization_runs_with_the_documented_kinds_of_grants(
     ).fetchall()
     for (function,) in functions:
         db.execute(f'GRANT EXECUTE ON FUNCTION pushsync."{function}"(text) TO "{role}"')
+    checks = db.execute(
+        "SELECT upload_check_function, table_name FROM pushsync.publication_tables "
+        "WHERE upload_check_function IS NOT NULL"
+    ).fetchall()
+    for function, table in checks:
+        db.execute(
+            f'GRANT EXECUTE ON FUNCTION pushsync."{function}"(text, {table}, {table}) TO "{role}"'
+        )
     db.execute(
         "GRANT SELECT ON public.routes, public.drivers, public.route_stops, "
         f'public.disruption_reports TO "{role}"'
