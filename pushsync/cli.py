@@ -115,6 +115,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if rules is not None:
             dbcheck.require(conn, rules)
             rules_sql = generator.compile_rules(rules)
+        role = dbcheck.migrating_role(conn)
+        if role.superuser:
+            log.warning(
+                "migrating as superuser %s: pushsync's SECURITY DEFINER functions will be owned "
+                "by %s and run every rule with superuser rights; migrate as a dedicated owner "
+                "role instead (docs/operations.md, The owner role)",
+                role.name,
+                role.name,
+            )
         applied = schema.migrate(conn, rules_sql)
     if applied:
         names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
+from dataclasses import dataclass
 
 import pytest
 
-from pushsync import generator
-from pushsync.errors import RulesError
+from pushsync import generator, source
+from pushsync.errors import Problems, RulesError
+from pushsync.generator import fragments, passes
+from pushsync.generator.model import Fragment
 
 GOOD_RULE = """\
 version: 1
@@ -338,3 +342,25 @@ def test_hostile_shapes_are_refused_quickly() -> None:
 def test_the_generators_marker_is_reserved() -> None:
     message = only_problem(GOOD_RULE + "    when: new.note = '/*pushsync:key*/'\n")
     assert message == "rules.yaml:7:11: rule r: the text '/*pushsync:' is reserved by pushsync"
+
+
+@dataclass(frozen=True)
+class _LaterKind:
+    """A part of the model that does not exist yet, holding SQL under a key of its own."""
+
+    check: Fragment
+    label: str = "later thing"
+
+
+def test_every_fragment_the_model_holds_is_checked() -> None:
+    """The allow-lists reach SQL wherever the model keeps it, also under keys added later."""
+    rules = generator.loads(GOOD_RULE, "rules.yaml")
+    tree = fragments.parse_condition("ts_stat('SELECT 1') IS NULL")
+    node = source.load("x: 1\n", "rules.yaml").value["x"]
+    offset = len(fragments.CONDITION_PREFIX)
+    later = _LaterKind(check=Fragment(tree=tree, node=node, offset=offset))
+    problems = Problems()
+    passes.allowed_sql(dataclasses.replace(rules, publications=(later,)), problems)  # type: ignore[arg-type]
+    assert [str(p) for p in problems] == [
+        "rules.yaml:1:4: later thing: check: function ts_stat() is not allowed in rules" + BUILTIN
+    ]
