@@ -68,7 +68,8 @@ def test_trigger_functions_are_security_definer_with_pinned_search_path(
     assert len(rows) == 5
     for name, definer, config, acl in rows:
         assert definer, name
-        assert config == ["search_path=pg_catalog, pg_temp", "jit=off"], name
+        pinned = ["search_path=pg_catalog, pg_temp", "standard_conforming_strings=on", "jit=off"]
+        assert config == pinned, name
         grantees = [entry.split("=")[0] for entry in acl.strip("{}").split(",")]
         assert "" not in grantees, name  # PUBLIC may not execute it
 
