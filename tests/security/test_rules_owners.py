@@ -250,3 +250,27 @@ def owner_role_statements() -> list[str]:
     block = next(b for b in blocks if "CREATE ROLE pushsync_owner" in b)
     lines = [line for line in block.splitlines() if not line.lstrip().startswith("--")]
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def test_check_runs_nothing_it_refuses(
+    fleet: psycopg.Connection, dsn: str, tmp_path: Path, application: str
+) -> None:
+    """Planning folds an immutable call on constants: it would run the application's code."""
+    fleet.execute("CREATE SEQUENCE public.app_calls")
+    own(
+        fleet,
+        application,
+        "CREATE FUNCTION public.app_counted(text) RETURNS boolean IMMUTABLE LANGUAGE plpgsql "
+        "AS $$ BEGIN PERFORM pg_catalog.nextval('public.app_calls'); RETURN true; END $$",
+        "FUNCTION",
+        "public.app_counted(text)",
+    )
+    path = write(
+        tmp_path,
+        "trusted_functions: [public.app_counted]\n"
+        + RULE_HEAD
+        + "    when: public.app_counted('open') AND new.status = 'open'\n    recipients: all\n",
+    )
+    refused_everywhere(fleet, dsn, path, f"owned by {application}", compiles=True)
+    calls = fleet.execute("SELECT is_called FROM public.app_calls").fetchone()
+    assert calls == (False,), "check --dsn ran the function it refused"
