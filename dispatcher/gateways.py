@@ -36,6 +36,7 @@ from pushsync.listener import protocol
 from pushsync.listener.channels import format_peer as format_peer  # re-exported
 from pushsync.listener.config import parse_address
 from pushsync.listener.limits import MAX_DATAGRAM
+from pushsync.logs import Throttle
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,8 @@ class UdpGateway:
         self._on_ack = on_ack
         self._transport: asyncio.DatagramTransport | None = None
         self._lookups: set[asyncio.Task[None]] = set()
+        self._log = Throttle(logger)
+        """Anyone can send datagrams: at most one line per kind of drop and interval."""
 
     @classmethod
     async def bind(
@@ -297,7 +300,7 @@ class UdpGateway:
             secret = await self._fetch_secret(device)
         except Exception as exc:
             self.stats.dropped += 1
-            logger.warning("dropped UDP ack from %s: cannot look up its device: %s", peer, exc)
+            self._log.warning("dropped UDP ack from %s: cannot look up its device: %s", peer, exc)
             return
         if secret is None:
             self._drop(peer, UnknownDevice("ack from an unknown device"))
@@ -319,7 +322,13 @@ class UdpGateway:
 
     def _drop(self, peer: str, exc: protocol.ProtocolError) -> None:
         self.stats.dropped += 1
-        logger.warning("dropped UDP datagram from %s: %s: %s", peer, type(exc).__name__, exc)
+        self._log.warning(
+            "dropped UDP datagram from %s: %s: %s",
+            peer,
+            type(exc).__name__,
+            exc,
+            key=type(exc).__name__,
+        )
 
 
 class _AckProtocol(asyncio.DatagramProtocol):

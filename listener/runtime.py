@@ -70,6 +70,7 @@ from pushsync.listener.handlers import match
 from pushsync.listener.imap import ImapChannel
 from pushsync.listener.localdb import LocalDatabaseError
 from pushsync.listener.sync import SyncFailed, sync_once
+from pushsync.logs import Throttle
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,8 @@ class Listener:
         self.drain_timeout = drain_timeout
         self.clock = clock
         self.counters = Counters()
+        self._rejections = Throttle(logger)
+        """Anyone can send datagrams and mail: one line per channel, reason and interval."""
         self.shutdown_requested = asyncio.Event()
         self.actions = Actions(
             device=config.device, stop=self.shutdown_requested, sync=self._synchronize
@@ -280,7 +283,14 @@ class Listener:
 
     def _reject(self, reason: str, detail: str, *, channel: str, peer: str) -> None:
         self.counters.rejected[reason] += 1
-        logger.warning("dropped message via %s from %s: %s: %s", channel, peer, reason, detail)
+        self._rejections.warning(
+            "dropped message via %s from %s: %s: %s",
+            channel,
+            peer,
+            reason,
+            detail,
+            key=(channel, reason),
+        )
 
     async def _synchronize(self) -> Outcome:
         """The ``sync`` action: over the open SYNC connection if there is one, else a new one."""

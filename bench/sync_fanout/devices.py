@@ -20,11 +20,13 @@ import sys
 import time
 
 from pushsync.listener.config import Address
-from pushsync.listener.protocol import FrameType, encode_subscribe
+from pushsync.listener.protocol import FrameType, encode_frame, encode_subscribe
 from pushsync.listener.sync_client import Session, open_session
 
 SECRET = bytes(range(32))
-CONNECT_AT_ONCE = 200
+CONNECT_AT_ONCE = 32
+"""Handshakes in flight: all devices here share 127.0.0.1, and the dispatcher holds at most
+32 unauthenticated connections per address (it closes the oldest beyond)."""
 TIMEOUT = 60.0
 
 
@@ -60,7 +62,8 @@ async def _sync(host: str, port: int, count: int, expected: int) -> dict[str, fl
                 if received >= expected:
                     done.set()
             elif frame.type == FrameType.PING:
-                session.send(bytes(4))  # never sent within a run: heartbeats are 30 s
+                # Not within a run (heartbeats are 30 s), but a device answers.
+                session.send(encode_frame(FrameType.PONG, frame.payload))
 
     readers = [asyncio.create_task(read(s)) for s in sessions]
     print("ready", flush=True)

@@ -232,13 +232,15 @@ def listening(db: psycopg.Connection) -> bool:
 class Dispatch:
     """``pushsync dispatch`` as a subprocess, logging to a file (a pipe could fill and block it)."""
 
-    def __init__(self, dsn: str, log: Path, *options: str) -> None:
+    def __init__(self, dsn: str, log: Path, *options: str, log_level: str = "info") -> None:
         self.log = log
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSHSYNC_", "PG"))}
         with log.open("wb") as out:
             self.process = subprocess.Popen(
                 [
                     *_executable(),
+                    "--log-level",
+                    log_level,
                     "dispatch",
                     "--dsn",
                     dsn,

@@ -302,8 +302,8 @@ def percentile(values: list[float], fraction: float) -> float:
 class DispatcherProcess(Dispatch):
     """``pushsync dispatch --udp-listen 127.0.0.1:0 --sync-listen 127.0.0.1:0 [options]``."""
 
-    def __init__(self, dsn: str, log: Path, *options: str) -> None:
-        super().__init__(dsn, log, *options)
+    def __init__(self, dsn: str, log: Path, *options: str, log_level: str = "info") -> None:
+        super().__init__(dsn, log, *options, log_level=log_level)
         self._tail = LogTail(log)
         self._seen: list[str] = []
 
@@ -354,12 +354,12 @@ class DispatcherProcess(Dispatch):
 class ListenerProcess:
     """``pushsync listen CONFIG``, started in the config's directory, logging to ``log``."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, *, log_level: str = "info") -> None:
         self.config = config
         self.log = log
         with log.open("wb") as out:
             self.process = subprocess.Popen(
-                [*_executable(), "listen", str(config)],
+                [*_executable(), "--log-level", log_level, "listen", str(config)],
                 cwd=config.parent,
                 env=clean_env(),
                 stdin=subprocess.DEVNULL,
@@ -409,14 +409,15 @@ class Processes:
     dispatchers: list[DispatcherProcess] = field(default_factory=list)
     listeners: list[ListenerProcess] = field(default_factory=list)
 
-    def dispatcher(self, dsn: str, *options: str) -> DispatcherProcess:
+    def dispatcher(self, dsn: str, *options: str, log_level: str = "info") -> DispatcherProcess:
         log = self.logs / f"dispatch-{len(self.dispatchers) + 1}.log"
-        self.dispatchers.append(DispatcherProcess(dsn, log, *options))
+        self.dispatchers.append(DispatcherProcess(dsn, log, *options, log_level=log_level))
         return self.dispatchers[-1]
 
-    def listener(self, device: Device) -> ListenerProcess:
+    def listener(self, device: Device, *, log_level: str = "info") -> ListenerProcess:
+        """``log_level="debug"`` also logs each line a flood's throttle holds back."""
         log = self.logs / f"listen-{device.name}-{len(self.listeners) + 1}.log"
-        self.listeners.append(ListenerProcess(device.config, log))
+        self.listeners.append(ListenerProcess(device.config, log, log_level=log_level))
         return self.listeners[-1]
 
     def all(self) -> list[ListenerProcess | DispatcherProcess]:

@@ -125,6 +125,9 @@ class Bait:
     It authenticates the device (checking its proof, proving its own), then
     writes whatever :meth:`send` is given on the newest connection, answers
     PINGs, and records PONG payloads and the acks the listener sends back.
+    It holds the device's key, so what it sends is tagged as the real server
+    would tag it (a hostile server, not a stranger on the path); bytes that
+    are not whole frames go as they are.
     """
 
     def __init__(self) -> None:
@@ -132,6 +135,8 @@ class Bait:
         """The device's: set before the listener connects."""
         self.server: asyncio.Server | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.sealer: protocol.FrameSealer | None = None
+        """Tags what goes down the newest connection."""
         self.generation = 0
         """Connections authenticated so far."""
         self.pongs: set[bytes] = set()
@@ -152,10 +157,10 @@ class Bait:
             await self.server.wait_closed()
 
     async def send(self, data: bytes) -> bool:
-        writer = self.writer
-        if writer is None or writer.is_closing():
+        writer, sealer = self.writer, self.sealer
+        if writer is None or writer.is_closing() or sealer is None:
             return False
-        writer.write(data)
+        writer.write(sealed_if_frames(sealer, data))
         with contextlib.suppress(ConnectionError):
             await writer.drain()
         return True
@@ -193,15 +198,20 @@ class Bait:
                     protocol.server_proof(self.secret, hello.nonce, challenge, hello.device)
                 )
             )
+            keys = protocol.session_keys(self.secret, hello.nonce, challenge, hello.device)
+            frames.authenticate(keys.up)
+            sealer = protocol.FrameSealer(keys.down)
             await self.drop()
-            self.writer = writer
+            self.writer, self.sealer = writer, sealer
             self.generation += 1
             while data := await reader.read(65536):
                 for frame in frames.feed(data):
                     if frame.type == FrameType.PONG:
                         self.pongs.add(frame.payload)
                     elif frame.type == FrameType.PING:
-                        writer.write(protocol.encode_frame(FrameType.PONG, frame.payload))
+                        writer.write(
+                            sealer.seal(protocol.encode_frame(FrameType.PONG, frame.payload))
+                        )
                     elif frame.type == FrameType.ACK:
                         self.acks.append(frame.payload)
         except (ConnectionError, TimeoutError, protocol.ProtocolError):
@@ -343,6 +353,14 @@ class MailFuzzer:
 
     def finish(self) -> None:
         until(lambda: not os.listdir(self.maildir / "new"), "every mail taken", 60)
+
+
+def sealed_if_frames(sealer: protocol.FrameSealer, data: bytes) -> bytes:
+    """``data`` tagged, if it is whole frames; else as it is (it breaks the stream anyway)."""
+    try:
+        return sealer.seal(data)
+    except ValueError:
+        return data
 
 
 class SyncFuzzer:
@@ -570,13 +588,18 @@ class SyncAttacker:
                     self.sessions += 1
                 acks = [next(self.forged) for _ in range(10)]
                 batch = [self.forge.device_frame(acks) for _ in range(min(CHUNK, count - done))]
-                if self.forge.rng.random() < 0.05:
-                    batch.append(self._breaking())
-                done += len(batch)
-                self.frames += len(batch)
+                breaking = self._breaking() if self.forge.rng.random() < 0.05 else b""
+                done += len(batch) + bool(breaking)
+                self.frames += len(batch) + bool(breaking)
                 self._token += 1
                 token = protocol.encode_ping(self._token)
-                session.send(b"".join(batch) + token)
+                session.send(b"".join(batch))
+                if breaking:  # mallory holds the key: she tags it if it is whole frames
+                    try:
+                        session.send(breaking)
+                    except ValueError:
+                        session.send_raw(breaking)
+                session.send(token)
                 if not await self._pong(session, token[5:]):
                     self.closed_by_server += 1
                     await session.close()
@@ -710,9 +733,11 @@ def test_fuzz_the_running_listener_and_dispatcher(
     assert bait.server is not None
     bait_port = int(bait.server.sockets[0].getsockname()[1])
     device.write_config(udp=True, maildir=True, sync=("127.0.0.1", bait_port))
-    listener = processes.listener(device)
+    # At debug level: the processes' throttles hold back repeated drop lines at their
+    # usual level, and the fuzzers count every one to know what has been taken.
+    listener = processes.listener(device, log_level="debug")
     listener.wait_started()
-    dispatcher = processes.dispatcher(dsn)
+    dispatcher = processes.dispatcher(dsn, log_level="debug")
     udp_gateway = dispatcher.wait_address("UDP")
     sync_port = dispatcher.wait_address("SYNC")
     dispatcher.wait_connected()

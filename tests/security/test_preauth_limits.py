@@ -8,6 +8,9 @@ connections, 32 from one address) and more than its file descriptors allow
 listener connects: it authenticates and gets its push within seconds, the
 dispatcher keeps running, and its log stays a few lines long — not a
 traceback per refused accept.
+
+Bad datagrams, which anyone can send to the dispatcher's ack port and to a
+listener's UDP channel, cost a log line per kind and interval, not one each.
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
+import random
+import re
 import resource
 import select
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,9 +34,11 @@ import pytest
 
 from bench.dispatcher_process import dispatcher_process
 from pushsync.dispatcher.sync_server import MAX_PREAUTH, MAX_PREAUTH_PER_HOST
+from pushsync.listener import protocol
 from pushsync.listener.config import Address
 from tests.integration.test_sync_gateway import (
     DEVICE,
+    SECRET,
     add_device,
     enqueue,
     listening,
@@ -136,6 +145,71 @@ async def test_idle_connections_do_not_lock_out_a_device(
         finally:
             for sock in idle:
                 sock.close()
+
+
+FLOOD = 2000
+"""Bad datagrams sent to each UDP port."""
+
+
+@pytest.mark.asyncio
+async def test_a_flood_of_bad_datagrams_is_a_few_log_lines(
+    db: psycopg.Connection, dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone can send datagrams to the dispatcher's ack port and to a listener's UDP
+    channel: each is dropped and counted, and the log says so once per kind and interval
+    (then how many more), not once per datagram."""
+    add_device(db)
+    row = enqueue(db)
+    db.execute(
+        "UPDATE pushsync.outbox SET state = 'sent', attempts = 1, sent_at = now(), "
+        "gateway_used = 'udp', next_attempt_at = now() + interval '1 hour' "
+        "WHERE request_id = %s",
+        (row,),
+    )
+    rng = random.Random(7)
+    garbage = [rng.randbytes(rng.randint(1, 300)) for _ in range(FLOOD)]
+    with (
+        dispatcher_process(dsn) as dispatcher,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender,
+    ):
+        port = next(
+            int(found[1])
+            for line in dispatcher.lines
+            if (found := re.search(r"UDP gateway on 127\.0\.0\.1:(\d+)", line))
+        )
+        logged_before = len(dispatcher.lines)
+        for data in garbage:
+            sender.sendto(data, ("127.0.0.1", port))
+            await asyncio.sleep(0)
+        ack = protocol.Ack(request_id=row, device=DEVICE, confirmed=time.time())
+        sender.sendto(protocol.encode_ack(ack, SECRET), ("127.0.0.1", port))  # taken last
+        await until(lambda: outbox_row(db, row)[0] == "confirmed", "the valid ack", timeout=20)
+        dropped = [line for line in dispatcher.lines[logged_before:] if "dropped UDP" in line]
+        assert 1 <= len(dropped) <= 5, dropped
+
+        caplog.set_level(logging.INFO)
+        async with listening(
+            write_config(tmp_path, Address(host="127.0.0.1", port=9), udp=True)
+        ) as listener:
+            for data in garbage:
+                sender.sendto(data, listener.udp_address)
+                await asyncio.sleep(0)
+            message = protocol.Message(
+                request_id=uuid.uuid4(),
+                device=DEVICE,
+                subject="sync",
+                content="after the flood",
+                sender="pushsync",
+                priority="normal",
+                created=time.time(),
+                expires=time.time() + 600,
+            )
+            sender.sendto(protocol.encode_message(message, SECRET), listener.udp_address)
+            await until(lambda: len(runs(tmp_path)) == 1, "the valid message", timeout=20)
+            assert listener.counters.received == FLOOD + 1
+        rejected = [r for r in caplog.records if "dropped message via udp" in r.getMessage()]
+        assert 1 <= len(rejected) <= 5, [r.getMessage() for r in rejected]
+        assert all(r.levelno == logging.WARNING for r in rejected)
 
 
 def test_the_caps_are_the_documented_defaults() -> None:
