@@ -563,6 +563,29 @@ async def test_frames_reordered_or_dropped_on_the_way_to_the_device(
         assert runs(tmp_path) == []
 
 
+# --------------------------------------------------------------------------- no way around
+
+
+@pytest.mark.asyncio
+async def test_a_listener_of_the_untagged_version_is_refused_with_the_reason(
+    db: psycopg.Connection, dsn: str
+) -> None:
+    """Version 1 had no tags: the server does not speak it, and says so before anything."""
+    add_device(db)
+    hello = protocol.encode_hello(protocol.Hello(device=DEVICE, nonce=protocol.new_nonce()))
+    old_hello = hello[:5] + bytes([1]) + hello[6:]
+    async with dispatching(dsn) as dispatcher:
+        reader, writer = await asyncio.open_connection(*sync_of(dispatcher).address)
+        writer.write(old_hello)
+        answer = await asyncio.wait_for(reader.read(), 10)
+        await _shut(writer)
+        [bye] = protocol.FrameReader().feed(answer)
+        assert protocol.decode_bye(bye) == (
+            "unsupported version: this server speaks SYNC version 2; upgrade pushsync on the device"
+        )
+        assert sync_of(dispatcher).stats.authenticated == 0
+
+
 # --------------------------------------------------------------------------- helpers
 
 
