@@ -6,10 +6,11 @@ the trigger runs in. Each published table must exist with a key, name existing
 columns, and its download must plan and return the table's rows.
 
 And nothing the rules use may be changed by a role the rules file does not
-trust: every function under ``trusted_functions:`` and every relation a
-fragment reads must be owned by the role that migrates, by a superuser, or by
-a role under ``trusted_owners:``; a trusted function may not be ``SECURITY
-DEFINER`` itself. The generated functions run with the migrating role's
+trust: every function under ``trusted_functions:``, every relation a fragment
+reads, every table a rule watches and the types of their columns must be
+owned by the role that migrates, by a superuser, or by a role under
+``trusted_owners:``; a trusted function may not be ``SECURITY DEFINER``
+itself. The generated functions run with the migrating role's
 rights, so whoever can redefine what they call or read could run code with
 those rights. When that check finds a problem, nothing is planned: planning
 runs immutable functions on constants and expands views, which is running
@@ -269,28 +270,45 @@ class _Trust:
 
     def reads(self, label: str, key: str, fragment: Fragment) -> None:
         for read in allowed.reads(fragment.tree):
-            row = self.conn.execute(
-                _TRUST["relation"], {"schema": read.schema, "name": read.name}
-            ).fetchone()
-            if row is None:
-                continue  # EXPLAIN says it does not exist
-            kind, owner, superuser = str(row[0]), str(row[1]), bool(row[2])
-            if self.trusted(owner, superuser):
-                continue
+            where = fragment.locate(read.line, read.column)
+            self.relation(label, key, read.schema, read.name, where)
+
+    def relation(self, label: str, key: str, schema: str, name: str, where: Location) -> None:
+        """A relation the generated functions read, or whose rows a trigger sees."""
+        args = {"schema": schema, "name": name}
+        row = self.conn.execute(_TRUST["relation"], args).fetchone()
+        if row is None:
+            return  # the other checks say it does not exist
+        kind, owner, superuser = str(row[0]), str(row[1]), bool(row[2])
+        if not self.trusted(owner, superuser):
             what = RELATION_KINDS.get(kind, "a relation")
             self.problems.add(
-                fragment.locate(read.line, read.column),
-                f"{key}: {read} is {what} owned by {owner}, who could change what reading it "
-                f"runs (a view's query, a row-level security policy, a view in its place) "
-                f"with the rights of {self.role.name}; " + self.advice(owner),
+                where,
+                f"{key}: {schema}.{name} is {what} owned by {owner}, who could change what "
+                "the generated functions run through it (a view's query, a row-level security "
+                f"policy, a column's type, a view in its place) with the rights of "
+                f"{self.role.name}; " + self.advice(owner),
                 label,
             )
+            return
+        for column, type_, owner, superuser in self.conn.execute(_TRUST["column_types"], args):
+            if not self.trusted(owner, superuser):
+                self.problems.add(
+                    where,
+                    f"{key}: column {schema}.{name}.{column} is of type {type_}, owned by "
+                    f"{owner}, who could add casts and checks to it that run with the rights "
+                    f"of {self.role.name}; " + self.advice(owner),
+                    label,
+                )
 
 
 def _trust(conn: psycopg.Connection, rules: RuleSet, problems: Problems) -> None:
     trust = _Trust(conn, rules, problems)
     trust.owners_exist(rules)
     trust.functions(rules)
+    for rule in rules.rules:  # its trigger sees the table's rows and their types
+        table = rule.table
+        trust.relation(rule.label, "table", table.schema, table.name, rule.where("table"))
     for found in passes.sql_fragments(rules):
         assert isinstance(found.value, Fragment)
         trust.reads(found.label, found.key, found.value)

@@ -274,3 +274,41 @@ def test_check_runs_nothing_it_refuses(
     refused_everywhere(fleet, dsn, path, f"owned by {application}", compiles=True)
     calls = fleet.execute("SELECT is_called FROM public.app_calls").fetchone()
     assert calls == (False,), "check --dsn ran the function it refused"
+
+
+def test_a_column_type_the_application_owns_is_refused(
+    fleet: psycopg.Connection, dsn: str, tmp_path: Path, application: str
+) -> None:
+    """Its owner can add a cast from it: ``{new.mood}`` (``mood::text``) would run that."""
+    own(
+        fleet,
+        application,
+        "CREATE TYPE public.app_mood AS ENUM ('calm', 'cross')",
+        "TYPE",
+        "public.app_mood",
+    )
+    fleet.execute("ALTER TABLE public.disruption_reports ADD COLUMN mood public.app_mood")
+    path = write(tmp_path, RULE_HEAD + '    recipients: all\n    content: "mood {new.mood}"\n')
+    refused_everywhere(
+        fleet,
+        dsn,
+        path,
+        "column public.disruption_reports.mood is of type public.app_mood",
+        f"owned by {application}",
+        compiles=True,
+    )
+    before = snapshot(fleet)
+    with psycopg.connect(as_role(dsn, application), autocommit=True) as session:
+        session.execute(
+            sql.SQL(
+                "CREATE FUNCTION public.app_mood_text(public.app_mood) RETURNS text "
+                "LANGUAGE plpgsql AS $$ BEGIN EXECUTE {}; RETURN 'calm'; END $$; "
+                "CREATE CAST (public.app_mood AS text) "
+                "WITH FUNCTION public.app_mood_text(public.app_mood)"
+            ).format(sql.Literal(f'ALTER ROLE "{application}" SUPERUSER'))
+        )
+        session.execute(
+            "INSERT INTO public.disruption_reports (location_id, reported_by, mood) "
+            "VALUES (100, 1, 'calm')"
+        )
+    assert snapshot(fleet)["roles"] == before["roles"]
