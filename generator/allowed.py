@@ -186,19 +186,6 @@ class Refusal:
 
 
 @dataclass(frozen=True, slots=True)
-class Call:
-    """A schema-qualified function call: ``schema.name(...)``."""
-
-    schema: str
-    name: str
-    line: int
-    column: int
-
-    def __str__(self) -> str:
-        return f"{self.schema}.{self.name}"
-
-
-@dataclass(frozen=True, slots=True)
 class Read:
     """A relation a fragment reads: ``schema.name``."""
 
@@ -389,24 +376,6 @@ def refusals(tree: exp.Expr, trusted: frozenset[str] = frozenset()) -> list[Refu
             found.append(Refusal("TABLESAMPLE is not allowed in rules", *position(node)))
         else:
             found += _string(node)
-    return found
-
-
-def calls(tree: exp.Expr) -> list[Call]:
-    """The schema-qualified functions ``tree`` calls (trusted ones, once it passed)."""
-    found: list[Call] = []
-    for node in tree.walk():
-        if not isinstance(node, exp.Func):
-            continue
-        parent = node.parent
-        if isinstance(parent, exp.Dot) and parent.expression is node:
-            schema = _qualifier(parent.this)
-        elif isinstance(parent, exp.Table) and parent.this is node and parent.args.get("db"):
-            schema = _qualifier(parent.args["db"])
-        else:
-            continue
-        if schema is not None and isinstance(node, exp.Anonymous | exp.AnonymousAggFunc):
-            found.append(Call(schema, _identifier(node.this), *position(parent)))
     return found
 
 
