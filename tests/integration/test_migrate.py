@@ -21,7 +21,9 @@ SNAPSHOT = {
     "triggers": """
         SELECT t.tgrelid::regclass::text, t.tgname::text, pg_get_triggerdef(t.oid)
         FROM pg_trigger AS t JOIN pg_proc AS p ON p.oid = t.tgfoid
+        JOIN pg_class AS c ON c.oid = t.tgrelid
         WHERE NOT t.tgisinternal AND p.pronamespace = 'pushsync'::regnamespace
+          AND c.relnamespace <> 'pushsync'::regnamespace  -- the rules' triggers only
         ORDER BY 1, 2""",
     "rules": "SELECT xmin::text, * FROM pushsync.rules ORDER BY name",
     "versions": "SELECT version, name FROM pushsync.schema_version ORDER BY version",
