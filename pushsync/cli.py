@@ -224,6 +224,25 @@ def cmd_device_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_device_enable(args: argparse.Namespace) -> int:
+    from pushsync import db, devices
+
+    enabled = args.device_command == "enable"
+    with db.connect(args.dsn) as conn:
+        devices.set_enabled(conn, devices.check_device_id(args.id), enabled=enabled)
+    print(f"device {args.id} {'enabled' if enabled else 'disabled'}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_device_remove(args: argparse.Namespace) -> int:
+    from pushsync import db, devices
+
+    with db.connect(args.dsn) as conn:
+        devices.remove(conn, devices.check_device_id(args.id))
+    print(f"device {args.id} removed", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from pushsync import db, status
 
@@ -415,6 +434,20 @@ def build_parser() -> argparse.ArgumentParser:
     _dsn(listing)
     option(listing, "--json", action="store_true", help="machine-readable output")
     listing.set_defaults(handler=cmd_device_list)
+    for action, what in (
+        ("disable", "refuse a device from now on and close its connections"),
+        ("enable", "accept a disabled device again"),
+    ):
+        toggle = device_commands.add_parser(action, help=what)
+        toggle.add_argument("id", metavar="ID")
+        _dsn(toggle)
+        toggle.set_defaults(handler=cmd_device_enable)
+    remove = device_commands.add_parser(
+        "remove", help="forget a device, its secret and pending notifications"
+    )
+    remove.add_argument("id", metavar="ID")
+    _dsn(remove)
+    remove.set_defaults(handler=cmd_device_remove)
 
     status_ = commands.add_parser("status", help="outbox by state, per-gateway counts, lag")
     _dsn(status_)

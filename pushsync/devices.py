@@ -175,5 +175,21 @@ def listing(conn: psycopg.Connection) -> list[dict[str, Any]]:
     return out
 
 
+def set_enabled(conn: psycopg.Connection, device_id: str, *, enabled: bool) -> None:
+    """Enable or disable a device. Disabling closes its SYNC connections within a
+    second (every dispatcher is notified on commit) and refuses it from then on.
+    UsageError if there is no such device."""
+    params = {"device_id": device_id, "enabled": enabled}
+    if conn.execute(queries.get("device_set_enabled"), params).fetchone() is None:
+        raise UsageError(f"there is no device {device_id}")
+
+
+def remove(conn: psycopg.Connection, device_id: str) -> None:
+    """Forget a device, its secret, addresses and pending notifications; its
+    connections are closed as for :func:`set_enabled`. UsageError if unknown."""
+    if conn.execute(queries.get("device_remove"), {"device_id": device_id}).fetchone() is None:
+        raise UsageError(f"there is no device {device_id}")
+
+
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None

@@ -120,3 +120,14 @@ SELECT count(*)
 FROM pushsync.sync_connections AS c
 JOIN pushsync.dispatchers AS d ON d.owner = c.owner
 WHERE d.alive_until > now()
+
+-- device_set_enabled --
+-- Disabling is seen by every dispatcher at once (trigger device_access_revoked).
+UPDATE pushsync.devices SET enabled = %(enabled)s WHERE device_id = %(device_id)s
+RETURNING device_id
+
+-- device_remove --
+-- Its addresses, grants, upload records and unfinished notifications go with
+-- it (ON DELETE CASCADE); the outbox history keeps what was sent.
+DELETE FROM pushsync.devices WHERE device_id = %(device_id)s
+RETURNING device_id

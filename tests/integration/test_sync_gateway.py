@@ -34,6 +34,7 @@ from pushsync.listener import protocol
 from pushsync.listener.config import Address, load_config
 from pushsync.listener.runtime import Listener
 from pushsync.listener.sync_client import Refused, Session, open_session
+from tests.support.keys import write_key
 
 SECRET = bytes(range(32))
 WRONG = bytes(range(1, 33))
@@ -133,7 +134,7 @@ def write_config(
 ) -> Path:
     script = directory / "record.py"
     script.write_text(SCRIPT, encoding="utf-8")
-    (directory / "device.key").write_text(protocol.format_secret(SECRET), encoding="ascii")
+    write_key(directory / "device.key", SECRET)
     argv = [sys.executable, str(script), "$request_id", "$content"]
     udp_line = '  udp: {bind: "127.0.0.1:0"}\n' if udp else ""
     path = directory / "listener.yaml"

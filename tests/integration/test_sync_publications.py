@@ -26,6 +26,7 @@ from pushsync.listener.sync import SyncFailed, SyncResult, Transport, local_data
 from pushsync.listener.sync_client import open_session
 from tests.integration import trucking
 from tests.integration.test_sync_gateway import dispatching, server_address
+from tests.support.keys import write_key
 
 SECRET = bytes(range(32))
 
@@ -33,7 +34,7 @@ SECRET = bytes(range(32))
 def device_config(tmp_path: Path, dispatcher: Dispatcher, device: str) -> ListenerConfig:
     directory = tmp_path / device
     directory.mkdir(exist_ok=True)
-    (directory / "device.key").write_text(protocol.format_secret(SECRET), encoding="ascii")
+    write_key(directory / "device.key", SECRET)
     path = directory / "listener.yaml"
     path.write_text(
         f"""\
