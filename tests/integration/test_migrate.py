@@ -93,7 +93,13 @@ def test_removing_a_rule_removes_its_trigger_and_function(db: psycopg.Connection
     # An empty rules file removes everything generated.
     trucking.apply_rules(db, "version: 1\n")
     assert snapshot(db)["triggers"] == []
-    base_functions = ["capture", "capture_changes", "key_join", "uncapture_except"]
+    base_functions = [
+        "capture",
+        "capture_changes",
+        "device_access_changed",
+        "key_join",
+        "uncapture_except",
+    ]
     assert [r[0] for r in snapshot(db)["functions"]] == base_functions
 
 
