@@ -247,8 +247,12 @@ class Dispatcher:
         return self.store.cached_secret(device)
 
     async def fetch_secret(self, device: str) -> bytes | None:
-        """A device's secret from the database (an ack for a row sent before a restart)."""
-        return await self.store.secret(device)
+        """A device's secret from the database (an ack for a row sent before a restart),
+        kept for the device's next acks until it loses access."""
+        secret = await self.store.secret(device)
+        if secret is not None:
+            self.store.remember_secret(device, secret)
+        return secret
 
     def on_ack(self, ack: protocol.Ack, peer: str) -> None:
         """A verified ack: queue its confirmation (recorded by the confirm loop)."""
@@ -361,9 +365,9 @@ class Dispatcher:
         store = AsyncOutbox(work, self.owner)
         tasks: list[asyncio.Task[None]] = []
         try:
-            await listen.execute(f"LISTEN {CHANNEL}")
             await listen.execute(f"LISTEN {DEVICES_CHANNEL}")
-            await self._recheck_access()
+            await listen.execute(f"LISTEN {CHANNEL}")
+            await self._recheck_access()  # after LISTEN: no revocation falls in between
             # Rows claimed before a connection dropped (including claims whose result
             # was lost with the connection) go back, to be claimed again at once.
             cur = await work.execute(query("mine"), {"owner": self.owner})

@@ -167,6 +167,6 @@ async def test_disabled_while_the_dispatcher_was_not_listening(
         assert not await closed(pushed, 0.5)  # nothing told the dispatcher yet
         db.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND query = 'LISTEN pushsync_devices'"
+            "WHERE datname = current_database() AND query = 'LISTEN pushsync'"
         )
         assert await closed(pushed, 10.0), "the reconnect did not look at who is connected"
