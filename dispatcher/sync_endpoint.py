@@ -78,6 +78,12 @@ MAX_BATCH_VALUES: Final = 1_000_000
 """Values (columns of every image of every row) one upload batch may hold."""
 CHUNK_BYTES: Final = 48 * 1024
 """Payload size a DOWNLOAD frame is filled to (frames hold at most 64 KiB)."""
+PINNED: Final = (
+    "SET LOCAL search_path = pg_catalog, pg_temp; "
+    "SET LOCAL standard_conforming_strings = on; SET LOCAL jit = off"
+)
+"""The settings the download functions (inlined into these queries, so without SET
+clauses of their own) and upload checks run with, whatever the connection's defaults."""
 IDLE_TIMEOUT: Final = 60.0
 """Seconds a synchronization may wait for the device's next frame."""
 OPS: Final = ("insert", "update", "delete")
@@ -448,6 +454,8 @@ class _Sync:
     ) -> dict[str, Any]:
         async with self.owner.pool.connection(self.owner.timeout) as db:
             async with db.transaction():
+                await db.execute(PINNED)
+                await self._still_enabled(db)
                 cur = await db.execute(
                     "SELECT result FROM pushsync.sync_uploads WHERE device_id = %s AND batch = %s",
                     (self.device, batch),
@@ -473,6 +481,18 @@ class _Sync:
                     (self.device, batch, json.dumps(result)),
                 )
                 return result
+
+    async def _still_enabled(self, db: AsyncConn) -> None:
+        """Refuse the batch if the device lost access since it authenticated. The row
+        lock makes a concurrent ``device disable`` wait for this batch: once that command
+        returns, no batch of the device commits any more."""
+        cur = await db.execute(
+            "SELECT enabled FROM pushsync.devices WHERE device_id = %s FOR SHARE",
+            (self.device,),
+        )
+        row = await cur.fetchone()
+        if row is None or not row[0]:
+            raise SyncRefused("this device may no longer synchronize")
 
     async def _apply_one(
         self, db: AsyncConn, change: _Change, tables: dict[str, ServerTable]
@@ -526,7 +546,7 @@ class _Sync:
         async with self.owner.pool.connection(self.owner.timeout) as db:
             async with db.transaction():
                 await db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                await db.execute("SET LOCAL search_path = pg_catalog, pg_temp")
+                await db.execute(PINNED)
                 cur = await db.execute("SELECT pg_current_snapshot()::text")
                 row = await cur.fetchone()
                 assert row is not None

@@ -456,3 +456,22 @@ def local_reports_or_empty(config: ListenerConfig) -> list[tuple[Any, ...]]:
 def sync_of_connections(dispatcher: Dispatcher) -> int:
     assert dispatcher.sync is not None
     return dispatcher.sync.stats.authenticated
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def test_a_download_is_inlined_into_the_key_lookups_of_a_sync(fleet: psycopg.Connection) -> None:
+    """Looking up one key of a device's set reads that key, not the whole set: the
+    download function is inlined (no SET clause) and the routes' primary key is used."""
+    fleet.execute("SET enable_seqscan = off")  # tiny tables: show the index is usable
+    plan = "\n".join(
+        row[0]
+        for row in fleet.execute(
+            'EXPLAIN SELECT * FROM pushsync."pub__driver__public__routes"(%s) AS f '
+            "WHERE f.route_id = 1",
+            ("truck-1",),
+        )
+    )
+    assert "Function Scan" not in plan, plan
+    assert "routes_pkey" in plan, plan
