@@ -80,7 +80,14 @@ from pushsync.dispatcher.polls import Poll, due_polls, list_polls, next_due, run
 from pushsync.dispatcher.routing import gateway_order, next_gateway
 from pushsync.dispatcher.sync_endpoint import Synchronizer
 from pushsync.dispatcher.sync_server import DEFAULT_PORT as DEFAULT_SYNC_PORT
-from pushsync.dispatcher.sync_server import HEARTBEAT, SyncGateway, SyncServer, SyncSettings
+from pushsync.dispatcher.sync_server import (
+    HEARTBEAT,
+    MAX_PREAUTH,
+    MAX_PREAUTH_PER_HOST,
+    SyncGateway,
+    SyncServer,
+    SyncSettings,
+)
 from pushsync.listener import protocol
 
 logger = logging.getLogger(__name__)
@@ -742,6 +749,7 @@ def run_dispatcher(
     sync_listen: str | None = None,
     sync_tls: ssl.SSLContext | None = None,
     heartbeat: float = HEARTBEAT,
+    max_handshakes: tuple[int, int] = (MAX_PREAUTH, MAX_PREAUTH_PER_HOST),
     gateways: Mapping[str, Gateway] | None = None,
     owner: str | None = None,
     batch: int = 500,
@@ -757,7 +765,8 @@ def run_dispatcher(
     A :class:`UdpGateway` is bound to ``udp_listen`` (``HOST:PORT``; default
     :data:`DEFAULT_UDP_LISTEN`) and receives the devices' acks there. The SYNC
     server listens on ``sync_listen`` (default :data:`DEFAULT_SYNC_LISTEN`;
-    ``off`` for none), inside TLS when ``sync_tls`` is given. ``gateways`` adds
+    ``off`` for none), inside TLS when ``sync_tls`` is given, holding at most
+    ``max_handshakes`` unauthenticated connections (overall, per address). ``gateways`` adds
     others by name (e.g. ``{"smtp": SmtpGateway(...)}``).
     ValueError if an address is not ``HOST:PORT``; OSError if it cannot be bound.
     """
@@ -795,7 +804,12 @@ def run_dispatcher(
                 sync = SyncServer(
                     dispatcher.store,
                     dispatcher.on_ack,
-                    settings=SyncSettings(heartbeat=heartbeat, tls=sync_tls),
+                    settings=SyncSettings(
+                        heartbeat=heartbeat,
+                        tls=sync_tls,
+                        max_preauth=max_handshakes[0],
+                        max_preauth_per_host=max_handshakes[1],
+                    ),
                     on_connect=lambda _device: dispatcher.wake(),
                 )
                 sync.synchronizer = Synchronizer(dispatcher.store.pool)

@@ -288,9 +288,15 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
             tls = server_tls(args.sync_tls_cert, args.sync_tls_key)
         except (OSError, ValueError) as exc:
             raise UsageError(f"cannot load the SYNC TLS certificate or key: {exc}") from exc
-    from pushsync.dispatcher.sync_server import HEARTBEAT
+    from pushsync.dispatcher.sync_server import HEARTBEAT, MAX_PREAUTH, MAX_PREAUTH_PER_HOST
 
     heartbeat = _seconds(args.heartbeat, "--heartbeat") if args.heartbeat else HEARTBEAT
+    handshakes = _positive(args.sync_max_handshakes, "--sync-max-handshakes", MAX_PREAUTH)
+    per_address = _positive(
+        args.sync_max_handshakes_per_address,
+        "--sync-max-handshakes-per-address",
+        MAX_PREAUTH_PER_HOST,
+    )
     try:
         return run_dispatcher(
             db.resolve_dsn(args.dsn),
@@ -300,6 +306,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
             gateways=gateways,
             metrics_listen=args.metrics,
             heartbeat=heartbeat,
+            max_handshakes=(handshakes, min(per_address, handshakes)),
             batch=_positive(args.batch, "--batch"),
         )
     except ValueError as exc:
@@ -475,6 +482,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--heartbeat",
         metavar="DURATION",
         help="PING a quiet SYNC device after this long; 3x silent closes it (default 30s)",
+    )
+    option(
+        dispatch,
+        "--sync-max-handshakes",
+        metavar="N",
+        help="SYNC connections not authenticated yet, at most; the oldest is closed first "
+        "(default 256)",
+    )
+    option(
+        dispatch,
+        "--sync-max-handshakes-per-address",
+        metavar="N",
+        help="of those, from one address (default 32; raise it for fleets behind one NAT)",
     )
     option(
         dispatch,

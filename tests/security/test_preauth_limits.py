@@ -214,3 +214,25 @@ async def test_a_flood_of_bad_datagrams_is_a_few_log_lines(
 
 def test_the_caps_are_the_documented_defaults() -> None:
     assert (MAX_PREAUTH, MAX_PREAUTH_PER_HOST) == (256, 32)
+
+
+def test_the_caps_are_options_of_the_command(dsn: str) -> None:
+    """``--sync-max-handshakes-per-address 2``: a third idle connection from one address
+    closes the oldest; the two newer ones wait for their handshake."""
+    with dispatcher_process(dsn, "--sync-max-handshakes-per-address", "2") as running:
+        connect = ("127.0.0.1", running.sync_port)
+        first, second, third = (socket.create_connection(connect, 5) for _ in range(3))
+        try:
+            first.settimeout(5)
+            said = b""
+            while chunk := first.recv(4096):  # until the server closes it
+                said += chunk
+            # A BYE with the reason, unless it was closed before it was fully set up.
+            assert said == b"" or b"too many connections" in said
+            for still in (second, third):
+                still.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    still.recv(4096)  # nothing said to them: they are waiting their turn
+        finally:
+            for sock in (first, second, third):
+                sock.close()
