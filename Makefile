@@ -23,10 +23,13 @@ install: $(STAMP)
 postgres: $(STAMP)
 	VENV=$(VENV) scripts/ensure-postgres
 
+# mypy and lint-imports read the package as the wheel lays it out: scripts/package-view.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python scripts/package-view
 	$(BIN)/mypy
+	cd build/package-view && $(abspath $(BIN))/lint-imports --no-cache $(CURDIR)/pyproject.toml
 
 test: lint postgres
 	$(BIN)/pytest

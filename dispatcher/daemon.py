@@ -88,7 +88,7 @@ from pushsync.dispatcher.sync_server import (
     SyncServer,
     SyncSettings,
 )
-from pushsync.listener import protocol
+from pushsync.wire import protocol
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Every gateway has the same narrow interface (:class:`Gateway`): a ``name`` and
 exception; ``final`` says whether trying again could help. The UDP gateway also
 receives the devices' signed acks on the socket it sends from; the SMTP gateway
 sends a plain-text email with the signed envelope in a header. Encoding and
-verification are the pure functions of :mod:`pushsync.listener.protocol`;
+verification are the pure functions of :mod:`pushsync.wire.protocol`;
 ``docs/protocol.md`` has the wire format.
 
 Secrets (device secrets, the SMTP password) never appear in a log line or in a
@@ -32,11 +32,10 @@ from typing import Any, Final, Protocol, cast
 
 from pushsync.dispatcher.outbox import Claimed
 from pushsync.errors import UsageError
-from pushsync.listener import protocol
-from pushsync.listener.channels import format_peer as format_peer  # re-exported
-from pushsync.listener.config import parse_address
-from pushsync.listener.limits import MAX_DATAGRAM
 from pushsync.logs import Throttle
+from pushsync.wire import protocol
+from pushsync.wire.addresses import format_peer, parse_address
+from pushsync.wire.limits import MAX_DATAGRAM
 
 logger = logging.getLogger(__name__)
 

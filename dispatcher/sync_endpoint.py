@@ -62,8 +62,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from pushsync.db import first_line
 from pushsync.dispatcher.sync_server import SyncConnection
-from pushsync.listener import protocol
-from pushsync.listener.protocol import FrameType
+from pushsync.wire import protocol
+from pushsync.wire.protocol import FrameType
 
 logger = logging.getLogger(__name__)
 

@@ -57,12 +57,13 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 from pushsync.db import first_line
-from pushsync.dispatcher.gateways import SendResult, failed, format_peer, sent, to_message
+from pushsync.dispatcher.gateways import SendResult, failed, sent, to_message
 from pushsync.dispatcher.outbox import Claimed
-from pushsync.listener import protocol
-from pushsync.listener.limits import MAX_DATAGRAM
-from pushsync.listener.protocol import FrameType
 from pushsync.logs import Throttle
+from pushsync.wire import protocol
+from pushsync.wire.addresses import format_peer
+from pushsync.wire.limits import MAX_DATAGRAM
+from pushsync.wire.protocol import FrameType
 
 logger = logging.getLogger(__name__)
 

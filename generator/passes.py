@@ -28,7 +28,7 @@ from pushsync.generator.model import (
     TableName,
     Template,
 )
-from pushsync.listener.limits import MAX_MESSAGE_TEXT
+from pushsync.wire.limits import MAX_MESSAGE_TEXT
 
 Pass = Callable[[RuleSet, Problems], None]
 

@@ -54,7 +54,7 @@ from pushsync.listener.config import (
     SyncAction,
 )
 from pushsync.listener.handlers import argv_for, socket_text
-from pushsync.listener.protocol import Message
+from pushsync.wire.protocol import Message
 
 OUTPUT_CAP: Final = 64 * 1024
 """Most bytes of a program's output, or of a socket's reply, kept for the log."""

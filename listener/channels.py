@@ -1,7 +1,7 @@
 """The listener's channels: how signed envelopes reach :class:`~pushsync.listener.runtime.Listener`.
 
-Each channel is a thin shell around :mod:`pushsync.listener.protocol`: it turns
-what arrived into a verified :class:`~pushsync.listener.protocol.Message` (or a
+Each channel is a thin shell around :mod:`pushsync.wire.protocol`: it turns
+what arrived into a verified :class:`~pushsync.wire.protocol.Message` (or a
 counted, logged rejection) and hands it to the listener's ``handle``. Nothing a
 peer sends can raise out of a channel.
 
@@ -11,7 +11,7 @@ peer sends can raise out of a channel.
   from).
 * :class:`MaildirChannel` — polls ``channels.maildir.path``. Every file in
   ``new/`` is read as an email (:mod:`email`, ``policy.default``), verified
-  with :func:`~pushsync.listener.protocol.message_from_email`, handled, and
+  with :func:`~pushsync.wire.protocol.message_from_email`, handled, and
   then moved to ``cur/``: with the Maildir flag ``S`` (seen) when it was
   handled or was a duplicate, ``T`` (trashed) when it was rejected. Email
   has no way back, so no ack is sent for a mail.
@@ -42,13 +42,13 @@ from email import message_from_bytes, policy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from pushsync.listener import protocol
-from pushsync.listener.config import Address
 from pushsync.listener.config import PollChannel as PollConfig
 from pushsync.listener.config import SyncChannel as SyncConfig
-from pushsync.listener.limits import MAX_DATAGRAM
-from pushsync.listener.protocol import FrameType
 from pushsync.listener.sync_client import Backoff, Session, open_session
+from pushsync.wire import protocol
+from pushsync.wire.addresses import Address, format_peer
+from pushsync.wire.limits import MAX_DATAGRAM
+from pushsync.wire.protocol import FrameType
 
 if TYPE_CHECKING:
     from pushsync.listener.runtime import Listener
@@ -63,14 +63,6 @@ MAX_MAIL: Final = 256 * 1024
 
 DEFAULT_MAILDIR_POLL: Final = 1.0
 """Seconds between two looks into ``new/``."""
-
-
-def format_peer(addr: Any) -> str:
-    """A socket address as ``host:port`` (``[v6]:port``)."""
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host = str(addr[0])
-        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
-    return str(addr)
 
 
 # --------------------------------------------------------------------------- UDP

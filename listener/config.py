@@ -12,7 +12,6 @@ shared with the rules file.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import stat
@@ -23,8 +22,9 @@ from pathlib import Path
 from typing import Any, Final, TypeAlias, TypeVar, cast
 
 from pushsync.errors import Location, Problems, PushsyncError, RulesError, UsageError
-from pushsync.listener.protocol import PRIORITIES, Priority, read_secret
 from pushsync.source import Node, closest, load, parse_duration, suggestion
+from pushsync.wire.addresses import Address, parse_address, valid_host
+from pushsync.wire.protocol import PRIORITIES, Priority, read_secret
 
 T = TypeVar("T")
 
@@ -146,18 +146,6 @@ def _unknown_variable(name: str, names: frozenset[str], text: str, after: int) -
 DEVICE_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 HANDLER_NAME: Final = DEVICE_ID
 DEFAULT_TIMEOUT: Final = timedelta(seconds=60)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Address:
-    """A ``host:port``; IPv6 hosts are written ``[::1]:2439`` and kept without brackets."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
 
 
 DEFAULT_HEARTBEAT: Final = timedelta(seconds=30)
@@ -313,41 +301,6 @@ HANDLER_KEYS: Final = (
 ACTION_KEYS: Final = ("sync", "run", "start", "socket", "timeout")
 ACTION_KINDS: Final = ("sync", "run", "start", "socket")
 SOCKET_KEYS: Final = ("host", "port", "send", "reply")
-
-# --------------------------------------------------------------------------- small parsers
-
-_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?\Z")
-
-
-def valid_host(host: str) -> bool:
-    """A host name, an IPv4 address or an IPv6 address (without brackets)."""
-    if ":" in host:
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            return False
-        return True
-    return bool(_HOSTNAME.match(host))
-
-
-def parse_address(text: str, *, lowest_port: int = 1) -> Address | None:
-    """``host:port`` or ``[ipv6]:port``, port ``lowest_port``..65535; ``None`` if not one.
-
-    A local address to bind may use port 0: the system picks a free one.
-    """
-    host, colon, port = text.rpartition(":")
-    if not colon or not port.isascii() or not port.isdigit():
-        return None
-    if not lowest_port <= int(port) < 65536:
-        return None
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        if ":" not in host:
-            return None
-    elif ":" in host:
-        return None  # an IPv6 address needs brackets
-    return Address(host=host, port=int(port)) if valid_host(host) else None
-
 
 # --------------------------------------------------------------------------- validation
 

@@ -22,7 +22,7 @@ from pushsync.listener.config import (
     Variable,
     parse_template,
 )
-from pushsync.listener.protocol import Message
+from pushsync.wire.protocol import Message
 
 
 def message_text(msg: Message) -> str:

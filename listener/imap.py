@@ -49,10 +49,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from pushsync.listener import protocol
 from pushsync.listener.channels import MAX_MAIL, message_from_mail
-from pushsync.listener.config import Address
 from pushsync.listener.config import ImapChannel as ImapConfig
+from pushsync.wire import protocol
+from pushsync.wire.addresses import Address
 
 if TYPE_CHECKING:
     from pushsync.listener.runtime import Listener

@@ -55,7 +55,6 @@ from pathlib import Path
 from typing import Final, Literal, Protocol, TypeVar
 
 from pushsync.errors import PushsyncError, RulesError
-from pushsync.listener import protocol
 from pushsync.listener.actions import Actions, Outcome, Performed, perform
 from pushsync.listener.channels import (
     DEFAULT_MAILDIR_POLL,
@@ -71,6 +70,7 @@ from pushsync.listener.imap import ImapChannel
 from pushsync.listener.localdb import LocalDatabaseError
 from pushsync.listener.sync import SyncFailed, sync_once
 from pushsync.logs import Throttle
+from pushsync.wire import protocol
 
 logger = logging.getLogger(__name__)
 

@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from pushsync.errors import PushsyncError
-from pushsync.listener import protocol
 from pushsync.listener.config import ListenerConfig
 from pushsync.listener.localdb import Change, Column, LocalDatabase, TableDownload, TableSchema
-from pushsync.listener.protocol import FrameType
+from pushsync.wire import protocol
+from pushsync.wire.protocol import FrameType
 
 logger = logging.getLogger(__name__)
 

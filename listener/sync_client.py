@@ -6,7 +6,7 @@ returns only once the server has proved it knows the device secret too.
 A :class:`Session` then reads and writes frames, each authenticated with a
 tag under the connection's session keys (``docs/protocol.md``, "Frame
 authentication"): a frame that fails its tag ends the connection with
-:class:`~pushsync.listener.protocol.BadSignature`. The listener's ``sync`` and
+:class:`~pushsync.wire.protocol.BadSignature`. The listener's ``sync`` and
 ``poll`` channels (:mod:`pushsync.listener.channels`) and the built-in sync
 client use it. Standard library only.
 """
@@ -21,9 +21,9 @@ import ssl
 from pathlib import Path
 from typing import Final
 
-from pushsync.listener import protocol
-from pushsync.listener.config import Address
-from pushsync.listener.protocol import FrameType
+from pushsync.wire import protocol
+from pushsync.wire.addresses import Address
+from pushsync.wire.protocol import FrameType
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Session:
         """The next frame; None when the server closed the connection.
 
         ``TimeoutError`` after ``timeout`` seconds without a whole frame;
-        :class:`~pushsync.listener.protocol.ProtocolError` for a bad stream.
+        :class:`~pushsync.wire.protocol.ProtocolError` for a bad stream.
         """
         async with asyncio.timeout(timeout):
             while (frame := self._frames.take()) is None:
@@ -135,7 +135,7 @@ async def open_session(
 
     Raises ``OSError``/``TimeoutError`` for the network, :class:`Refused` when
     the server says BYE (wrong secret, unknown device, server unavailable),
-    :class:`~pushsync.listener.protocol.BadSignature` when the server's proof
+    :class:`~pushsync.wire.protocol.BadSignature` when the server's proof
     is wrong (it does not know the secret: not our server), and other
     ``ProtocolError`` for a server that does not speak the protocol.
     """

@@ -137,7 +137,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_device_add(args: argparse.Namespace) -> int:
     from pushsync import db, devices
-    from pushsync.listener.protocol import format_secret
+    from pushsync.wire.protocol import format_secret
 
     device = devices.NewDevice(
         device_id=devices.check_device_id(args.id),

@@ -15,8 +15,8 @@ import psycopg
 
 from pushsync import queries
 from pushsync.errors import UsageError
-from pushsync.listener import protocol
-from pushsync.listener.config import parse_address
+from pushsync.wire import protocol
+from pushsync.wire.addresses import parse_address
 
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 PUBLICATION = re.compile(r"[a-z][a-z0-9_]{0,62}\Z")

@@ -16,7 +16,7 @@ _HEADER = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
 
 @functools.cache
 def _blocks(file: str) -> dict[str, str]:
-    text = resources.files("pushsync").joinpath("sql", file).read_text("utf-8")
+    text = resources.files("pushsync.sql").joinpath(file).read_text("utf-8")
     parts = _HEADER.split(text)
     return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 

@@ -30,7 +30,7 @@ class Migration:
 def migrations() -> list[Migration]:
     """The base schema's migrations, in order."""
     found = []
-    for entry in resources.files("pushsync").joinpath("sql").iterdir():
+    for entry in resources.files("pushsync.sql").iterdir():
         match = _MIGRATION.match(entry.name)
         if match:
             found.append(Migration(int(match.group(1)), match.group(2), entry.read_text("utf-8")))

@@ -5,7 +5,7 @@
 One blocking psycopg connection LISTENs on ``pushsync``, a second does the
 work: on each notification it runs the ``claim`` block of
 ``sql/dispatcher.sql`` (as the dispatcher does), signs each claimed row with
-:func:`pushsync.listener.protocol.encode_message` and sends it with one
+:func:`pushsync.wire.protocol.encode_message` and sends it with one
 ``sendto`` on a plain UDP socket to the row's UDP address, then marks the batch
 sent in one statement. No asyncio, no tasks, no per-row statement, no
 resolver (addresses are ``127.0.0.1:PORT``), no logging. Prints ``ready`` once
@@ -27,7 +27,7 @@ from psycopg.rows import class_row
 from bench.dispatch_throughput.database import MARK_SENT
 from pushsync.dispatcher.gateways import split_address, to_message
 from pushsync.dispatcher.outbox import Claimed, query
-from pushsync.listener import protocol
+from pushsync.wire import protocol
 
 OWNER = "bench-bare-relay"
 

@@ -23,7 +23,7 @@ from bench.dispatch_throughput.database import now
 from bench.dispatch_throughput.pgqueuer_proc import ENTRYPOINT, driver_available
 from bench.trigger_overhead.database import running_server, server_options, settings
 from pushsync import generator, schema
-from pushsync.listener import protocol
+from pushsync.wire import protocol
 
 HERE = Path(__file__).resolve().parent
 RULES_FILE = HERE / "rules.yaml"

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench.listener_throughput import profiling, sender
-from pushsync.listener import protocol
+from pushsync.wire import protocol
 
 DEVICE = "bench-1"
 SECRET = bytes(range(32))

@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pushsync.listener import protocol
+from pushsync.wire import protocol
 
 _ID = slice(4, 20)
 

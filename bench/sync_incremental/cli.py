@@ -31,10 +31,10 @@ import psycopg
 
 from bench.dispatcher_process import dispatcher_process, throwaway_database
 from pushsync import generator, schema
-from pushsync.listener import protocol
 from pushsync.listener.config import ListenerConfig, load_config
 from pushsync.listener.runtime import Listener
 from pushsync.listener.sync import local_database, sync_once
+from pushsync.wire import protocol
 
 HERE = Path(__file__).resolve().parent
 DBNAME = "bench"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 
-from pushsync.listener import protocol
+from pushsync.wire import protocol
 from tests.acceptance.conftest import Run, _executable
 from tests.integration import trucking
 

@@ -12,7 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
-from pushsync.listener import protocol
+from pushsync.wire import protocol
 from tests.acceptance.conftest import Run, _executable
 from tests.support.keys import write_key
 

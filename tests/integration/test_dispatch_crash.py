@@ -38,7 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pytest_postgresql.executors import PostgreSQLExecutor
 
 from pushsync import devices
-from pushsync.listener import protocol
+from pushsync.wire import protocol
 from tests.acceptance.conftest import _executable
 from tests.support.postgres import start_postgres
 

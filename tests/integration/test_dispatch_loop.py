@@ -16,7 +16,7 @@ from psycopg.rows import dict_row
 from pushsync.dispatcher.daemon import Dispatcher
 from pushsync.dispatcher.gateways import Gateway, RecordingGateway, SendResult, UdpGateway
 from pushsync.dispatcher.outbox import Claimed
-from pushsync.listener import protocol
+from pushsync.wire import protocol
 from tests.integration import trucking
 
 SECRET = b"0123456789abcdef"  # what trucking.add_devices gives every device

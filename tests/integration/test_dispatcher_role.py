@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from pushsync.listener import protocol
+from pushsync.wire import protocol
 from tests.integration.test_sync_gateway import (
     DEVICE,
     SECRET,

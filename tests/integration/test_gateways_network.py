@@ -24,7 +24,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from pushsync.dispatcher import gateways as g
 from pushsync.dispatcher.outbox import Claimed
-from pushsync.listener import protocol
+from pushsync.wire import protocol
 
 SECRET = bytes(range(32))
 OTHER = bytes(range(1, 33))

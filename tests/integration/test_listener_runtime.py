@@ -25,10 +25,11 @@ import pytest
 
 from pushsync.dispatcher.gateways import UdpGateway, to_message
 from pushsync.dispatcher.outbox import Claimed
-from pushsync.listener import protocol
-from pushsync.listener.config import Address, load_config
 from pushsync.listener.config import UdpChannel as UdpConfig
+from pushsync.listener.config import load_config
 from pushsync.listener.runtime import Listener, run_listener
+from pushsync.wire import protocol
+from pushsync.wire.addresses import Address
 from tests.support.keys import write_key
 
 SECRET = bytes(range(32))

@@ -29,9 +29,9 @@ from hypothesis import strategies as st
 
 from pushsync.dispatcher.outbox import Claimed
 from pushsync.dispatcher.sync_server import SyncServer, SyncSettings
-from pushsync.listener import protocol
 from pushsync.listener.config import load_config
 from pushsync.listener.runtime import Listener
+from pushsync.wire import protocol
 from tests.support.keys import write_key
 
 SECRET = bytes(range(32))
@@ -458,8 +458,8 @@ def test_hostile_clients_never_authenticate_and_the_server_keeps_serving(
         assert server.stats.authenticated == 0
 
         async def honest() -> bool:
-            from pushsync.listener.config import Address
             from pushsync.listener.sync_client import open_session
+            from pushsync.wire.addresses import Address
 
             session = await open_session(
                 Address(host=host, port=port), device=DEVICE, secret=SECRET

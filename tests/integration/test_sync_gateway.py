@@ -30,10 +30,11 @@ from pushsync.dispatcher.daemon import Dispatcher
 from pushsync.dispatcher.gateways import Gateway, RecordingGateway
 from pushsync.dispatcher.sync_endpoint import Synchronizer
 from pushsync.dispatcher.sync_server import SyncServer, SyncSettings, server_tls
-from pushsync.listener import protocol
-from pushsync.listener.config import Address, load_config
+from pushsync.listener.config import load_config
 from pushsync.listener.runtime import Listener
 from pushsync.listener.sync_client import Refused, Session, open_session
+from pushsync.wire import protocol
+from pushsync.wire.addresses import Address
 from tests.support.keys import write_key
 
 SECRET = bytes(range(32))

@@ -19,11 +19,11 @@ import pytest
 
 from pushsync.dispatcher.daemon import Dispatcher
 from pushsync.dispatcher.sync_endpoint import MAX_UPLOAD_ROWS
-from pushsync.listener import protocol
 from pushsync.listener.config import ListenerConfig, load_config
 from pushsync.listener.localdb import LocalDatabase
 from pushsync.listener.sync import SyncFailed, SyncResult, Transport, local_database, sync_once
 from pushsync.listener.sync_client import open_session
+from pushsync.wire import protocol
 from tests.integration import trucking
 from tests.integration.test_sync_gateway import dispatching, server_address
 from tests.support.keys import write_key

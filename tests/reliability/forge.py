@@ -21,9 +21,9 @@ import uuid
 from email.message import EmailMessage
 from typing import Any
 
-from pushsync.listener import protocol
 from pushsync.listener.channels import _message_from_mail
-from pushsync.listener.protocol import FrameType
+from pushsync.wire import protocol
+from pushsync.wire.protocol import FrameType
 
 __all__ = ["Forge", "accepted_mail", "accepted_message", "raw_frame", "signed"]
 

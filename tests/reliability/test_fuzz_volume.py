@@ -56,10 +56,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pushsync.listener import protocol
-from pushsync.listener.config import Address
-from pushsync.listener.protocol import FrameType
 from pushsync.listener.sync_client import Session, open_session
+from pushsync.wire import protocol
+from pushsync.wire.addresses import Address
+from pushsync.wire.protocol import FrameType
 from tests.integration.test_network_fuzz import LoopThread
 from tests.reliability.forge import Forge, accepted_mail, accepted_message, raw_frame
 from tests.reliability.harness import (

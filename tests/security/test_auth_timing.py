@@ -28,7 +28,7 @@ import pytest
 
 from bench.dispatcher_process import dispatcher_process
 from pushsync.dispatcher.sync_server import FAILED_AUTH_DELAY
-from pushsync.listener import protocol
+from pushsync.wire import protocol
 from tests.integration.test_sync_gateway import DEVICE, SECRET, WRONG, add_device
 
 ROUNDS = 25

@@ -18,8 +18,8 @@ import pytest
 import pytest_asyncio
 
 from pushsync.dispatcher.daemon import Dispatcher
-from pushsync.listener import protocol
 from pushsync.listener.sync_client import Refused, Session, open_session
+from pushsync.wire import protocol
 from tests.acceptance.conftest import _executable
 from tests.integration.test_sync_gateway import (
     DEVICE,

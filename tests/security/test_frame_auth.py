@@ -29,10 +29,10 @@ import psycopg
 import pytest
 
 from pushsync.dispatcher.daemon import Dispatcher
-from pushsync.listener import protocol
 from pushsync.listener.channels import SyncChannel
-from pushsync.listener.config import Address
-from pushsync.listener.protocol import FrameType
+from pushsync.wire import protocol
+from pushsync.wire.addresses import Address
+from pushsync.wire.protocol import FrameType
 from tests.acceptance.conftest import _executable
 from tests.integration import trucking
 from tests.integration.test_sync_gateway import (

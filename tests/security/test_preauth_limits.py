@@ -34,8 +34,8 @@ import pytest
 
 from bench.dispatcher_process import dispatcher_process
 from pushsync.dispatcher.sync_server import MAX_PREAUTH, MAX_PREAUTH_PER_HOST
-from pushsync.listener import protocol
-from pushsync.listener.config import Address
+from pushsync.wire import protocol
+from pushsync.wire.addresses import Address
 from tests.integration.test_sync_gateway import (
     DEVICE,
     SECRET,

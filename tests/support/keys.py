@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pushsync.listener.protocol import format_secret
+from pushsync.wire.protocol import format_secret
 
 
 def write_key(path: Path, secret: bytes) -> Path:

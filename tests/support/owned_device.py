@@ -20,8 +20,8 @@ import psycopg
 
 from pushsync.listener.config import ListenerConfig, load_config
 from pushsync.listener.localdb import LocalDatabase
-from pushsync.listener.protocol import format_secret
 from pushsync.listener.sync import SyncResult, sync_once
+from pushsync.wire.protocol import format_secret
 
 SECRET = bytes(range(32))
 """The key of the tests' devices (``trucking.setup`` gives every device another one)."""

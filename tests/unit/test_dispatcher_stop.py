@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from pushsync.dispatcher.daemon import Dispatcher
-from pushsync.listener import protocol
+from pushsync.wire import protocol
 
 
 class StoppedWhileConfirming:

@@ -13,8 +13,9 @@ import pytest
 from pushsync.dispatcher import gateways as g
 from pushsync.dispatcher.outbox import Claimed
 from pushsync.errors import UsageError
-from pushsync.listener import protocol
-from pushsync.listener.limits import MAX_DATAGRAM
+from pushsync.wire import protocol
+from pushsync.wire.addresses import format_peer
+from pushsync.wire.limits import MAX_DATAGRAM
 
 SECRET = bytes(range(32))
 CREATED = datetime(2023, 11, 14, 22, 13, 20, 123456, tzinfo=UTC)
@@ -224,8 +225,8 @@ def test_split_address_refuses(address: str) -> None:
 
 
 def test_format_peer() -> None:
-    assert g.format_peer(("127.0.0.1", 9)) == "127.0.0.1:9"
-    assert g.format_peer(("::1", 9, 0, 0)) == "[::1]:9"
+    assert format_peer(("127.0.0.1", 9)) == "127.0.0.1:9"
+    assert format_peer(("::1", 9, 0, 0)) == "[::1]:9"
 
 
 def test_smtp_repr_hides_password() -> None:

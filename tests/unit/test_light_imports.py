@@ -1,24 +1,58 @@
-"""Devices install pushsync without the server extras: the CLI and listener stay light."""
+"""Devices install pushsync without the server extras: what they run stays light.
+
+The import contracts in pyproject.toml (``lint-imports``, run by ``make lint``)
+keep ``pushsync.listener`` from importing the server side and its libraries,
+and ``pushsync.wire`` from importing either side. Two things they cannot see
+are checked here, each in a fresh process: the ``pushsync`` command reaches the
+server side only through imports inside its functions, so ``pushsync listen``
+and ``pushsync sync`` must get through it without loading psycopg, sqlglot or
+jinja2; and the wire must load the standard library and nothing else.
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
-PROBE = """
+COMMANDS = """
 import sys
-import pushsync.cli, pushsync.listener, pushsync.listener.limits
-import pushsync.listener.runtime, pushsync.listener.channels
-import pushsync.listener.localdb, pushsync.listener.sync, pushsync.listener.sync_client
+import pushsync.cli
+for argv in (["listen", "missing.yaml"], ["sync", "missing.yaml"]):
+    assert pushsync.cli.main(argv) == 2, argv  # the command ran up to reading its config
 pushsync.cli.build_parser().parse_args(["device", "list"])
-pushsync.cli.build_parser().parse_args(["listen", "listener.yaml"])
-heavy = sorted({"psycopg", "sqlglot", "jinja2"} & {m.split(".")[0] for m in sys.modules})
-print(",".join(heavy))
+assert "pushsync.listener.runtime" in sys.modules and "pushsync.listener.sync" in sys.modules
+heavy = {"psycopg", "psycopg_pool", "sqlglot", "jinja2"} & {m.split(".")[0] for m in sys.modules}
+print(",".join(sorted(heavy)))
+"""
+
+WIRE = """
+import pkgutil, sys
+before = set(sys.modules)
+import pushsync.wire
+names = [f"pushsync.wire.{m.name}" for m in pkgutil.iter_modules(pushsync.wire.__path__)]
+assert "pushsync.wire.protocol" in names and len(names) >= 3, names
+for name in names:
+    __import__(name)
+ours = {"pushsync", "pushsync.errors", "pushsync.wire", *names}
+loaded = set(sys.modules) - before
+assert ours <= loaded, ours - loaded
+print(",".join(sorted(
+    m for m in loaded - ours if m.split(".")[0] not in sys.stdlib_module_names
+)))
 """
 
 
-def test_cli_and_listener_import_no_server_packages() -> None:
+def run(probe: str, cwd: Path) -> str:
     result = subprocess.run(
-        [sys.executable, "-c", PROBE], capture_output=True, text=True, check=True
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=cwd
     )
-    assert result.stdout.strip() == ""
+    return result.stdout.strip()
+
+
+def test_listen_and_sync_commands_load_no_server_library(tmp_path: Path) -> None:
+    assert run(COMMANDS, tmp_path) == ""
+
+
+def test_the_wire_loads_only_the_standard_library(tmp_path: Path) -> None:
+    assert run(WIRE, tmp_path) == ""

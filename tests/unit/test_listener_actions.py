@@ -27,7 +27,7 @@ from pushsync.listener.actions import (
     perform,
 )
 from pushsync.listener.config import Handler, loads_config
-from pushsync.listener.protocol import Message
+from pushsync.wire.protocol import Message
 
 DANGEROUS = "$(rm -rf /); `id` 'quoted' \"double\" $subject ${content}"
 NOW = datetime(2024, 3, 7, 8, 5, 9)

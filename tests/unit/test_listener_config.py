@@ -14,7 +14,6 @@ import pytest
 from pushsync.errors import RulesError, UsageError
 from pushsync.listener import config
 from pushsync.listener.config import (
-    Address,
     RunAction,
     ShutdownAction,
     SocketAction,
@@ -25,11 +24,11 @@ from pushsync.listener.config import (
     Variable,
     load_config,
     loads_config,
-    parse_address,
     parse_template,
     read_secret_file,
 )
 from pushsync.source import parse_duration
+from pushsync.wire.addresses import Address, parse_address
 
 DESIGN_EXAMPLE = """\
 device: truck-17

@@ -19,7 +19,7 @@ from pushsync.listener.config import (
     loads_config,
 )
 from pushsync.listener.handlers import argv_for, expand, match, message_text, socket_text
-from pushsync.listener.protocol import Message, Priority
+from pushsync.wire.protocol import Message, Priority
 
 REQUEST_ID = uuid.UUID("12345678-1234-5678-1234-567812345678")
 NOW = datetime(2024, 3, 7, 8, 5, 9)

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pushsync.errors import UsageError
-from pushsync.listener import protocol as p
-from pushsync.listener.limits import ENVELOPE_BUDGET, MAX_DATAGRAM, MAX_MESSAGE_TEXT
+from pushsync.wire import protocol as p
+from pushsync.wire.limits import ENVELOPE_BUDGET, MAX_DATAGRAM, MAX_MESSAGE_TEXT
 
 SECRET = bytes(range(32))
 OTHER = bytes(range(1, 33))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pushsync.dispatcher.sync_endpoint import MAX_UPLOAD_ROWS, _answer
-from pushsync.listener import protocol
+from pushsync.wire import protocol
 
 
 def test_the_largest_answer_fits_one_frame_with_every_seq() -> None:

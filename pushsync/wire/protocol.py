@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from pushsync.errors import PushsyncError, UsageError
-from pushsync.listener.limits import MAX_DATAGRAM
+from pushsync.wire.limits import MAX_DATAGRAM
 
 # --------------------------------------------------------------------------- errors
 
