@@ -32,13 +32,12 @@ endpoint and UDP acks for rows sent before a restart reach the database through
 a small connection pool (:class:`~pushsync.dispatcher.nodes.PoolStore`), so a
 handshake never waits behind a claim.
 
-The statements are the named blocks of ``sql/dispatcher.sql``, the same ones
-the synchronous :class:`~pushsync.dispatcher.outbox.OutboxStore` runs, executed
-here on the async connection (:class:`AsyncOutbox`). Running the sync store in
-``asyncio.to_thread`` was the alternative; it was not chosen because a thread
-cannot be cancelled: a claim running in a thread when the daemon stops or the
-connection drops would leave rows leased to a dispatcher that no longer knows
-it holds them.
+The statements are the named blocks of ``sql/dispatcher.sql``, run by one
+store, :class:`~pushsync.dispatcher.outbox.OutboxStore`: the loops' on the work
+connection, the SYNC server's on the pool. It is async rather than a sync store
+in ``asyncio.to_thread`` because a thread cannot be cancelled: a claim running
+in a thread when the daemon stops or the connection drops would leave rows
+leased to a dispatcher that no longer knows it holds them.
 
 When the database connection drops, the daemon reconnects with capped
 exponential backoff (0.2 s doubling to 5 s), logging one line per attempt
@@ -68,14 +67,13 @@ from datetime import timedelta
 from typing import Any
 
 import psycopg
-from psycopg.rows import class_row
 
 from pushsync import db, queries
 from pushsync.db import first_line
 from pushsync.dispatcher.gateways import Gateway, UdpGateway, split_address
 from pushsync.dispatcher.metrics import Metrics, MetricsServer, serve_metrics
 from pushsync.dispatcher.nodes import PoolStore
-from pushsync.dispatcher.outbox import Claimed, query
+from pushsync.dispatcher.outbox import Claimed, ConnectionExecutor, OutboxStore
 from pushsync.dispatcher.polls import Poll, due_polls, list_polls, next_due, run_poll
 from pushsync.dispatcher.routing import gateway_order, next_gateway
 from pushsync.dispatcher.sync_endpoint import Synchronizer
@@ -113,58 +111,6 @@ port the system picks (logged at start). Devices ack to the address a message
 came from, so any port works; fix one when a firewall must allow it."""
 
 AsyncConn = psycopg.AsyncConnection[Any]
-
-
-class AsyncOutbox:
-    """:class:`~pushsync.dispatcher.outbox.OutboxStore`'s statements on an async connection."""
-
-    def __init__(self, conn: AsyncConn, owner: str) -> None:
-        self.conn = conn
-        self.owner = owner
-
-    async def claim(self, limit: int, lease: timedelta) -> list[Claimed]:
-        async with self.conn.cursor(row_factory=class_row(Claimed)) as cur:
-            await cur.execute(query("claim"), {"owner": self.owner, "limit": limit, "lease": lease})
-            return await cur.fetchall()
-
-    async def sent(self, request_id: uuid.UUID, gateway: str) -> bool:
-        params = {"owner": self.owner, "request_id": request_id, "gateway": gateway}
-        return await self._changed("sent", params) == 1
-
-    async def sent_many(self, sends: list[tuple[uuid.UUID, str]]) -> set[uuid.UUID]:
-        """Record several sends in one statement; the request ids this owner still held."""
-        params = {
-            "owner": self.owner,
-            "request_ids": [request_id for request_id, _ in sends],
-            "gateways": [gateway for _, gateway in sends],
-        }
-        cur = await self.conn.execute(query("sent_many"), params)
-        return {row[0] for row in await cur.fetchall()}
-
-    async def release(self, request_ids: list[uuid.UUID]) -> int:
-        return await self._changed("release", {"owner": self.owner, "request_ids": request_ids})
-
-    async def failed(self, request_id: uuid.UUID, error: str, *, final: bool) -> bool:
-        params = {"owner": self.owner, "request_id": request_id, "error": error, "final": final}
-        return await self._changed("failed", params) == 1
-
-    async def confirm(self, request_id: uuid.UUID, device_id: str) -> bool:
-        cur = await self.conn.execute(
-            query("confirm"), {"request_id": request_id, "device_id": device_id}
-        )
-        row = await cur.fetchone()
-        return bool(row and row[0])
-
-    async def expire(self) -> int:
-        return await self._changed("expire", {})
-
-    async def archive(self, batch: int) -> int:
-        return await self._changed("archive", {"batch": batch})
-
-    async def _changed(self, name: str, params: dict[str, Any]) -> int:
-        async with self.conn.cursor() as cur:
-            await cur.execute(query(name), params)
-            return cur.rowcount
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,7 +315,9 @@ class Dispatcher:
             await work.close()
             await listen.close()
             raise
-        store = AsyncOutbox(work, self.owner)
+        store = OutboxStore(
+            ConnectionExecutor(work), self.owner, lease=self.lease, alive_for=self.alive_for
+        )
         tasks: list[asyncio.Task[None]] = []
         try:
             await listen.execute(f"LISTEN {DEVICES_CHANNEL}")
@@ -377,13 +325,12 @@ class Dispatcher:
             await self._recheck_access()  # after LISTEN: no revocation falls in between
             # Rows claimed before a connection dropped (including claims whose result
             # was lost with the connection) go back, to be claimed again at once.
-            cur = await work.execute(query("mine"), {"owner": self.owner})
-            mine = sorted({row[0] for row in await cur.fetchall()} | self._held)
+            mine = sorted(await store.mine() | self._held)
             if mine:
                 released = await store.release(mine)
                 logger.info("released %d rows held before reconnecting", released)
             self._held.clear()
-            await self._announce(work)
+            await self._announce(store)
             self._established += 1
             self._database_error = None
             self.metrics.set_database_up(True)
@@ -393,7 +340,9 @@ class Dispatcher:
                 asyncio.create_task(self._listen_loop(listen), name="listen"),
                 asyncio.create_task(self._relay_stop(stop), name="stop relay"),
                 asyncio.create_task(self._send_loop(store, stop), name="send"),
-                asyncio.create_task(self._housekeeping_loop(store, stop), name="housekeeping"),
+                asyncio.create_task(
+                    self._housekeeping_loop(store, work, stop), name="housekeeping"
+                ),
                 asyncio.create_task(self._confirm_loop(store, stop), name="confirm"),
                 asyncio.create_task(self._poll_loop(polling, stop), name="polls"),
             ]
@@ -465,7 +414,7 @@ class Dispatcher:
             for device in await self.store.revoked(connected):
                 self.revoke(device)
 
-    async def _send_loop(self, store: AsyncOutbox, stop: asyncio.Event) -> None:
+    async def _send_loop(self, store: OutboxStore, stop: asyncio.Event) -> None:
         while not stop.is_set():
             # One event, no helper tasks: this wait is on every notification's path.
             with contextlib.suppress(TimeoutError):
@@ -477,9 +426,9 @@ class Dispatcher:
             while not stop.is_set() and await self._send_batch(store, stop) >= self.batch:
                 pass
 
-    async def _send_batch(self, store: AsyncOutbox, stop: asyncio.Event) -> int:
+    async def _send_batch(self, store: OutboxStore, stop: asyncio.Event) -> int:
         """Claim one batch and send it; how many rows were claimed."""
-        items = await store.claim(self.batch, self.lease)
+        items = await store.claim(self.batch)
         if not items:
             return 0
         logger.debug("claimed %d rows", len(items))
@@ -542,7 +491,7 @@ class Dispatcher:
         return Outcome(None, error, final=final, tried=tuple(failures))
 
     async def _record(
-        self, store: AsyncOutbox, finished: list[tuple[Claimed, Outcome]], sent: dict[str, int]
+        self, store: OutboxStore, finished: list[tuple[Claimed, Outcome]], sent: dict[str, int]
     ) -> None:
         """Record what became of ``finished``: the sends in one statement, failures one by one."""
         sends = [(item, outcome.gateway) for item, outcome in finished if outcome.gateway]
@@ -561,7 +510,7 @@ class Dispatcher:
             if outcome.gateway is None:
                 await self._record_failure(store, item, outcome)
 
-    async def _record_failure(self, store: AsyncOutbox, item: Claimed, outcome: Outcome) -> None:
+    async def _record_failure(self, store: OutboxStore, item: Claimed, outcome: Outcome) -> None:
         ok = await store.failed(item.request_id, outcome.error, final=outcome.final)
         for gateway in outcome.tried:
             self.metrics.failed(gateway, outcome.final)
@@ -576,29 +525,13 @@ class Dispatcher:
         if not ok:
             logger.warning("lost the lease on %s before recording it", item.request_id)
 
-    async def _announce(self, conn: AsyncConn) -> None:
+    async def _announce(self, store: OutboxStore) -> None:
         """Heartbeat, and (after a reconnect) record the SYNC connections held here again."""
-        await self._heartbeat(conn)
+        await store.heartbeat(self.sync_address, self.udp_address)
         if self.sync is None:
             return
         for device, held in list(self.sync.connections.items()):
-            await conn.execute(
-                query("sync_connected"), self.store.connected_params(device, held.peer)
-            )
-
-    async def _heartbeat(self, conn: AsyncConn) -> None:
-        params = {
-            **self.store.node_params(),
-            "sync_address": self.sync_address,
-            "udp_address": self.udp_address,
-        }
-        await conn.execute(query("heartbeat"), params)
-
-    async def _prune(self, conn: AsyncConn) -> None:
-        """Forget synchronization history older than ``changes_retention``."""
-        cur = await conn.execute(query("prune_changes"), {"keep": self.changes_retention})
-        if cur.rowcount:
-            logger.info("pruned the change log to the last %s", self.changes_retention)
+            await store.connected(device, held.peer)
 
     async def _count(self, conn: AsyncConn) -> None:
         """Refresh the gauges: outbox by state, oldest unsent, connected devices."""
@@ -609,14 +542,18 @@ class Dispatcher:
         self.metrics.set_oldest_unsent(row[0] if row else None)
         self.metrics.set_connected(len(self.sync.connections) if self.sync is not None else 0)
 
-    async def _housekeeping_loop(self, store: AsyncOutbox, stop: asyncio.Event) -> None:
+    async def _housekeeping_loop(
+        self, store: OutboxStore, conn: AsyncConn, stop: asyncio.Event
+    ) -> None:
+        """``store`` runs on ``conn``; the gauges' queries (``_count``) go there directly."""
         while not stop.is_set():
-            await self._heartbeat(store.conn)
-            await self._count(store.conn)
+            await store.heartbeat(self.sync_address, self.udp_address)
+            await self._count(conn)
             expired = await store.expire()
             if expired:
                 logger.info("expired %d rows", expired)
-            await self._prune(store.conn)
+            if await store.prune(self.changes_retention):
+                logger.info("pruned the change log to the last %s", self.changes_retention)
             archived = 0
             while not stop.is_set():
                 moved = await store.archive(self.archive_batch)
@@ -628,7 +565,7 @@ class Dispatcher:
             if await _wait(stop, self.housekeeping_interval):
                 return
 
-    async def _confirm_loop(self, store: AsyncOutbox, stop: asyncio.Event) -> None:
+    async def _confirm_loop(self, store: OutboxStore, stop: asyncio.Event) -> None:
         while not stop.is_set():
             while self._acks:
                 request_id, device = self._acks[0]
@@ -885,7 +822,6 @@ def _exit_at_the_latest(seconds: float) -> None:
 __all__ = [
     "DEFAULT_SYNC_LISTEN",
     "DEFAULT_UDP_LISTEN",
-    "AsyncOutbox",
     "Dispatcher",
     "run_dispatcher",
 ]

@@ -1,25 +1,37 @@
 """The outbox relay's store: claim due notifications, record what became of them.
 
-A small synchronous store over one psycopg 3 connection; every method is one
-statement from the named blocks of ``sql/dispatcher.sql`` (the async
-dispatcher runs the same blocks). Methods take effect in the connection's
-current transaction, or at once on an autocommit connection.
+:class:`OutboxStore` is the dispatcher's one data-access layer: every method
+is one statement from the named blocks of ``sql/dispatcher.sql`` with its
+parameters, run by an :class:`Executor`. The daemon's loops run it on their
+async connection (:class:`ConnectionExecutor`: in the connection's current
+transaction, or at once on an autocommit connection); the SYNC server and the
+ack receivers on a small pool (:class:`PoolExecutor`, through
+:class:`~pushsync.dispatcher.nodes.PoolStore`).
 
 States and the claim contract are in ``docs/schema.md``.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import psycopg
-from psycopg.rows import class_row
+from psycopg.rows import AsyncRowFactory, class_row, tuple_row
 
 from pushsync import queries
+
+if TYPE_CHECKING:
+    from psycopg_pool import AsyncConnectionPool
+
+AsyncConn = psycopg.AsyncConnection[Any]
+Params = Mapping[str, Any]
+Row = TypeVar("Row")
 
 
 def query(name: str) -> str:
@@ -46,49 +58,198 @@ class Claimed:
     email_address: str | None
 
 
-class OutboxStore:
-    """Claims and finishes outbox rows as the dispatcher ``owner``."""
+_CLAIMED: AsyncRowFactory[Claimed] = class_row(Claimed)
 
-    def __init__(self, conn: psycopg.Connection[Any], owner: str) -> None:
+
+class Executor(Protocol):
+    """Runs one statement: on an async connection, or on a connection from a pool."""
+
+    async def execute(self, statement: str, params: Params) -> int:
+        """Run ``statement``; the rows it changed."""
+
+    async def fetch(
+        self, statement: str, params: Params, row_factory: AsyncRowFactory[Row]
+    ) -> list[Row]:
+        """Run ``statement``; the rows it returned, made by ``row_factory``."""
+
+
+class ConnectionExecutor:
+    """:class:`Executor` on one connection, which no other task uses meanwhile."""
+
+    def __init__(self, conn: AsyncConn) -> None:
         self.conn = conn
+
+    async def execute(self, statement: str, params: Params) -> int:
+        async with self.conn.cursor() as cur:
+            await cur.execute(statement, params)
+            return cur.rowcount
+
+    async def fetch(
+        self, statement: str, params: Params, row_factory: AsyncRowFactory[Row]
+    ) -> list[Row]:
+        async with self.conn.cursor(row_factory=row_factory) as cur:
+            await cur.execute(statement, params)
+            return await cur.fetchall()
+
+
+class PoolExecutor:
+    """:class:`Executor` on a pool of autocommit connections: each statement on the
+    first free one, waiting up to ``timeout`` seconds for it."""
+
+    def __init__(self, pool: AsyncConnectionPool[AsyncConn], timeout: float) -> None:
+        self.pool = pool
+        self.timeout = timeout
+
+    async def execute(self, statement: str, params: Params) -> int:
+        async with self.pool.connection(self.timeout) as conn:
+            return await ConnectionExecutor(conn).execute(statement, params)
+
+    async def fetch(
+        self, statement: str, params: Params, row_factory: AsyncRowFactory[Row]
+    ) -> list[Row]:
+        async with self.pool.connection(self.timeout) as conn:
+            return await ConnectionExecutor(conn).fetch(statement, params, row_factory)
+
+
+class OutboxStore:
+    """The statements of ``sql/dispatcher.sql`` as dispatcher ``owner``, on ``executor``.
+
+    Rows are claimed under a lease of ``lease``; this dispatcher's heartbeat
+    and SYNC connection records say it is alive for ``alive_for``.
+    """
+
+    def __init__(
+        self,
+        executor: Executor,
+        owner: str,
+        *,
+        lease: timedelta = timedelta(seconds=30),
+        alive_for: timedelta = timedelta(seconds=15),
+    ) -> None:
+        self.executor = executor
         self.owner = owner
+        self.lease = lease
+        self.alive_for = alive_for
 
-    def claim(self, limit: int, lease: timedelta) -> list[Claimed]:
-        """Up to ``limit`` due rows, now ``sending`` under a lease of ``lease``."""
-        with self.conn.cursor(row_factory=class_row(Claimed)) as cur:
-            cur.execute(query("claim"), {"owner": self.owner, "limit": limit, "lease": lease})
-            return cur.fetchall()
+    # ----------------------------------------------------------------- outbox
 
-    def sent(self, request_id: uuid.UUID, gateway: str) -> bool:
+    async def claim(self, limit: int) -> list[Claimed]:
+        """Up to ``limit`` due rows, now ``sending`` under this store's lease."""
+        params = {"owner": self.owner, "limit": limit, "lease": self.lease}
+        return await self.executor.fetch(query("claim"), params, _CLAIMED)
+
+    async def claim_device(self, device: str, limit: int) -> list[Claimed]:
+        """What ``device`` has not confirmed, due or not (it polled), now ``sending``."""
+        params = {"owner": self.owner, "device_id": device, "limit": limit, "lease": self.lease}
+        return await self.executor.fetch(query("claim_device"), params, _CLAIMED)
+
+    async def sent(self, request_id: uuid.UUID, gateway: str) -> bool:
         """Record a send through ``gateway``; False if this owner no longer holds the row."""
         params = {"owner": self.owner, "request_id": request_id, "gateway": gateway}
-        return self._changed("sent", params) == 1
+        return await self.executor.execute(query("sent"), params) == 1
 
-    def release(self, request_ids: Iterable[uuid.UUID]) -> int:
-        """Give back rows this owner holds, unsent; how many were given back."""
-        params = {"owner": self.owner, "request_ids": list(request_ids)}
-        return self._changed("release", params)
+    async def sent_many(self, sends: list[tuple[uuid.UUID, str]]) -> set[uuid.UUID]:
+        """Record several sends in one statement; the request ids recorded (this owner
+        still held them, or they were confirmed already)."""
+        params = {
+            "owner": self.owner,
+            "request_ids": [request_id for request_id, _ in sends],
+            "gateways": [gateway for _, gateway in sends],
+        }
+        rows = await self.executor.fetch(query("sent_many"), params, tuple_row)
+        return {row[0] for row in rows}
 
-    def failed(self, request_id: uuid.UUID, error: str, *, final: bool) -> bool:
+    async def failed(self, request_id: uuid.UUID, error: str, *, final: bool) -> bool:
         """Record a failed send: ``final`` → ``failed``, else retried at the next resend."""
         params = {"owner": self.owner, "request_id": request_id, "error": error, "final": final}
-        return self._changed("failed", params) == 1
+        return await self.executor.execute(query("failed"), params) == 1
 
-    def confirm(self, request_id: uuid.UUID, device_id: str) -> bool:
+    async def mine(self) -> set[uuid.UUID]:
+        """The rows leased to this owner (after a reconnect: also claims whose result was lost)."""
+        rows = await self.executor.fetch(query("mine"), {"owner": self.owner}, tuple_row)
+        return {row[0] for row in rows}
+
+    async def release(self, request_ids: Iterable[uuid.UUID]) -> int:
+        """Give back rows this owner holds, unsent; how many were given back."""
+        params = {"owner": self.owner, "request_ids": list(request_ids)}
+        return await self.executor.execute(query("release"), params)
+
+    async def confirm(self, request_id: uuid.UUID, device_id: str) -> bool:
         """``device_id`` has the message; False if it is not that device's or not sent."""
         params = {"request_id": request_id, "device_id": device_id}
-        row = self.conn.execute(query("confirm"), params).fetchone()
-        return bool(row and row[0])
+        rows = await self.executor.fetch(query("confirm"), params, tuple_row)
+        return bool(rows and rows[0][0])
 
-    def expire(self) -> int:
+    async def expire(self) -> int:
         """Mark rows past their ``expires_at`` as ``expired``; how many."""
-        return self._changed("expire", {})
+        return await self.executor.execute(query("expire"), {})
 
-    def archive(self, batch: int) -> int:
+    async def archive(self, batch: int) -> int:
         """Move up to ``batch`` finished rows to ``outbox_history``; how many."""
-        return self._changed("archive", {"batch": batch})
+        return await self.executor.execute(query("archive"), {"batch": batch})
 
-    def _changed(self, name: str, params: dict[str, Any]) -> int:
-        with self.conn.cursor() as cur:
-            cur.execute(query(name), params)
-            return cur.rowcount
+    async def prune(self, keep: timedelta) -> bool:
+        """Forget changes and upload batches older than ``keep``; True if any were."""
+        return await self.executor.execute(query("prune_changes"), {"keep": keep}) > 0
+
+    # ----------------------------------------------------------------- devices
+
+    async def secret(self, device: str) -> bytes | None:
+        """The secret of an enabled device, None if there is no such enabled device.
+
+        Always from the database: SYNC authentication asks here, so that a device
+        disabled a moment ago is refused, and a device seen recently answers no
+        faster than an unknown one.
+        """
+        rows = await self.executor.fetch(query("device_secret"), {"device_id": device}, tuple_row)
+        return bytes(rows[0][0]) if rows else None
+
+    async def revoked(self, devices: list[str]) -> list[str]:
+        """Those of ``devices`` that are disabled or gone."""
+        params = {"device_ids": devices}
+        rows = await self.executor.fetch(query("devices_revoked"), params, tuple_row)
+        return [str(row[0]) for row in rows]
+
+    async def track(self, device: str, address: str) -> None:
+        """Record ``address`` as the device's tracked UDP endpoint."""
+        await self.executor.execute(query("track"), {"device_id": device, "address": address})
+
+    # ----------------------------------------------------------------- this dispatcher
+
+    async def heartbeat(self, sync_address: str | None, udp_address: str | None) -> None:
+        """This dispatcher is alive for ``alive_for`` from now, reachable at these addresses."""
+        params = {**self._node(), "sync_address": sync_address, "udp_address": udp_address}
+        await self.executor.execute(query("heartbeat"), params)
+
+    async def connected(self, device: str, peer: str) -> None:
+        """Record that this dispatcher now holds ``device``'s connection from ``peer``."""
+        params = {**self._node(), "device_id": device, "peer": peer}
+        await self.executor.execute(query("sync_connected"), params)
+
+    async def disconnected(self, device: str, peer: str) -> None:
+        """Forget this dispatcher's record of ``device``'s connection from ``peer``."""
+        params = {"device_id": device, "owner": self.owner, "peer": peer}
+        await self.executor.execute(query("sync_disconnected"), params)
+
+    async def gone(self) -> None:
+        """This dispatcher stops: remove its row and its connection records."""
+        await self.executor.execute(query("dispatcher_gone"), {"owner": self.owner})
+
+    def _node(self) -> dict[str, Any]:
+        """Who this dispatcher is, as ``heartbeat`` and ``sync_connected`` record it."""
+        return {
+            "owner": self.owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "alive_for": self.alive_for,
+        }
+
+
+__all__ = [
+    "Claimed",
+    "ConnectionExecutor",
+    "Executor",
+    "OutboxStore",
+    "PoolExecutor",
+    "query",
+]

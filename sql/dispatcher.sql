@@ -1,6 +1,7 @@
 -- Runtime queries of the dispatcher's outbox relay, one named block each.
 -- Not a migration: `pushsync migrate` does not run this file.
--- Loaded by pushsync.dispatcher.outbox; the async dispatcher shares these blocks.
+-- Run by pushsync.dispatcher.outbox.OutboxStore (the polls' blocks by
+-- pushsync.dispatcher.polls), on the dispatcher's connection or its pool.
 -- Every block is one statement; %(owner)s is the dispatcher's lease owner.
 
 -- claim --
