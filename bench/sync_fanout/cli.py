@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 
 from bench.dispatcher_process import dispatcher_process, throwaway_database
-from bench.sync_fanout.devices import SECRET, device_id
+from bench.sync_fanout.devices import CONNECT_AT_ONCE, SECRET, device_id
 from pushsync import generator, schema
 
 HERE = Path(__file__).resolve().parent
@@ -66,7 +66,9 @@ def run(devices: int) -> dict[str, Any]:
     with throwaway_database(DBNAME) as dsn:
         with psycopg.connect(dsn, autocommit=True) as conn:
             prepare(conn, devices)
-            with dispatcher_process(dsn) as node:
+            # every device connects from 127.0.0.1: see devices.CONNECT_AT_ONCE
+            per_address = ("--sync-max-handshakes-per-address", str(CONNECT_AT_ONCE))
+            with dispatcher_process(dsn, *per_address) as node:
                 # UDP: every device's manual address is one receiving socket.
                 receiver = _devices("udp", devices)
                 assert receiver.stdout is not None
