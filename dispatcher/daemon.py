@@ -409,9 +409,9 @@ class Dispatcher:
         self.store.forget_secrets()
         if self.sync is None:
             return
-        connected = sorted(self.sync.devices())
-        if connected:
-            for device in await self.store.revoked(connected):
+        held = self.sync.credentials()
+        if held:
+            for device in await self.store.revoked(held):
                 self.revoke(device)
 
     async def _send_loop(self, store: OutboxStore, stop: asyncio.Event) -> None:

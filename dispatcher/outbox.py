@@ -204,9 +204,10 @@ class OutboxStore:
         rows = await self.executor.fetch(query("device_secret"), {"device_id": device}, tuple_row)
         return bytes(rows[0][0]) if rows else None
 
-    async def revoked(self, devices: list[str]) -> list[str]:
-        """Those of ``devices`` that are disabled or gone."""
-        params = {"device_ids": devices}
+    async def revoked(self, held: list[tuple[str, bytes | None]]) -> list[str]:
+        """Of the (device, secret it authenticated with) pairs ``held``, the devices
+        disabled, removed, or given another secret since (None: not authenticated yet)."""
+        params = {"device_ids": [d for d, _ in held], "secrets": [s for _, s in held]}
         rows = await self.executor.fetch(query("devices_revoked"), params, tuple_row)
         return [str(row[0]) for row in rows]
 

@@ -278,9 +278,10 @@ class SyncServer:
     def is_connected(self, device: str) -> bool:
         return device in self.connections
 
-    def devices(self) -> set[str]:
-        """The devices with a connection here, authenticated or in their handshake."""
-        return {conn.device for conn in self._all if conn.device is not None}
+    def credentials(self) -> list[tuple[str, bytes | None]]:
+        """Each connection's device and the secret it authenticated with (None while
+        in its handshake): to find, after a lost notification, who lost access."""
+        return [(conn.device, conn.secret) for conn in self._all if conn.device is not None]
 
     def cut_off(self, device: str, reason: str) -> int:
         """Close every connection of ``device`` now, also one still in its handshake
@@ -811,6 +812,11 @@ class SyncConnection(asyncio.Protocol):
             self._drop("too slow: output is piling up")
             return False
         return True
+
+    @property
+    def secret(self) -> bytes | None:
+        """The secret this connection authenticated with; None before."""
+        return self._secret
 
     def close(self, reason: str | None, *, forget: bool = True, abort: bool = False) -> None:
         """Say BYE (with ``reason``, if any) and close; ``abort``: without waiting for

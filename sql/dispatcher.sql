@@ -266,12 +266,16 @@ ORDER BY CASE c.priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END,
 SELECT secret FROM pushsync.devices WHERE device_id = %(device_id)s AND enabled
 
 -- devices_revoked --
--- Of the devices connected here, those disabled or removed: after a reconnect
--- of the LISTEN connection, whose notifications (pushsync_devices) may be lost.
-SELECT c.device_id
-FROM unnest(%(device_ids)s::text[]) AS c(device_id)
+-- Of the connections held here (a device, and the secret it authenticated with,
+-- NULL while in its handshake), the devices disabled, removed or given a new
+-- secret since: after a reconnect of the LISTEN connection, whose
+-- notifications (pushsync_devices) may have been lost.
+SELECT DISTINCT c.device_id
+FROM unnest(%(device_ids)s::text[], %(secrets)s::bytea[]) AS c(device_id, secret)
 WHERE NOT EXISTS (
-    SELECT FROM pushsync.devices AS d WHERE d.device_id = c.device_id AND d.enabled
+    SELECT FROM pushsync.devices AS d
+    WHERE d.device_id = c.device_id AND d.enabled
+      AND (c.secret IS NULL OR d.secret = c.secret)
 )
 
 -- heartbeat --

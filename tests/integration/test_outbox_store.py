@@ -615,8 +615,13 @@ async def test_secret_only_of_an_enabled_device_and_revoked_lists_the_others(
     assert await store.secret("truck-1") == b"0123456789abcdef"
     assert await store.secret("truck-2") is None
     assert await store.secret("truck-9") is None
-    assert await store.revoked(["truck-1", "truck-2", "truck-9"]) == ["truck-2", "truck-9"]
+    held = [("truck-1", None), ("truck-2", None), ("truck-9", None)]
+    assert sorted(await store.revoked(held)) == ["truck-2", "truck-9"]
     assert await store.revoked([]) == []
+    # a connection authenticated with a secret the device no longer has
+    now = b"0123456789abcdef"
+    assert await store.revoked([("truck-1", now)]) == []
+    assert await store.revoked([("truck-1", b"an older secret!"), ("truck-1", now)]) == ["truck-1"]
 
 
 @pytest.mark.asyncio
