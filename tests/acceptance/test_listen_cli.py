@@ -118,10 +118,9 @@ def test_listen_runs_the_action_once_and_acks(tmp_path: Path) -> None:
 MINIMAL = """\
 import sys, sysconfig
 paths = sysconfig.get_paths()
-sys.path[:] = [sys.argv[1], sys.argv[2], paths["stdlib"], paths["platstdlib"],
-               paths["stdlib"] + "/lib-dynload"]
+sys.path[:] = [sys.argv[1], paths["stdlib"], paths["platstdlib"], paths["stdlib"] + "/lib-dynload"]
 from pushsync.cli import main
-code = main(["listen", sys.argv[3]])
+code = main(["listen", sys.argv[2]])
 heavy = sorted({"psycopg", "sqlglot", "jinja2"} & {m.split(".")[0] for m in sys.modules})
 print("server packages imported:", ",".join(heavy) or "none", file=sys.stderr)
 raise SystemExit(code)
@@ -137,6 +136,10 @@ def test_listen_runs_with_only_the_standard_library_and_pyyaml(tmp_path: Path) -
     site = tmp_path / "site"
     shutil.copytree(Path(yaml.__file__).parent, site / "yaml")
     root = Path(__file__).resolve().parents[2]
+    skip = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(root / "pushsync", site / "pushsync", ignore=skip)
+    for part in ("generator", "dispatcher", "listener", "sql"):  # as the wheel lays them out
+        shutil.copytree(root / part, site / "pushsync" / part, ignore=skip)
     port = free_udp_port()
     config = write_config(tmp_path, port)
     with socket.socket() as closed:  # a SYNC server that is not there: retried, not fatal
@@ -147,7 +150,7 @@ def test_listen_runs_with_only_the_standard_library_and_pyyaml(tmp_path: Path) -
         text.replace("channels:\n", f'channels:\n  sync: {{server: "127.0.0.1:{nowhere}"}}\n')
     )
     listener = subprocess.Popen(
-        [sys.executable, "-S", "-E", "-c", MINIMAL, str(site), str(root), str(config)],
+        [sys.executable, "-S", "-E", "-c", MINIMAL, str(site), str(config)],
         cwd=tmp_path,
         env={"PATH": os.environ.get("PATH", "")},
         stdout=subprocess.PIPE,
