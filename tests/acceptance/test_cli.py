@@ -12,8 +12,8 @@ from pathlib import Path
 import psycopg
 
 from pushsync.wire import protocol
-from tests.acceptance.conftest import Run, _executable
 from tests.integration import trucking
+from tests.support.cli import Run, executable
 
 
 def copy_example(tmp_path: Path) -> Path:
@@ -272,7 +272,7 @@ def test_json_logs_carry_no_password(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSHSYNC_", "PG"))}
     listens = ["--sync-listen", "127.0.0.1:0", "--udp-listen", "127.0.0.1:0"]
     process = subprocess.Popen(
-        [*_executable(), "--log-format", "json", "dispatch", "--dsn", dsn, *listens],
+        [*executable(), "--log-format", "json", "dispatch", "--dsn", dsn, *listens],
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
@@ -301,7 +301,7 @@ def test_dispatch_survives_sighup_and_stops_on_sigterm(dsn: str, tmp_path: Path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSYNC_")}
     listens = ["--sync-listen", "127.0.0.1:0", "--udp-listen", "127.0.0.1:0"]
     process = subprocess.Popen(
-        [*_executable(), "dispatch", "--dsn", dsn, *listens],
+        [*executable(), "dispatch", "--dsn", dsn, *listens],
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.conftest import _executable
+from tests.support.cli import executable
 
 
 def _env() -> dict[str, str]:
@@ -22,7 +22,7 @@ def _env() -> dict[str, str]:
 def test_demo_plays_the_story_and_checks_it() -> None:
     started = time.monotonic()
     result = subprocess.run(
-        [*_executable(), "demo"],
+        [*executable(), "demo"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -52,7 +52,7 @@ def test_demo_plays_the_story_and_checks_it() -> None:
 @pytest.mark.slow
 def test_demo_keep_runs_until_interrupted_then_cleans_up() -> None:
     process = subprocess.Popen(
-        [*_executable(), "demo", "--keep"],
+        [*executable(), "demo", "--keep"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

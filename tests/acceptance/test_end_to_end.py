@@ -9,46 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
 
-from tests.acceptance.conftest import Run, _executable
-from tests.acceptance.test_listen_cli import RECORDER, free_udp_port
 from tests.integration import trucking
-
-
-def start(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [*_executable(), *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def stop(process: subprocess.Popen[str]) -> str:
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=30)
-    assert process.returncode == 0, stderr
-    assert "Traceback" not in stderr
-    return stderr
-
-
-def wait_for(check: Callable[[], bool], seconds: float = 20.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting")
+from tests.support.cli import Run, start, stop
+from tests.support.listening import ARGV_RECORDER
+from tests.support.processes import free_udp_port
+from tests.support.waiting import until
 
 
 def test_insert_reaches_the_device_and_is_confirmed(
@@ -70,7 +40,7 @@ def test_insert_reaches_the_device_and_is_confirmed(
     db.execute("INSERT INTO public.route_stops VALUES (10, 1, 100)")
     db.execute("DELETE FROM pushsync.outbox")
 
-    (tmp_path / "record.py").write_text(RECORDER)
+    (tmp_path / "record.py").write_text(ARGV_RECORDER)
     (tmp_path / "listener.yaml").write_text(
         f"""\
 device: truck-1
@@ -106,7 +76,7 @@ handlers:
             history = db.execute("SELECT state FROM pushsync.outbox_history").fetchone()
             return (row or history) in (("confirmed",),)
 
-        wait_for(confirmed)
+        until(confirmed, "the row to be confirmed", 20.0, every=0.05)
         ran = (tmp_path / "ran.jsonl").read_text().splitlines()
         assert [json.loads(line) for line in ran] == [["disruption 100 on north"]]
     finally:

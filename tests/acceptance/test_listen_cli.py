@@ -13,28 +13,17 @@ import uuid
 from pathlib import Path
 
 from pushsync.wire import protocol
-from tests.acceptance.conftest import Run, _executable
+from tests.support.cli import Run, executable
 from tests.support.keys import write_key
+from tests.support.listening import ARGV_RECORDER
+from tests.support.processes import free_udp_port
 
 SECRET = bytes(range(32))
-
-RECORDER = """\
-import json, sys
-with open(sys.argv[1], "a", encoding="utf-8") as out:
-    out.write(json.dumps(sys.argv[2:]) + "\\n")
-"""
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def write_config(tmp_path: Path, port: int) -> Path:
     write_key(tmp_path / "truck-1.key", SECRET)
-    (tmp_path / "record.py").write_text(RECORDER)
+    (tmp_path / "record.py").write_text(ARGV_RECORDER)
     config = tmp_path / "listener.yaml"
     config.write_text(
         f"""\
@@ -94,7 +83,7 @@ def test_listen_runs_the_action_once_and_acks(tmp_path: Path) -> None:
     config = write_config(tmp_path, port)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSYNC_")}
     listener = subprocess.Popen(
-        [*_executable(), "listen", str(config)],
+        [*executable(), "listen", str(config)],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,

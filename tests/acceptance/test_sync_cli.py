@@ -12,9 +12,8 @@ from pathlib import Path
 
 import psycopg
 
-from tests.acceptance.conftest import _executable
-from tests.acceptance.test_end_to_end import stop
 from tests.integration import trucking
+from tests.support.cli import executable, stop
 from tests.support.keys import write_key
 
 SECRET = bytes(range(32))
@@ -35,7 +34,7 @@ def write_config(directory: Path, server: str) -> Path:
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSYNC_")}
     return subprocess.run(
-        [*_executable(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+        [*executable(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
     )
 
 
@@ -47,7 +46,7 @@ def test_sync_downloads_then_updates_and_says_what_it_did(
     env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSYNC_")}
     listens = ["--sync-listen", "127.0.0.1:0", "--udp-listen", "127.0.0.1:0"]
     dispatcher = subprocess.Popen(
-        [*_executable(), "dispatch", "--dsn", dsn, *listens],
+        [*executable(), "dispatch", "--dsn", dsn, *listens],
         cwd=tmp_path,
         env=env,
         stderr=subprocess.PIPE,

@@ -15,32 +15,29 @@ at-least-once), never twice at once.
 from __future__ import annotations
 
 import itertools
-import os
-import re
 import selectors
 import signal
 import socket
-import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import psycopg
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from pytest_postgresql.executors import PostgreSQLExecutor
 
 from pushsync import devices
 from pushsync.wire import protocol
-from tests.acceptance.conftest import _executable
-from tests.support.postgres import start_postgres
+from tests.support.cli import run_cli
+from tests.support.dispatching import dispatcher_listens
+from tests.support.metrics import http_get, scrape
+from tests.support.postgres import OwnServer, start_postgres
+from tests.support.processes import Dispatch
+from tests.support.waiting import until
 
 WAIT = 30.0
 """Seconds any one phase may take before the test fails (it takes far less)."""
@@ -218,71 +215,7 @@ def outbox(db: psycopg.Connection) -> dict[uuid.UUID, tuple[str, str | None]]:
     return {uuid.UUID(str(r[0])): (r[1], r[2]) for r in found}
 
 
-def listening(db: psycopg.Connection) -> bool:
-    row = db.execute(
-        "SELECT count(*) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND query = 'LISTEN pushsync' AND state = 'idle'"
-    ).fetchone()
-    return bool(row and row[0])
-
-
 # --------------------------------------------------------------------------- processes
-
-
-class Dispatch:
-    """``pushsync dispatch`` as a subprocess, logging to a file (a pipe could fill and block it)."""
-
-    def __init__(self, dsn: str, log: Path, *options: str, log_level: str = "info") -> None:
-        self.log = log
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSHSYNC_", "PG"))}
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [
-                    *_executable(),
-                    "--log-level",
-                    log_level,
-                    "dispatch",
-                    "--dsn",
-                    dsn,
-                    "--udp-listen",
-                    "127.0.0.1:0",
-                    "--sync-listen",
-                    "127.0.0.1:0",
-                    *options,
-                ],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def metrics_url(self) -> str:
-        """``http://HOST:PORT`` of ``--metrics``, from the log line that announces it."""
-        found: list[str] = []
-
-        def announced() -> bool:
-            found.extend(re.findall(r"metrics on (http://[^/\s]+)/metrics", self.output()))
-            return bool(found)
-
-        until(announced, "the metrics address in the log", log=self)
-        return found[0]
-
-    def stop(self) -> str:
-        """SIGTERM, then the exit status must be 0 and the log free of tracebacks."""
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(WAIT)
-        text = self.output()
-        assert self.process.returncode == 0, text[-3000:]
-        assert "Traceback" not in text, text[-3000:]
-        return text
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(WAIT)
 
 
 class Start(Protocol):
@@ -302,40 +235,6 @@ def dispatchers(tmp_path: Path) -> Iterator[Start]:
     yield start
     for dispatch in started:
         dispatch.close()
-
-
-def http_get(url: str) -> tuple[int, str]:
-    """Status and body of a GET; status 0 if nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read().decode()
-    except OSError:
-        return 0, ""
-
-
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """``/metrics`` as {(sample name, sorted labels): value}."""
-    status, text = http_get(f"{url}/metrics")
-    assert status == 200
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def until(check: Callable[[], bool], what: str, *, log: Dispatch | None = None) -> float:
-    """Poll ``check`` until true; seconds it took. Fails after :data:`WAIT` with the log's tail."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > WAIT:
-            tail = "" if log is None else "\n--- dispatcher log ---\n" + log.output()[-3000:]
-            pytest.fail(f"timed out waiting for {what}{tail}")
-        time.sleep(0.02)
-    return time.monotonic() - started
 
 
 # --------------------------------------------------------------------------- kill -9
@@ -367,7 +266,7 @@ def test_kill_9_mid_batch_then_restart_loses_nothing(
 
     fleet.on_delivery = kill_at
     started = time.monotonic()
-    until(fired.is_set, f"{KILL_AT} deliveries", log=first)
+    until(fired.is_set, f"{KILL_AT} deliveries", logs=[first.log])
     first.process.wait(WAIT)
     fleet.on_delivery = None
     assert first.process.returncode == -signal.SIGKILL
@@ -396,7 +295,7 @@ def test_kill_9_mid_batch_then_restart_loses_nothing(
     # rows alone until their lease (30 s: the CLI has no --lease option) runs out.
     second = dispatchers(dsn)
     restarted = time.monotonic()
-    until(lambda: pending <= confirmed(db), "the rows never claimed", log=second)
+    until(lambda: pending <= confirmed(db), "the rows never claimed", logs=[second.log])
     fresh = time.monotonic() - restarted
     if time.monotonic() < lease_left - 1.0:  # else this machine was too slow to tell
         now = outbox(db)
@@ -410,7 +309,7 @@ def test_kill_9_mid_batch_then_restart_loses_nothing(
         (owners.pop(),),
     ).rowcount
     assert aged == len(leased)
-    until(lambda: confirmed(db) == ids, "every row confirmed", log=second)
+    until(lambda: confirmed(db) == ids, "every row confirmed", logs=[second.log])
     total = time.monotonic() - started
     second.stop()
 
@@ -443,24 +342,6 @@ def test_kill_9_mid_batch_then_restart_loses_nothing(
 # --------------------------------------------------------------------------- PostgreSQL restart
 
 
-@dataclass
-class OwnServer:
-    """A PostgreSQL server of this test's own, which it may stop and start."""
-
-    executor: PostgreSQLExecutor
-    dsn: str
-    opened: list[psycopg.Connection[Any]] = field(default_factory=list)
-
-    def connect(self) -> psycopg.Connection[Any]:
-        """A connection, closed by the fixture at the latest (also when the test fails)."""
-        self.opened.append(psycopg.connect(self.dsn, autocommit=True))
-        return self.opened[-1]
-
-    def close(self) -> None:
-        for conn in self.opened:
-            conn.close()
-
-
 @pytest.fixture
 def own_server() -> Iterator[OwnServer]:
     """A dedicated server with the base schema applied by ``pushsync migrate``."""
@@ -469,15 +350,7 @@ def own_server() -> Iterator[OwnServer]:
         with psycopg.connect(f"{where} dbname=postgres", autocommit=True) as admin:
             admin.execute("CREATE DATABASE pushsync")
         server = OwnServer(executor, f"{where} dbname=pushsync")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSHSYNC_", "PG"))}
-        migrated = subprocess.run(
-            [*_executable(), "migrate", "--dsn", server.dsn],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        migrated = run_cli("migrate", "--dsn", server.dsn)
         assert migrated.returncode == 0, migrated.stderr
         try:
             yield server
@@ -496,19 +369,19 @@ def test_postgres_restart_mid_run_every_row_delivered_and_confirmed(
     names = sorted(fleet.secrets)
     dispatch = dispatchers(own_server.dsn, "--metrics", "127.0.0.1:0")
     url = dispatch.metrics_url()
-    until(lambda: listening(db), "the dispatcher to LISTEN", log=dispatch)
-    until(lambda: http_get(f"{url}/healthz")[0] == 200, "/healthz to say ok", log=dispatch)
+    until(lambda: dispatcher_listens(db), "the dispatcher to LISTEN", logs=[dispatch.log])
+    until(lambda: http_get(f"{url}/healthz")[0] == 200, "/healthz to say ok", logs=[dispatch.log])
 
     under_way = threading.Event()
     fleet.on_delivery = lambda n: under_way.set() if n >= 300 else None
     ids = enqueue(db, names, 1500, "before")
-    until(under_way.is_set, "the burst to be under way", log=dispatch)
+    until(under_way.is_set, "the burst to be under way", logs=[dispatch.log])
     db.close()
     down = time.monotonic()
     own_server.executor.stop()  # pg_ctl stop -m fast, in the middle of the burst
     stopped = time.monotonic() - down
     sent_while_up = fleet.count()
-    until(lambda: http_get(f"{url}/healthz")[0] == 503, "/healthz to say 503", log=dispatch)
+    until(lambda: http_get(f"{url}/healthz")[0] == 503, "/healthz to say 503", logs=[dispatch.log])
     status, reason = http_get(f"{url}/healthz")
     assert status == 503 and reason.startswith("database unavailable"), reason
     assert scrape(url)[("pushsync_database_up", ())] == 0
@@ -524,11 +397,15 @@ def test_postgres_restart_mid_run_every_row_delivered_and_confirmed(
     def first_after() -> bool:
         return any(d.request_id in later for d in fleet.deliveries())
 
-    until(lambda: http_get(f"{url}/healthz")[0] == 200, "/healthz to say ok again", log=dispatch)
+    until(
+        lambda: http_get(f"{url}/healthz")[0] == 200,
+        "/healthz to say ok again",
+        logs=[dispatch.log],
+    )
     healthy = time.monotonic() - up
-    until(first_after, "the first row written after the restart", log=dispatch)
+    until(first_after, "the first row written after the restart", logs=[dispatch.log])
     first_delivery = min(d.at for d in fleet.deliveries() if d.request_id in later) - up
-    until(lambda: confirmed(db) == ids, "every row confirmed", log=dispatch)
+    until(lambda: confirmed(db) == ids, "every row confirmed", logs=[dispatch.log])
     everything = time.monotonic() - up
     assert dispatch.process.poll() is None, "the dispatcher exited"
     figures = scrape(url)

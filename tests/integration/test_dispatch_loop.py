@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
@@ -14,10 +12,13 @@ import pytest
 from psycopg.rows import dict_row
 
 from pushsync.dispatcher.daemon import Dispatcher
-from pushsync.dispatcher.gateways import Gateway, RecordingGateway, SendResult, UdpGateway
+from pushsync.dispatcher.gateways import Gateway, SendResult, UdpGateway
 from pushsync.dispatcher.outbox import Claimed
+from pushsync.testing import RecordingGateway
 from pushsync.wire import protocol
 from tests.integration import trucking
+from tests.support.dispatching import dispatcher_listens, running, set_address, states
+from tests.support.waiting import until_async
 
 SECRET = b"0123456789abcdef"  # what trucking.add_devices gives every device
 WAIT = 5.0
@@ -26,45 +27,10 @@ WAIT = 5.0
 # --------------------------------------------------------------------------- helpers
 
 
-@asynccontextmanager
-async def running(dispatcher: Dispatcher) -> AsyncIterator[asyncio.Event]:
-    """Run ``dispatcher`` for the block; stop it and wait for it (bounded) after."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(dispatcher.run(stop))
-    try:
-        yield stop
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, WAIT)
-
-
-async def until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    """Poll ``check`` every 10 ms until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-def listening(db: psycopg.Connection) -> bool:
-    """Whether some session of this database has run LISTEN pushsync and waits."""
-    row = db.execute(
-        "SELECT count(*) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND query = 'LISTEN pushsync' AND state = 'idle'"
-    ).fetchone()
-    return bool(row and row[0])
-
-
 def rows(db: psycopg.Connection, table: str = "pushsync.outbox") -> list[dict[str, Any]]:
     with db.cursor(row_factory=dict_row) as cur:
         cur.execute(f"SELECT * FROM {table} ORDER BY device_id, created_at")
         return cur.fetchall()
-
-
-def states(db: psycopg.Connection) -> dict[str, int]:
-    found = db.execute("SELECT state, count(*) FROM pushsync.outbox GROUP BY state").fetchall()
-    return {state: count for state, count in found}
 
 
 def finished(db: psycopg.Connection) -> list[tuple[uuid.UUID, str]]:
@@ -74,14 +40,6 @@ def finished(db: psycopg.Connection) -> list[tuple[uuid.UUID, str]]:
         "'failed') UNION ALL SELECT request_id, state FROM pushsync.outbox_history"
     ).fetchall()
     return [(uuid.UUID(str(r)), s) for r, s in found]
-
-
-def set_address(db: psycopg.Connection, device: str, medium: str, address: str) -> None:
-    db.execute(
-        "INSERT INTO pushsync.device_addresses (device_id, medium, source, address) "
-        "VALUES (%s, %s, 'manual', %s)",
-        (device, medium, address),
-    )
 
 
 def enqueue(
@@ -165,7 +123,7 @@ async def test_report_reaches_affected_trucks_over_udp_and_acks_confirm(
     dispatcher.add_gateway(udp)
     try:
         async with running(dispatcher):
-            await until(lambda: listening(db), "the dispatcher to LISTEN")
+            await until_async(lambda: dispatcher_listens(db), "the dispatcher to LISTEN")
             committed = time.perf_counter()
             trucking.report(db, location=100, by=1)  # autocommit: committed on return
             # Drivers 2 and 4 pass location 100; 1 reported it, 3 does not pass it.
@@ -181,7 +139,7 @@ async def test_report_reaches_affected_trucks_over_udp_and_acks_confirm(
             assert latency < 2.0  # the poll is every 30 s: only NOTIFY explains this
             for device_id in ("truck-1", "truck-3"):
                 assert devices[device_id].inbox.queue.empty()
-            await until(lambda: states(db) == {"sent": 2}, "both rows sent")
+            await until_async(lambda: states(db) == {"sent": 2}, "both rows sent")
             assert {r["gateway_used"] for r in rows(db)} == {"udp"}
 
             # truck-2 acks to the gateway's socket; only its row is confirmed.
@@ -189,7 +147,9 @@ async def test_report_reaches_affected_trucks_over_udp_and_acks_confirm(
             ack = protocol.Ack(request_id=msg.request_id, device="truck-2", confirmed=time.time())
             devices["truck-2"].transport.sendto(protocol.encode_ack(ack, SECRET), udp.local_address)
             # (The first housekeeping pass may archive it as soon as it is confirmed.)
-            await until(lambda: finished(db) == [(msg.request_id, "confirmed")], "the confirmation")
+            await until_async(
+                lambda: finished(db) == [(msg.request_id, "confirmed")], "the confirmation"
+            )
             assert states(db).get("sent") == 1
         for device in devices.values():
             assert device.inbox.queue.qsize() == 0  # exactly one datagram each
@@ -213,7 +173,7 @@ async def test_rows_committed_while_stopped_are_sent_at_start(
     assert states(db) == {"pending": 2}
     udp = RecordingGateway("udp")
     async with running(Dispatcher(dsn, {"udp": udp}, poll_interval=60.0)):
-        await until(lambda: states(db) == {"sent": 2}, "the rows written before start")
+        await until_async(lambda: states(db) == {"sent": 2}, "the rows written before start")
     assert sorted(item.device_id for item in udp.items) == ["truck-2", "truck-4"]
 
 
@@ -226,7 +186,7 @@ async def test_failed_gateway_falls_back_to_the_next(db: psycopg.Connection, dsn
     udp = RecordingGateway("udp", fail_with="boom")
     smtp = RecordingGateway("smtp")
     async with running(Dispatcher(dsn, {"udp": udp, "smtp": smtp}, poll_interval=0.1)):
-        await until(lambda: states(db) == {"sent": 1}, "the send")
+        await until_async(lambda: states(db) == {"sent": 1}, "the send")
     [row] = rows(db)
     assert row["request_id"] == request_id
     assert row["gateway_used"] == "smtp"
@@ -241,7 +201,7 @@ async def test_unreachable_device_is_retried_not_lost(db: psycopg.Connection, ds
     enqueue(db, "mail-only")
     udp = RecordingGateway("udp")
     async with running(Dispatcher(dsn, {"udp": udp}, poll_interval=0.1)):
-        await until(lambda: all(r["last_error"] for r in rows(db)), "both failures recorded")
+        await until_async(lambda: all(r["last_error"] for r in rows(db)), "both failures recorded")
     assert udp.items == []
     for row in rows(db):
         assert row["state"] == "sent"  # due again at next_attempt_at, until its TTL
@@ -268,7 +228,7 @@ async def test_final_failures_of_every_gateway_fail_the_row(
                 if r["state"] == "failed"
             ]
 
-        await until(lambda: len(finished()) == 1, "the final failure")
+        await until_async(lambda: len(finished()) == 1, "the final failure")
     assert finished()[0]["last_error"] == "udp: too large"
     assert len(udp.items) == 1
 
@@ -291,7 +251,7 @@ async def test_expired_rows_are_never_sent_and_finished_rows_are_archived(
     udp = RecordingGateway("udp")
     dispatcher = Dispatcher(dsn, {"udp": udp}, poll_interval=0.1, housekeeping_interval=0.1)
     async with running(dispatcher):
-        await until(lambda: not rows(db), "the outbox to empty")
+        await until_async(lambda: not rows(db), "the outbox to empty")
     assert udp.items == []
     history = {r["request_id"]: r["state"] for r in rows(db, "pushsync.outbox_history")}
     assert history == {stale: "expired", done: "confirmed"}
@@ -309,7 +269,7 @@ async def test_stop_releases_claimed_rows_not_sent(db: psycopg.Connection, dsn: 
     udp = BlockingGateway()
     dispatcher = Dispatcher(dsn, {"udp": udp}, owner="stopper", poll_interval=0.1)
     async with running(dispatcher):
-        await until(lambda: len(udp.started) == 3, "three sends in flight")
+        await until_async(lambda: len(udp.started) == 3, "three sends in flight")
         assert states(db) == {"sending": 3}
     found = rows(db)
     assert {r["state"] for r in found} == {"pending"}
@@ -337,7 +297,7 @@ async def test_two_dispatchers_send_every_row_exactly_once(
     b = Dispatcher(dsn, {"udp": second}, owner="b", batch=100, poll_interval=0.05)
     started = time.perf_counter()
     async with running(a), running(b):
-        await until(lambda: states(db) == {"sent": 5000}, "all 5,000 rows sent", timeout=60)
+        await until_async(lambda: states(db) == {"sent": 5000}, "all 5,000 rows sent", timeout=60)
     elapsed = time.perf_counter() - started
     sent = [i.request_id for i in first.items] + [i.request_id for i in second.items]
     print(f"\n5,000 rows: a sent {len(first.items)}, b {len(second.items)} in {elapsed:.2f} s")
@@ -359,13 +319,13 @@ async def test_reconnects_after_the_database_drops_its_connections(
     set_address(db, "d1", "udp", "127.0.0.1:9")
     udp = RecordingGateway("udp")
     async with running(Dispatcher(dsn, {"udp": udp}, poll_interval=0.1)):
-        await until(lambda: listening(db), "the dispatcher to LISTEN")
+        await until_async(lambda: dispatcher_listens(db), "the dispatcher to LISTEN")
         db.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid()"
         )
         enqueue(db, "d1")
-        await until(lambda: states(db) == {"sent": 1}, "the send after reconnecting")
+        await until_async(lambda: states(db) == {"sent": 1}, "the send after reconnecting")
     assert len(udp.items) == 1
 
 
@@ -396,7 +356,9 @@ async def test_unconfirmed_message_is_resent_then_confirmed(
             msg = protocol.decode_message(second, SECRET, time.time())
             ack = protocol.Ack(request_id=msg.request_id, device="truck-1", confirmed=time.time())
             device.transport.sendto(protocol.encode_ack(ack, SECRET), udp.local_address)
-            await until(lambda: finished(db) == [(request_id, "confirmed")], "the confirmation")
+            await until_async(
+                lambda: finished(db) == [(request_id, "confirmed")], "the confirmation"
+            )
             row = db.execute(
                 "SELECT attempts, confirmed_at IS NOT NULL FROM pushsync.outbox "
                 "WHERE request_id = %s",

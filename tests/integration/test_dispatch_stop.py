@@ -11,17 +11,21 @@ answering (a host that is unreachable in practice).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from pushsync.dispatcher.daemon import EXIT_DEADLINE, STOP_TIMEOUT
-from tests.integration.test_dispatch_crash import Dispatch, listening, until
+from tests.support.dispatching import dispatcher_listens
+from tests.support.processes import Dispatch
+from tests.support.waiting import until
 
 BOUND = STOP_TIMEOUT + 4.0
 """What "within seconds" means here: the drain, then the cancelled loops and the
@@ -44,7 +48,7 @@ def test_bound_is_below_the_hard_deadline() -> None:
 def test_stops_at_once_when_idle(dsn: str, tmp_path: Path, db: psycopg.Connection) -> None:
     dispatch = Dispatch(dsn, tmp_path / "dispatch.log")
     try:
-        until(lambda: listening(db), "the dispatcher to LISTEN", log=dispatch)
+        until(lambda: dispatcher_listens(db), "the dispatcher to LISTEN", logs=[dispatch.log])
         took, text = stop_within(dispatch, BOUND)
     finally:
         dispatch.close()
@@ -59,10 +63,10 @@ def test_stops_while_every_claim_waits_on_a_lock(
     """The server is up but the send loop's claim never returns: cancelled after the drain."""
     dispatch = Dispatch(dsn, tmp_path / "dispatch.log")
     try:
-        until(lambda: listening(db), "the dispatcher to LISTEN", log=dispatch)
+        until(lambda: dispatcher_listens(db), "the dispatcher to LISTEN", logs=[dispatch.log])
         with psycopg.connect(dsn) as blocker:
             blocker.execute("LOCK TABLE pushsync.outbox IN ACCESS EXCLUSIVE MODE")
-            until(lambda: claim_waiting(db), "a claim to wait on the lock", log=dispatch)
+            until(lambda: claim_waiting(db), "a claim to wait on the lock", logs=[dispatch.log])
             took, text = stop_within(dispatch, BOUND)
             blocker.rollback()
     finally:
@@ -76,7 +80,9 @@ def test_stops_while_the_database_refuses_connections(tmp_path: Path) -> None:
     dispatch = Dispatch(f"host=127.0.0.1 port={port} user=nobody dbname=none", tmp_path / "d.log")
     try:
         until(
-            lambda: "failed (attempt 2)" in dispatch.output(), "two failed attempts", log=dispatch
+            lambda: "failed (attempt 2)" in dispatch.output(),
+            "two failed attempts",
+            logs=[dispatch.log],
         )
         took, _ = stop_within(dispatch, BOUND)
     finally:
@@ -84,13 +90,15 @@ def test_stops_while_the_database_refuses_connections(tmp_path: Path) -> None:
     assert took < STOP_TIMEOUT
 
 
-def test_stops_while_the_database_never_answers(tmp_path: Path, silent: int) -> None:
+def test_stops_while_the_database_never_answers(tmp_path: Path, silent: Silent) -> None:
     """TCP connects, the startup packet is never answered: connecting hangs."""
-    dsn = f"host=127.0.0.1 port={silent} user=nobody dbname=none connect_timeout=600"
+    dsn = f"host=127.0.0.1 port={silent.port} user=nobody dbname=none connect_timeout=600"
     dispatch = Dispatch(dsn, tmp_path / "d.log")
     try:
-        until(lambda: "starting" in dispatch.output(), "the dispatcher to start", log=dispatch)
-        time.sleep(0.5)  # it is now waiting for the server's answer
+        until(
+            lambda: "starting" in dispatch.output(), "the dispatcher to start", logs=[dispatch.log]
+        )
+        until(silent.spoken_to, "the startup packet, which is never answered", logs=[dispatch.log])
         stop_within(dispatch, BOUND)
     finally:
         dispatch.close()
@@ -113,13 +121,29 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass
+class Silent:
+    """A port that accepts connections and never sends a byte; the connections it holds."""
+
+    port: int
+    held: list[socket.socket] = field(default_factory=list)
+
+    def spoken_to(self) -> bool:
+        """Whether a client connected and sent something, which is waiting unanswered."""
+        for conn in list(self.held):
+            with contextlib.suppress(BlockingIOError):
+                if conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    return True
+        return False
+
+
 @pytest.fixture
-def silent() -> Iterator[int]:
+def silent() -> Iterator[Silent]:
     """A port that accepts connections and never sends a byte."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(64)
-    held: list[socket.socket] = []
+    silent = Silent(int(server.getsockname()[1]))
     done = threading.Event()
 
     def accept() -> None:
@@ -131,13 +155,13 @@ def silent() -> Iterator[int]:
                 continue
             except OSError:
                 return
-            held.append(conn)
+            silent.held.append(conn)
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
-    yield int(server.getsockname()[1])
+    yield silent
     done.set()
     thread.join(5)
-    for conn in held:
+    for conn in silent.held:
         conn.close()
     server.close()

@@ -17,7 +17,8 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from pushsync.wire import protocol
-from tests.integration.test_sync_gateway import (
+from tests.integration import trucking
+from tests.support.dispatching import (
     DEVICE,
     SECRET,
     add_device,
@@ -25,8 +26,9 @@ from tests.integration.test_sync_gateway import (
     enqueue,
     outbox_row,
     session,
-    until,
 )
+from tests.support.publications import device_config, local_routes, sync, write_locally
+from tests.support.waiting import until_async
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "schema.md"
 
@@ -67,10 +69,10 @@ async def test_the_documented_dispatcher_role_is_enough(db: psycopg.Connection, 
                 assert msg.request_id == request_id
                 ack = protocol.Ack(request_id=request_id, device=DEVICE, confirmed=time.time())
                 conn.send(protocol.encode_ack_frame(protocol.encode_ack(ack, SECRET)))
-                await until(lambda: outbox_row(db, request_id)[0] == "confirmed", "confirmed")
-                await until(lambda: outbox_row(db, expired)[0] == "expired", "expired")
+                await until_async(lambda: outbox_row(db, request_id)[0] == "confirmed", "confirmed")
+                await until_async(lambda: outbox_row(db, expired)[0] == "expired", "expired")
                 archived = "SELECT count(*) FROM pushsync.outbox_history"
-                await until(lambda: db.execute(archived).fetchone() == (2,), "archived")
+                await until_async(lambda: db.execute(archived).fetchone() == (2,), "archived")
                 tracked = db.execute(
                     "SELECT address FROM pushsync.device_addresses WHERE source = 'tracking'"
                 ).fetchone()
@@ -88,20 +90,9 @@ async def test_the_documented_dispatcher_role_is_enough(db: psycopg.Connection, 
 async def test_synchronization_runs_with_the_documented_kinds_of_grants(
     db: psycopg.Connection, dsn: str, tmp_path: Path
 ) -> None:
-    from tests.integration import trucking
-    from tests.integration.test_sync_publications import (
-        SECRET as SYNC_SECRET,
-    )
-    from tests.integration.test_sync_publications import (
-        device_config,
-        local_routes,
-        sync,
-        write_locally,
-    )
-
     role = f"pushsync_dispatcher_{uuid.uuid4().hex[:8]}"
     trucking.setup(db)
-    db.execute("UPDATE pushsync.devices SET secret = %s", (SYNC_SECRET,))
+    db.execute("UPDATE pushsync.devices SET secret = %s", (SECRET,))
     for statement in documented_grants(role):
         db.execute(statement)
     # The documented examples, for the trucking publication's functions and tables.

@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 from tests.integration import trucking
-from tests.unit.test_golden import CASES, GOLDEN
+from tests.support.golden import CASES, GOLDEN
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ from pushsync.listener.config import load_config
 from pushsync.listener.imap import ImapChannel, ImapError, mailbox_name, read_password
 from pushsync.listener.runtime import Listener
 from tests.support.keys import write_key
+from tests.support.waiting import until_async
 
 SECRET = bytes(range(32))
 OTHER = bytes(range(1, 33))
@@ -405,14 +406,6 @@ def runs(directory: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
 
 
-async def until(check: Callable[[], object], timeout: float = WAIT) -> None:
-    async def poll() -> None:
-        while not check():
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(poll(), timeout)
-
-
 def claimed(**changes: Any) -> Claimed:
     now = datetime.now(UTC)
     item = Claimed(
@@ -462,19 +455,19 @@ async def test_signed_mail_runs_once_a_copy_is_a_duplicate_and_forged_mail_is_ex
         async with listening(write_config(tmp_path, server.port)) as listener:
             item = claimed()
             first = server.add(mail(item))
-            await until(lambda: "\\Seen" in (server.flags(first) or ()))
+            await until_async(lambda: "\\Seen" in (server.flags(first) or ()))
             assert runs(tmp_path) == [
                 {"request_id": str(item.request_id), "content": "route 7 closed at Main St"}
             ]
             assert listener.counters.handled == 1
 
             again = server.add(mail(item))
-            await until(lambda: "\\Seen" in (server.flags(again) or ()))
+            await until_async(lambda: "\\Seen" in (server.flags(again) or ()))
             assert listener.counters.duplicates == 1
             assert len(runs(tmp_path)) == 1
 
             forged = server.add(mail(claimed(secret=OTHER)))
-            await until(lambda: server.flags(forged) is None)
+            await until_async(lambda: server.flags(forged) is None)
             assert listener.counters.rejected["BadSignature"] == 1
             assert len(runs(tmp_path)) == 1
             assert server.flags(first) == {"\\Seen"}
@@ -501,8 +494,8 @@ async def test_an_oversized_mail_is_not_downloaded_and_is_deleted(
         good_item = claimed()
         good = server.add(mail(good_item))
         async with listening(write_config(tmp_path, server.port)) as listener:
-            await until(lambda: "\\Seen" in (server.flags(good) or ()))
-            await until(lambda: server.flags(big) is None and server.flags(junk) is None)
+            await until_async(lambda: "\\Seen" in (server.flags(good) or ()))
+            await until_async(lambda: server.flags(big) is None and server.flags(junk) is None)
             assert big not in server.body_fetches
             assert listener.counters.rejected["Oversized"] == 1
             assert listener.counters.rejected["BadSignature"] == 1
@@ -519,7 +512,7 @@ async def test_a_wrong_password_is_logged_without_it_and_retried(
         uid = server.add(mail(item))
         config_path = write_config(tmp_path, server.port, password=WRONG)
         async with listening(config_path) as listener:
-            await until(lambda: server.failed_logins >= 3)
+            await until_async(lambda: server.failed_logins >= 3)
             assert warnings_about(caplog, f"cannot log in as '{USER}'") >= 2
             assert "AUTHENTICATIONFAILED" in caplog.text
             assert runs(tmp_path) == []
@@ -527,7 +520,7 @@ async def test_a_wrong_password_is_logged_without_it_and_retried(
 
             # The password file is read at each login: fixing it is enough.
             (tmp_path / "imap.pw").write_text(PASSWORD + "\n", encoding="ascii")
-            await until(lambda: "\\Seen" in (server.flags(uid) or ()))
+            await until_async(lambda: "\\Seen" in (server.flags(uid) or ()))
             assert [r["request_id"] for r in runs(tmp_path)] == [str(item.request_id)]
     assert server.logins == 1
     for secret in (WRONG, PASSWORD, PASSWORD.replace('"', '\\"')):
@@ -544,20 +537,20 @@ async def test_a_server_that_is_down_is_retried_and_a_dropped_connection_reopene
     port = server.port
     await server.stop()  # nothing listens on the port now
     async with listening(write_config(tmp_path, port)) as listener:
-        await until(lambda: warnings_about(caplog, "cannot connect") >= 2)
+        await until_async(lambda: warnings_about(caplog, "cannot connect") >= 2)
         assert listener.started.is_set()
 
         await server.start(port)
         try:
             first = claimed()
             uid = server.add(mail(first))
-            await until(lambda: "\\Seen" in (server.flags(uid) or ()))
+            await until_async(lambda: "\\Seen" in (server.flags(uid) or ()))
             assert server.logins == 1
 
             server.drop_connections()  # the kept connection dies between rounds
             second = claimed()
             uid = server.add(mail(second))
-            await until(lambda: "\\Seen" in (server.flags(uid) or ()))
+            await until_async(lambda: "\\Seen" in (server.flags(uid) or ()))
             assert server.logins == 2
             assert [r["request_id"] for r in runs(tmp_path)] == [
                 str(first.request_id),
@@ -576,7 +569,7 @@ async def test_the_certificate_is_verified_and_ssl_context_can_trust_another_ca(
         uid = server.add(mail(item))
         # The listener's own channel uses the system's CAs, which do not know the test CA.
         async with listening(write_config(tmp_path, server.port)) as listener:
-            await until(lambda: warnings_about(caplog, "certificate not accepted") >= 2)
+            await until_async(lambda: warnings_about(caplog, "certificate not accepted") >= 2)
             assert server.logins == 0
             assert server.flags(uid) == set()
 
@@ -584,7 +577,7 @@ async def test_the_certificate_is_verified_and_ssl_context_can_trust_another_ca(
             trusting = ImapChannel(listener, own.config, ssl_context=tls.client())
             await trusting.start()
             try:
-                await until(lambda: "\\Seen" in (server.flags(uid) or ()))
+                await until_async(lambda: "\\Seen" in (server.flags(uid) or ()))
             finally:
                 await trusting.close()
             assert server.logins == 1
@@ -600,7 +593,7 @@ async def test_a_round_takes_at_most_batch_mails(trusted: Tls, tmp_path: Path) -
         config_path = write_config(tmp_path, server.port, every="1h")
         async with listening(config_path) as listener:
             own = listener.channel(ImapChannel)
-            await until(lambda: own.rounds == 1)
+            await until_async(lambda: own.rounds == 1)
             assert len(runs(tmp_path)) == 5  # all five in its first round; the next is in 1h
 
             channel = ImapChannel(listener, own.config, batch=2, ssl_context=trusted.client())
@@ -625,7 +618,7 @@ async def test_close_cuts_off_a_server_that_does_not_answer(trusted: Tls, tmp_pa
     async with imap_server(trusted) as server:
         server.stall = True
         async with listening(write_config(tmp_path, server.port)):
-            await until(lambda: server.sessions == 1)
+            await until_async(lambda: server.sessions == 1)
             started = time.monotonic()
         assert time.monotonic() - started < 5.0  # not the 30 s network timeout
 

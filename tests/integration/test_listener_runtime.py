@@ -31,6 +31,8 @@ from pushsync.listener.runtime import Listener, run_listener
 from pushsync.wire import protocol
 from pushsync.wire.addresses import Address
 from tests.support.keys import write_key
+from tests.support.processes import free_udp_port
+from tests.support.waiting import until_async
 
 SECRET = bytes(range(32))
 OTHER = bytes(range(1, 33))
@@ -96,16 +98,6 @@ def claimed(address: tuple[str, int], **changes: Any) -> Claimed:
         email_address=None,
     )
     return replace(item, **changes)
-
-
-async def until(check: Any, timeout: float = WAIT) -> None:
-    """Poll ``check()`` every few milliseconds until it is true; fail after ``timeout``."""
-
-    async def poll() -> None:
-        while not check():
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 @asynccontextmanager
@@ -183,7 +175,7 @@ async def test_end_to_end_and_duplicates_over_udp_and_maildir(tmp_path: Path) ->
         assert result.ok, result
 
         assert await srv.ack() == item.request_id
-        await until(lambda: len(runs(tmp_path)) == 1)
+        await until_async(lambda: len(runs(tmp_path)) == 1)
         (run,) = runs(tmp_path)
         assert run == {"tag": "first", "request_id": str(item.request_id), "args": [NASTY]}
 
@@ -195,7 +187,7 @@ async def test_end_to_end_and_duplicates_over_udp_and_maildir(tmp_path: Path) ->
         # And once more by email, into the maildir.
         maildir = tmp_path / "Maildir"
         drop_mail(maildir, item, "1.mail")
-        await until(lambda: (maildir / "cur" / "1.mail:2,S").exists())
+        await until_async(lambda: (maildir / "cur" / "1.mail:2,S").exists())
         assert not (maildir / "new" / "1.mail").exists()
         assert listener.counters.duplicates == 2
         assert len(runs(tmp_path)) == 1
@@ -214,8 +206,8 @@ async def test_new_message_by_maildir_runs_and_a_forged_mail_is_trashed(tmp_path
         good = claimed(("127.0.0.1", 9))
         drop_mail(maildir, good, "good.mail")
         (maildir / "new" / "junk.mail").write_bytes(b"\x00\xffnot a mail at all")
-        await until(lambda: (maildir / "cur" / "good.mail:2,S").exists())
-        await until(lambda: (maildir / "cur" / "junk.mail:2,T").exists())
+        await until_async(lambda: (maildir / "cur" / "good.mail:2,S").exists())
+        await until_async(lambda: (maildir / "cur" / "junk.mail:2,T").exists())
         assert (maildir / "cur" / "forged.mail:2,T").exists()
         assert [r["request_id"] for r in runs(tmp_path)] == [str(good.request_id)]
         assert listener.counters.rejected["BadSignature"] == 2
@@ -241,10 +233,10 @@ async def test_a_mail_that_cannot_be_taken_now_stays_for_the_next_look(tmp_path:
         maildir = tmp_path / "Maildir"
         good = claimed(("127.0.0.1", 9))
         drop_mail(maildir, good, "good.mail")
-        await until(lambda: listener.counters.rejected["dedupe store failed"] >= 2)
+        await until_async(lambda: listener.counters.rejected["dedupe store failed"] >= 2)
         assert (maildir / "new" / "good.mail").exists() and runs(tmp_path) == []
         failing = False
-        await until(lambda: (maildir / "cur" / "good.mail:2,S").exists())
+        await until_async(lambda: (maildir / "cur" / "good.mail:2,S").exists())
         assert [r["request_id"] for r in runs(tmp_path)] == [str(good.request_id)]
 
 
@@ -264,7 +256,7 @@ async def test_bad_datagrams_are_dropped_and_counted_and_the_listener_keeps_work
         assert (await srv.gateway.send(expired)).ok
         valid = protocol.encode_message(to_message(claimed(address)), SECRET)
         send_raw(address, b"\x00" * 1201, valid[:-5], b"garbage", b"")
-        await until(lambda: listener.counters.received == 6)
+        await until_async(lambda: listener.counters.received == 6)
         assert dict(listener.counters.rejected) == {
             "BadSignature": 1,
             "Expired": 1,
@@ -277,7 +269,7 @@ async def test_bad_datagrams_are_dropped_and_counted_and_the_listener_keeps_work
         item = claimed(address)
         assert (await srv.gateway.send(item)).ok
         assert await srv.ack() == item.request_id
-        await until(lambda: len(runs(tmp_path)) == 1)
+        await until_async(lambda: len(runs(tmp_path)) == 1)
         assert srv.acks.empty()
 
 
@@ -287,7 +279,7 @@ async def test_a_message_for_another_device_is_rejected(tmp_path: Path) -> None:
     async with server() as srv, listening(config_path) as listener:
         other = claimed(listener.udp_address, device_id="truck-2")
         assert (await srv.gateway.send(other)).ok
-        await until(lambda: listener.counters.rejected["not for this device"] == 1)
+        await until_async(lambda: listener.counters.rejected["not for this device"] == 1)
         mine = claimed(listener.udp_address)
         assert (await srv.gateway.send(mine)).ok
         assert await srv.ack() == mine.request_id  # the first ack: none for truck-2's message
@@ -302,7 +294,7 @@ async def test_dedupe_survives_a_restart(tmp_path: Path) -> None:
             item = claimed(listener.udp_address)
             assert (await srv.gateway.send(item)).ok
             assert await srv.ack() == item.request_id
-            await until(lambda: len(runs(tmp_path)) == 1)
+            await until_async(lambda: len(runs(tmp_path)) == 1)
         assert listener.dedupe.closed
 
         async with listening(config_path) as again:
@@ -325,7 +317,7 @@ async def test_reload_replaces_handlers_and_keeps_them_when_the_new_config_is_br
             item = claimed(listener.udp_address)
             assert (await srv.gateway.send(item)).ok
             assert await srv.ack() == item.request_id
-            await until(
+            await until_async(
                 lambda: any(r["request_id"] == str(item.request_id) for r in runs(tmp_path))
             )
             (run,) = (r for r in runs(tmp_path) if r["request_id"] == str(item.request_id))
@@ -354,12 +346,6 @@ def test_run_listener_prints_located_errors_and_returns_2(
     assert run_listener(str(config_path)) == 2
     err = capsys.readouterr().err
     assert f"{config_path}:11:5: handler record-first: unknown key 'subjet'" in err
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def with_port(config_path: Path, port: int) -> None:
@@ -395,7 +381,7 @@ async def test_run_listener_process_reloads_on_sighup_and_stops_on_sigterm(
 
     collector = asyncio.create_task(collect())
     try:
-        await until(lambda: any("listening as truck-1" in line for line in log))
+        await until_async(lambda: any("listening as truck-1" in line for line in log))
         async with server() as srv:
 
             async def deliver() -> str:
@@ -410,7 +396,7 @@ async def test_run_listener_process_reloads_on_sighup_and_stops_on_sigterm(
             write_config(tmp_path, "second")
             with_port(config_path, port)
             process.send_signal(signal.SIGHUP)
-            await until(lambda: any("handlers record-second" in line for line in log))
+            await until_async(lambda: any("handlers record-second" in line for line in log))
             assert await deliver() == "second"
     finally:
         if process.returncode is None:

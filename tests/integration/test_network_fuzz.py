@@ -14,11 +14,9 @@ import contextlib
 import json
 import socket
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,7 +30,9 @@ from pushsync.dispatcher.sync_server import SyncServer, SyncSettings
 from pushsync.listener.config import load_config
 from pushsync.listener.runtime import Listener
 from pushsync.wire import protocol
+from tests.support.event_loop import LoopThread
 from tests.support.keys import write_key
+from tests.support.waiting import until, until_async
 
 SECRET = bytes(range(32))
 WRONG = bytes(range(1, 33))
@@ -100,33 +100,6 @@ def hostile_envelopes(draw: Callable[[st.SearchStrategy[Any]], Any]) -> bytes:
     return bad
 
 
-class LoopThread:
-    """An event loop in a thread: the daemons run there while Hypothesis drives the test."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any, timeout: float = 30.0) -> Any:
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return future.result(timeout)
-
-    def close(self) -> None:
-        async def cancel_the_rest() -> None:
-            me = asyncio.current_task()
-            rest = [t for t in asyncio.all_tasks() if t is not me]
-            for task in rest:
-                task.cancel()
-            await asyncio.gather(*rest, return_exceptions=True)
-            await asyncio.sleep(0.1)  # let closed transports finish closing
-
-        self.run(cancel_the_rest())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 def write_config(directory: Path, channels: str) -> Path:
     write_key(directory / "device.key", SECRET)
     script = directory / "record.py"
@@ -172,14 +145,6 @@ def running_listener(loop: LoopThread, config: Path) -> Iterator[Listener]:
         loop.run(finish())
 
 
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 @pytest.fixture
 def loop() -> Iterator[LoopThread]:
     thread = LoopThread()
@@ -207,15 +172,15 @@ def test_hostile_datagrams_never_run_an_action(loop: LoopThread, tmp_path: Path)
                 sender.sendto(data, address)
                 sent += 1
                 if sent % 200 == 0:  # keep the socket's buffer from overflowing
-                    wait_until(lambda: listener.counters.received >= sent - 50, "the listener")
+                    until(lambda: listener.counters.received >= sent - 50, "the listener")
 
             send()
-            wait_until(lambda: listener.counters.received >= sent, "every datagram")
+            until(lambda: listener.counters.received >= sent, "every datagram")
             assert runs(tmp_path) == []
             assert listener.counters.handled == 0 and listener.counters.acks_sent == 0
             good = message()
             sender.sendto(protocol.encode_message(good, SECRET), address)
-            wait_until(lambda: runs(tmp_path) == [str(good.request_id)], "the valid message")
+            until(lambda: runs(tmp_path) == [str(good.request_id)], "the valid message")
     assert sent >= EXAMPLES // 2
 
 
@@ -336,7 +301,7 @@ def test_hostile_sync_streams_never_run_an_action(loop: LoopThread, tmp_path: Pa
 
         channel = listener.channel(SyncChannel)
         channel.backoff.first = channel.backoff.most = 0.001  # reconnect at once
-        wait_until(channel.connected.is_set, "the first connection")
+        until(channel.connected.is_set, "the first connection")
 
         @settings(FUZZ, max_examples=EXAMPLES // 3)
         @given(hostile_streams())
@@ -347,7 +312,7 @@ def test_hostile_sync_streams_never_run_an_action(loop: LoopThread, tmp_path: Pa
             # A bad stream drops the connection: wait for the next one.
             time.sleep(0.002)
             if not channel.connected.is_set() or channel.connections != before:
-                wait_until(channel.connected.is_set, "a reconnection")
+                until(channel.connected.is_set, "a reconnection")
 
         send()
         assert runs(tmp_path) == []
@@ -356,11 +321,9 @@ def test_hostile_sync_streams_never_run_an_action(loop: LoopThread, tmp_path: Pa
         frame = protocol.encode_message_frame(protocol.encode_message(good, SECRET))
         before = channel.connections
         loop.loop.call_soon_threadsafe(fake.drop)
-        wait_until(
-            lambda: channel.connections > before and channel.connected.is_set(), "a fresh one"
-        )
+        until(lambda: channel.connections > before and channel.connected.is_set(), "a fresh one")
         loop.loop.call_soon_threadsafe(fake.send, frame)
-        wait_until(lambda: runs(tmp_path) == [str(good.request_id)], "the valid message")
+        until(lambda: runs(tmp_path) == [str(good.request_id)], "the valid message")
     loop.run(_close_server(fake))
 
 
@@ -453,7 +416,7 @@ def test_hostile_clients_never_authenticate_and_the_server_keeps_serving(
 
     try:
         send()
-        wait_until(lambda: not server._all, "every hostile connection to close", timeout=10)
+        until(lambda: not server._all, "every hostile connection to close", 10)
         assert store.connected_devices == [] and acks == []
         assert server.stats.authenticated == 0
 
@@ -465,10 +428,9 @@ def test_hostile_clients_never_authenticate_and_the_server_keeps_serving(
                 Address(host=host, port=port), device=DEVICE, secret=SECRET
             )
             session.send(protocol.encode_subscribe())
-            for _ in range(200):
-                if store.connected_devices:
-                    break
-                await asyncio.sleep(0.01)
+            await until_async(
+                lambda: store.connected_devices, "the honest device's subscription", 2
+            )
             await session.close("bye")
             return True
 

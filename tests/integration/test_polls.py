@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import timedelta
+from typing import Any
 
 import psycopg
 import pytest
 
 from pushsync.dispatcher.daemon import Dispatcher
-from pushsync.dispatcher.gateways import RecordingGateway
 from pushsync.dispatcher.polls import Poll, due_polls, next_due
+from pushsync.testing import RecordingGateway
 from tests.integration import trucking
-from tests.integration.test_dispatch_loop import running, set_address, states, until
+from tests.support.dispatching import running, set_address, states
+from tests.support.waiting import until_async
 
 LOGGER = "pushsync.dispatcher.daemon"
 
@@ -88,9 +89,19 @@ def outbox_rows(db: psycopg.Connection) -> list[tuple[str, str, str, str]]:
     return [(r[0], r[1], r[2], r[3]) for r in found.fetchall()]
 
 
-def dispatcher(dsn: str, udp: RecordingGateway) -> Dispatcher:
+class CountingDispatcher(Dispatcher):
+    """A dispatcher that counts the poll runs it finished, whatever each run found."""
+
+    finished_runs = 0
+
+    async def _run_poll(self, conn: psycopg.AsyncConnection[Any], poll: Poll) -> None:
+        await super()._run_poll(conn, poll)
+        self.finished_runs += 1
+
+
+def dispatcher(dsn: str, udp: RecordingGateway) -> CountingDispatcher:
     """A dispatcher whose fallback claim is slow: a quick send means the poll woke it."""
-    return Dispatcher(
+    return CountingDispatcher(
         dsn, {"udp": udp}, poll_interval=30.0, housekeeping_interval=30.0, polls_reload_interval=0.2
     )
 
@@ -113,9 +124,9 @@ async def test_poll_sends_and_is_not_queued_again_until_confirmed(
     set_address(db, "d1", "udp", "127.0.0.1:9")
     db.execute("INSERT INTO public.stale_devices VALUES ('d1'), ('not-registered')")
     async with running(dispatcher(dsn, udp)):
-        await until(lambda: messages(caplog, "polls: none") == 1, "the first poll list")
+        await until_async(lambda: messages(caplog, "polls: none") == 1, "the first poll list")
         trucking.apply_rules(db, RULES)  # migrated while running: picked up on reload
-        await until(lambda: len(udp.items) == 1, "the poll's notification")
+        await until_async(lambda: len(udp.items) == 1, "the poll's notification")
         [item] = udp.items
         assert (item.rule, item.device_id, item.subject, item.content) == (
             "stale_check",
@@ -123,11 +134,11 @@ async def test_poll_sends_and_is_not_queued_again_until_confirmed(
             "sync",
             "stale",
         )
-        await until(lambda: states(db) == {"sent": 1}, "the send recorded")
+        await until_async(lambda: states(db) == {"sent": 1}, "the send recorded")
 
         # Sent, unconfirmed: the poll runs again every second but queues nothing.
         idle = messages(caplog, "poll stale_check queued nothing")
-        await until(
+        await until_async(
             lambda: messages(caplog, "poll stale_check queued nothing") >= idle + 2,
             "two more runs of the poll",
         )
@@ -136,7 +147,7 @@ async def test_poll_sends_and_is_not_queued_again_until_confirmed(
 
         # Confirmed: the next run queues it again.
         db.execute("UPDATE pushsync.outbox SET state = 'confirmed', confirmed_at = now()")
-        await until(lambda: len(udp.items) == 2, "the notification queued again")
+        await until_async(lambda: len(udp.items) == 2, "the notification queued again")
     assert messages(caplog, "poll stale_check failed") == 0
 
 
@@ -150,8 +161,10 @@ async def test_a_failing_poll_is_logged_and_the_others_go_on(
     db.execute("INSERT INTO public.stale_devices VALUES ('d1')")
     udp = RecordingGateway("udp")
     async with running(dispatcher(dsn, udp)):
-        await until(lambda: messages(caplog, "poll doomed failed") >= 2, "doomed to fail twice")
-        await until(lambda: len(udp.items) == 1, "the other poll's notification")
+        await until_async(
+            lambda: messages(caplog, "poll doomed failed") >= 2, "doomed to fail twice"
+        )
+        await until_async(lambda: len(udp.items) == 1, "the other poll's notification")
     assert [i.rule for i in udp.items] == ["stale_check"]
     [failure, *_] = [r for r in caplog.records if "poll doomed failed" in r.getMessage()]
     assert failure.levelno == logging.ERROR
@@ -176,11 +189,11 @@ async def test_a_poll_another_dispatcher_runs_is_skipped(
             ("stale_check",),
         )
         async with running(dispatcher(dsn, udp)):
-            await until(lambda: messages(caplog, skipped) >= 2, "two skipped runs")
+            await until_async(lambda: messages(caplog, skipped) >= 2, "two skipped runs")
             assert outbox_rows(db) == []
             assert udp.items == []
             other.rollback()  # its transaction ends: the lock is free
-            await until(lambda: len(udp.items) == 1, "the poll run once the lock is free")
+            await until_async(lambda: len(udp.items) == 1, "the poll run once the lock is free")
     assert outbox_rows(db) == [("stale_check", "d1", "stale", "sent")]
 
 
@@ -189,8 +202,13 @@ async def test_two_dispatchers_queue_a_poll_once(db: psycopg.Connection, dsn: st
     setup_polls(db)
     db.execute("INSERT INTO public.stale_devices VALUES ('d1')")
     first, second = RecordingGateway("udp"), RecordingGateway("udp")
-    async with running(dispatcher(dsn, first)), running(dispatcher(dsn, second)):
-        await until(lambda: states(db) == {"sent": 1}, "the poll's notification sent")
-        await asyncio.sleep(2.2)  # both run the poll at least twice more meanwhile
+    one, other = dispatcher(dsn, first), dispatcher(dsn, second)
+    async with running(one), running(other):
+        await until_async(lambda: states(db) == {"sent": 1}, "the poll's notification sent")
+        since = one.finished_runs, other.finished_runs
+        await until_async(
+            lambda: one.finished_runs >= since[0] + 2 and other.finished_runs >= since[1] + 2,
+            "both dispatchers to run the poll twice more",
+        )
     assert outbox_rows(db) == [("stale_check", "d1", "stale", "sent")]
     assert len(first.items) + len(second.items) == 1

@@ -9,195 +9,38 @@ whatever a test wants.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
 import ssl
-import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 import trustme
 
 from pushsync.dispatcher.daemon import Dispatcher
-from pushsync.dispatcher.gateways import Gateway, RecordingGateway
-from pushsync.dispatcher.sync_endpoint import Synchronizer
 from pushsync.dispatcher.sync_server import SyncServer, SyncSettings, server_tls
-from pushsync.listener.config import load_config
-from pushsync.listener.runtime import Listener
-from pushsync.listener.sync_client import Refused, Session, open_session
+from pushsync.listener.sync_client import Refused, open_session
+from pushsync.testing import RecordingGateway
 from pushsync.wire import protocol
-from pushsync.wire.addresses import Address
-from tests.support.keys import write_key
-
-SECRET = bytes(range(32))
-WRONG = bytes(range(1, 33))
-DEVICE = "truck-1"
-WAIT = 10.0
-
-SCRIPT = """\
-import json, pathlib, sys
-out = pathlib.Path(__file__).with_name("runs.jsonl")
-with out.open("a", encoding="utf-8") as f:
-    f.write(json.dumps({"request_id": sys.argv[1], "content": sys.argv[2]}) + "\\n")
-"""
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def add_device(db: psycopg.Connection, device: str = DEVICE, secret: bytes = SECRET) -> None:
-    db.execute("INSERT INTO pushsync.devices (device_id, secret) VALUES (%s, %s)", (device, secret))
-
-
-def enqueue(db: psycopg.Connection, device: str = DEVICE, *, content: str = "go") -> uuid.UUID:
-    row = db.execute(
-        "INSERT INTO pushsync.outbox (rule, device_id, subject, content, coalescing, "
-        "expires_at, resend_every) VALUES ('r', %s, 'sync', %s, false, "
-        "now() + interval '1 hour', '1 hour') RETURNING request_id",
-        (device, content),
-    ).fetchone()
-    assert row is not None
-    return uuid.UUID(str(row[0]))
-
-
-def outbox_row(db: psycopg.Connection, request_id: uuid.UUID) -> tuple[Any, ...]:
-    """State, gateway used, confirmation time: in the outbox or, once finished, its history."""
-    row = db.execute(
-        "SELECT state, gateway_used, confirmed_at FROM pushsync.outbox WHERE request_id = %s "
-        "UNION ALL SELECT state, gateway_used, confirmed_at FROM pushsync.outbox_history "
-        "WHERE request_id = %s",
-        (request_id, request_id),
-    ).fetchone()
-    assert row is not None
-    return tuple(row)
-
-
-async def until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-@asynccontextmanager
-async def dispatching(
-    dsn: str,
-    *,
-    settings: SyncSettings | None = None,
-    owner: str | None = None,
-    gateways: Mapping[str, Gateway] | None = None,
-) -> AsyncIterator[Dispatcher]:
-    """A dispatcher with a SYNC server on 127.0.0.1:0, running for the block."""
-    dispatcher = Dispatcher(
-        dsn, gateways or {}, owner=owner, poll_interval=0.2, housekeeping_interval=0.5
-    )
-    server = SyncServer(
-        dispatcher.store,
-        dispatcher.on_ack,
-        settings=settings,
-        on_connect=lambda _device: dispatcher.wake(),
-    )
-    server.synchronizer = Synchronizer(dispatcher.store.pool)
-    await server.start("127.0.0.1", 0)
-    dispatcher.add_sync(server)
-    stop = asyncio.Event()
-    task = asyncio.create_task(dispatcher.run(stop))
-    try:
-        yield dispatcher
-    finally:
-        stop.set()
-        await server.synchronizer.close()
-        await asyncio.wait_for(task, WAIT)
-        await server.close()
-
-
-def sync_of(dispatcher: Dispatcher) -> SyncServer:
-    assert dispatcher.sync is not None
-    return dispatcher.sync
-
-
-def server_address(dispatcher: Dispatcher) -> Address:
-    host, port = sync_of(dispatcher).address
-    return Address(host=host, port=port)
-
-
-def write_config(
-    directory: Path, server: Address, *, channel: str = "sync", extra: str = "", udp: bool = False
-) -> Path:
-    script = directory / "record.py"
-    script.write_text(SCRIPT, encoding="utf-8")
-    write_key(directory / "device.key", SECRET)
-    argv = [sys.executable, str(script), "$request_id", "$content"]
-    udp_line = '  udp: {bind: "127.0.0.1:0"}\n' if udp else ""
-    path = directory / "listener.yaml"
-    path.write_text(
-        f"""\
-device: {DEVICE}
-secret_file: device.key
-state_dir: state
-channels:
-  {channel}: {{server: "{server}"{extra}}}
-{udp_line}handlers:
-  - name: record
-    subject: sync
-    action: {{run: {json.dumps(argv)}, timeout: 10s}}
-""",
-        encoding="utf-8",
-    )
-    return path
-
-
-def runs(directory: Path) -> list[dict[str, Any]]:
-    out = directory / "runs.jsonl"
-    if not out.exists():
-        return []
-    return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-
-
-@asynccontextmanager
-async def listening(config_path: Path) -> AsyncIterator[Listener]:
-    listener = Listener(load_config(config_path))
-    stop = asyncio.Event()
-    task = asyncio.create_task(listener.run(stop))
-    try:
-        await asyncio.wait_for(listener.started.wait(), WAIT)
-        yield listener
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, WAIT)
-
-
-async def session(
-    dispatcher: Dispatcher, secret: bytes = SECRET, device: str = DEVICE, *, subscribe: bool = True
-) -> Session:
-    """An authenticated connection; with ``subscribe``, the device's push connection."""
-    opened = await open_session(server_address(dispatcher), device=device, secret=secret, timeout=5)
-    if subscribe:
-        before = sync_of(dispatcher).stats.subscribed
-        opened.send(protocol.encode_subscribe())
-        await until(lambda: sync_of(dispatcher).stats.subscribed > before, "the subscription")
-    return opened
-
-
-async def closed_by_server(reader: asyncio.StreamReader) -> bytes:
-    """Everything the server sends until it closes the connection."""
-    return await asyncio.wait_for(reader.read(), WAIT)
-
-
-async def shut(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(ConnectionError):
-        await writer.wait_closed()
-
+from tests.support.dispatching import (
+    DEVICE,
+    SECRET,
+    WAIT,
+    WRONG,
+    add_device,
+    closed_by_server,
+    dispatching,
+    enqueue,
+    outbox_row,
+    server_address,
+    session,
+    shut,
+    sync_of,
+)
+from tests.support.listening import listening, runs, write_config
+from tests.support.waiting import until_async
 
 # --------------------------------------------------------------------------- end to end
 
@@ -214,9 +57,9 @@ async def test_insert_reaches_the_listener_over_sync_and_its_ack_confirms(
 
             channel = listener.channel(SyncChannel)
             await asyncio.wait_for(channel.connected.wait(), WAIT)
-            await until(lambda: sync_of(dispatcher).is_connected(DEVICE), "the connection")
+            await until_async(lambda: sync_of(dispatcher).is_connected(DEVICE), "the connection")
             request_id = enqueue(db, content="$(rm -rf /); `id`")
-            await until(lambda: outbox_row(db, request_id)[0] == "confirmed", "confirmation")
+            await until_async(lambda: outbox_row(db, request_id)[0] == "confirmed", "confirmation")
             _, gateway, confirmed_at = outbox_row(db, request_id)
             assert gateway == "sync" and confirmed_at is not None
             assert runs(tmp_path) == [
@@ -235,7 +78,7 @@ async def test_insert_reaches_the_listener_over_sync_and_its_ack_confirms(
             ).fetchone()
             assert owner == (dispatcher.owner,)
         # The listener left: its connection record goes.
-        await until(
+        await until_async(
             lambda: db.execute("SELECT count(*) FROM pushsync.sync_connections").fetchone() == (0,),
             "the connection record to go",
         )
@@ -262,7 +105,7 @@ async def test_rows_waiting_for_a_device_go_down_its_connection_when_it_connects
             assert msg.request_id == waiting and msg.device == DEVICE
             ack = protocol.Ack(request_id=waiting, device=DEVICE, confirmed=time.time())
             conn.send(protocol.encode_ack_frame(protocol.encode_ack(ack, SECRET)))
-            await until(lambda: outbox_row(db, waiting)[0] == "confirmed", "confirmation")
+            await until_async(lambda: outbox_row(db, waiting)[0] == "confirmed", "confirmation")
         finally:
             await conn.close("done")
 
@@ -281,8 +124,8 @@ async def test_light_weight_poll_gets_everything_unconfirmed_then_poll(
             from pushsync.listener.channels import PollChannel
 
             channel = listener.channel(PollChannel)
-            await until(lambda: channel.polls >= 1, "the first poll")
-            await until(
+            await until_async(lambda: channel.polls >= 1, "the first poll")
+            await until_async(
                 lambda: {outbox_row(db, r)[0] for r in (first, second)} == {"confirmed"},
                 "both confirmed",
             )
@@ -416,7 +259,7 @@ async def test_silent_peers_are_dropped(db: psycopg.Connection, dsn: str) -> Non
             seen.append(frame.type)
         assert protocol.FrameType.PING in seen and seen[-1] == protocol.FrameType.BYE
         await conn.close()
-        await until(lambda: not sync_of(dispatcher).connections, "the silent device to go")
+        await until_async(lambda: not sync_of(dispatcher).connections, "the silent device to go")
 
 
 @pytest.mark.asyncio
@@ -469,7 +312,7 @@ async def test_tls_end_to_end_and_an_untrusted_certificate_is_refused(
         )
         async with listening(config):
             request_id = enqueue(db)
-            await until(lambda: outbox_row(db, request_id)[0] == "confirmed", "confirmation")
+            await until_async(lambda: outbox_row(db, request_id)[0] == "confirmed", "confirmation")
         assert [r["request_id"] for r in runs(tmp_path)] == [str(request_id)]
 
 
@@ -485,7 +328,7 @@ async def test_rows_for_a_connected_device_go_through_the_dispatcher_holding_it(
     async with dispatching(dsn, owner="node-a") as a, dispatching(dsn, owner="node-b") as b:
         conn = await session(b)
         try:
-            await until(
+            await until_async(
                 lambda: (
                     db.execute("SELECT owner FROM pushsync.sync_connections").fetchone()
                     == ("node-b",)
@@ -500,7 +343,7 @@ async def test_rows_for_a_connected_device_go_through_the_dispatcher_holding_it(
                 if frame.type == protocol.FrameType.MESSAGE:
                     got.append(protocol.decode_message(frame.payload, SECRET, time.time()))
             assert sorted(m.request_id for m in got) == sorted(ids)
-            await until(
+            await until_async(
                 lambda: (
                     db.execute(
                         "SELECT array_agg(DISTINCT gateway_used) FROM pushsync.outbox "
@@ -541,7 +384,7 @@ async def test_a_dead_nodes_devices_are_claimed_by_the_others(
     request_id = enqueue(db)
     udp = RecordingGateway("udp")
     async with dispatching(dsn, gateways={"udp": udp}):
-        await until(lambda: outbox_row(db, request_id)[0] == "sent", "a send")
+        await until_async(lambda: outbox_row(db, request_id)[0] == "sent", "a send")
     assert outbox_row(db, request_id)[1] == "udp"
     assert [item.request_id for item in udp.items] == [request_id]
 
@@ -583,7 +426,7 @@ async def test_udp_ack_for_a_message_sent_before_a_restart_is_verified_from_the_
             )
             sender.sendto(protocol.encode_ack(forged, WRONG))
             sender.sendto(ack)
-            await until(lambda: outbox_row(db, request_id)[0] == "confirmed", "confirmation")
+            await until_async(lambda: outbox_row(db, request_id)[0] == "confirmed", "confirmation")
             assert udp.stats.accepted == 1 and udp.stats.dropped == 1
             sender.close()
         finally:
@@ -607,7 +450,7 @@ async def test_the_listener_reconnects_when_the_dispatcher_comes_back(
             channel = listener.channel(SyncChannel)
             await asyncio.wait_for(channel.connected.wait(), WAIT)
             await first_gone(first)
-            await until(lambda: not channel.connected.is_set(), "the listener to notice")
+            await until_async(lambda: not channel.connected.is_set(), "the listener to notice")
             second = Dispatcher(dsn, {}, poll_interval=0.2, housekeeping_interval=0.5)
             sync = SyncServer(second.store, second.on_ack, on_connect=lambda _d: second.wake())
             await sync.start(server.host, server.port)
@@ -618,7 +461,9 @@ async def test_the_listener_reconnects_when_the_dispatcher_comes_back(
                 await asyncio.wait_for(channel.connected.wait(), WAIT)
                 assert channel.connections == 2
                 request_id = enqueue(db)
-                await until(lambda: outbox_row(db, request_id)[0] == "confirmed", "confirmation")
+                await until_async(
+                    lambda: outbox_row(db, request_id)[0] == "confirmed", "confirmation"
+                )
             finally:
                 stop.set()
                 await asyncio.wait_for(task, WAIT)
@@ -641,9 +486,9 @@ async def test_one_message_over_sync_and_udp_runs_once(
             from pushsync.listener.channels import SyncChannel
 
             await asyncio.wait_for(listener.channel(SyncChannel).connected.wait(), WAIT)
-            await until(lambda: sync_of(dispatcher).is_connected(DEVICE), "the connection")
+            await until_async(lambda: sync_of(dispatcher).is_connected(DEVICE), "the connection")
             request_id = enqueue(db, content="once")
-            await until(lambda: outbox_row(db, request_id)[0] == "confirmed", "confirmation")
+            await until_async(lambda: outbox_row(db, request_id)[0] == "confirmed", "confirmation")
             # The same signed message arrives again, over UDP this time.
             msg = protocol.Message(
                 request_id=request_id,
@@ -660,6 +505,6 @@ async def test_one_message_over_sync_and_udp_runs_once(
                 asyncio.DatagramProtocol, remote_addr=listener.udp_address
             )
             sender.sendto(protocol.encode_message(msg, SECRET))
-            await until(lambda: listener.counters.duplicates == 1, "the duplicate")
+            await until_async(lambda: listener.counters.duplicates == 1, "the duplicate")
             sender.close()
             assert [r["content"] for r in runs(tmp_path)] == ["once"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,68 +18,23 @@ import pytest
 
 from pushsync.dispatcher.daemon import Dispatcher
 from pushsync.dispatcher.sync_endpoint import MAX_UPLOAD_ROWS
-from pushsync.listener.config import ListenerConfig, load_config
+from pushsync.listener.config import ListenerConfig
 from pushsync.listener.localdb import LocalDatabase
-from pushsync.listener.sync import SyncFailed, SyncResult, Transport, local_database, sync_once
+from pushsync.listener.sync import SyncFailed, Transport, sync_once
 from pushsync.listener.sync_client import open_session
 from pushsync.wire import protocol
 from tests.integration import trucking
-from tests.integration.test_sync_gateway import dispatching, server_address
-from tests.support.keys import write_key
-
-SECRET = bytes(range(32))
-
-
-def device_config(tmp_path: Path, dispatcher: Dispatcher, device: str) -> ListenerConfig:
-    directory = tmp_path / device
-    directory.mkdir(exist_ok=True)
-    write_key(directory / "device.key", SECRET)
-    path = directory / "listener.yaml"
-    path.write_text(
-        f"""\
-device: {device}
-secret_file: device.key
-state_dir: state
-publication: driver
-channels:
-  sync: {{server: "{server_address(dispatcher)}"}}
-handlers:
-  - name: sync
-    subject: sync
-    action: sync
-""",
-        encoding="utf-8",
-    )
-    return load_config(path)
-
-
-def local(config: ListenerConfig, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(config.state_dir / "local.db") as conn:
-        return conn.execute(sql, params).fetchall()
-
-
-def local_routes(config: ListenerConfig) -> list[tuple[Any, ...]]:
-    return local(config, "SELECT route_id, route_name, driver_id FROM routes ORDER BY route_id")
-
-
-def local_stops(config: ListenerConfig) -> list[tuple[Any, ...]]:
-    return local(config, "SELECT route_id, seq, location_id FROM route_stops ORDER BY 1, 2")
-
-
-def local_reports(config: ListenerConfig) -> list[tuple[Any, ...]]:
-    return local(config, "SELECT location_id, status FROM disruption_reports ORDER BY 1")
-
-
-async def sync(config: ListenerConfig) -> SyncResult:
-    return await sync_once(config, SECRET)
-
-
-def write_locally(config: ListenerConfig, sql: str, *params: Any) -> None:
-    db = local_database(config)
-    try:
-        db.connection.execute(sql, params)
-    finally:
-        db.close()
+from tests.support.dispatching import SECRET, dispatching, server_address
+from tests.support.publications import (
+    device_config,
+    local,
+    local_reports,
+    local_routes,
+    local_stops,
+    sync,
+    write_locally,
+)
+from tests.support.waiting import until_async
 
 
 @pytest.fixture
@@ -434,10 +388,9 @@ async def test_the_sync_action_runs_over_the_listeners_own_connection(
             await asyncio.wait_for(channel.connected.wait(), 10)
             connections = channel.connections
             trucking.report(fleet, location=100, by=1)  # truck-2 is pushed; its handler syncs
-            deadline = time.monotonic() + 15
-            while not local_reports_or_empty(truck2):
-                assert time.monotonic() < deadline, "the pushed device never synchronized"
-                await asyncio.sleep(0.05)
+            await until_async(
+                lambda: local_reports_or_empty(truck2), "the pushed device's sync", 15
+            )
             assert local_reports(truck2) == [(100, "open")]
             assert channel.connections == connections  # no second connection was needed
             assert sync_of_connections(dispatcher) == 1

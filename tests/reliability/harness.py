@@ -1,8 +1,8 @@
 """Real processes for the reliability suite: dispatchers, listeners, devices, figures.
 
 Everything here starts the installed ``pushsync`` console script as a
-subprocess (as ``tests/integration/test_dispatch_crash.py`` does, whose
-``Dispatch`` class is reused): processes log to files, never to pipes that
+subprocess (:class:`DispatcherProcess` builds on ``Dispatch`` of
+``tests/support/processes.py``): processes log to files, never to pipes that
 could fill up and block them, and the tests read those logs for the addresses
 the processes picked and for what they did.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import signal
 import subprocess
@@ -31,11 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 
-from tests.acceptance.conftest import _executable
-from tests.acceptance.test_listen_cli import free_udp_port
-from tests.integration.test_dispatch_crash import Dispatch
+from tests.support.cli import clean_env, executable, run_cli
+from tests.support.processes import Dispatch, free_udp_port
+from tests.support.waiting import until
 
 __all__ = [
     "JOBS_RULES",
@@ -50,19 +48,15 @@ __all__ = [
     "Processes",
     "Report",
     "Sampler",
-    "clean_env",
     "confirmed_ids",
     "enqueue",
     "exactly_once",
-    "free_udp_port",
     "install_jobs",
     "missing_runs",
     "outbox_states",
     "percentile",
     "quiet",
     "rss_kib",
-    "run_cli",
-    "until",
 ]
 
 RECORDER = """\
@@ -120,11 +114,6 @@ class Report:
 # --------------------------------------------------------------------------- helpers
 
 
-def clean_env() -> dict[str, str]:
-    """This process's environment without pushsync's or libpq's settings."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("PUSHSYNC_", "PG"))}
-
-
 def rss_kib(pid: int) -> int:
     """Resident set size of ``pid`` (``VmRSS`` of /proc/PID/status), in KiB."""
     with open(f"/proc/{pid}/status", encoding="ascii") as status:
@@ -132,44 +121,6 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-def until(
-    check: Callable[[], bool],
-    what: str,
-    timeout: float,
-    *,
-    logs: Iterable[Path] = (),
-    every: float = 0.02,
-    explain: Callable[[], str] | None = None,
-) -> float:
-    """Poll ``check`` until true; the seconds it took. Fails after ``timeout`` with log tails
-    (and what ``explain`` says)."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            tails = "".join(
-                f"\n--- {path.name} ---\n{path.read_text(errors='replace')[-2500:]}"
-                for path in logs
-                if path.exists()
-            )
-            why = f": {explain()}" if explain is not None else ""
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}{why}{tails}")
-        time.sleep(every)
-    return time.monotonic() - started
-
-
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``pushsync ARGS`` to completion."""
-    return subprocess.run(
-        [*_executable(), *args],
-        cwd=cwd,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def confirmed_ids(db: psycopg.Connection) -> set[uuid.UUID]:
@@ -359,7 +310,7 @@ class ListenerProcess:
         self.log = log
         with log.open("wb") as out:
             self.process = subprocess.Popen(
-                [*_executable(), "--log-level", log_level, "listen", str(config)],
+                [*executable(), "--log-level", log_level, "listen", str(config)],
                 cwd=config.parent,
                 env=clean_env(),
                 stdin=subprocess.DEVNULL,

@@ -38,8 +38,8 @@ from tests.reliability.harness import (
     enqueue,
     exactly_once,
     outbox_states,
-    until,
 )
+from tests.support.waiting import until
 
 ROWS = 2000
 DEVICES = 3

@@ -60,7 +60,6 @@ from pushsync.listener.sync_client import Session, open_session
 from pushsync.wire import protocol
 from pushsync.wire.addresses import Address
 from pushsync.wire.protocol import FrameType
-from tests.integration.test_network_fuzz import LoopThread
 from tests.reliability.forge import Forge, accepted_mail, accepted_message, raw_frame
 from tests.reliability.harness import (
     Device,
@@ -71,8 +70,9 @@ from tests.reliability.harness import (
     enqueue,
     exactly_once,
     missing_runs,
-    until,
 )
+from tests.support.event_loop import LoopThread
+from tests.support.waiting import until
 
 UDP_INPUTS = 5000
 MAIL_INPUTS = 2000

@@ -21,15 +21,8 @@ from pathlib import Path
 
 import psycopg
 
-from tests.reliability.harness import (
-    Device,
-    Knobs,
-    Processes,
-    Report,
-    enqueue,
-    exactly_once,
-    until,
-)
+from tests.reliability.harness import Device, Knobs, Processes, Report, enqueue, exactly_once
+from tests.support.waiting import until
 
 RESEND = 1.0
 BACK_TTL = 6.0

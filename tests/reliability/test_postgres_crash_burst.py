@@ -32,7 +32,6 @@ import pytest
 from mirakuru.exceptions import ProcessFinishedWithError
 from pytest_postgresql.executors import PostgreSQLExecutor
 
-from tests.integration.test_dispatch_crash import OwnServer, http_get, scrape
 from tests.reliability.harness import (
     Device,
     JobWriter,
@@ -42,10 +41,11 @@ from tests.reliability.harness import (
     exactly_once,
     install_jobs,
     quiet,
-    run_cli,
-    until,
 )
-from tests.support.postgres import start_postgres
+from tests.support.cli import run_cli
+from tests.support.metrics import http_get, scrape
+from tests.support.postgres import OwnServer, start_postgres
+from tests.support.waiting import until
 
 ROWS = 1500
 RATE = 500.0

@@ -37,7 +37,8 @@ import pytest
 from pushsync import generator
 from pushsync.errors import RulesError
 from tests.integration.trucking import EXAMPLE, RULES
-from tests.reliability.harness import Knobs, Report, run_cli
+from tests.reliability.harness import Knobs, Report
+from tests.support.cli import run_cli
 
 FILES = 300
 MIGRATED = 20

@@ -42,8 +42,8 @@ from tests.reliability.harness import (
     install_jobs,
     missing_runs,
     percentile,
-    until,
 )
+from tests.support.waiting import until
 
 SECONDS = 30.0
 RATE = 200.0

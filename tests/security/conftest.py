@@ -7,6 +7,6 @@ attack is refused and that rows, roles, settings and secrets are as before.
 The fixtures ``db`` and ``dsn`` come from ``tests/conftest.py``.
 """
 
-from tests.acceptance.conftest import pushsync
+from tests.support.cli import pushsync
 
 __all__ = ["pushsync"]  # the real CLI as a subprocess: pushsync(*args, env={...})

@@ -29,7 +29,7 @@ import pytest
 from bench.dispatcher_process import dispatcher_process
 from pushsync.dispatcher.sync_server import FAILED_AUTH_DELAY
 from pushsync.wire import protocol
-from tests.integration.test_sync_gateway import DEVICE, SECRET, WRONG, add_device
+from tests.support.dispatching import DEVICE, SECRET, WRONG, add_device
 
 ROUNDS = 25
 TOLERANCE = 0.1 * FAILED_AUTH_DELAY

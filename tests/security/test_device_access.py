@@ -20,16 +20,18 @@ import pytest_asyncio
 from pushsync.dispatcher.daemon import Dispatcher
 from pushsync.listener.sync_client import Refused, Session, open_session
 from pushsync.wire import protocol
-from tests.acceptance.conftest import _executable
-from tests.integration.test_sync_gateway import (
+from tests.support.cli import executable
+from tests.support.dispatching import (
     DEVICE,
     SECRET,
     add_device,
+    dispatcher_connected,
     dispatching,
     server_address,
     session,
     sync_of,
 )
+from tests.support.waiting import until_async
 
 CUT_OFF_WITHIN = 2.0
 """Seconds from the operator's command returning to the device's connections closed."""
@@ -39,7 +41,7 @@ async def pushsync(*args: str) -> str:
     """The real CLI; its stderr. Fails the test unless it exits 0."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSYNC_")}
     process = await asyncio.create_subprocess_exec(
-        *_executable(),
+        *executable(),
         *args,
         env=env,
         stdout=asyncio.subprocess.PIPE,
@@ -159,6 +161,7 @@ async def test_disabled_while_the_dispatcher_was_not_listening(
     async with dispatching(dsn) as dispatcher:
         pushed = await session(dispatcher)
         kept.append(pushed)
+        await until_async(lambda: dispatcher_connected(db, dispatcher), "the dispatcher connected")
         db.execute(
             "ALTER TABLE pushsync.devices DISABLE TRIGGER device_access_revoked"
         )  # as if the NOTIFY were lost

@@ -33,21 +33,19 @@ from pushsync.listener.channels import SyncChannel
 from pushsync.wire import protocol
 from pushsync.wire.addresses import Address
 from pushsync.wire.protocol import FrameType
-from tests.acceptance.conftest import _executable
 from tests.integration import trucking
-from tests.integration.test_sync_gateway import (
+from tests.support.cli import executable
+from tests.support.dispatching import (
     DEVICE,
     SECRET,
     add_device,
     dispatching,
     enqueue,
-    listening,
-    runs,
     server_address,
     sync_of,
-    until,
-    write_config,
 )
+from tests.support.listening import listening, runs, write_config
+from tests.support.waiting import until_async
 
 TAG = 16
 """Bytes of tag after each frame once the handshake is over."""
@@ -435,7 +433,7 @@ async def test_a_frame_from_an_earlier_connection_replayed_to_the_server(
             (tmp_path / "b").mkdir()
             async with listening(write_config(tmp_path / "a", address, udp=True)) as device:
                 old = f"127.0.0.1:{device.udp_address[1]}"
-                await until(lambda: tracked(db) == [(old,)], "the first address")
+                await until_async(lambda: tracked(db) == [(old,)], "the first address")
             assert await hung_up(mitm.relays[0]) == "device"  # it stopped
             async with listening(write_config(tmp_path / "b", address, udp=True)) as device:
                 new = f"127.0.0.1:{device.udp_address[1]}"
@@ -590,7 +588,7 @@ async def test_a_listener_of_the_untagged_version_is_refused_with_the_reason(
 
 
 async def wait_for_relay(mitm: Mitm, number: int = 0) -> Relay:
-    await until(lambda: len(mitm.relays) > number, f"connection {number} through the proxy")
+    await until_async(lambda: len(mitm.relays) > number, f"connection {number} through the proxy")
     return mitm.relays[number]
 
 
@@ -598,7 +596,7 @@ async def settle(dispatcher: Dispatcher) -> None:
     """Wait until the server has done what it started for the frames it accepted
     (recording a TRACK or a connection, confirming an ack)."""
     server = sync_of(dispatcher)
-    await until(
+    await until_async(
         lambda: not server._tasks and not dispatcher._acks, "the SYNC server's pending work"
     )
 
@@ -606,7 +604,7 @@ async def settle(dispatcher: Dispatcher) -> None:
 async def cli(*args: str, cwd: Path) -> tuple[int, str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSYNC_")}
     process = await asyncio.create_subprocess_exec(
-        *_executable(),
+        *executable(),
         *args,
         cwd=cwd,
         env=env,

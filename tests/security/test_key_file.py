@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.conftest import Run
+from tests.support.cli import Run
 from tests.support.keys import write_key
 
 SECRET = bytes(range(32))

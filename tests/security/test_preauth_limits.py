@@ -36,17 +36,9 @@ from bench.dispatcher_process import dispatcher_process
 from pushsync.dispatcher.sync_server import MAX_PREAUTH, MAX_PREAUTH_PER_HOST
 from pushsync.wire import protocol
 from pushsync.wire.addresses import Address
-from tests.integration.test_sync_gateway import (
-    DEVICE,
-    SECRET,
-    add_device,
-    enqueue,
-    listening,
-    outbox_row,
-    runs,
-    until,
-    write_config,
-)
+from tests.support.dispatching import DEVICE, SECRET, add_device, enqueue, outbox_row
+from tests.support.listening import listening, runs, write_config
+from tests.support.waiting import until_async
 
 IDLE = 1100
 """Connections the attacker opens, as in the incident."""
@@ -128,7 +120,7 @@ async def test_idle_connections_do_not_lock_out_a_device(
             request_id = enqueue(db)
             server = Address(host="127.0.0.1", port=dispatcher.sync_port)
             async with listening(write_config(tmp_path, server)):
-                await until(
+                await until_async(
                     lambda: outbox_row(db, request_id)[0] == "confirmed",
                     "the device to get its push",
                     timeout=DEVICE_WITHIN,
@@ -183,7 +175,9 @@ async def test_a_flood_of_bad_datagrams_is_a_few_log_lines(
             await asyncio.sleep(0)
         ack = protocol.Ack(request_id=row, device=DEVICE, confirmed=time.time())
         sender.sendto(protocol.encode_ack(ack, SECRET), ("127.0.0.1", port))  # taken last
-        await until(lambda: outbox_row(db, row)[0] == "confirmed", "the valid ack", timeout=20)
+        await until_async(
+            lambda: outbox_row(db, row)[0] == "confirmed", "the valid ack", timeout=20
+        )
         dropped = [line for line in dispatcher.lines[logged_before:] if "dropped UDP" in line]
         assert 1 <= len(dropped) <= 5, dropped
 
@@ -205,7 +199,7 @@ async def test_a_flood_of_bad_datagrams_is_a_few_log_lines(
                 expires=time.time() + 600,
             )
             sender.sendto(protocol.encode_message(message, SECRET), listener.udp_address)
-            await until(lambda: len(runs(tmp_path)) == 1, "the valid message", timeout=20)
+            await until_async(lambda: len(runs(tmp_path)) == 1, "the valid message", timeout=20)
             assert listener.counters.received == FLOOD + 1
         rejected = [r for r in caplog.records if "dropped message via udp" in r.getMessage()]
         assert 1 <= len(rejected) <= 5, [r.getMessage() for r in rejected]

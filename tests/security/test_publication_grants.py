@@ -17,9 +17,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.acceptance.conftest import _executable
 from tests.integration import trucking
 from tests.reliability.harness import DispatcherProcess
+from tests.support.cli import executable
 from tests.support.owned_device import SECRET, OwnedDevice, server_state
 
 OFFICE = """
@@ -37,7 +37,7 @@ REFUSED = "sync failed: the server refused: {}\n"
 def pushsync(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSHSYNC_", "PG"))}
     return subprocess.run(
-        [*_executable(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+        [*executable(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
     )
 
 

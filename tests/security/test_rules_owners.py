@@ -25,8 +25,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tests.integration import trucking
-from tests.reliability.harness import run_cli
-from tests.security.test_rules_author import (
+from tests.support.cli import run_cli
+from tests.support.rules_attacks import (
     RULE_HEAD,
     Roles,
     as_role,

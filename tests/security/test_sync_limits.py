@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,9 +26,10 @@ import pytest
 from pushsync.dispatcher.sync_endpoint import Synchronizer, SyncLimits
 from pushsync.listener.sync import SyncFailed
 from tests.integration import trucking
-from tests.integration.test_sync_gateway import dispatching, server_address, sync_of
 from tests.reliability.harness import DispatcherProcess
+from tests.support.dispatching import dispatching, server_address, sync_of
 from tests.support.owned_device import SECRET, OwnedDevice, server_state
+from tests.support.waiting import until_async
 
 MIB = 1024
 """KiB in a MiB (/proc reports KiB)."""
@@ -164,10 +164,7 @@ def blocked(db: psycopg.Connection) -> bool:
 
 
 async def wait_blocked(db: psycopg.Connection) -> None:
-    deadline = time.monotonic() + 10
-    while not blocked(db):
-        assert time.monotonic() < deadline, "the synchronization never reached the lock"
-        await asyncio.sleep(0.02)
+    await until_async(lambda: blocked(db), "the synchronization to reach the lock", 10)
 
 
 @pytest.mark.asyncio

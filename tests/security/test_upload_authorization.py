@@ -19,41 +19,14 @@ import psycopg
 import pytest
 
 from tests.integration import trucking
-from tests.integration.test_sync_gateway import dispatching, server_address
+from tests.support.dispatching import dispatching, server_address
 from tests.support.owned_device import SECRET, OwnedDevice, server_state
-
-PUBLICATIONS = """\
-publications:
-  - name: driver
-    tables:
-      - table: public.drivers
-        download: SELECT * FROM public.drivers WHERE device_id = :device_id
-        upload: [update]
-        conflict: client_wins
-      - table: public.routes
-        download: |
-          SELECT r.* FROM public.routes r
-          JOIN public.drivers d ON d.driver_id = r.driver_id
-          WHERE d.device_id = :device_id
-        upload: [insert, update, delete]
-        conflict: server_wins
-      - table: public.disruption_reports
-        download: SELECT * FROM public.disruption_reports WHERE status = 'open'
-        upload: [insert]
-        upload_check: |
-          new.reported_by = (SELECT d.driver_id FROM public.drivers d
-                             WHERE d.device_id = :device_id)
-"""
+from tests.support.upload_rules import rules
 
 NOT_THEIRS = "the row is not (or no longer) one of this device's rows of {}"
 WOULD_LEAVE = "the row as written would not be one of this device's rows of {}"
 ROUTE_20 = {"route_id": 20, "route_name": "south", "driver_id": 2, "detour": None}
 DRIVER_2 = {"driver_id": 2, "name": "Bo", "device_id": "truck-2"}
-
-
-def rules() -> str:
-    example = trucking.RULES.read_text(encoding="utf-8")
-    return example[: example.index("\npublications:")] + "\n" + PUBLICATIONS
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ import psycopg
 import pytest
 
 from tests.integration import trucking
-from tests.integration.test_sync_gateway import dispatching, server_address
-from tests.security.test_upload_authorization import rules
+from tests.support.dispatching import dispatching, server_address
 from tests.support.owned_device import SECRET, OwnedDevice, server_state
+from tests.support.upload_rules import rules
 
 WITHOUT_OLD = (
     "{} of public.routes must carry the row as the device last had it (old); "

@@ -34,15 +34,18 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import port_for
+import psycopg
 from pytest_postgresql.executors import PostgreSQLExecutor
 from pytest_postgresql.janitor import DatabaseJanitor
 
 __all__ = [
     "DEFAULT_POSTGRES_OPTIONS",
+    "OwnServer",
     "WrapperInfo",
     "pg_ctl_path",
     "prepare_datadir",
@@ -270,3 +273,21 @@ def _stop_quietly(executor: PostgreSQLExecutor) -> None:
             executor.stop()
     except Exception as exc:  # best effort cleanup: report and go on
         print(f"warning: stopping PostgreSQL failed: {exc!r}", file=sys.stderr)
+
+
+@dataclass
+class OwnServer:
+    """A PostgreSQL server of one test's own, which it may stop and start."""
+
+    executor: PostgreSQLExecutor
+    dsn: str
+    opened: list[psycopg.Connection[Any]] = field(default_factory=list)
+
+    def connect(self) -> psycopg.Connection[Any]:
+        """A connection, closed by the fixture at the latest (also when the test fails)."""
+        self.opened.append(psycopg.connect(self.dsn, autocommit=True))
+        return self.opened[-1]
+
+    def close(self) -> None:
+        for conn in self.opened:
+            conn.close()

@@ -5,24 +5,26 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 
 import pytest
 
 from pushsync.dispatcher.daemon import Dispatcher
 from pushsync.wire import protocol
+from tests.support.waiting import until_async
 
 
 class StoppedWhileConfirming:
     """An outbox whose ``confirm`` lets the stop request (SIGTERM) in while it runs."""
 
-    def __init__(self, stop: asyncio.Event) -> None:
+    def __init__(self, stop: asyncio.Event, relayed: Callable[[], bool]) -> None:
         self.stop = stop
+        self.relayed = relayed
         self.confirmed: list[uuid.UUID] = []
 
     async def confirm(self, request_id: uuid.UUID, device_id: str) -> bool:
         self.stop.set()
-        for _ in range(3):  # the stop relay runs now and wakes the loop
-            await asyncio.sleep(0)
+        await until_async(self.relayed, "the stop relay to wake the loops", 5)
         self.confirmed.append(request_id)
         return True
 
@@ -31,7 +33,7 @@ class StoppedWhileConfirming:
 async def test_a_stop_while_an_ack_is_recorded_ends_the_confirm_loop() -> None:
     dispatcher = Dispatcher("host=127.0.0.1 dbname=unused", {})
     stop = asyncio.Event()
-    store = StoppedWhileConfirming(stop)
+    store = StoppedWhileConfirming(stop, relayed=dispatcher._wake.is_set)
     relay = asyncio.create_task(dispatcher._relay_stop(stop))
     ack = protocol.Ack(request_id=uuid.uuid4(), device="dev-1", confirmed=time.time())
     dispatcher.on_ack(ack, "127.0.0.1:9")

@@ -13,6 +13,7 @@ import pytest
 from pushsync.dispatcher import gateways as g
 from pushsync.dispatcher.outbox import Claimed
 from pushsync.errors import UsageError
+from pushsync.testing import RecordingGateway
 from pushsync.wire import protocol
 from pushsync.wire.addresses import format_peer
 from pushsync.wire.limits import MAX_DATAGRAM
@@ -91,7 +92,7 @@ def test_to_message_refuses_unknown_priority_and_naive_times() -> None:
 
 @pytest.mark.asyncio
 async def test_recording_gateway_records_and_succeeds() -> None:
-    gateway = g.RecordingGateway("udp")
+    gateway = RecordingGateway("udp")
     result = await gateway.send(ITEM)
     assert result == g.SendResult(ok=True, gateway="udp", error=None, final=False)
     assert gateway.items == [ITEM]
@@ -99,19 +100,19 @@ async def test_recording_gateway_records_and_succeeds() -> None:
 
 @pytest.mark.asyncio
 async def test_recording_gateway_fails_when_told() -> None:
-    gateway = g.RecordingGateway("sync", fail_with="not connected")
+    gateway = RecordingGateway("sync", fail_with="not connected")
     second = replace(ITEM, request_id=uuid.uuid4())
     results = [await gateway.send(ITEM), await gateway.send(second)]
     assert [r.ok for r in results] == [False, False]
     assert {r.error for r in results} == {"not connected"}
     assert not any(r.final for r in results)
     assert gateway.items == [ITEM, second]
-    final = await g.RecordingGateway("smtp", fail_with="no", final=True).send(ITEM)
+    final = await RecordingGateway("smtp", fail_with="no", final=True).send(ITEM)
     assert final.final
 
 
 def test_gateways_satisfy_the_protocol() -> None:
-    fakes: list[g.Gateway] = [g.RecordingGateway("x"), udp_gateway()[0]]
+    fakes: list[g.Gateway] = [RecordingGateway("x"), udp_gateway()[0]]
     fakes.append(g.SmtpGateway(host="localhost", sender_address="p@example.org"))
     assert [f.name for f in fakes] == ["x", "udp", "smtp"]
 

@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 
 from pushsync import __version__, generator
-
-GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden"
-CASES = sorted(GOLDEN.glob("*.yaml"))
+from tests.support.golden import CASES
 
 
 def compile_case(case: Path) -> str:

@@ -372,15 +372,33 @@ def _counting_sync() -> tuple[SyncFunction, asyncio.Event, asyncio.Event, list[i
     return sync, release, running, runs
 
 
+async def _at_the_gate(gate: SyncGate, count: int) -> list[asyncio.Task[Outcome]]:
+    """``count`` requests of the gate, each in a task; returns once all of them wait there.
+
+    Each task sets its event just before it calls ``gate.request()``, which does not
+    yield until it waits for its run: once the event is seen set, the request is in.
+    """
+    entered = [asyncio.Event() for _ in range(count)]
+
+    async def request(event: asyncio.Event) -> Outcome:
+        event.set()
+        return await gate.request()
+
+    tasks = [asyncio.create_task(request(event)) for event in entered]
+    await asyncio.wait_for(asyncio.gather(*(event.wait() for event in entered)), 5)
+    return tasks
+
+
 @pytest.mark.asyncio
 async def test_sync_gate_coalesces_requests_while_one_runs() -> None:
     sync, release, running, runs = _counting_sync()
     gate = SyncGate(sync)
     first = asyncio.create_task(gate.request())
-    await running.wait()
-    later = [asyncio.create_task(gate.request()) for _ in range(5)]
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(running.wait(), 5)
+    later = await _at_the_gate(gate, 5)
     assert runs == [1]  # the five wait, sharing one queued run
+    assert gate.runs == 1
+    assert not any(task.done() for task in later)
 
     release.set()
     outcomes = await asyncio.gather(first, *later)
@@ -397,10 +415,8 @@ async def test_sync_gate_caller_cancel_does_not_cancel_the_shared_run() -> None:
     sync, release, running, runs = _counting_sync()
     gate = SyncGate(sync)
     first = asyncio.create_task(gate.request())
-    await running.wait()
-    impatient = asyncio.create_task(gate.request())
-    patient = asyncio.create_task(gate.request())  # both share the queued run
-    await asyncio.sleep(0)
+    await asyncio.wait_for(running.wait(), 5)
+    impatient, patient = await _at_the_gate(gate, 2)  # both share the queued run
     impatient.cancel()
     release.set()
     assert await first == Outcome(True, "run 1")
@@ -415,9 +431,8 @@ async def test_sync_gate_close_cancels_waiters() -> None:
     sync, _release, running, _runs = _counting_sync()
     gate = SyncGate(sync)
     current = asyncio.create_task(gate.request())
-    await running.wait()
-    queued = asyncio.create_task(gate.request())
-    await asyncio.sleep(0)
+    await asyncio.wait_for(running.wait(), 5)
+    [queued] = await _at_the_gate(gate, 1)
     await gate.aclose()
     results = await asyncio.gather(current, queued, return_exceptions=True)
     assert all(isinstance(result, asyncio.CancelledError) for result in results)
