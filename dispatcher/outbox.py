@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -204,7 +204,7 @@ class OutboxStore:
         rows = await self.executor.fetch(query("device_secret"), {"device_id": device}, tuple_row)
         return bytes(rows[0][0]) if rows else None
 
-    async def revoked(self, held: list[tuple[str, bytes | None]]) -> list[str]:
+    async def revoked(self, held: Sequence[tuple[str, bytes | None]]) -> list[str]:
         """Of the (device, secret it authenticated with) pairs ``held``, the devices
         disabled, removed, or given another secret since (None: not authenticated yet)."""
         params = {"device_ids": [d for d, _ in held], "secrets": [s for _, s in held]}

@@ -173,3 +173,26 @@ async def test_disabled_while_the_dispatcher_was_not_listening(
             "WHERE datname = current_database() AND query = 'LISTEN pushsync'"
         )
         assert await closed(pushed, 10.0), "the reconnect did not look at who is connected"
+
+
+@pytest.mark.asyncio
+async def test_a_secret_changed_while_the_dispatcher_was_not_listening(
+    db: psycopg.Connection, dsn: str, kept: list[Session]
+) -> None:
+    """The old key's connection does not outlive a lost notification either."""
+    add_device(db)
+    async with dispatching(dsn) as dispatcher:
+        pushed = await session(dispatcher)
+        kept.append(pushed)
+        db.execute("ALTER TABLE pushsync.devices DISABLE TRIGGER device_access_revoked")
+        db.execute(
+            "UPDATE pushsync.devices SET secret = %s WHERE device_id = %s",
+            (bytes(range(2, 34)), DEVICE),
+        )
+        db.execute("ALTER TABLE pushsync.devices ENABLE TRIGGER device_access_revoked")
+        assert not await closed(pushed, 0.5)  # nothing told the dispatcher yet
+        db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND query = 'LISTEN pushsync'"
+        )
+        assert await closed(pushed, 10.0), "the reconnect kept a connection of the old key"
