@@ -272,6 +272,8 @@ class Dispatcher:
                 running.result()
         finally:
             stopping.cancel()
+            if not running.done():  # cancelled from outside, or given up on above
+                running.cancel()
 
     async def _run(self, stop: asyncio.Event, where: str) -> None:
         delay = BACKOFF_FIRST
