@@ -225,33 +225,7 @@ def parse_upload_check(text: str) -> exp.Expr:
     check function. ``new`` and ``old`` may also stand alone (``old IS NULL``:
     an insert).
     """
-    if not text.strip():
-        raise FragmentError("expected an expression, found nothing")
-    trees = _parse(text + ")", CONDITION_PREFIX)
-    if len(trees) != 1:
-        raise FragmentError("expected one expression, found more than one statement")
-    tree = trees[0]
-    _bind_device(tree)
-    _police(tree, parameters=(exp.Parameter,))
-    if (
-        not isinstance(tree, exp.Select)
-        or len(tree.expressions) != 1
-        or any(v for k, v in tree.args.items() if k != "expressions")
-    ):
-        raise FragmentError("expected one expression")
-    condition = tree.expressions[0]
-    if isinstance(condition, exp.Paren):
-        condition = condition.this
-    _require_qualified_tables(condition)
-    for column in _outer_columns(condition):
-        whole_row = not column.table and column.name.lower() in PLACEHOLDER_SCOPES
-        if column.table.lower() not in PLACEHOLDER_SCOPES and not whole_row:
-            raise FragmentError(
-                f"column {column.sql(dialect=DIALECT)} must be written new.{column.name} "
-                f"or old.{column.name}"
-            )
-    normalized: exp.Expr = normalize_identifiers(condition.copy(), dialect=DIALECT)
-    return normalized
+    return _condition(text, device=True)
 
 
 def download_tables(tree: exp.Expr) -> list[tuple[str, str]]:
@@ -290,14 +264,23 @@ def table_alias_of(query: exp.Query, schema: str, name: str) -> list[str]:
 
 def parse_condition(text: str) -> exp.Expr:
     """One boolean expression over ``new`` and ``old``."""
+    return _condition(text, device=False)
+
+
+def _condition(text: str, *, device: bool) -> exp.Expr:
+    """One boolean expression over ``new`` and ``old``; with ``device``, ``:device_id``
+    may appear (as ``$1``) and ``new``/``old`` may stand alone as whole rows."""
     if not text.strip():
         raise FragmentError("expected an expression, found nothing")
-    prefix = CONDITION_PREFIX
-    trees = _parse(text + ")", prefix)
+    trees = _parse(text + ")", CONDITION_PREFIX)
     if len(trees) != 1:
         raise FragmentError("expected one expression, found more than one statement")
     tree = trees[0]
-    _police(tree)
+    if device:
+        _bind_device(tree)
+        _police(tree, parameters=(exp.Parameter,))
+    else:
+        _police(tree)
     if (
         not isinstance(tree, exp.Select)
         or len(tree.expressions) != 1
@@ -309,7 +292,8 @@ def parse_condition(text: str) -> exp.Expr:
         condition = condition.this
     _require_qualified_tables(condition)
     for column in _outer_columns(condition):
-        if column.table.lower() not in PLACEHOLDER_SCOPES:
+        whole_row = device and not column.table and column.name.lower() in PLACEHOLDER_SCOPES
+        if column.table.lower() not in PLACEHOLDER_SCOPES and not whole_row:
             raise FragmentError(
                 f"column {column.sql(dialect=DIALECT)} must be written new.{column.name} "
                 f"or old.{column.name}"
