@@ -513,6 +513,8 @@ class Dispatcher:
                 await self._record_failure(store, item, outcome)
 
     async def _record_failure(self, store: OutboxStore, item: Claimed, outcome: Outcome) -> None:
+        if await self._connected_meanwhile(store, item, outcome):
+            return
         ok = await store.failed(item.request_id, outcome.error, final=outcome.final)
         for gateway in outcome.tried:
             self.metrics.failed(gateway, outcome.final)
@@ -526,6 +528,23 @@ class Dispatcher:
         self._held.discard(item.request_id)
         if not ok:
             logger.warning("lost the lease on %s before recording it", item.request_id)
+
+    async def _connected_meanwhile(
+        self, store: OutboxStore, item: Claimed, outcome: Outcome
+    ) -> bool:
+        """The device opened its SYNC connection while this attempt, which could not use
+        it, was under way: the connection's own claim skipped the row (leased here), so
+        it goes back, due now, and is sent down the connection at once. True if so."""
+        if outcome.final or "sync" in outcome.tried or self.sync is None:
+            return False
+        if not self.sync.is_connected(item.device_id):
+            return False
+        if not await store.release([item.request_id]):
+            return False
+        logger.info("%s: %s connected meanwhile; sending again", item.request_id, item.device_id)
+        self._held.discard(item.request_id)
+        self._wake.set()
+        return True
 
     async def _announce(self, store: OutboxStore) -> None:
         """Heartbeat, and (after a reconnect) record the SYNC connections held here again."""

@@ -20,6 +20,8 @@ import pytest
 import trustme
 
 from pushsync.dispatcher.daemon import Dispatcher
+from pushsync.dispatcher.gateways import SendResult, failed
+from pushsync.dispatcher.outbox import Claimed
 from pushsync.dispatcher.sync_server import SyncServer, SyncSettings, server_tls
 from pushsync.listener.sync_client import Refused, open_session
 from pushsync.testing import RecordingGateway
@@ -36,6 +38,7 @@ from tests.support.dispatching import (
     outbox_row,
     server_address,
     session,
+    set_address,
     shut,
     sync_of,
 )
@@ -514,3 +517,41 @@ async def test_one_message_over_sync_and_udp_runs_once(
             await until_async(lambda: listener.counters.duplicates == 1, "the duplicate")
             sender.close()
             assert [r["content"] for r in runs(tmp_path)] == ["once"]
+
+
+class HeldGateway:
+    """A UDP gateway whose send waits until the test lets it go, then fails."""
+
+    name = "udp"
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.finish = asyncio.Event()
+
+    async def send(self, item: Claimed) -> SendResult:
+        self.started.set()
+        await self.finish.wait()
+        return failed(self.name, "no answer", final=False)
+
+
+@pytest.mark.asyncio
+async def test_a_device_connecting_during_an_attempt_gets_the_row_at_once(
+    db: psycopg.Connection, dsn: str
+) -> None:
+    """Its connection's own claim skips the row leased to that attempt; once the attempt
+    fails, the row goes down the new connection now, not at the next resend (an hour)."""
+    add_device(db)
+    set_address(db, DEVICE, "udp", "192.0.2.1:5001")
+    held = HeldGateway()
+    request_id = enqueue(db)
+    async with dispatching(dsn, gateways={"udp": held}) as dispatcher:
+        await asyncio.wait_for(held.started.wait(), WAIT)  # the attempt over UDP is under way
+        conn = await session(dispatcher)
+        try:
+            held.finish.set()
+            frame = await conn.recv(timeout=WAIT)
+            assert frame is not None and frame.type == protocol.FrameType.MESSAGE
+            message = protocol.decode_message(frame.payload, SECRET, time.time())
+            assert message.request_id == request_id
+        finally:
+            await conn.close()
