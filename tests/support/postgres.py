@@ -32,6 +32,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -236,6 +237,7 @@ def start_postgres(
             try:
                 executor.start()
                 executor.wait_for_postgres()
+                _wait_accepting(executor, timeout)
                 break
             except Exception as exc:
                 clash = _port_clash(logfile)
@@ -265,6 +267,27 @@ def start_postgres(
         if executor is not None:
             _stop_quietly(executor)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _wait_accepting(executor: PostgreSQLExecutor, timeout: float) -> None:
+    """Until the server accepts connections. ``pg_ctl -w`` can give up on a slow start
+    (a loaded machine) while the postmaster goes on starting; its status then says
+    running, and the first connection would be told "the database system is starting up"."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            psycopg.connect(
+                host=executor.host,
+                port=executor.port,
+                user=executor.user,
+                dbname="postgres",
+                connect_timeout=5,
+            ).close()
+            return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def _stop_quietly(executor: PostgreSQLExecutor) -> None:
