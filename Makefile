@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[server,dev,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[server,demo,dev,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,8 +31,14 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	cd build/package-view && $(abspath $(BIN))/lint-imports --no-cache $(CURDIR)/pyproject.toml
 
+# Coverage of the package, CLI subprocesses included ([tool.coverage] in pyproject.toml);
+# the per-file table goes to build/coverage.txt.
 test: lint postgres
-	$(BIN)/pytest
+	$(BIN)/coverage erase
+	$(BIN)/coverage run -m pytest
+	$(BIN)/coverage combine --quiet
+	mkdir -p build && $(BIN)/coverage report > build/coverage.txt
+	@echo "coverage: $$($(BIN)/coverage report --format=total)% of pushsync's lines and branches (build/coverage.txt)"
 
 demo: $(STAMP)
 	$(BIN)/pushsync demo
@@ -48,4 +54,4 @@ bench: postgres
 	$(BIN)/python -m bench.sync_incremental
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .coverage .coverage.*

