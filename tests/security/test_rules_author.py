@@ -22,7 +22,6 @@ What rules call or read must not be redefinable by the application role:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -38,19 +37,6 @@ from tests.support.rules_attacks import (
     refused_everywhere,
     write,
 )
-
-
-@pytest.fixture
-def fleet(db: psycopg.Connection) -> psycopg.Connection:
-    """The trucking example with its rules applied, four devices with secrets, no messages."""
-    trucking.setup(db)
-    return db
-
-
-@pytest.fixture
-def roles(db: psycopg.Connection) -> Iterator[Roles]:
-    yield from Roles.dropped_after(db)
-
 
 # ----------------------------------------------------------------------------- pushsync's own
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -34,18 +33,6 @@ from tests.support.rules_attacks import (
     snapshot,
     write,
 )
-
-
-@pytest.fixture
-def fleet(db: psycopg.Connection) -> psycopg.Connection:
-    """The trucking example with its rules applied, four devices with secrets, no messages."""
-    trucking.setup(db)
-    return db
-
-
-@pytest.fixture
-def roles(db: psycopg.Connection) -> Iterator[Roles]:
-    yield from Roles.dropped_after(db)
 
 
 def own(db: psycopg.Connection, owner: str, statement: str, kind: str, name: str) -> None:
