@@ -1,4 +1,4 @@
-"""The dispatcher's Prometheus metrics, and a small HTTP server for them and a health check.
+"""The dispatcher's Prometheus metrics, served over HTTP with a health check.
 
 :class:`Metrics` holds every figure the dispatcher exposes, in a
 :class:`~prometheus_client.CollectorRegistry` of its own: several dispatchers
@@ -7,18 +7,12 @@ metrics, and nothing registered globally by other code leaks into a scrape.
 Every metric is named ``pushsync_...``; ``docs/operations.md`` lists them with
 their labels, meaning and suggested alerts.
 
-:func:`serve_metrics` serves, on the event loop that calls it (no threads):
-
-* ``GET /metrics``: the text exposition, in the format the scraper's
-  ``Accept`` header asks for (prometheus_client's own content negotiation);
-* ``GET /healthz``: ``200 ok`` while the health callback says healthy, else
-  ``503`` with its reason.
-
-The server speaks just enough HTTP/1.1 for scrapers and load balancers: one
-request per connection (``Connection: close``), ``GET`` and ``HEAD`` only, a
-request head of at most :data:`MAX_REQUEST_HEAD` bytes read within
-:data:`REQUEST_TIMEOUT` seconds. Anything else is answered with the matching
-4xx status, or the connection is closed; no request can make it stop serving.
+:func:`serve_metrics` serves ``GET /metrics`` (the exposition, in the format
+the scraper's ``Accept`` header asks for) and ``GET /healthz`` (``200 ok``, or
+``503`` and the health callback's reason): a Starlette app run by uvicorn on
+the event loop that calls it, no threads. A request head must fit in
+:data:`MAX_REQUEST_HEAD` bytes and arrive within :data:`REQUEST_TIMEOUT`
+seconds; anything malformed gets a 4xx or a closed connection.
 """
 
 from __future__ import annotations
@@ -26,12 +20,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
-from http import HTTPStatus
-from urllib.parse import urlsplit
+import math
+import socket
+from collections.abc import Callable, Iterator, Mapping
 
+import h11
+import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -174,12 +175,100 @@ class Metrics:
 # --------------------------------------------------------------------------- HTTP
 
 
-class _BadRequest(Exception):
-    """The request cannot be served; answer with ``status`` (None: just close)."""
+def _routes(metrics: Metrics, health: Health) -> Starlette:
+    """The ASGI app: ``/metrics`` and ``/healthz``, ``GET`` and ``HEAD`` only."""
 
-    def __init__(self, status: HTTPStatus | None, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
+    async def scrape(request: Request) -> Response:
+        body, content_type = metrics.exposition(request.headers.get("accept", ""))
+        return Response(body, media_type=content_type)
+
+    async def healthz(request: Request) -> Response:
+        try:
+            healthy, reason = health()
+        except Exception as exc:
+            logger.exception("metrics server: the health check raised")
+            healthy, reason = False, f"health check failed: {type(exc).__name__}"
+        if healthy:
+            return PlainTextResponse("ok\n")
+        text = reason.strip() or "unhealthy"
+        return PlainTextResponse(f"{text}\n", status_code=503)
+
+    app = Starlette(
+        routes=[
+            Route("/metrics", scrape, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+        ]
+    )
+    app.router.redirect_slashes = False  # /metrics/ is unknown, not a redirect
+    return app
+
+
+class _Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 connection, with a deadline on every request head.
+
+    uvicorn closes a keep-alive connection left idle, but waits forever for a
+    head sent a byte at a time. Here each head (the first one from the
+    connection, the next one from the end of the previous response) must be
+    complete within :data:`REQUEST_TIMEOUT` seconds; a late one gets ``408``.
+    """
+
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._expect_head()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._cancel_deadline()  # a whole head came: the app has the request
+
+    def on_response_complete(self) -> None:
+        self._expect_head()  # first: a pipelined head handled below cancels it
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    def _expect_head(self) -> None:
+        self._cancel_deadline()
+        self._deadline = self.loop.call_later(REQUEST_TIMEOUT, self._head_too_late)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _head_too_late(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
+            self.transport.write(_TIMED_OUT)  # part of a head came, not all of it
+        self.transport.close()
+
+
+_TIMED_OUT = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 16\r\nconnection: close\r\n\r\nrequest timeout\n"
+)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, leaving signals to the dispatcher and saying when it listens."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.listening.set()
 
 
 class MetricsServer:
@@ -188,152 +277,74 @@ class MetricsServer:
     def __init__(self, metrics: Metrics, health: Health) -> None:
         self.metrics = metrics
         self.health = health
-        self._server: asyncio.Server | None = None
-        self._clients: set[asyncio.Task[None]] = set()
+        self._server: _Server | None = None
+        self._serving: asyncio.Task[None] | None = None
+        self._sockets: list[socket.socket] = []
 
     async def start(self, host: str, port: int) -> None:
         """Bind and start serving; OSError if ``host:port`` cannot be bound."""
-        self._server = await asyncio.start_server(self._client, host, port, limit=MAX_REQUEST_HEAD)
+        config = uvicorn.Config(
+            _routes(self.metrics, self.health),
+            http=_Protocol,
+            lifespan="off",
+            log_config=None,  # the dispatcher's logging configuration applies
+            access_log=False,
+            server_header=False,
+            timeout_keep_alive=math.ceil(REQUEST_TIMEOUT),  # the head deadline comes first
+            timeout_graceful_shutdown=1,
+            h11_max_incomplete_event_size=MAX_REQUEST_HEAD,
+        )
+        server = _Server(config)
+        sockets = await _bind(host, port)
+        serving = asyncio.create_task(server.serve(sockets), name="metrics-http")
+        listening = asyncio.create_task(server.listening.wait())
+        await asyncio.wait((serving, listening), return_when=asyncio.FIRST_COMPLETED)
+        if not listening.done():
+            listening.cancel()
+            for sock in sockets:
+                sock.close()
+            serving.result()  # raises what stopped it
+            raise RuntimeError("the metrics server stopped while starting")
+        self._server, self._serving, self._sockets = server, serving, sockets
 
     @property
     def address(self) -> tuple[str, int]:
         """The (host, port) the server is bound to (its first socket, if several)."""
-        if self._server is None or not self._server.sockets:
+        if self._server is None:
             raise RuntimeError("the metrics server is not listening")
-        host, port = self._server.sockets[0].getsockname()[:2]
+        host, port = self._sockets[0].getsockname()[:2]
         return str(host), int(port)
 
     async def close(self) -> None:
-        """Stop listening and drop the connections still open."""
-        if self._server is None:
+        """Stop listening, finish the responses under way, drop idle connections."""
+        server, self._server = self._server, None
+        if server is None or self._serving is None:
             return
-        self._server.close()
-        for task in list(self._clients):
-            task.cancel()
-        await asyncio.gather(*self._clients, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._clients.add(task)
-        try:
-            await self._serve_one(reader, writer)
-        except Exception:  # a bug here must not stop the server
-            logger.exception("metrics server: error serving a request")
-        finally:
-            if task is not None:
-                self._clients.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(REQUEST_TIMEOUT):
-                method, target, headers = await _read_head(reader)
-        except TimeoutError:
-            await _send(writer, HTTPStatus.REQUEST_TIMEOUT, b"request timeout\n", head=False)
-            return
-        except _BadRequest as exc:
-            logger.debug("metrics server: bad request: %s", exc)
-            if exc.status is not None:
-                body = f"{exc}\n".encode()
-                await _send(writer, exc.status, body, head=False)
-            return
-        status, body, content_type = self._respond(method, target, headers)
-        extra = {"Allow": "GET, HEAD"} if status == HTTPStatus.METHOD_NOT_ALLOWED else {}
-        await _send(writer, status, body, content_type, head=method == "HEAD", extra=extra)
-
-    def _respond(
-        self, method: str, target: str, headers: Mapping[str, str]
-    ) -> tuple[HTTPStatus, bytes, str]:
-        path = urlsplit(target).path
-        if path not in ("/metrics", "/healthz"):
-            return HTTPStatus.NOT_FOUND, b"not found\n", _TEXT
-        if method not in ("GET", "HEAD"):
-            return HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n", _TEXT
-        if path == "/metrics":
-            body, content_type = self.metrics.exposition(headers.get("accept", ""))
-            return HTTPStatus.OK, body, content_type
-        try:
-            healthy, reason = self.health()
-        except Exception as exc:
-            logger.exception("metrics server: the health check raised")
-            healthy, reason = False, f"health check failed: {type(exc).__name__}"
-        if healthy:
-            return HTTPStatus.OK, b"ok\n", _TEXT
-        text = reason.strip() or "unhealthy"
-        return HTTPStatus.SERVICE_UNAVAILABLE, f"{text}\n".encode(), _TEXT
+        server.should_exit = True
+        await self._serving
 
 
-_TEXT = "text/plain; charset=utf-8"
-_MAX_HEADERS = 100
-
-
-async def _read_head(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str]]:
-    """Request line and headers: (method, target, lower-cased header names -> values)."""
-    size = 0
-    lines: list[bytes] = []
-    while True:
-        try:
-            line = await reader.readuntil(b"\n")
-        except asyncio.IncompleteReadError as exc:
-            raise _BadRequest(None, "connection closed mid-request") from exc
-        except asyncio.LimitOverrunError as exc:
-            raise _BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too large") from exc
-        size += len(line)
-        if size > MAX_REQUEST_HEAD or len(lines) > _MAX_HEADERS:
-            raise _BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large")
-        line = line.rstrip(b"\r\n")
-        if not line:
-            if lines:
-                break
-            continue  # blank lines before the request line are allowed (RFC 9112 2.2)
-        lines.append(line)
+async def _bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address of ``host``, as :func:`asyncio.start_server` binds."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
     try:
-        request_line, *header_lines = (line.decode("ascii") for line in lines)
-    except UnicodeDecodeError as exc:
-        raise _BadRequest(HTTPStatus.BAD_REQUEST, "not ASCII") from exc
-    parts = request_line.split(" ")
-    if len(parts) != 3 or not parts[0].isalpha() or not parts[0].isupper():
-        raise _BadRequest(HTTPStatus.BAD_REQUEST, "bad request line")
-    method, target, version = parts
-    if version not in ("HTTP/1.0", "HTTP/1.1"):
-        raise _BadRequest(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "HTTP/1.0 or HTTP/1.1 only")
-    if not target.startswith(("/", "http://", "https://")):
-        raise _BadRequest(HTTPStatus.BAD_REQUEST, "bad request target")
-    headers: dict[str, str] = {}
-    for header in header_lines:
-        name, colon, value = header.partition(":")
-        if not colon or not name or name != name.strip():
-            raise _BadRequest(HTTPStatus.BAD_REQUEST, "bad header line")
-        headers[name.lower()] = value.strip()
-    return method, target, headers
-
-
-async def _send(
-    writer: asyncio.StreamWriter,
-    status: HTTPStatus,
-    body: bytes,
-    content_type: str = _TEXT,
-    *,
-    head: bool,
-    extra: Mapping[str, str] | None = None,
-) -> None:
-    fields = {
-        "Content-Type": content_type,
-        "Content-Length": str(len(body)),
-        "Connection": "close",
-        **(extra or {}),
-    }
-    lines = [f"HTTP/1.1 {status.value} {status.phrase}"]
-    lines += [f"{name}: {value}" for name, value in fields.items()]
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
-    if not head:
-        writer.write(body)
-    with contextlib.suppress(ConnectionError):
-        await writer.drain()
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 async def serve_metrics(metrics: Metrics, host: str, port: int, health: Health) -> MetricsServer:
