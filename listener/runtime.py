@@ -1,43 +1,10 @@
 """The listener runtime: ``pushsync listen CONFIG.yaml``.
 
-A :class:`Listener` owns the config, the device secret, the dedupe store, the
-action runner and the counters; its channels (:mod:`pushsync.listener.channels`)
-hand it verified messages. For each message :meth:`Listener.handle`:
-
-1. drops a message for another device ("not for this device"); it was signed
-   with this device's secret, so it is logged and counted, not acked;
-2. records the request id in the dedupe store *before* anything runs. A
-   request id seen before is a duplicate: counted, never run again, but acked
-   again when the handlers would confirm it — the earlier copy may have run
-   while its ack got lost;
-3. matches the handlers (first match wins unless ``continue: true``) and
-   performs each chosen handler in order, one after the other;
-4. logs one line: request id, subject, channel, handler(s) and each action's
-   outcome. The content and the action's output are logged only with
-   ``log_messages=True`` (``--message-log``); the secret never is;
-5. acks — a signed ack envelope, through the channel's ``reply`` — when at
-   least one performed handler asks for confirmation (``confirm: true``, the
-   default). Like MobiLink, **a message that no handler matched is not
-   confirmed**: the device did not accept it, and the dispatcher keeps it
-   until it expires (a redelivery is then a duplicate and is not acked either).
-   A channel without a way back (Maildir, IMAP) passes ``reply=None``.
-
-Envelopes that fail verification (``ProtocolError``: forged, expired,
-oversized, malformed, unsupported version) are counted by reason and logged
-with channel and peer; nothing a peer sends raises out of the listener.
-
-:meth:`Listener.run` opens the configured channels, forgets expired request
-ids periodically, and stops when its event is set (SIGTERM, SIGINT, or a
-``shutdown`` action). In-flight messages get :data:`DRAIN_TIMEOUT` seconds to
-finish; then they are cancelled (and not acked, so the server resends them —
-but the dedupe store already holds their id, so they will not run again).
-:meth:`Listener.reload` (SIGHUP) re-reads the config: a config with errors is
-logged, every error located, and the old one kept; a valid one replaces the
-handlers. Changes to ``device``, ``secret_file``, ``state_dir`` or
-``channels`` take effect only after a restart, and the log says so.
-
-The IMAP channel is :mod:`pushsync.listener.imap`, the others are in
-:mod:`pushsync.listener.channels`.
+:class:`Listener` opens the configured channels, takes each verified message
+they hand it (:meth:`Listener.handle`: dedupe, run the matching handlers, ack),
+and stops or reloads on signals. What it does for the user, step by step, is in
+``docs/listener.md`` ("Running"); the channels are in
+:mod:`pushsync.listener.channels` and :mod:`pushsync.listener.imap`.
 """
 
 from __future__ import annotations
@@ -117,7 +84,12 @@ class Counters:
 
 
 class Listener:
-    """One device's listener; see the module docstring."""
+    """One device's listener: its config, secret, dedupe store, action runner and counters.
+
+    Its channels hand it verified messages (:meth:`handle`) and rejected
+    envelopes (:meth:`verify`: counted by reason, logged with channel and peer);
+    nothing a peer sends raises out of it.
+    """
 
     def __init__(
         self,
@@ -184,7 +156,21 @@ class Listener:
         channel: str = "direct",
         peer: str = "-",
     ) -> Status:
-        """Take one verified message: dedupe, run the matching handlers, ack. Never raises."""
+        """Take one verified message: dedupe, run the matching handlers, ack. Never raises.
+
+        1. A message for another device is rejected ("not for this device"):
+           logged and counted, not acked.
+        2. The request id goes into the dedupe store *before* anything runs. A
+           duplicate is counted and not run again, but acked again when the
+           handlers would confirm it (the earlier copy's ack may have been lost).
+        3. The matching handlers are performed in order, one after the other.
+        4. One log line: request id, subject, channel, handlers and outcomes;
+           content and output only with ``log_messages``, the secret never.
+        5. Ack through ``reply`` when a performed handler asks for confirmation.
+           An unmatched message is not confirmed (as in MobiLink): the
+           dispatcher keeps it until it expires. ``reply=None`` (Maildir, IMAP):
+           no way back, no ack.
+        """
         try:
             return await self._handle(msg, reply, channel=channel, peer=peer)
         except Exception as exc:  # a bug here must not stop the listener
@@ -309,7 +295,13 @@ class Listener:
     # ------------------------------------------------------------------ config
 
     def reload(self, path: str | Path | None = None) -> bool:
-        """Re-read the config (SIGHUP); ``True`` if its handlers are now in use."""
+        """Re-read the config (SIGHUP); ``True`` if its handlers are now in use.
+
+        A config with errors is logged, every error located, and the old one
+        kept. Only the handlers are replaced: changes to ``device``,
+        ``secret_file``, ``state_dir`` or ``channels`` need a restart, and the
+        log says so.
+        """
         source = self.config.path if path is None else Path(path)
         try:
             new = load_config(source)
@@ -340,6 +332,12 @@ class Listener:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Open the channels and take messages until ``stop`` is set; then close everything.
+
+        Expired request ids are forgotten every :attr:`expire_every` seconds.
+        ``stop`` is set by SIGTERM, SIGINT or a ``shutdown`` action. Messages in
+        flight then get :data:`DRAIN_TIMEOUT` seconds, and are then cancelled:
+        not acked, so the server resends them, but the dedupe store already
+        holds their id, so they do not run again.
 
         Raises ``PushsyncError`` or ``OSError`` if no channel can be opened.
         """
