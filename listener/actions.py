@@ -1,35 +1,9 @@
 """Running a handler's actions: ``run``, ``start``, ``socket``, ``sync`` and ``shutdown``.
 
-Every runner returns an :class:`Outcome` instead of raising: an action that
-fails (a non-zero exit, its timeout, a refused connection, a missing program)
-is an ordinary result, logged by the runtime and answered by the handler's
-``altaction``. Programs are always started with an argv list built by
-:func:`pushsync.listener.handlers.argv_for` — one element per template, values
-inserted literally — and never through a shell.
-
-Decisions:
-
-* ``run`` captures stdout and stderr together, keeps the first
-  :data:`OUTPUT_CAP` bytes for the log and discards the rest (still reading it,
-  so the program never blocks on a full pipe). The program runs in its own
-  session; on timeout its whole process group is killed.
-* ``start`` succeeds once the program has started. Its output goes to
-  ``/dev/null``. A task per program waits for it, so no zombie stays; with a
-  ``timeout`` that task kills the process group when the timeout passes.
-  Programs still running when the listener stops are left running.
-* ``socket`` sends the text, then half-closes the connection (the request is
-  complete, for servers that read to the end); with ``reply`` it waits for one
-  line, or for the end of the stream, keeping at most :data:`OUTPUT_CAP` bytes.
-  An empty reply (the peer closed without a byte) is a failure.
-* ``sync`` runs an injected coroutine through a :class:`SyncGate`: while a sync
-  runs, requests queue at most one more run, and all requests arriving while
-  that one is queued share it (and its outcome).
-* :func:`perform` says to confirm (per the handler's ``confirm``) whenever it
-  ran the handler's action, whatever the outcome: the message was *accepted*.
-  Confirmation tells the server the message arrived; a redelivery would not
-  make the action succeed, the dedupe store would drop it. Only an action cut
-  short by cancellation (the listener stopping) gives no result, so no
-  confirmation.
+:func:`perform` runs a handler's action (and its ``altaction``) through
+:class:`Actions`; every runner returns an :class:`Outcome` instead of raising,
+and programs get an argv list from :func:`pushsync.listener.handlers.argv_for`,
+never a shell. How each action behaves is in ``docs/listener.md`` ("Actions").
 """
 
 from __future__ import annotations
@@ -134,7 +108,13 @@ def _text(data: bytes) -> str:
 
 
 async def run_program(argv: list[str], timeout: float | None, *, cap: int = OUTPUT_CAP) -> Outcome:
-    """Run ``argv`` (no shell), wait for it within ``timeout``; exit 0 is success."""
+    """Run ``argv`` (no shell), wait for it within ``timeout``; exit 0 is success.
+
+    stdout and stderr are captured together; the first ``cap`` bytes are kept
+    for the log and the rest read and discarded, so the program never blocks
+    on a full pipe. It runs in its own session; on timeout its process group
+    is killed.
+    """
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,
@@ -168,7 +148,12 @@ async def run_program(argv: list[str], timeout: float | None, *, cap: int = OUTP
 async def send_to_socket(
     host: str, port: int, text: str, *, reply: bool, timeout: float | None, cap: int = OUTPUT_CAP
 ) -> Outcome:
-    """Send ``text`` (UTF-8) to ``host:port`` over TCP; with ``reply`` wait for an answer."""
+    """Send ``text`` (UTF-8) to ``host:port`` over TCP; with ``reply`` wait for an answer.
+
+    The connection is half-closed after the text (the request is complete, for
+    servers that read to the end); the answer is one line or everything up to
+    the end of the stream, at most ``cap`` bytes. An empty answer is a failure.
+    """
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)
@@ -375,7 +360,13 @@ class Actions:
         return Outcome(True, "stopping the listener")
 
     async def start_program(self, argv: list[str], timeout: float | None) -> Outcome:
-        """Start ``argv`` in the background (no shell); success once it has started."""
+        """Start ``argv`` in the background (no shell); success once it has started.
+
+        Its output goes to ``/dev/null``. A task per program waits for it, so
+        no zombie stays; with a ``timeout`` that task kills the process group
+        when the timeout passes. Programs still running when the listener
+        stops are left running.
+        """
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv,
@@ -433,7 +424,11 @@ async def perform(
     """Run ``handler``'s action for ``msg``, and its ``altaction`` if the action failed.
 
     An unexpected exception in a runner is an outcome too, so one handler
-    cannot stop the listener. See the module docstring for ``confirm``.
+    cannot stop the listener. ``confirm`` (per the handler's ``confirm``) is
+    set whenever the action ran, whatever its outcome: the message was
+    *accepted*, and a redelivery would not make the action succeed (the dedupe
+    store would drop it). Only an action cut short by cancellation (the
+    listener stopping) gives no result, so no confirmation.
     """
     when = datetime.now() if now is None else now
     outcome = await _guarded(actions, handler.action, msg, handler.message_start, when)
