@@ -26,6 +26,14 @@ class DatabaseError(PushsyncError):
     """The database refused or could not be reached."""
 
 
+class DsnError(UsageError):
+    """The connection string is not one libpq can use."""
+
+
+class SchemaError(UsageError):
+    """The pushsync schema is missing or older than this pushsync: run `pushsync migrate`."""
+
+
 @dataclass(frozen=True, slots=True)
 class Location:
     """A place in a source file; line and column count from 1."""

@@ -14,6 +14,7 @@ from importlib import resources
 import psycopg
 
 from pushsync import queries
+from pushsync.errors import SchemaError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,24 @@ def applied_versions(conn: psycopg.Connection) -> set[int]:
     if not exists or not exists[0]:
         return set()
     return {row[0] for row in conn.execute(queries.get("applied_versions"))}
+
+
+def require_current(conn: psycopg.Connection) -> None:
+    """Refuse to go on (:class:`SchemaError`) unless every base-schema migration is applied.
+
+    Commands that read or write the ``pushsync`` schema call this first, so that
+    running one before ``pushsync migrate`` says so instead of failing on a
+    missing table.
+    """
+    done = applied_versions(conn)
+    needed = {m.version for m in migrations()}
+    if not done:
+        raise SchemaError("the pushsync schema is missing: run `pushsync migrate`")
+    if needed - done:
+        raise SchemaError(
+            f"the pushsync schema is at version {max(done)}, this pushsync needs "
+            f"{max(needed)}: run `pushsync migrate`"
+        )
 
 
 def migrate(conn: psycopg.Connection, rules_sql: str | None = None) -> list[Migration]:
