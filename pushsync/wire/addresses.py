@@ -53,6 +53,20 @@ def parse_address(text: str, *, lowest_port: int = 1) -> Address | None:
     return Address(host=host, port=int(port)) if valid_host(host) else None
 
 
+def require_address(text: str, *, option: str, lowest_port: int = 1) -> Address:
+    """:func:`parse_address`, or ValueError naming ``option`` (a flag or a config key).
+
+    ``--sync-listen: bad address 'localhost': expected HOST:PORT (IPv6 as [::1]:2439)``
+    """
+    found = parse_address(text, lowest_port=lowest_port)
+    if found is None:
+        raise ValueError(
+            f"{option}: bad address {text!r}: expected HOST:PORT (IPv6 as [::1]:2439), "
+            f"port {lowest_port} to 65535"
+        )
+    return found
+
+
 def format_peer(addr: Any) -> str:
     """A socket address as ``host:port`` (``[v6]:port``)."""
     if isinstance(addr, tuple) and len(addr) >= 2:
