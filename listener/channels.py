@@ -1,33 +1,11 @@
 """The listener's channels: how signed envelopes reach :class:`~pushsync.listener.runtime.Listener`.
 
-Each channel is a thin shell around :mod:`pushsync.wire.protocol`: it turns
-what arrived into a verified :class:`~pushsync.wire.protocol.Message` (or a
-counted, logged rejection) and hands it to the listener's ``handle``. Nothing a
-peer sends can raise out of a channel.
-
-* :class:`UdpChannel` — one envelope per datagram on ``channels.udp.bind``.
-  The ack for a message goes back, as one datagram, to the address and port
-  the message came from (the dispatcher receives acks on the socket it sends
-  from).
-* :class:`MaildirChannel` — polls ``channels.maildir.path``. Every file in
-  ``new/`` is read as an email (:mod:`email`, ``policy.default``), verified
-  with :func:`~pushsync.wire.protocol.message_from_email`, handled, and
-  then moved to ``cur/``: with the Maildir flag ``S`` (seen) when it was
-  handled or was a duplicate, ``T`` (trashed) when it was rejected. Email
-  has no way back, so no ack is sent for a mail.
-
-* :class:`SyncChannel` — a persistent SYNC connection to the dispatcher
-  (:mod:`pushsync.listener.sync_client`): messages arrive as MESSAGE frames
-  and are acked on the same connection; the device reports its UDP endpoint
-  (TRACK) when it also listens on UDP; PINGs keep it alive; it reconnects with
-  jittered backoff whenever it drops.
-* :class:`PollChannel` — light-weight polling: every ``every`` it connects,
-  sends POLL, takes the messages up to the server's closing POLL, acks them
-  and says BYE.
-
-The IMAP channel (:class:`pushsync.listener.imap.ImapChannel`) fetches mails
-from an IMAP folder and verifies them as the maildir channel does, with
-:func:`message_from_mail`.
+Each channel (:class:`UdpChannel`, :class:`MaildirChannel`, :class:`SyncChannel`,
+:class:`PollChannel`) is a thin shell around :mod:`pushsync.wire.protocol`: it
+turns what arrived into a verified message, or a counted, logged rejection, and
+hands it to the listener; nothing a peer sends raises out of a channel. How
+each behaves is in ``docs/listener.md`` ("How the channels behave"); the IMAP
+channel is :mod:`pushsync.listener.imap`.
 """
 
 from __future__ import annotations
@@ -138,7 +116,13 @@ class UdpChannel(asyncio.DatagramProtocol):
 
 
 class MaildirChannel:
-    """Polls a Maildir's ``new/`` every ``poll`` seconds; see the module docstring."""
+    """Polls a Maildir's ``new/`` every ``poll`` seconds.
+
+    Every file there is read as an email (:mod:`email`, ``policy.default``),
+    verified with :func:`~pushsync.wire.protocol.message_from_email`, handled,
+    then moved to ``cur/``: flag ``S`` (seen) when handled or a duplicate,
+    ``T`` (trashed) when rejected. Email has no way back: no ack.
+    """
 
     name = "maildir"
 
@@ -225,7 +209,12 @@ class MaildirChannel:
 
 
 class SyncChannel:
-    """A persistent SYNC connection, kept open; see the module docstring."""
+    """A persistent SYNC connection to the dispatcher (:mod:`pushsync.listener.sync_client`).
+
+    Messages arrive as MESSAGE frames and are acked on the same connection; the
+    device reports its UDP endpoint (TRACK) when it also listens on UDP; PINGs
+    keep it alive; it reconnects with jittered backoff whenever it drops.
+    """
 
     name = "sync"
 
@@ -413,7 +402,11 @@ def _ack_on(session: Session) -> Callable[[bytes], None]:
 
 
 class PollChannel:
-    """Light-weight polling of the SYNC port every ``every``; see the module docstring."""
+    """Light-weight polling of the SYNC port every ``every``.
+
+    Each round connects, sends POLL, takes the messages up to the server's
+    closing POLL, acks them and says BYE.
+    """
 
     name = "poll"
 
