@@ -1,38 +1,10 @@
 """The IMAP channel: signed mails fetched from a mailbox over IMAP4rev1 with TLS.
 
-Every ``every`` the channel looks into ``channels.imap.folder``:
-
-1. It logs in (``LOGIN``) over TLS — always TLS, the server's certificate
-   verified against the system's CA store (``ssl.create_default_context``) and
-   its name against ``host`` — with ``user`` and the password read from
-   ``password_file`` (one trailing newline dropped). The password is read at
-   each login, is never logged, and no error text contains it. The logged-in
-   connection is kept between rounds: each round starts with ``NOOP``, and a
-   connection that fails is dropped and opened again.
-2. ``UID SEARCH UNSEEN`` lists the unseen mails; at most :data:`MAX_PER_ROUND`
-   of them (lowest UIDs first) are taken in one round, the rest in the next.
-3. One ``UID FETCH (RFC822.SIZE)`` gives their sizes. A mail larger than
-   :data:`~pushsync.listener.channels.MAX_MAIL` is not downloaded: it cannot
-   hold a signed message and is rejected as ``Oversized``. The others are
-   fetched one at a time with ``BODY.PEEK[]`` (which leaves them unseen),
-   verified exactly as the maildir channel verifies a mail
-   (:func:`~pushsync.listener.channels.message_from_mail`) and handed to the
-   listener with ``reply=None``: email has no way back, so nothing is acked.
-4. Then the mail is flagged: ``\\Seen`` when it was handled, unmatched or a
-   duplicate; ``\\Seen \\Deleted`` and expunged when it was rejected, so forged
-   and unsigned mail does not pile up. With ``UIDPLUS`` the expunge is
-   ``UID EXPUNGE`` of that mail alone; without it, ``EXPUNGE`` removes every
-   mail flagged ``\\Deleted`` in the folder.
-
-A mail handled but not yet flagged (the connection dropped, the listener
-stopped) stays unseen and is fetched again: the dedupe store makes it a
-duplicate, which is then flagged. A server that is down, a refused login, a
-certificate that does not verify or an answer that makes no sense is logged in
-one line and tried again after ``every``; nothing raises out of the channel.
-
-``imaplib`` blocks, so every IMAP command runs in a worker thread
-(:func:`asyncio.to_thread`), one at a time; verifying and handling run on the
-event loop. Only the standard library is used.
+:class:`ImapChannel` looks into ``channels.imap.folder`` every ``every``, takes
+the unseen mails, verifies each as the maildir channel does
+(:func:`~pushsync.listener.channels.message_from_mail`) and flags it seen, or
+deletes it when it was rejected. Login, limits and flags are in
+``docs/listener.md`` ("How the channels behave"). Only the standard library is used.
 """
 
 from __future__ import annotations
@@ -90,7 +62,19 @@ class ImapError(Exception):
 
 
 class ImapChannel:
-    """Fetches signed mails from an IMAP folder every ``every``; see the module docstring."""
+    """Fetches signed mails from an IMAP folder every ``every``.
+
+    One round: ``NOOP`` on the kept connection (or a new TLS login, password
+    read from ``password_file`` each time), ``UID SEARCH UNSEEN``, at most
+    :data:`MAX_PER_ROUND` lowest UIDs; one ``UID FETCH (RFC822.SIZE)``, then
+    ``BODY.PEEK[]`` one mail at a time, skipping those over
+    :data:`~pushsync.listener.channels.MAX_MAIL` (``Oversized``). Each is handed
+    on with ``reply=None`` and flagged ``\\Seen``, or ``\\Seen \\Deleted`` and
+    expunged (``UID EXPUNGE`` with ``UIDPLUS``) when rejected. A failed round
+    is one log line; nothing raises. ``imaplib`` blocks, so every IMAP command
+    runs in a worker thread (:func:`asyncio.to_thread`), one at a time;
+    verifying and handling run on the event loop.
+    """
 
     name = "imap"
 
