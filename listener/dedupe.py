@@ -1,22 +1,9 @@
 """The dedupe store: which messages this device has already taken, across restarts.
 
-Delivery is at least once: the same message may arrive over two channels, or
-again after the listener or the dispatcher restarted. The runtime calls
-:meth:`DedupeStore.remember` before it runs a message's actions and runs them
-only when that returns ``True``, so each message's actions run once.
-
-The store is one SQLite file, ``dedupe.sqlite3`` in the listener's
-``state_dir``, in WAL mode with ``synchronous=FULL``: a request id that
-:meth:`~DedupeStore.remember` reported as new is on disk before the action
-runs, so not even a power cut makes the action run twice. Messages are rare
-enough that the fsync per message costs nothing worth saving.
-:meth:`~DedupeStore.forget_expired` drops ids whose message has expired (a
-redelivered expired message is refused by the protocol anyway), so the file
-stays small.
-
-One connection per store, usable from any thread, serialised by a lock: the
-runtime may call it from an executor thread. Every SQLite failure, including a
-file that is not a database, is raised as :class:`DedupeError`.
+Delivery is at least once, so the runtime runs a message's actions only when
+:meth:`DedupeStore.remember` says its request id is new. The store is one SQLite
+file in the listener's ``state_dir``, durable before the action runs; see
+:class:`DedupeStore` and ``docs/listener.md`` ("Running").
 """
 
 from __future__ import annotations
@@ -68,7 +55,15 @@ def _key(request_id: RequestId) -> str:
 
 
 class DedupeStore:
-    """Request ids already taken, in the SQLite file ``path``; see the module docstring.
+    """Request ids already taken, in the SQLite file ``path``.
+
+    WAL mode with ``synchronous=FULL``: an id :meth:`remember` reported as new
+    is on disk before the action runs, so not even a power cut makes it run
+    twice (messages are rare enough that an fsync each costs nothing worth
+    saving). :meth:`forget_expired` keeps the file small. One connection,
+    usable from any thread, serialised by a lock (the runtime calls it from an
+    executor thread). Every SQLite failure, including a file that is not a
+    database, is raised as :class:`DedupeError`.
 
     Use :meth:`in_state_dir` to open the listener's store. A context manager:
     ``with DedupeStore(path) as store: ...`` closes it.
