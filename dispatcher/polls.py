@@ -1,29 +1,10 @@
 """Polls: run the rules file's ``polls:`` on their schedule.
 
-``pushsync migrate`` compiles each poll into a ``SECURITY DEFINER`` function
-``pushsync."poll__<name>"()`` that writes its notifications to the outbox (and
-NOTIFYs) and returns how many rows it wrote, and registers it in
-``pushsync.rules`` (``kind = 'poll'``, its ``every`` and ``function_name``).
-The dispatcher re-reads that list now and then (:func:`list_polls`), asks
-:func:`due_polls` which polls are due, and runs each through :func:`run_poll`.
-
-:func:`run_poll` runs a poll in its own transaction, under a transaction-level
-advisory lock keyed on the poll's name
-(``hashtextextended('pushsync.poll:' || name, 0)``): when another dispatcher
-holds it, that one is running the poll right now and this one skips it. The
-function is called by its name from ``pushsync.rules`` as a quoted identifier
-(``psycopg.sql.Identifier``), never pasted into SQL as text.
-
-Limitation: when a poll last ran is kept **in memory, per dispatcher** (there
-is no table for it in the schema). With N dispatchers a poll therefore runs up
-to N times per ``every`` (each dispatcher on its own schedule; a dispatcher
-that finds the lock taken counts that as a run). It never runs concurrently
-(the advisory lock), and the extra runs queue no duplicates: the poll function
-folds into a pending row of the same (poll, device) and does not queue a
-message again while the same one waits for its confirmation. A restarted
-dispatcher runs every poll at once (it has no last run). Storing last runs in
-the database would make it at most once per ``every`` across dispatchers; that
-needs a schema change.
+``pushsync migrate`` compiles each poll into a function registered in
+``pushsync.rules``; the dispatcher re-reads that list (:func:`list_polls`),
+asks :func:`due_polls` which are due, and runs each with :func:`run_poll`.
+How polls behave with several dispatchers is in ``docs/operations.md``
+("Several dispatchers"); the poll function itself in ``docs/rules.md`` ("Polls").
 """
 
 from __future__ import annotations
@@ -57,6 +38,12 @@ def due_polls(polls: Iterable[Poll], last_runs: Mapping[str, float], now: float)
     ``last_runs`` maps a poll's name to when it last ran, and ``now`` is on the
     same clock, in seconds (the daemon uses ``time.monotonic()``). A poll is due
     when it never ran or ``last run + every <= now``.
+
+    Last runs are kept in memory, per dispatcher: with N dispatchers a poll
+    runs up to N times per ``every`` (never at once: :func:`run_poll` locks),
+    and a restarted dispatcher runs every poll at once. Storing last runs in
+    the database would make it at most once per ``every``; that needs a schema
+    change.
     """
     return [
         poll
@@ -86,10 +73,13 @@ async def list_polls(conn: AsyncConn) -> list[Poll]:
 async def run_poll(conn: AsyncConn, poll: Poll) -> int | None:
     """Run ``poll`` once: how many outbox rows it wrote, or None if another dispatcher is.
 
-    One transaction: take the poll's advisory lock (without waiting), then call
-    its function. ``conn`` must be an autocommit connection that nothing else
-    uses meanwhile (statements of other tasks would join the transaction). A
-    failing poll rolls back and raises.
+    One transaction: take the poll's advisory lock (without waiting; keyed on
+    ``hashtextextended('pushsync.poll:' || name, 0)``), then call its function,
+    by its name from ``pushsync.rules`` as a quoted identifier
+    (``psycopg.sql.Identifier``), never pasted into SQL as text. ``conn`` must
+    be an autocommit connection that nothing else uses meanwhile (statements
+    of other tasks would join the transaction). A failing poll rolls back and
+    raises.
     """
     call = sql.SQL(query("run_poll")).format(function=sql.Identifier(poll.function_name))
     async with conn.transaction():
