@@ -1,25 +1,10 @@
 """What SQL in a rules file may call, cast to and read: allow-lists, not deny-lists.
 
-Rules SQL runs inside the generated ``SECURITY DEFINER`` functions, with the
-rights of the role that applied the migration, in the application's own
-transaction. A list of dangerous functions always misses the next one
-(``ts_stat(text)`` runs the SQL it is given), so only what is known to be
-read-only and free of side effects is accepted:
-
-* built-in functions in :data:`ALLOWED_FUNCTIONS`, unqualified or as
-  ``pg_catalog.name`` (the generated functions pin ``search_path`` to
-  ``pg_catalog, pg_temp``, and functions are never looked up in ``pg_temp``);
-* functions the rules file lists under ``trusted_functions:``, always called
-  schema-qualified (``pushsync check --dsn`` verifies who owns them);
-* casts and column definitions only to the built-in types of
-  :data:`ALLOWED_TYPES` (a type's input function runs when text is cast to it);
-* tables outside :data:`CLOSED_SCHEMAS`: pushsync's own schema holds device
-  secrets, the catalogs hold roles and settings, and no rule needs them.
-
-Operators are not listed: they resolve in ``pg_catalog`` only, and every
-built-in operator is a built-in, side-effect free function. What is checked is
-the SQL that will be rendered, so a name sqlglot turns into a construct
-(``mod(a, b)`` into ``a % b``) is judged by what PostgreSQL will run.
+Rules SQL runs inside ``SECURITY DEFINER`` functions, so only what is known to
+be read-only and free of side effects is accepted: the built-in functions of
+:data:`ALLOWED_FUNCTIONS`, the types of :data:`ALLOWED_TYPES`, and no table in
+:data:`CLOSED_SCHEMAS`. The reasons and the full rules are in ``docs/rules.md``
+("What rules SQL may call, cast to and read").
 """
 
 from __future__ import annotations
@@ -84,6 +69,10 @@ ALLOWED_FUNCTIONS = frozenset(
     """.split()
 )
 """Built-in functions known to read nothing but their arguments and to change nothing.
+
+Accepted unqualified or as ``pg_catalog.name``: the generated functions pin
+``search_path`` to ``pg_catalog, pg_temp``, and functions are never looked up
+in ``pg_temp``.
 
 Left out on purpose, among others: everything that runs SQL given as text
 (``ts_stat``, ``ts_rewrite``, ``query_to_xml``), reads files, settings or
