@@ -1,21 +1,10 @@
 """``pushsync check --dsn``: check a rule set against a live database.
 
-Tables and every column a rule names must exist, an update rule that pairs
-rows needs a key, and each SQL fragment must plan (EXPLAIN) in the environment
-the trigger runs in. Each published table must exist with a key, name existing
-columns, and its download must plan and return the table's rows.
-
-And nothing the rules use may be changed by a role the rules file does not
-trust: every function under ``trusted_functions:``, every relation a fragment
-reads, every table a rule watches and the types of their columns must be
-owned by the role that migrates, by a superuser, or by a role under
-``trusted_owners:``; a trusted function may not be ``SECURITY DEFINER``
-itself. The generated functions run with the migrating role's
-rights, so whoever can redefine what they call or read could run code with
-those rights. When that check finds a problem, nothing is planned: planning
-runs immutable functions on constants and expands views, which is running
-the very code refused. Nothing is written: all of it happens in a
-transaction that is rolled back.
+:func:`check` asks the database what the YAML alone cannot tell: that tables,
+columns and keys exist, that every SQL fragment plans where the generated
+functions run, and that nothing the rules use is owned by a role the rules
+file does not trust. The checks and their messages are in ``docs/rules.md``
+("Errors", "Who owns what rules use").
 """
 
 from __future__ import annotations
@@ -315,7 +304,19 @@ def _trust(conn: psycopg.Connection, rules: RuleSet, problems: Problems) -> None
 
 
 def check(conn: psycopg.Connection, rules: RuleSet, problems: Problems) -> None:
-    """Add to ``problems`` everything the database says is wrong with ``rules``."""
+    """Add to ``problems`` everything the database says is wrong with ``rules``.
+
+    First who owns what: every trusted function, every relation a fragment
+    reads, every watched table and its column types must belong to the
+    migrating role, a superuser or a ``trusted_owners:`` role, and a trusted
+    function may not be ``SECURITY DEFINER``. If that finds a problem, nothing
+    is planned (planning runs immutable functions on constants and expands
+    views: the very code refused). Then each rule (table, columns, a key to
+    pair rows, fragments planned with EXPLAIN), poll and published table
+    (exists with a key, named columns exist, the download plans and returns
+    the table's rows). All in a transaction that is rolled back, under the
+    generated functions' ``search_path`` and ``standard_conforming_strings``.
+    """
     plan = passes.plan(rules)
     checker = _Checker(conn, problems)
     with conn.transaction(force_rollback=True):
