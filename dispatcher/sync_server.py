@@ -1,42 +1,10 @@
 """The SYNC gateway: persistent device connections on a TCP port, and light-weight polling.
 
-Devices open a TCP connection (optionally TLS) to ``--sync-listen`` and
-authenticate with challenge-response under their secret (``docs/protocol.md``,
-"SYNC"). After WELCOME the connection carries:
-
-* MESSAGE frames down: :class:`SyncGateway` writes a notification to the
-  device's open connection, the first choice of the device tracker;
-* ACK frames up, verified with the secret of the device the connection
-  authenticated, and handed to the dispatcher's confirmation queue;
-* TRACK: the device's UDP endpoint, recorded as its ``tracking`` address;
-* POLL: light-weight polling — every message the device has not confirmed is
-  sent at once, then one POLL frame meaning "that is all";
-* PING/PONG both ways, and BYE.
-
-Every frame after WELCOME, both ways, carries a tag under the connection's
-session keys; a frame whose tag does not match closes the connection.
-
-Each connection is an :class:`asyncio.Protocol` with no task of its own once
-authenticated: one sweep task per server sends heartbeats and closes peers
-that stay silent, that do not finish the handshake in time, or whose unread
-output piles up. That keeps a connection to a few kilobytes, so one process
-holds tens of thousands.
-
-Unauthenticated peers cost bounded resources. The server accepts connections
-itself (:meth:`SyncServer._accept`), so that running out of file descriptors
-is one throttled log line, not a traceback per attempt. At most
-``max_preauth`` connections (``max_preauth_per_host`` from one address) may
-be unauthenticated at once; one more closes the *oldest* of them, so a flood
-of idle connections cannot lock out a device that arrives later. A failed
-authentication — wrong proof, unknown or disabled device — is answered
-``failed_auth_delay`` after its AUTH arrived, whatever made it fail, after
-the same work (an HMAC under a dummy secret for a device without one).
-
-The database work (secret lookup, connection records, tracking, claims for
-polls) goes through a :class:`SyncStore`; the daemon's implementation uses a
-connection pool. A failure of the store closes the one connection it concerns
-with a BYE, and the server keeps serving. Nothing a peer sends can raise out
-of the server: framing errors close that connection with one log line.
+:class:`SyncServer` accepts device connections (optionally TLS), authenticates
+them and serves their frames; :class:`SyncGateway` pushes a notification down a
+device's open connection. The frames and what the server does in each situation
+are in ``docs/protocol.md`` ("SYNC", "What the dispatcher's SYNC server does");
+its limits and file descriptors in ``docs/operations.md``.
 """
 
 from __future__ import annotations
@@ -216,7 +184,25 @@ class Waiting(Generic[T]):
 
 
 class SyncServer:
-    """The TCP server holding device connections; see the module docstring."""
+    """The TCP server holding device connections.
+
+    Devices authenticate with challenge-response under their secret; after
+    WELCOME a connection carries MESSAGE down, ACK (verified with the secret of
+    the device it authenticated, handed to ``on_ack``) and TRACK up, POLL,
+    PING/PONG and BYE, every frame tagged under the connection's session keys.
+
+    Each connection is an :class:`asyncio.Protocol` with no task of its own once
+    authenticated: one sweep task sends heartbeats and closes peers that stay
+    silent, do not finish the handshake in time, or let output pile up. That
+    keeps a connection to a few kilobytes, so one process holds tens of
+    thousands. The server accepts connections itself (:meth:`_accept`), so
+    running out of file descriptors is one throttled log line, not a traceback
+    per attempt; :class:`Waiting` caps unauthenticated connections, closing the
+    oldest. A failed authentication is answered ``failed_auth_delay`` after its
+    AUTH, after the same work whatever made it fail. The database goes through a
+    :class:`SyncStore`; a failure there closes only the connection it concerns,
+    with a BYE. Nothing a peer sends raises out of the server.
+    """
 
     def __init__(
         self,
