@@ -23,6 +23,7 @@ import logging
 import math
 import socket
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import h11
 import uvicorn
@@ -33,6 +34,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from pushsync.logs import Throttle
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +206,27 @@ def _routes(metrics: Metrics, health: Health) -> Starlette:
     return app
 
 
+class _ConnectionLog(logging.LoggerAdapter[logging.Logger]):
+    """Where uvicorn's connections log: errors of the app as they come, the rest
+    (malformed requests, mostly) throttled, so that a flood of them is no flood
+    in the log."""
+
+    level = logging.DEBUG  # uvicorn's TRACE lines, below DEBUG, stay off
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logger)
+        self.throttle = Throttle(logger)
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level >= logging.ERROR or kwargs:
+            self.logger.log(level, msg, *args, **kwargs)
+        else:
+            self.throttle.log(level, f"metrics server: {msg}", *args)
+
+
+_CONNECTION_LOG = _ConnectionLog(logger)
+
+
 class _Protocol(H11Protocol):
     """uvicorn's HTTP/1.1 connection, with a deadline on every request head.
 
@@ -213,6 +237,10 @@ class _Protocol(H11Protocol):
     """
 
     _deadline: asyncio.TimerHandle | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.logger = _CONNECTION_LOG  # type: ignore[assignment]
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -286,6 +314,7 @@ class MetricsServer:
         config = uvicorn.Config(
             _routes(self.metrics, self.health),
             http=_Protocol,
+            ws="none",
             lifespan="off",
             log_config=None,  # the dispatcher's logging configuration applies
             access_log=False,
@@ -298,13 +327,18 @@ class MetricsServer:
         sockets = await _bind(host, port)
         serving = asyncio.create_task(server.serve(sockets), name="metrics-http")
         listening = asyncio.create_task(server.listening.wait())
-        await asyncio.wait((serving, listening), return_when=asyncio.FIRST_COMPLETED)
-        if not listening.done():
-            listening.cancel()
+        try:
+            await asyncio.wait((serving, listening), return_when=asyncio.FIRST_COMPLETED)
+            if not server.listening.is_set():
+                serving.result()  # raises what stopped it
+                raise RuntimeError("the metrics server stopped while starting")
+        except BaseException:
+            serving.cancel()
             for sock in sockets:
                 sock.close()
-            serving.result()  # raises what stopped it
-            raise RuntimeError("the metrics server stopped while starting")
+            raise
+        finally:
+            listening.cancel()
         self._server, self._serving, self._sockets = server, serving, sockets
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import urllib.error
 import urllib.request
@@ -281,6 +282,17 @@ async def test_garbage_is_refused_and_the_next_request_is_served(
     assert answered == 0 or 400 <= answered < 500
     await still_serving(served.address)
     assert served.health.calls == [None]  # only the check above ran it
+
+
+@pytest.mark.asyncio
+async def test_a_flood_of_bad_requests_is_at_most_one_line_in_the_log(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    for _ in range(20):
+        assert await answer_to(served.address, b"\x00garbage\r\n\r\n") == 400
+    await still_serving(served.address)
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) <= 1
 
 
 @pytest.mark.asyncio
