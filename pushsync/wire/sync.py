@@ -233,7 +233,7 @@ def decode_change(row: Any, index: int) -> Change:
     if not isinstance(row, dict):
         raise Malformed(f"upload row {index} is not an object")
     seq = row.get("seq")
-    if not _whole(seq):
+    if not isinstance(seq, int) or isinstance(seq, bool):
         raise Malformed(f"upload row {index}: seq must be a whole number")
     table = _name(row.get("table"), f"upload row {index}: table")
     op = row.get("op")

@@ -1,0 +1,185 @@
+"""The synchronizations' static statements: the named blocks of ``sql/sync.sql``, one function each.
+
+What is composed per published table (its name, its key, its functions) is in
+``sync_apply`` (uploads) and ``sync_download`` (downloads).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg
+
+from pushsync import queries
+from pushsync.dispatcher.sync_errors import SyncRefused
+from pushsync.dispatcher.sync_tables import ServerTable
+from pushsync.wire.sync import TableShape, Uploaded
+
+AsyncConn = psycopg.AsyncConnection[Any]
+
+
+def query(name: str) -> str:
+    """The named block ``name`` of ``sql/sync.sql``."""
+    return queries.get(name, "sync.sql")
+
+
+async def pin(db: AsyncConn) -> None:
+    """Pin the settings download functions and upload checks run with (this transaction)."""
+    await db.execute(query("pinned"))
+
+
+# --------------------------------------------------------------------------- the publication
+
+
+async def granted(db: AsyncConn, device: str) -> list[str]:
+    """The publications ``device`` may synchronize that the rules define."""
+    cur = await db.execute(query("publications_granted"), {"device": device})
+    return [str(name) for (name,) in await cur.fetchall()]
+
+
+async def published(db: AsyncConn, publication: str) -> list[ServerTable]:
+    """The tables of ``publication``, in download order, as the server has them now."""
+    cur = await db.execute(query("publication_tables"), {"publication": publication})
+    tables = []
+    for name, key, upload, conflict, newest, function, depends, check in await cur.fetchall():
+        shape = await _shape(db, name, tuple(key))
+        tables.append(
+            ServerTable(
+                name=name,
+                columns=shape.columns,
+                key=shape.key,
+                upload=tuple(upload),
+                conflict=conflict,
+                newest=newest,
+                function=function,
+                depends_on=tuple(depends),
+                check_function=check,
+            )
+        )
+    return tables
+
+
+async def _shape(db: AsyncConn, table: str, key: tuple[str, ...]) -> TableShape:
+    """The table's columns, and ``key`` or else its primary key."""
+    cur = await db.execute(query("table_columns"), {"table": table})
+    columns = tuple((str(n), str(t)) for n, t in await cur.fetchall())
+    if not columns:
+        raise SyncRefused(f"published table {table} does not exist on the server")
+    if not key:
+        cur = await db.execute(queries.get("primary_key"), {"table": table})
+        key = tuple(str(n) for (n,) in await cur.fetchall())
+    if not key:
+        raise SyncRefused(f"published table {table} has no primary key on the server")
+    return TableShape(columns=columns, key=key)
+
+
+# --------------------------------------------------------------------------- uploads
+
+
+async def still_enabled(db: AsyncConn, device: str) -> None:
+    """Refuse the batch if the device lost access since it authenticated (and lock it)."""
+    cur = await db.execute(query("device_enabled"), {"device": device})
+    row = await cur.fetchone()
+    if row is None or not row[0]:
+        raise SyncRefused("this device may no longer synchronize")
+
+
+async def answered(db: AsyncConn, device: str, batch: str) -> Uploaded | None:
+    """The answer to ``batch`` if it was applied before."""
+    cur = await db.execute(query("upload_answered"), {"device": device, "batch": batch})
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    result: dict[str, Any] = row[0]
+    rejected = {int(seq): str(reason) for seq, reason in result["rejected"].items()}
+    return Uploaded(batch=batch, applied=list(result["applied"]), rejected=rejected)
+
+
+async def record(db: AsyncConn, device: str, answer: Uploaded) -> None:
+    """Remember the batch and its answer, in the transaction that applied it."""
+    result = {
+        "applied": list(answer.applied),
+        "rejected": {str(seq): reason for seq, reason in answer.rejected.items()},
+    }
+    params = {"device": device, "batch": answer.batch, "result": json.dumps(result)}
+    await db.execute(query("upload_record"), params)
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+async def begin_download(db: AsyncConn) -> str:
+    """Make this transaction the download's (one snapshot, pinned); the snapshot as text."""
+    await db.execute(query("download_begin"))
+    await pin(db)
+    cur = await db.execute(query("download_snapshot"))
+    row = await cur.fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+async def usable_watermark(db: AsyncConn, watermark: str | None) -> str | None:
+    """The watermark, if the change log still covers everything since it; else None."""
+    if watermark is None:
+        return None
+    try:
+        async with db.transaction():
+            cur = await db.execute(query("watermark_usable"), {"watermark": watermark})
+            row = await cur.fetchone()
+    except psycopg.errors.InvalidTextRepresentation:
+        raise SyncRefused("the watermark is not a snapshot this server made") from None
+    return watermark if row is not None and row[0] else None
+
+
+async def changed(db: AsyncConn, tables: list[str], since: str) -> bool:
+    """Whether any of ``tables`` changed in a transaction the watermark ``since`` did not see."""
+    cur = await db.execute(query("tables_changed"), {"tables": tables, "since": since})
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+async def changed_keys(db: AsyncConn, table: str, since: str) -> list[str]:
+    """The keys (JSON text) of the rows of ``table`` changed since the watermark ``since``."""
+    cur = await db.execute(query("changed_keys"), {"table": table, "since": since})
+    return [str(key) for (key,) in await cur.fetchall()]
+
+
+async def download_frame(
+    db: AsyncConn,
+    table: ServerTable,
+    *,
+    full: bool,
+    upserts: list[str],
+    deletes: list[str],
+    more: bool,
+) -> bytes:
+    """The payload of one DOWNLOAD frame; rows and keys are JSON texts, passed through."""
+    params = {
+        "table": table.name,
+        "schema": json.dumps(table.shape().to_json()),
+        "full": full,
+        "upserts": upserts,
+        "deletes": deletes,
+        "more": more,
+    }
+    cur = await db.execute(query("download_frame"), params)
+    row = await cur.fetchone()
+    assert row is not None
+    return str(row[0]).encode("utf-8")
+
+
+__all__ = [
+    "answered",
+    "begin_download",
+    "changed",
+    "changed_keys",
+    "download_frame",
+    "granted",
+    "pin",
+    "published",
+    "query",
+    "record",
+    "still_enabled",
+    "usable_watermark",
+]

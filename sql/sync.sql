@@ -1,0 +1,99 @@
+-- Runtime queries of the dispatcher's synchronizations, one named block each.
+-- Not a migration: `pushsync migrate` does not run this file.
+-- Run by pushsync.dispatcher.sync_store (docs/sync.md has the guarantees).
+-- Statements that name a published table or its functions are composed per
+-- table in Python, from the catalog's names through psycopg.sql.Identifier;
+-- everything else is here. The primary key of a table is queries.sql's
+-- primary_key, shared with `pushsync check --dsn`.
+
+-- pinned --
+-- The settings the download functions (inlined into the download queries, so
+-- without SET clauses of their own) and upload checks run with, whatever the
+-- connection's defaults. Three statements, run together without parameters.
+SET LOCAL search_path = pg_catalog, pg_temp;
+SET LOCAL standard_conforming_strings = on;
+SET LOCAL jit = off
+
+-- publications_granted --
+-- The device's publications that the applied rules define. A publication
+-- neither granted nor defined is refused with one answer for both, so a
+-- device learns nothing about what else the server publishes.
+SELECT g.publication
+FROM pushsync.device_publications AS g
+WHERE g.device_id = %(device)s
+  AND EXISTS (SELECT 1 FROM pushsync.publication_tables AS p
+              WHERE p.publication = g.publication)
+ORDER BY 1
+
+-- publication_tables --
+-- In download order.
+SELECT table_name, key_columns, upload, conflict, newest_column,
+       download_function, depends_on, upload_check_function
+FROM pushsync.publication_tables
+WHERE publication = %(publication)s
+ORDER BY position
+
+-- table_columns --
+-- Name and format_type() of each column, in the table's order: what a device's
+-- local table is created from, and compared with.
+SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+FROM pg_attribute AS a
+WHERE a.attrelid = to_regclass(%(table)s) AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+
+-- device_enabled --
+-- The row lock makes a concurrent `device disable` wait for the batch being
+-- applied: once that command returns, no batch of the device commits any more.
+SELECT enabled FROM pushsync.devices WHERE device_id = %(device)s FOR SHARE
+
+-- upload_answered --
+-- A batch seen before is answered from here, never applied twice.
+SELECT result FROM pushsync.sync_uploads WHERE device_id = %(device)s AND batch = %(batch)s
+
+-- upload_record --
+-- In the transaction that applied the batch: recorded if and only if applied.
+INSERT INTO pushsync.sync_uploads (device_id, batch, result)
+VALUES (%(device)s, %(batch)s, %(result)s::jsonb)
+
+-- download_begin --
+-- One snapshot for the whole download: it becomes the device's watermark.
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY
+
+-- download_snapshot --
+SELECT pg_current_snapshot()::text
+
+-- watermark_usable --
+-- Whether the change log still holds every change since the watermark; if not,
+-- every table is downloaded in full.
+SELECT pg_snapshot_xmin(%(watermark)s::pg_snapshot) >= h.pruned_below
+FROM pushsync.changes_horizon AS h
+
+-- tables_changed --
+-- Whether any of these tables changed in a transaction the watermark did not
+-- see (committed after it, or still running then): whatever the commit order.
+SELECT EXISTS (
+    SELECT 1 FROM pushsync.changes
+    WHERE table_name = ANY (%(tables)s)
+      AND xid >= pg_snapshot_xmin(%(since)s::pg_snapshot)
+      AND NOT pg_visible_in_snapshot(xid, %(since)s::pg_snapshot))
+
+-- changed_keys --
+-- The keys of the table's rows changed since the watermark (same visibility
+-- rule as tables_changed), each once.
+SELECT DISTINCT key::text
+FROM pushsync.changes
+WHERE table_name = %(table)s AND key IS NOT NULL
+  AND xid >= pg_snapshot_xmin(%(since)s::pg_snapshot)
+  AND NOT pg_visible_in_snapshot(xid, %(since)s::pg_snapshot)
+
+-- download_frame --
+-- One DOWNLOAD payload. Rows and keys arrive as PostgreSQL's own JSON text
+-- (to_jsonb(row)::text) and stay that text: json, unlike jsonb, keeps it as
+-- given, so numbers keep every digit and no row is parsed on the way.
+SELECT json_build_object(
+    'table', %(table)s::text,
+    'schema', %(schema)s::json,
+    'full', %(full)s::boolean,
+    'upserts', %(upserts)s::json[],
+    'deletes', %(deletes)s::json[],
+    'more', %(more)s::boolean)::text
