@@ -1,51 +1,10 @@
 """The dispatcher daemon: relay the outbox to devices, record what became of each row.
 
-One :class:`Dispatcher` runs three loops over one autocommit
-``psycopg.AsyncConnection`` (the *work* connection), a second one that only
-``LISTEN``s on channel ``pushsync``, and a third for the polls:
-
-* the send loop claims due rows (``FOR UPDATE SKIP LOCKED``, with a lease),
-  sends each through the gateways :func:`~pushsync.dispatcher.routing.gateway_order`
-  picks (a live SYNC connection first), first choice first, falling back to the
-  next on failure, and records the batch's sends in one statement, failures one
-  by one. It wakes on every NOTIFY and at least every
-  ``poll_interval`` seconds, so a lost NOTIFY, a reconnect or rows written
-  while the dispatcher was down never strand a row; it claims again at once
-  while batches come back full;
-* housekeeping every ``housekeeping_interval``: the heartbeat in
-  ``pushsync.dispatchers``, the gauges, ``expire``, pruning the change log,
-  then ``archive`` (repeated while batches are full);
-* confirmations: verified acks (UDP, SYNC) are queued and recorded with
-  ``confirm``; an ack that cannot be recorded (database down) stays queued;
-* polls (:mod:`~pushsync.dispatcher.polls`): the rules file's polls, each run
-  when due, under an advisory lock so two dispatchers never run one poll at
-  once. The list is re-read every ``polls_reload_interval`` seconds, so a new
-  migration is picked up. A poll that fails is logged with its name and tried
-  again after its ``every``; the others go on. Rows a poll writes wake the
-  send loop. Polls run on their own connection because each is a transaction
-  (lock, then call) that the other loops' statements must not join, and so a
-  slow poll does not hold up sending. Last runs are kept in memory: see the
-  limitation in :mod:`~pushsync.dispatcher.polls`.
-
-The SYNC server (:mod:`~pushsync.dispatcher.sync_server`), the synchronization
-endpoint and UDP acks for rows sent before a restart reach the database through
-a small connection pool (:class:`~pushsync.dispatcher.nodes.PoolStore`), so a
-handshake never waits behind a claim.
-
-The statements are the named blocks of ``sql/dispatcher.sql``, run by one
-store, :class:`~pushsync.dispatcher.outbox.OutboxStore`: the loops' on the work
-connection, the SYNC server's on the pool. It is async rather than a sync store
-in ``asyncio.to_thread`` because a thread cannot be cancelled: a claim running
-in a thread when the daemon stops or the connection drops would leave rows
-leased to a dispatcher that no longer knows it holds them.
-
-When the database connection drops, the daemon reconnects with capped
-exponential backoff (0.2 s doubling to 5 s), logging one line per attempt
-(never the password); a session that worked starts the backoff over. Rows
-leased to it are released on the next connection (also those whose claim
-committed but whose result was lost); if that never comes their lease runs out
-and another dispatcher takes them. On stop it claims nothing more, cancels sends still in
-flight, releases the rows it holds unsent and closes its connections.
+:func:`serve` assembles and runs it from a
+:class:`~pushsync.dispatcher.settings.DispatcherSettings`; :func:`run_dispatcher`
+is ``pushsync dispatch``. What it does and how to run it: docs/operations.md
+("Running ``pushsync dispatch``", "Several dispatchers", "Outbox retention and
+housekeeping").
 """
 
 from __future__ import annotations
@@ -56,36 +15,27 @@ import logging
 import os
 import signal
 import socket
-import ssl
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import psycopg
 
 from pushsync import db, queries
 from pushsync.db import first_line
-from pushsync.dispatcher.gateways import Gateway, UdpGateway, split_address
+from pushsync.dispatcher.gateways import Gateway, UdpGateway, describe_smtp, smtp_from_url
 from pushsync.dispatcher.metrics import Metrics, MetricsServer, serve_metrics
 from pushsync.dispatcher.nodes import PoolStore
 from pushsync.dispatcher.outbox import Claimed, ConnectionExecutor, OutboxStore
 from pushsync.dispatcher.polls import Poll, due_polls, list_polls, next_due, run_poll
 from pushsync.dispatcher.routing import gateway_order, next_gateway
+from pushsync.dispatcher.settings import DispatcherSettings, split_listen
 from pushsync.dispatcher.sync_endpoint import Synchronizer
-from pushsync.dispatcher.sync_server import DEFAULT_PORT as DEFAULT_SYNC_PORT
-from pushsync.dispatcher.sync_server import (
-    HEARTBEAT,
-    MAX_PREAUTH,
-    MAX_PREAUTH_PER_HOST,
-    SyncGateway,
-    SyncServer,
-    SyncSettings,
-)
+from pushsync.dispatcher.sync_server import SyncGateway, SyncServer
 from pushsync.wire import protocol
 
 logger = logging.getLogger(__name__)
@@ -103,12 +53,6 @@ dispatcher's record, the connection pool."""
 EXIT_DEADLINE = 12.0
 """Seconds after SIGTERM at which the process exits even if a step above hangs
 (e.g. an SMTP session in a thread): status 0, nothing lost (leases run out)."""
-DEFAULT_SYNC_LISTEN = f"0.0.0.0:{DEFAULT_SYNC_PORT}"
-"""Where devices open their SYNC connections unless ``--sync-listen`` says otherwise."""
-DEFAULT_UDP_LISTEN = "0.0.0.0:0"
-"""Where acks arrive unless ``--udp-listen`` says otherwise: every interface, a
-port the system picks (logged at start). Devices ack to the address a message
-came from, so any port works; fix one when a firewall must allow it."""
 
 AsyncConn = psycopg.AsyncConnection[Any]
 
@@ -130,31 +74,52 @@ def default_owner() -> str:
 
 
 class Dispatcher:
-    """The outbox relay: see the module docstring. ``await run(stop)`` until ``stop`` is set."""
+    """The outbox relay. ``await run(stop)`` until ``stop`` is set.
+
+    It runs three loops over one autocommit connection (the *work* connection),
+    a second connection that only ``LISTEN``s on channel ``pushsync``, and a
+    third for the polls:
+
+    * the send loop claims due rows (``FOR UPDATE SKIP LOCKED``, with a lease),
+      sends each through the gateways
+      :func:`~pushsync.dispatcher.routing.gateway_order` picks (a live SYNC
+      connection first), falling back to the next on failure, and records the
+      batch's sends in one statement, failures one by one. It wakes on every
+      NOTIFY and at least every ``poll_interval`` seconds, so a lost NOTIFY, a
+      reconnect or rows written while the dispatcher was down never strand a
+      row; it claims again at once while batches come back full;
+    * housekeeping every ``housekeeping_interval``: the heartbeat in
+      ``pushsync.dispatchers``, the gauges, ``expire``, pruning the change log,
+      then ``archive`` (repeated while batches are full);
+    * confirmations: verified acks (UDP, SYNC) are queued and recorded with
+      ``confirm``; an ack that cannot be recorded (database down) stays queued;
+    * polls (:mod:`~pushsync.dispatcher.polls`), each run when due under an
+      advisory lock, on their own connection because each is a transaction the
+      other loops' statements must not join; the list is re-read every
+      ``polls_reload_interval`` seconds. Rows a poll writes wake the send loop.
+
+    The SYNC server and UDP acks for rows sent before a restart reach the
+    database through a small pool (:class:`~pushsync.dispatcher.nodes.PoolStore`),
+    so a handshake never waits behind a claim. Every statement is a named block
+    of ``sql/dispatcher.sql`` run by :class:`~pushsync.dispatcher.outbox.OutboxStore`;
+    it is async rather than in a thread because a claim in a thread cannot be
+    cancelled when the daemon stops or the connection drops.
+
+    When the database connection drops it reconnects with capped exponential
+    backoff (:data:`BACKOFF_FIRST` doubling to :data:`BACKOFF_MAX`); rows leased
+    to it are released on the next connection, or their lease runs out. On stop
+    it claims nothing more, cancels sends in flight, releases the rows it holds
+    unsent and closes its connections, bounded by :data:`STOP_TIMEOUT` and
+    :data:`LEAVE_TIMEOUT`.
+    """
 
     def __init__(
-        self,
-        dsn: str,
-        gateways: Mapping[str, Gateway],
-        *,
-        owner: str | None = None,
-        batch: int = 500,
-        lease: timedelta = timedelta(seconds=30),
-        poll_interval: float = 1.0,
-        housekeeping_interval: float = 5.0,
-        archive_batch: int = 1000,
-        polls_reload_interval: float = 30.0,
-        changes_retention: timedelta = timedelta(days=7),
+        self, settings: DispatcherSettings, gateways: Mapping[str, Gateway] | None = None
     ) -> None:
-        self.dsn = dsn
-        self.gateways: dict[str, Gateway] = dict(gateways)
-        self.owner = owner or default_owner()
-        self.batch = batch
-        self.lease = lease
-        self.poll_interval = poll_interval
-        self.housekeeping_interval = housekeeping_interval
-        self.archive_batch = archive_batch
-        self.polls_reload_interval = polls_reload_interval
+        self.settings = settings
+        self.dsn = settings.dsn
+        self.gateways: dict[str, Gateway] = dict(gateways or {})
+        self.owner = settings.owner or default_owner()
         self._poll_runs: dict[str, float] = {}
         """When each poll last ran here (or was found running elsewhere), ``time.monotonic()``."""
         self._wake = asyncio.Event()
@@ -162,9 +127,9 @@ class Dispatcher:
         self._acks: deque[tuple[uuid.UUID, str]] = deque()
         self._ack_ready = asyncio.Event()
         self._held: set[uuid.UUID] = set()
-        self.alive_for = timedelta(seconds=max(15.0, 3 * housekeeping_interval))
-        self.changes_retention = changes_retention
-        self.store = PoolStore(dsn, self.owner, lease=lease, alive_for=self.alive_for)
+        self.store = PoolStore(
+            settings.dsn, self.owner, lease=settings.lease, alive_for=settings.alive_for
+        )
         self.sync: SyncServer | None = None
         self.sync_address: str | None = None
         self.udp_address: str | None = None
@@ -184,10 +149,6 @@ class Dispatcher:
         if self._database_error is None:
             return True, "ok"
         return False, f"database unavailable: {self._database_error}"
-
-    async def serve_metrics(self, host: str, port: int) -> MetricsServer:
-        """Serve this dispatcher's ``/metrics`` and ``/healthz`` on ``host:port``."""
-        return await serve_metrics(self.metrics, host, port, self.health)
 
     def add_sync(self, server: SyncServer) -> None:
         """Hold device connections on ``server`` (started) and send through them first."""
@@ -318,84 +279,85 @@ class Dispatcher:
             await listen.close()
             raise
         store = OutboxStore(
-            ConnectionExecutor(work), self.owner, lease=self.lease, alive_for=self.alive_for
+            ConnectionExecutor(work),
+            self.owner,
+            lease=self.settings.lease,
+            alive_for=self.settings.alive_for,
         )
-        tasks: list[asyncio.Task[None]] = []
         try:
-            await listen.execute(f"LISTEN {DEVICES_CHANNEL}")
-            await listen.execute(f"LISTEN {CHANNEL}")
-            await self._recheck_access()  # after LISTEN: no revocation falls in between
-            # Rows claimed before a connection dropped (including claims whose result
-            # was lost with the connection) go back, to be claimed again at once.
-            mine = sorted(await store.mine() | self._held)
-            if mine:
-                released = await store.release(mine)
-                logger.info("released %d rows held before reconnecting", released)
-            self._held.clear()
-            await self._announce(store)
-            self._established += 1
-            self._database_error = None
-            self.metrics.set_database_up(True)
-            logger.info("connected to %s; listening on channel %r", db.describe(self.dsn), CHANNEL)
-            self._wake.set()
-            tasks = [
-                asyncio.create_task(self._listen_loop(listen), name="listen"),
-                asyncio.create_task(self._relay_stop(stop), name="stop relay"),
-                asyncio.create_task(self._send_loop(store, stop), name="send"),
-                asyncio.create_task(
-                    self._housekeeping_loop(store, work, stop), name="housekeeping"
-                ),
-                asyncio.create_task(self._confirm_loop(store, stop), name="confirm"),
-                asyncio.create_task(self._poll_loop(polling, stop), name="polls"),
-            ]
-            stopping = asyncio.create_task(stop.wait(), name="stop")
-            try:
-                done, _ = await asyncio.wait(
-                    [*tasks, stopping], return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                stopping.cancel()
-            for task in done:
-                if task is not stopping and (exc := task.exception()) is not None:
-                    raise exc
-            if not stop.is_set():  # a loop returned by itself: the connection ended
-                raise psycopg.OperationalError("the database connection ended")
-            # Stopping: the loops notice ``stop`` at their next step and return;
-            # the listener and the stop relay only wait, so they are cancelled.
-            tasks[0].cancel()
-            tasks[1].cancel()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-            errors = [r for r in results if isinstance(r, Exception)]
-            if errors:
-                raise errors[0]
+            await self._begin(listen, store)
+            await self._loops(store, listen, work, polling, stop)
             if self._held:
                 released = await store.release(sorted(self._held))
                 logger.info("released %d claimed rows not sent", released)
                 self._held.clear()
             return True
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             await _close(polling)
             await _close(work)
             await _close(listen)
 
+    async def _begin(self, listen: AsyncConn, store: OutboxStore) -> None:
+        """LISTEN, then take back what an earlier session left, and announce this dispatcher."""
+        await listen.execute(f"LISTEN {DEVICES_CHANNEL}")
+        await listen.execute(f"LISTEN {CHANNEL}")
+        await self._recheck_access()  # after LISTEN: no revocation falls in between
+        # Rows claimed before a connection dropped (including claims whose result
+        # was lost with the connection) go back, to be claimed again at once.
+        mine = sorted(await store.mine() | self._held)
+        if mine:
+            released = await store.release(mine)
+            logger.info("released %d rows held before reconnecting", released)
+        self._held.clear()
+        await self._announce(store)
+        self._established += 1
+        self._database_error = None
+        self.metrics.set_database_up(True)
+        logger.info("connected to %s; listening on channel %r", db.describe(self.dsn), CHANNEL)
+        self._wake.set()
+
+    async def _loops(
+        self,
+        store: OutboxStore,
+        listen: AsyncConn,
+        work: AsyncConn,
+        polling: AsyncConn,
+        stop: asyncio.Event,
+    ) -> None:
+        """Run the loops until ``stop`` is set and they have returned; the first error of
+        one (the others are cancelled then) is raised."""
+        try:
+            async with asyncio.TaskGroup() as loops:
+                listening = loops.create_task(self._listen_loop(listen, stop), name="listen")
+                loops.create_task(self._relay_stop(stop), name="stop relay")
+                loops.create_task(self._send_loop(store, stop), name="send")
+                loops.create_task(self._housekeeping_loop(store, work, stop), name="housekeeping")
+                loops.create_task(self._confirm_loop(store, stop), name="confirm")
+                loops.create_task(self._poll_loop(polling, stop), name="polls")
+                await stop.wait()
+                # The other loops notice ``stop`` at their next step and return; the
+                # listener only waits for notifications.
+                listening.cancel()
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+
     # ----------------------------------------------------------------- loops
 
     async def _relay_stop(self, stop: asyncio.Event) -> None:
-        """Wake the loops that wait on their own event when ``stop`` is set; then wait."""
+        """Wake the loops that wait on their own event when ``stop`` is set."""
         await stop.wait()
         self._wake.set()
         self._ack_ready.set()
-        await asyncio.Event().wait()  # cancelled with the listener
 
-    async def _listen_loop(self, conn: AsyncConn) -> None:
+    async def _listen_loop(self, conn: AsyncConn, stop: asyncio.Event) -> None:
+        """Wake the send loop on each NOTIFY, revoke on each device change; cancelled on stop."""
         async for note in conn.notifies():
             if note.channel == DEVICES_CHANNEL:
                 self.revoke(note.payload)
             else:
                 self._wake.set()
+        if not stop.is_set():
+            raise psycopg.OperationalError("the database connection ended")
 
     def revoke(self, device: str) -> None:
         """``device`` was disabled, removed or given a new secret: close its connections
@@ -420,17 +382,17 @@ class Dispatcher:
         while not stop.is_set():
             # One event, no helper tasks: this wait is on every notification's path.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.poll_interval):
+                async with asyncio.timeout(self.settings.poll_interval):
                     await self._wake.wait()
             if stop.is_set():
                 return
             self._wake.clear()
-            while not stop.is_set() and await self._send_batch(store, stop) >= self.batch:
+            while not stop.is_set() and await self._send_batch(store, stop) >= self.settings.batch:
                 pass
 
     async def _send_batch(self, store: OutboxStore, stop: asyncio.Event) -> int:
         """Claim one batch and send it; how many rows were claimed."""
-        items = await store.claim(self.batch)
+        items = await store.claim(self.settings.batch)
         if not items:
             return 0
         logger.debug("claimed %d rows", len(items))
@@ -573,17 +535,17 @@ class Dispatcher:
             expired = await store.expire()
             if expired:
                 logger.info("expired %d rows", expired)
-            if await store.prune(self.changes_retention):
-                logger.info("pruned the change log to the last %s", self.changes_retention)
+            if await store.prune(self.settings.changes_retention):
+                logger.info("pruned the change log to the last %s", self.settings.changes_retention)
             archived = 0
             while not stop.is_set():
-                moved = await store.archive(self.archive_batch)
+                moved = await store.archive(self.settings.archive_batch)
                 archived += moved
-                if moved < self.archive_batch:
+                if moved < self.settings.archive_batch:
                     break
             if archived:
                 logger.info("archived %d finished rows", archived)
-            if await _wait(stop, self.housekeeping_interval):
+            if await _wait(stop, self.settings.housekeeping_interval):
                 return
 
     async def _confirm_loop(self, store: OutboxStore, stop: asyncio.Event) -> None:
@@ -609,13 +571,13 @@ class Dispatcher:
 
     async def _poll_loop(self, conn: AsyncConn, stop: asyncio.Event) -> None:
         polls = await self._load_polls(conn, None)
-        reload_at = time.monotonic() + self.polls_reload_interval
+        reload_at = time.monotonic() + self.settings.polls_reload_interval
         while not stop.is_set():
             now = time.monotonic()
             if now >= reload_at or self._reload_polls.is_set():
                 self._reload_polls.clear()
                 polls = await self._load_polls(conn, polls)
-                reload_at = now + self.polls_reload_interval
+                reload_at = now + self.settings.polls_reload_interval
             for poll in due_polls(polls, self._poll_runs, now):
                 if stop.is_set():
                     return
@@ -697,118 +659,188 @@ async def _close(conn: AsyncConn) -> None:
         logger.debug("error closing a database connection", exc_info=True)
 
 
-# --------------------------------------------------------------------------- entry point
+# --------------------------------------------------------------------------- assembly
 
 
-def run_dispatcher(
-    dsn: str,
-    *,
-    udp_listen: str | None = None,
-    sync_listen: str | None = None,
-    sync_tls: ssl.SSLContext | None = None,
-    heartbeat: float = HEARTBEAT,
-    max_handshakes: tuple[int, int] = (MAX_PREAUTH, MAX_PREAUTH_PER_HOST),
-    gateways: Mapping[str, Gateway] | None = None,
-    owner: str | None = None,
-    batch: int = 500,
-    lease: timedelta = timedelta(seconds=30),
-    poll_interval: float = 1.0,
-    housekeeping_interval: float = 5.0,
-    archive_batch: int = 1000,
-    polls_reload_interval: float = 30.0,
-    metrics_listen: str | None = None,
-) -> int:
-    """``pushsync dispatch``: run until SIGTERM or SIGINT, then drain; exit status 0.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Running:
+    """What :func:`serve` started. The dispatcher runs until :meth:`stop` or the block ends."""
 
-    A :class:`UdpGateway` is bound to ``udp_listen`` (``HOST:PORT``; default
-    :data:`DEFAULT_UDP_LISTEN`) and receives the devices' acks there. The SYNC
-    server listens on ``sync_listen`` (default :data:`DEFAULT_SYNC_LISTEN`;
-    ``off`` for none), inside TLS when ``sync_tls`` is given, holding at most
-    ``max_handshakes`` unauthenticated connections (overall, per address). ``gateways`` adds
-    others by name (e.g. ``{"smtp": SmtpGateway(...)}``).
-    ValueError if an address is not ``HOST:PORT``; OSError if it cannot be bound.
+    dispatcher: Dispatcher
+    sync: SyncServer | None
+    """The SYNC server; None when the settings have no ``sync_listen``."""
+    udp: UdpGateway | None
+    """The UDP gateway, where acks arrive; None when the settings have no ``udp_listen``."""
+    metrics: MetricsServer | None
+    """``/metrics`` and ``/healthz``; None when the settings have no ``metrics_listen``."""
+    stopping: asyncio.Event
+    """Set to stop the dispatcher (:meth:`stop`); it then drains as on SIGTERM."""
+    finished: asyncio.Task[None]
+    """The dispatcher's run: done once it has stopped."""
+
+    @property
+    def store(self) -> PoolStore:
+        return self.dispatcher.store
+
+    @property
+    def sync_address(self) -> tuple[str, int] | None:
+        """Where the SYNC server listens (the port the system picked for port 0)."""
+        return None if self.sync is None else self.sync.address
+
+    @property
+    def udp_address(self) -> tuple[str, int] | None:
+        return None if self.udp is None else self.udp.local_address
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        return None if self.metrics is None else self.metrics.address
+
+    def stop(self) -> None:
+        """Ask the dispatcher to stop: it claims nothing more and drains (bounded)."""
+        self.stopping.set()
+
+    async def stopped(self) -> None:
+        """Until the dispatcher has stopped (after :meth:`stop`, or if it failed)."""
+        await asyncio.wait([self.finished])
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    settings: DispatcherSettings, *, gateways: Mapping[str, Gateway] | None = None
+) -> AsyncIterator[Running]:
+    """The one place a dispatcher is assembled: start everything ``settings`` ask for
+    (UDP and SMTP gateways, SYNC server and synchronizer, metrics), run the dispatcher,
+    and yield it running.
+
+    ``gateways`` are used besides those (e.g. a test double under ``udp`` when
+    the settings have no ``udp_listen``); the settings' own win a clash of names.
+    OSError if an address cannot be bound. Leaving stops the dispatcher as
+    SIGTERM does (it drains for at most :data:`STOP_TIMEOUT`, then each step of
+    leaving gets :data:`LEAVE_TIMEOUT`), then closes what was started, last
+    started first.
     """
-    address = split_listen(udp_listen or DEFAULT_UDP_LISTEN)
-    sync_text = sync_listen or DEFAULT_SYNC_LISTEN
-    sync_address = None if sync_text == "off" else split_listen(sync_text)
-    metrics_address = split_listen(metrics_listen) if metrics_listen else None
-
-    async def main() -> int:
-        dispatcher = Dispatcher(
-            dsn,
-            gateways or {},
-            owner=owner,
-            batch=batch,
-            lease=lease,
-            poll_interval=poll_interval,
-            housekeeping_interval=housekeeping_interval,
-            archive_batch=archive_batch,
-            polls_reload_interval=polls_reload_interval,
-        )
-        udp = await UdpGateway.bind(
-            address,
-            secret_for=dispatcher.secret_for,
-            fetch_secret=dispatcher.fetch_secret,
-            on_ack=dispatcher.on_ack,
-        )
-        dispatcher.add_gateway(udp)
-        host, port = udp.local_address
-        dispatcher.udp_address = _join(host, port)
-        logger.info("UDP gateway on %s (acks arrive here)", dispatcher.udp_address)
-        sync: SyncServer | None = None
-        closers: list[Any] = []
-        try:
-            if sync_address is not None:
-                sync = SyncServer(
-                    dispatcher.store,
-                    dispatcher.on_ack,
-                    settings=SyncSettings(
-                        heartbeat=heartbeat,
-                        tls=sync_tls,
-                        max_preauth=max_handshakes[0],
-                        max_preauth_per_host=max_handshakes[1],
-                    ),
-                    on_connect=lambda _device: dispatcher.wake(),
-                )
-                sync.synchronizer = Synchronizer(dispatcher.store.pool)
-                await sync.start(*sync_address)
-                dispatcher.add_sync(sync)
-                closers.append(sync.close)
-                closers.append(sync.synchronizer.close)
-                logger.info(
-                    "SYNC gateway on %s%s", _join(*sync.address), " (TLS)" if sync_tls else ""
-                )
-            if metrics_address is not None:
-                served = await dispatcher.serve_metrics(*metrics_address)
-                closers.append(served.close)
-                logger.info("metrics on http://%s/metrics", _join(*served.address))
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            signals = (signal.SIGTERM, signal.SIGINT)
-            for signum in signals:
-                loop.add_signal_handler(signum, _stopper(stop, signum))
-            loop.add_signal_handler(signal.SIGHUP, dispatcher.reload)
+    dispatcher = Dispatcher(settings, {**(gateways or {}), **_configured_gateways(settings)})
+    async with contextlib.AsyncExitStack() as started:
+        udp = await _start_udp(dispatcher, started)
+        sync = await _start_sync(dispatcher, started)
+        metrics = await _start_metrics(dispatcher, started)
+        stopping = asyncio.Event()
+        async with asyncio.TaskGroup() as tasks:
+            finished = tasks.create_task(dispatcher.run(stopping), name="dispatcher")
             try:
-                await dispatcher.run(stop)
+                yield Running(
+                    dispatcher=dispatcher,
+                    sync=sync,
+                    udp=udp,
+                    metrics=metrics,
+                    stopping=stopping,
+                    finished=finished,
+                )
             finally:
-                for signum in (*signals, signal.SIGHUP):
-                    loop.remove_signal_handler(signum)
-        finally:
-            for close in reversed(closers):
-                await close()
-            udp.close()
-        return 0
+                stopping.set()
+                await asyncio.wait([finished])  # bounded by Dispatcher.run itself
 
-    return asyncio.run(main())
+
+def _configured_gateways(settings: DispatcherSettings) -> dict[str, Gateway]:
+    """The gateways the settings name that need no socket of their own yet: SMTP."""
+    if settings.smtp is None:
+        return {}
+    smtp = smtp_from_url(settings.smtp, password=settings.smtp_password)
+    logger.info("SMTP gateway: %s", describe_smtp(smtp))
+    return {"smtp": smtp}
+
+
+async def _start_udp(
+    dispatcher: Dispatcher, started: contextlib.AsyncExitStack
+) -> UdpGateway | None:
+    if dispatcher.settings.udp_listen is None:
+        return None
+    udp = await UdpGateway.bind(
+        split_listen(dispatcher.settings.udp_listen),
+        secret_for=dispatcher.secret_for,
+        fetch_secret=dispatcher.fetch_secret,
+        on_ack=dispatcher.on_ack,
+    )
+    started.callback(udp.close)
+    dispatcher.add_gateway(udp)
+    dispatcher.udp_address = _join(*udp.local_address)
+    logger.info("UDP gateway on %s (acks arrive here)", dispatcher.udp_address)
+    return udp
+
+
+async def _start_sync(
+    dispatcher: Dispatcher, started: contextlib.AsyncExitStack
+) -> SyncServer | None:
+    settings = dispatcher.settings
+    if settings.sync_listen is None:
+        return None
+    sync = SyncServer(
+        dispatcher.store,
+        dispatcher.on_ack,
+        settings=settings.sync,
+        on_connect=lambda _device: dispatcher.wake(),
+    )
+    synchronizer = Synchronizer(dispatcher.store.pool, limits=settings.sync_limits)
+    sync.synchronizer = synchronizer
+    await sync.start(*split_listen(settings.sync_listen))
+    started.push_async_callback(sync.close)
+    started.push_async_callback(synchronizer.close)
+    dispatcher.add_sync(sync)
+    tls = " (TLS)" if settings.sync.tls else ""
+    logger.info("SYNC gateway on %s%s", _join(*sync.address), tls)
+    return sync
+
+
+async def _start_metrics(
+    dispatcher: Dispatcher, started: contextlib.AsyncExitStack
+) -> MetricsServer | None:
+    if dispatcher.settings.metrics_listen is None:
+        return None
+    host, port = split_listen(dispatcher.settings.metrics_listen)
+    served = await serve_metrics(dispatcher.metrics, host, port, dispatcher.health)
+    started.push_async_callback(served.close)
+    logger.info("metrics on http://%s/metrics", _join(*served.address))
+    return served
 
 
 def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def split_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (port 0 allowed: the system picks one) as (host, port)."""
-    return split_address(text, lowest_port=0)
+# --------------------------------------------------------------------------- the command
+
+
+def run_dispatcher(
+    settings: DispatcherSettings, *, gateways: Mapping[str, Gateway] | None = None
+) -> int:
+    """``pushsync dispatch``: run until SIGTERM or SIGINT, then drain; exit status 0.
+
+    SIGHUP re-reads the polls (:meth:`Dispatcher.reload`). OSError if an address
+    cannot be bound.
+    """
+
+    async def main() -> int:
+        async with serve(settings, gateways=gateways) as running:
+            with _signals_handled(running):
+                await running.stopped()
+        return 0
+
+    return asyncio.run(main())
+
+
+@contextlib.contextmanager
+def _signals_handled(running: Running) -> Iterator[None]:
+    """SIGTERM and SIGINT stop ``running`` (and start the exit watchdog); SIGHUP reloads."""
+    loop = asyncio.get_running_loop()
+    stops = (signal.SIGTERM, signal.SIGINT)
+    for signum in stops:
+        loop.add_signal_handler(signum, _stopper(running.stopping, signum))
+    loop.add_signal_handler(signal.SIGHUP, running.dispatcher.reload)
+    try:
+        yield
+    finally:
+        for signum in (*stops, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
 
 
 def _stopper(stop: asyncio.Event, signum: signal.Signals) -> Any:
@@ -841,8 +873,10 @@ def _exit_at_the_latest(seconds: float) -> None:
 
 
 __all__ = [
-    "DEFAULT_SYNC_LISTEN",
-    "DEFAULT_UDP_LISTEN",
     "Dispatcher",
+    "DispatcherSettings",
+    "Running",
     "run_dispatcher",
+    "serve",
+    "split_listen",
 ]

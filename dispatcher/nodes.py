@@ -39,8 +39,8 @@ class PoolStore(OutboxStore):
         dsn: str,
         owner: str,
         *,
-        lease: timedelta = timedelta(seconds=30),
-        alive_for: timedelta = timedelta(seconds=15),
+        lease: timedelta | None = None,
+        alive_for: timedelta | None = None,
         max_size: int = 4,
         timeout: float = 5.0,
     ) -> None:
@@ -55,7 +55,9 @@ class PoolStore(OutboxStore):
             reconnect_timeout=0,  # keep trying: the database may be away for a while
         )
         executor = PoolExecutor(self.pool, timeout)
-        super().__init__(executor, owner, lease=lease, alive_for=alive_for)
+        # None: the store's own default (the daemon passes its settings' values).
+        given = {"lease": lease, "alive_for": alive_for}
+        super().__init__(executor, owner, **{k: v for k, v in given.items() if v is not None})
         self._secrets: dict[str, tuple[float, bytes | None]] = {}
 
     async def open(self) -> None:

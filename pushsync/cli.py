@@ -267,57 +267,66 @@ def cmd_sync(args: argparse.Namespace) -> int:
 def cmd_dispatch(args: argparse.Namespace) -> int:
     from pushsync import db
     from pushsync.dispatcher.daemon import run_dispatcher
-    from pushsync.dispatcher.gateways import Gateway, describe_smtp, smtp_from_url
-    from pushsync.dispatcher.sync_server import server_tls
+    from pushsync.dispatcher.settings import DispatcherSettings
 
-    gateways: dict[str, Gateway] = {}
-    if args.smtp:
-        password = None
-        if args.smtp_password_file:
-            password = _read_text(args.smtp_password_file, "--smtp-password-file").strip()
-        smtp = smtp_from_url(args.smtp, password=password)
-        logging.getLogger("pushsync.dispatcher").info("SMTP gateway: %s", describe_smtp(smtp))
-        gateways["smtp"] = smtp
-    elif args.smtp_password_file:
+    if args.smtp_password_file and not args.smtp:
         raise UsageError("--smtp-password-file needs --smtp")
-    tls = None
-    if args.sync_tls_cert or args.sync_tls_key:
-        if not (args.sync_tls_cert and args.sync_tls_key):
-            raise UsageError("--sync-tls-cert and --sync-tls-key go together")
-        try:
-            tls = server_tls(args.sync_tls_cert, args.sync_tls_key)
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"cannot load the SYNC TLS certificate or key: {exc}") from exc
-    from pushsync.dispatcher.sync_server import HEARTBEAT, MAX_PREAUTH, MAX_PREAUTH_PER_HOST
-
-    heartbeat = _seconds(args.heartbeat, "--heartbeat") if args.heartbeat else HEARTBEAT
-    handshakes = _positive(args.sync_max_handshakes, "--sync-max-handshakes", MAX_PREAUTH)
-    per_address = _positive(
-        args.sync_max_handshakes_per_address,
-        "--sync-max-handshakes-per-address",
-        MAX_PREAUTH_PER_HOST,
-    )
+    given: dict[str, Any] = {"sync": _sync_settings(args)}
+    if args.smtp:
+        given["smtp"] = args.smtp
+    if args.smtp_password_file:
+        password = _read_text(args.smtp_password_file, "--smtp-password-file").strip()
+        given["smtp_password"] = password
+    if args.udp_listen:
+        given["udp_listen"] = args.udp_listen
+    if args.sync_listen:
+        given["sync_listen"] = None if args.sync_listen == "off" else args.sync_listen
+    if args.metrics:
+        given["metrics_listen"] = args.metrics
+    if (batch := _positive(args.batch, "--batch")) is not None:
+        given["batch"] = batch
     try:
-        return run_dispatcher(
-            db.resolve_dsn(args.dsn),
-            udp_listen=args.udp_listen,
-            sync_listen=args.sync_listen,
-            sync_tls=tls,
-            gateways=gateways,
-            metrics_listen=args.metrics,
-            heartbeat=heartbeat,
-            max_handshakes=(handshakes, min(per_address, handshakes)),
-            batch=_positive(args.batch, "--batch"),
-        )
+        settings = DispatcherSettings(dsn=db.resolve_dsn(args.dsn), **given)
+        return run_dispatcher(settings)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     except OSError as exc:
         raise UsageError(f"cannot listen: {exc.strerror or exc}") from exc
 
 
-def _positive(text: str | None, flag: str, default: int = 500) -> int:
+def _sync_settings(args: argparse.Namespace) -> Any:
+    """The SYNC server's settings from the dispatch command's options (defaults: its own)."""
+    from dataclasses import replace
+
+    from pushsync.dispatcher.sync_server import SyncSettings, server_tls
+
+    given: dict[str, Any] = {}
+    if args.sync_tls_cert or args.sync_tls_key:
+        if not (args.sync_tls_cert and args.sync_tls_key):
+            raise UsageError("--sync-tls-cert and --sync-tls-key go together")
+        try:
+            given["tls"] = server_tls(args.sync_tls_cert, args.sync_tls_key)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot load the SYNC TLS certificate or key: {exc}") from exc
+    if args.heartbeat:
+        given["heartbeat"] = _seconds(args.heartbeat, "--heartbeat")
+    handshakes = _positive(args.sync_max_handshakes, "--sync-max-handshakes")
+    if handshakes is not None:
+        given["max_preauth"] = handshakes
+    per_address = _positive(
+        args.sync_max_handshakes_per_address, "--sync-max-handshakes-per-address"
+    )
+    if per_address is not None:
+        given["max_preauth_per_host"] = per_address
+    settings = SyncSettings(**given)
+    per_host = min(settings.max_preauth_per_host, settings.max_preauth)
+    return replace(settings, max_preauth_per_host=per_host)
+
+
+def _positive(text: str | None, flag: str) -> int | None:
+    """A whole number from 1 to 100000; None if the option was not given."""
     if text is None:
-        return default
+        return None
     if not text.isdigit() or not 1 <= int(text) <= 100_000:
         raise UsageError(f"{flag} must be a whole number from 1 to 100000, not {text!r}")
     return int(text)

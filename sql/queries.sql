@@ -22,6 +22,37 @@ VALUES (%(device_id)s, %(medium)s, 'manual', %(address)s)
 ON CONFLICT (device_id, medium, source) DO UPDATE
 SET address = excluded.address, active = true, modified_at = now()
 
+-- devices_existing --
+SELECT device_id FROM pushsync.devices WHERE device_id = ANY(%(devices)s) ORDER BY 1
+
+-- device_set_secret --
+-- The old secret is refused from the commit on (trigger device_access_revoked).
+UPDATE pushsync.devices SET secret = %(secret)s WHERE device_id = %(device_id)s
+RETURNING device_id
+
+-- address_drop --
+DELETE FROM pushsync.device_addresses
+WHERE device_id = %(device_id)s AND medium = %(medium)s AND source = 'manual'
+
+-- send_push --
+-- `pushsync send`: the row a rule would write, for an enabled device only.
+INSERT INTO pushsync.outbox
+    (rule, device_id, subject, content, gateway, coalescing, expires_at, resend_every)
+SELECT %(rule)s, device_id, %(subject)s, %(content)s, %(gateway)s, false,
+       now() + %(ttl)s, %(resend_every)s
+FROM pushsync.devices WHERE device_id = %(device_id)s AND enabled
+RETURNING request_id
+
+-- device_enabled --
+SELECT enabled FROM pushsync.devices WHERE device_id = %(device_id)s
+
+-- send_outcome --
+SELECT state, gateway_used, attempts, last_error
+FROM pushsync.outbox WHERE request_id = %(request_id)s
+UNION ALL
+SELECT state, gateway_used, attempts, last_error
+FROM pushsync.outbox_history WHERE request_id = %(request_id)s
+
 -- device_lock --
 -- Grants change under the device's row lock: two changes of one device's
 -- grants run one after the other, and a removed device is reported as such.

@@ -47,10 +47,8 @@ from typing import Any
 import psycopg
 
 from pushsync import devices, generator, queries, schema
-from pushsync.dispatcher.daemon import Dispatcher
-from pushsync.dispatcher.gateways import SmtpGateway, UdpGateway
-from pushsync.dispatcher.sync_endpoint import Synchronizer
-from pushsync.dispatcher.sync_server import SyncServer
+from pushsync.dispatcher.daemon import serve
+from pushsync.dispatcher.settings import DispatcherSettings
 from pushsync.listener.channels import SyncChannel
 from pushsync.listener.config import load_config
 from pushsync.listener.runtime import Listener
@@ -112,6 +110,8 @@ class Stage:
     workdir: Path
     dsn: str = ""
     server: Any = None
+    dispatcher: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    """:func:`~pushsync.dispatcher.daemon.serve`, left after the listeners stopped."""
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     stops: list[asyncio.Event] = field(default_factory=list)
     closers: list[Any] = field(default_factory=list)
@@ -285,36 +285,17 @@ async def _start_dispatcher(stage: Stage, line: Timeline) -> None:
     smtp, smtp_port = await start_smtp(stage.workdir / "truck-di" / "Maildir")
     stage.closers.append(_server_closer(smtp))
     stage.ports["smtp"] = f"127.0.0.1:{smtp_port}"
-    gateway = SmtpGateway(
-        host="127.0.0.1", port=smtp_port, sender_address="dispatch@fleet.example", timeout=10
-    )
-    dispatcher = Dispatcher(
-        stage.dsn,
-        {"smtp": gateway},
-        poll_interval=1.0,
-        housekeeping_interval=5.0,
+    settings = DispatcherSettings(
+        dsn=stage.dsn,
+        udp_listen="127.0.0.1:0",
+        sync_listen="127.0.0.1:0",
+        smtp=f"smtp://127.0.0.1:{smtp_port}?from=dispatch@fleet.example",
         lease=timedelta(seconds=10),
     )
-    udp = await UdpGateway.bind(
-        ("127.0.0.1", 0),
-        secret_for=dispatcher.secret_for,
-        fetch_secret=dispatcher.fetch_secret,
-        on_ack=dispatcher.on_ack,
-    )
-    dispatcher.add_gateway(udp)
-    stage.closers.append(_sync_closer(udp.close))
-    sync = SyncServer(dispatcher.store, dispatcher.on_ack, on_connect=lambda _d: dispatcher.wake())
-    sync.synchronizer = Synchronizer(dispatcher.store.pool)
-    await sync.start("127.0.0.1", 0)
-    dispatcher.add_sync(sync)
-    stage.closers.append(sync.close)
-    stage.closers.append(sync.synchronizer.close)
-    stop = asyncio.Event()
-    stage.stops.append(stop)
-    stage.tasks.append(asyncio.create_task(dispatcher.run(stop), name="demo dispatcher"))
-    host, port = sync.address
-    stage.ports["sync"] = f"{host}:{port}"
-    stage.ports["udp"] = "{}:{}".format(*udp.local_address)
+    running = await stage.dispatcher.enter_async_context(serve(settings))
+    assert running.sync_address is not None and running.udp_address is not None
+    stage.ports["sync"] = "{}:{}".format(*running.sync_address)
+    stage.ports["udp"] = "{}:{}".format(*running.udp_address)
     line.say(
         f"dispatcher up: SYNC on {stage.ports['sync']}, UDP on {stage.ports['udp']}, "
         f"SMTP to {stage.ports['smtp']}"
@@ -489,18 +470,13 @@ def _server_closer(server: asyncio.Server) -> Any:
     return close
 
 
-def _sync_closer(close: Any) -> Any:
-    async def run() -> None:
-        close()
-
-    return run
-
-
 async def _teardown(stage: Stage) -> None:
     for stop in reversed(stage.stops):
         stop.set()
     if stage.tasks:
         await asyncio.wait(stage.tasks, timeout=15)
+    with contextlib.suppress(Exception):
+        await stage.dispatcher.aclose()
     for close in reversed(stage.closers):
         with contextlib.suppress(Exception):
             await close()

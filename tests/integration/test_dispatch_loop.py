@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from pushsync.dispatcher.daemon import Dispatcher
+from pushsync.dispatcher.daemon import Dispatcher, DispatcherSettings
 from pushsync.dispatcher.gateways import Gateway, SendResult, UdpGateway
 from pushsync.dispatcher.outbox import Claimed
 from pushsync.testing import RecordingGateway
@@ -116,7 +116,9 @@ async def test_report_reaches_affected_trucks_over_udp_and_acks_confirm(
     devices = {f"truck-{n}": await Device.bind() for n in range(1, 5)}
     for device_id, device in devices.items():
         set_address(db, device_id, "udp", device.address)
-    dispatcher = Dispatcher(dsn, {}, poll_interval=30.0, housekeeping_interval=30.0)
+    dispatcher = Dispatcher(
+        DispatcherSettings(dsn=dsn, poll_interval=30.0, housekeeping_interval=30.0)
+    )
     udp = await UdpGateway.bind(
         ("127.0.0.1", 0), secret_for=dispatcher.secret_for, on_ack=dispatcher.on_ack
     )
@@ -172,7 +174,7 @@ async def test_rows_committed_while_stopped_are_sent_at_start(
     trucking.report(db, location=100, by=1)
     assert states(db) == {"pending": 2}
     udp = RecordingGateway("udp")
-    async with running(Dispatcher(dsn, {"udp": udp}, poll_interval=60.0)):
+    async with running(Dispatcher(DispatcherSettings(dsn=dsn, poll_interval=60.0), {"udp": udp})):
         await until_async(lambda: states(db) == {"sent": 2}, "the rows written before start")
     assert sorted(item.device_id for item in udp.items) == ["truck-2", "truck-4"]
 
@@ -185,7 +187,9 @@ async def test_failed_gateway_falls_back_to_the_next(db: psycopg.Connection, dsn
     request_id = enqueue(db, "d1")
     udp = RecordingGateway("udp", fail_with="boom")
     smtp = RecordingGateway("smtp")
-    async with running(Dispatcher(dsn, {"udp": udp, "smtp": smtp}, poll_interval=0.1)):
+    async with running(
+        Dispatcher(DispatcherSettings(dsn=dsn, poll_interval=0.1), {"udp": udp, "smtp": smtp})
+    ):
         await until_async(lambda: states(db) == {"sent": 1}, "the send")
     [row] = rows(db)
     assert row["request_id"] == request_id
@@ -200,7 +204,7 @@ async def test_unreachable_device_is_retried_not_lost(db: psycopg.Connection, ds
     enqueue(db, "far")
     enqueue(db, "mail-only")
     udp = RecordingGateway("udp")
-    async with running(Dispatcher(dsn, {"udp": udp}, poll_interval=0.1)):
+    async with running(Dispatcher(DispatcherSettings(dsn=dsn, poll_interval=0.1), {"udp": udp})):
         await until_async(lambda: all(r["last_error"] for r in rows(db)), "both failures recorded")
     assert udp.items == []
     for row in rows(db):
@@ -218,7 +222,7 @@ async def test_final_failures_of_every_gateway_fail_the_row(
     set_address(db, "d1", "udp", "127.0.0.1:9")
     enqueue(db, "d1")
     udp = RecordingGateway("udp", fail_with="too large", final=True)
-    async with running(Dispatcher(dsn, {"udp": udp}, poll_interval=0.1)):
+    async with running(Dispatcher(DispatcherSettings(dsn=dsn, poll_interval=0.1), {"udp": udp})):
         # Housekeeping may move the failed row to history at once: look in both.
         def finished() -> list[dict[str, Any]]:
             return [
@@ -249,7 +253,9 @@ async def test_expired_rows_are_never_sent_and_finished_rows_are_archived(
         (done,),
     )
     udp = RecordingGateway("udp")
-    dispatcher = Dispatcher(dsn, {"udp": udp}, poll_interval=0.1, housekeeping_interval=0.1)
+    dispatcher = Dispatcher(
+        DispatcherSettings(dsn=dsn, poll_interval=0.1, housekeeping_interval=0.1), {"udp": udp}
+    )
     async with running(dispatcher):
         await until_async(lambda: not rows(db), "the outbox to empty")
     assert udp.items == []
@@ -267,7 +273,9 @@ async def test_stop_releases_claimed_rows_not_sent(db: psycopg.Connection, dsn: 
         set_address(db, device, "udp", "127.0.0.1:9")
         enqueue(db, device)
     udp = BlockingGateway()
-    dispatcher = Dispatcher(dsn, {"udp": udp}, owner="stopper", poll_interval=0.1)
+    dispatcher = Dispatcher(
+        DispatcherSettings(dsn=dsn, owner="stopper", poll_interval=0.1), {"udp": udp}
+    )
     async with running(dispatcher):
         await until_async(lambda: len(udp.started) == 3, "three sends in flight")
         assert states(db) == {"sending": 3}
@@ -293,8 +301,12 @@ async def test_two_dispatchers_send_every_row_exactly_once(
     )
     ids = {uuid.UUID(str(r[0])) for r in db.execute("SELECT request_id FROM pushsync.outbox")}
     first, second = RecordingGateway("udp"), RecordingGateway("udp")
-    a = Dispatcher(dsn, {"udp": first}, owner="a", batch=100, poll_interval=0.05)
-    b = Dispatcher(dsn, {"udp": second}, owner="b", batch=100, poll_interval=0.05)
+    a = Dispatcher(
+        DispatcherSettings(dsn=dsn, owner="a", batch=100, poll_interval=0.05), {"udp": first}
+    )
+    b = Dispatcher(
+        DispatcherSettings(dsn=dsn, owner="b", batch=100, poll_interval=0.05), {"udp": second}
+    )
     started = time.perf_counter()
     async with running(a), running(b):
         await until_async(lambda: states(db) == {"sent": 5000}, "all 5,000 rows sent", timeout=60)
@@ -318,7 +330,7 @@ async def test_reconnects_after_the_database_drops_its_connections(
     trucking.add_devices(db, "d1")
     set_address(db, "d1", "udp", "127.0.0.1:9")
     udp = RecordingGateway("udp")
-    async with running(Dispatcher(dsn, {"udp": udp}, poll_interval=0.1)):
+    async with running(Dispatcher(DispatcherSettings(dsn=dsn, poll_interval=0.1), {"udp": udp})):
         await until_async(lambda: dispatcher_listens(db), "the dispatcher to LISTEN")
         db.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -342,7 +354,9 @@ async def test_unconfirmed_message_is_resent_then_confirmed(
         "WHERE request_id = %s",
         (request_id,),
     )
-    dispatcher = Dispatcher(dsn, {}, poll_interval=0.05, housekeeping_interval=30.0)
+    dispatcher = Dispatcher(
+        DispatcherSettings(dsn=dsn, poll_interval=0.05, housekeeping_interval=30.0)
+    )
     udp = await UdpGateway.bind(
         ("127.0.0.1", 0), secret_for=dispatcher.secret_for, on_ack=dispatcher.on_ack
     )

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from pushsync.dispatcher.daemon import Dispatcher
+from pushsync.dispatcher.daemon import Dispatcher, DispatcherSettings
 from pushsync.dispatcher.polls import Poll, due_polls, next_due
 from pushsync.testing import RecordingGateway
 from tests.integration import trucking
@@ -102,7 +102,10 @@ class CountingDispatcher(Dispatcher):
 def dispatcher(dsn: str, udp: RecordingGateway) -> CountingDispatcher:
     """A dispatcher whose fallback claim is slow: a quick send means the poll woke it."""
     return CountingDispatcher(
-        dsn, {"udp": udp}, poll_interval=30.0, housekeeping_interval=30.0, polls_reload_interval=0.2
+        DispatcherSettings(
+            dsn=dsn, poll_interval=30.0, housekeeping_interval=30.0, polls_reload_interval=0.2
+        ),
+        {"udp": udp},
     )
 
 

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 import trustme
 
-from pushsync.dispatcher.daemon import Dispatcher
+from pushsync.dispatcher.daemon import Dispatcher, DispatcherSettings
 from pushsync.dispatcher.gateways import SendResult, failed
 from pushsync.dispatcher.outbox import Claimed
 from pushsync.dispatcher.sync_server import SyncServer, SyncSettings, server_tls
@@ -251,7 +251,7 @@ async def test_garbage_closes_that_connection_and_the_server_keeps_serving(
 async def test_silent_peers_are_dropped(db: psycopg.Connection, dsn: str) -> None:
     add_device(db)
     settings = SyncSettings(handshake_timeout=0.3, heartbeat=0.2)
-    async with dispatching(dsn, settings=settings) as dispatcher:
+    async with dispatching(dsn, sync=settings) as dispatcher:
         host, port = sync_of(dispatcher).address
         # Connects and never says HELLO.
         reader, writer = await asyncio.open_connection(host, port)
@@ -304,7 +304,7 @@ async def test_tls_end_to_end_and_an_untrusted_certificate_is_refused(
     settings = SyncSettings(
         tls=server_tls(str(tmp_path / "server.pem"), str(tmp_path / "server.pem"))
     )
-    async with dispatching(dsn, settings=settings) as dispatcher:
+    async with dispatching(dsn, sync=settings) as dispatcher:
         server = server_address(dispatcher)
         # A device that trusts another CA does not connect.
         other = trustme.CA()
@@ -460,7 +460,9 @@ async def test_the_listener_reconnects_when_the_dispatcher_comes_back(
             await asyncio.wait_for(channel.connected.wait(), WAIT)
             await first_gone(first)
             await until_async(lambda: not channel.connected.is_set(), "the listener to notice")
-            second = Dispatcher(dsn, {}, poll_interval=0.2, housekeeping_interval=0.5)
+            second = Dispatcher(
+                DispatcherSettings(dsn=dsn, poll_interval=0.2, housekeeping_interval=0.5)
+            )
             sync = SyncServer(second.store, second.on_ack, on_connect=lambda _d: second.wake())
             await sync.start(server.host, server.port)
             second.add_sync(sync)

@@ -23,11 +23,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pushsync.dispatcher.sync_endpoint import Synchronizer, SyncLimits
+from pushsync.dispatcher.sync_endpoint import SyncLimits
 from pushsync.listener.sync import SyncFailed
 from tests.integration import trucking
 from tests.reliability.harness import DispatcherProcess
-from tests.support.dispatching import dispatching, server_address, sync_of
+from tests.support.dispatching import dispatching, server_address
 from tests.support.owned_device import SECRET, OwnedDevice, server_state
 from tests.support.waiting import until_async
 
@@ -203,11 +203,7 @@ async def test_a_device_runs_one_synchronization_at_a_time(
 async def test_the_server_runs_a_bounded_number_of_synchronizations(
     fleet: psycopg.Connection, dsn: str, tmp_path: Path
 ) -> None:
-    async with dispatching(dsn) as dispatcher:
-        server = sync_of(dispatcher)
-        server.synchronizer = Synchronizer(
-            dispatcher.store.pool, limits=SyncLimits(sessions=1, slot_wait=0.5)
-        )
+    async with dispatching(dsn, limits=SyncLimits(sessions=1, slot_wait=0.5)) as dispatcher:
         address = str(server_address(dispatcher))
         truck1 = OwnedDevice.make(tmp_path, "truck-1", address)
         truck2 = OwnedDevice.make(tmp_path, "truck-2", address)

@@ -1,8 +1,8 @@
 """The dispatcher in this process, its SYNC gateway, and what tests read of it in the database.
 
-:func:`running` runs a :class:`~pushsync.dispatcher.daemon.Dispatcher` for a
-block; :func:`dispatching` builds one with a SYNC server on 127.0.0.1:0 and
-runs it; :func:`session` opens an authenticated device connection to it. The
+:func:`running` runs a :class:`~pushsync.dispatcher.daemon.Dispatcher` built by
+hand for a block; :func:`dispatching` serves one with a SYNC server on
+127.0.0.1:0; :func:`session` opens an authenticated device connection to it. The
 database helpers register a device, write an outbox row and read rows back.
 """
 
@@ -17,9 +17,10 @@ from typing import Any
 
 import psycopg
 
-from pushsync.dispatcher.daemon import Dispatcher
+from pushsync.dispatcher.daemon import Dispatcher, serve
 from pushsync.dispatcher.gateways import Gateway
-from pushsync.dispatcher.sync_endpoint import Synchronizer
+from pushsync.dispatcher.settings import DispatcherSettings
+from pushsync.dispatcher.sync_endpoint import SyncLimits
 from pushsync.dispatcher.sync_server import SyncServer, SyncSettings
 from pushsync.listener.sync_client import Session, open_session
 from pushsync.wire import protocol
@@ -116,35 +117,28 @@ async def running(dispatcher: Dispatcher, timeout: float = WAIT) -> AsyncIterato
 async def dispatching(
     dsn: str,
     *,
-    settings: SyncSettings | None = None,
+    sync: SyncSettings | None = None,
+    limits: SyncLimits | None = None,
     owner: str | None = None,
     gateways: Mapping[str, Gateway] | None = None,
 ) -> AsyncIterator[Dispatcher]:
-    """A dispatcher with a SYNC server on 127.0.0.1:0, running for the block."""
-    dispatcher = Dispatcher(
-        dsn, gateways or {}, owner=owner, poll_interval=0.2, housekeeping_interval=0.5
+    """:func:`~pushsync.dispatcher.daemon.serve`: a dispatcher with a SYNC server on
+    127.0.0.1:0 and no UDP gateway (``gateways`` may bring one), running for the block."""
+    settings = DispatcherSettings(
+        dsn=dsn,
+        owner=owner,
+        udp_listen=None,
+        sync_listen="127.0.0.1:0",
+        sync=sync or SyncSettings(),
+        sync_limits=limits or SyncLimits(),
+        poll_interval=0.2,
+        housekeeping_interval=0.5,
     )
-    server = SyncServer(
-        dispatcher.store,
-        dispatcher.on_ack,
-        settings=settings,
-        on_connect=lambda _device: dispatcher.wake(),
-    )
-    server.synchronizer = Synchronizer(dispatcher.store.pool)
-    await server.start("127.0.0.1", 0)
-    dispatcher.add_sync(server)
-    stop = asyncio.Event()
-    task = asyncio.create_task(dispatcher.run(stop))
-    try:
+    async with serve(settings, gateways=gateways) as started:
         # Connected, LISTENing, and past its first look at who is connected: what a
         # test changes from here on reaches the dispatcher as a notification.
-        await until_async(lambda: dispatcher.health()[0], "the dispatcher to connect")
-        yield dispatcher
-    finally:
-        stop.set()
-        await server.synchronizer.close()
-        await asyncio.wait_for(task, WAIT)
-        await server.close()
+        await until_async(lambda: started.dispatcher.health()[0], "the dispatcher to connect")
+        yield started.dispatcher
 
 
 def sync_of(dispatcher: Dispatcher) -> SyncServer:

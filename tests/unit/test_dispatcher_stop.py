@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from pushsync.dispatcher.daemon import Dispatcher
+from pushsync.dispatcher.daemon import Dispatcher, DispatcherSettings
 from pushsync.wire import protocol
 from tests.support.waiting import until_async
 
@@ -31,7 +31,7 @@ class StoppedWhileConfirming:
 
 @pytest.mark.asyncio
 async def test_a_stop_while_an_ack_is_recorded_ends_the_confirm_loop() -> None:
-    dispatcher = Dispatcher("host=127.0.0.1 dbname=unused", {})
+    dispatcher = Dispatcher(DispatcherSettings(dsn="host=127.0.0.1 dbname=unused"))
     stop = asyncio.Event()
     store = StoppedWhileConfirming(stop, relayed=dispatcher._wake.is_set)
     relay = asyncio.create_task(dispatcher._relay_stop(stop))
