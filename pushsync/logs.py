@@ -55,6 +55,9 @@ def configure(level: str, log_format: str = "text") -> None:
     # sqlglot warns about SQL it parses as a plain command; the generator refuses
     # such SQL with a located error of its own, so the warning only adds noise.
     logging.getLogger("sqlglot").setLevel(logging.ERROR)
+    # uvicorn (the dispatcher's /metrics) announces its start and stop; the dispatcher
+    # says where it serves metrics itself.
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
 
 
 class Throttle:

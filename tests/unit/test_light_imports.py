@@ -5,8 +5,8 @@ keep ``pushsync.listener`` from importing the server side and its libraries,
 and ``pushsync.wire`` from importing either side. Two things they cannot see
 are checked here, each in a fresh process: the ``pushsync`` command reaches the
 server side only through imports inside its functions, so ``pushsync listen``
-and ``pushsync sync`` must get through it without loading psycopg, sqlglot or
-jinja2; and the wire must load the standard library and nothing else.
+and ``pushsync sync`` must get through it without loading psycopg, sqlglot,
+jinja2 or the HTTP stack; and the wire must load the standard library and nothing else.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ for argv in (["listen", "missing.yaml"], ["sync", "missing.yaml"]):
     assert pushsync.cli.main(argv) == 2, argv  # the command ran up to reading its config
 pushsync.cli.build_parser().parse_args(["device", "list"])
 assert "pushsync.listener.runtime" in sys.modules and "pushsync.listener.sync" in sys.modules
-heavy = {"psycopg", "psycopg_pool", "sqlglot", "jinja2"} & {m.split(".")[0] for m in sys.modules}
+heavy = {"psycopg", "psycopg_pool", "sqlglot", "jinja2", "prometheus_client", "starlette",
+         "uvicorn"} & {m.split(".")[0] for m in sys.modules}
 print(",".join(sorted(heavy)))
 """
 
