@@ -31,14 +31,15 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 from pushsync.errors import PushsyncError
 from pushsync.listener.config import ListenerConfig
 from pushsync.listener.localdb import Change, Column, LocalDatabase, TableDownload, TableSchema
 from pushsync.wire import protocol
+from pushsync.wire import sync as wire
 from pushsync.wire.protocol import FrameType
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ REPLY_TIMEOUT: Final = 60.0
 LOCAL_DB: Final = "local.db"
 DEFAULT_PUBLICATION: Final = "default"
 """The local name of the watermark when the config names no publication."""
+
+Decoded = TypeVar("Decoded")
 
 
 class SyncFailed(PushsyncError):
@@ -98,14 +101,11 @@ async def synchronize(
     started = time.monotonic()
     local_key = publication or DEFAULT_PUBLICATION
     client = _Client(transport, db)
-    tables = {
-        name: {"columns": [[c.name, c.pgtype] for c in schema.columns], "key": list(schema.key)}
-        for name, schema in db.schema().items()
-    }
-    request: dict[str, Any] = {"watermark": db.watermark(local_key), "tables": tables}
-    if publication is not None:
-        request["publication"] = publication
-    client.send(FrameType.SYNC_BEGIN, request)
+    tables = {name: _shape(schema) for name, schema in db.schema().items()}
+    begin = wire.SyncBegin(
+        publication=publication, watermark=db.watermark(local_key), tables=tables
+    )
+    client.send(wire.encode_sync_begin(begin))
     uploaded = rejected = 0
     while (batch := _next_batch(db)) is not None:
         done, refused = await client.upload(*batch)
@@ -113,9 +113,9 @@ async def synchronize(
         rejected += refused
     transport.send(protocol.encode_frame(FrameType.DOWNLOAD))
     downloads, end = await client.download()
-    stats = await asyncio.to_thread(db.apply, local_key, downloads, end["watermark"])
+    stats = await asyncio.to_thread(db.apply, local_key, downloads, end.watermark)
     return SyncResult(
-        publication=str(end.get("publication") or local_key),
+        publication=end.publication or local_key,
         uploaded=uploaded,
         rejected=rejected,
         upserted=stats.upserted,
@@ -175,22 +175,28 @@ def _cut(changes: list[Change]) -> list[Change]:
     """The first of ``changes`` that fit :data:`BATCH_BYTES` as JSON (at least one)."""
     size = 0
     for count, change in enumerate(changes):
-        size += len(json.dumps(_row(change), separators=(",", ":")))  # ASCII: >= its bytes
+        size += len(json.dumps(_sent(change).to_json(), separators=(",", ":")))  # >= its bytes
         if count and size > BATCH_BYTES:
             return changes[:count]
     return changes
 
 
-def _row(change: Change) -> dict[str, Any]:
-    """A change as an UPLOAD frame carries it."""
-    return {
-        "seq": change.seq,
-        "table": change.table,
-        "op": change.op,
-        "key": change.key,
-        "old": change.old,
-        "new": change.new,
-    }
+def _sent(change: Change) -> wire.Change:
+    """A captured change as UPLOAD carries it (the local database imports nothing of the wire)."""
+    return wire.Change(
+        seq=change.seq,
+        table=change.table,
+        op=change.op,
+        key=change.key,
+        old=change.old,
+        new=change.new,
+    )
+
+
+def _shape(schema: TableSchema) -> wire.TableShape:
+    return wire.TableShape(
+        columns=tuple((c.name, c.pgtype) for c in schema.columns), key=schema.key
+    )
 
 
 def _forget_batch(db: LocalDatabase) -> None:
@@ -204,14 +210,15 @@ class _Client:
         self.transport = transport
         self.db = db
 
-    def send(self, frame_type: FrameType, payload: dict[str, Any]) -> None:
-        if not self.transport.send(protocol.encode_json_frame(frame_type, payload)):
+    def send(self, frame: bytes) -> None:
+        if not self.transport.send(frame):
             raise SyncFailed("the SYNC connection closed")
 
-    async def receive(self, *types: FrameType) -> dict[str, Any]:
-        return (await self.receive_frame(*types))[1]
+    async def receive(self, decode: Callable[[protocol.Frame], Decoded]) -> Decoded:
+        return _decoded(decode, await self.receive_frame())
 
-    async def receive_frame(self, *types: FrameType) -> tuple[FrameType, dict[str, Any]]:
+    async def receive_frame(self) -> protocol.Frame:
+        """The server's next frame; :class:`SyncFailed` for SYNC_ERROR, or none in time."""
         try:
             frame = await self.transport.recv(REPLY_TIMEOUT)
         except TimeoutError:
@@ -219,30 +226,26 @@ class _Client:
         if frame is None:
             raise SyncFailed("the server closed the connection during the synchronization")
         if frame.type == FrameType.SYNC_ERROR:
-            error = protocol.decode_json_frame(frame, FrameType.SYNC_ERROR).get("error")
-            raise SyncFailed(f"the server refused: {str(error)[:300]}")
-        try:
-            return frame.type, protocol.decode_json_frame(frame, *types)
-        except protocol.ProtocolError as exc:
-            raise SyncFailed(f"unexpected answer from the server: {exc}") from None
+            error = _decoded(wire.decode_sync_error, frame)
+            raise SyncFailed(f"the server refused: {error[:300]}")
+        return frame
 
     async def upload(self, batch: str, changes: list[Change]) -> tuple[int, int]:
-        rows = [_row(c) for c in changes]
-        chunk: list[dict[str, Any]] = []
+        chunk: list[wire.Change] = []
         size = 0
-        for row in rows:
-            encoded = len(json.dumps(row, separators=(",", ":"), ensure_ascii=False).encode())
+        for change in map(_sent, changes):
+            row = json.dumps(change.to_json(), separators=(",", ":"), ensure_ascii=False)
+            encoded = len(row.encode())
             if chunk and size + encoded > CHUNK_BYTES:
-                self.send(FrameType.UPLOAD, {"batch": batch, "rows": chunk, "more": True})
+                self.send(wire.encode_upload(wire.Upload(batch=batch, rows=chunk, more=True)))
                 chunk, size = [], 0
-            chunk.append(row)
+            chunk.append(change)
             size += encoded + 1
-        self.send(FrameType.UPLOAD, {"batch": batch, "rows": chunk, "more": False})
-        answer = await self.receive(FrameType.UPLOADED)
-        if answer.get("batch") != batch:
+        self.send(wire.encode_upload(wire.Upload(batch=batch, rows=chunk, more=False)))
+        answer = await self.receive(wire.decode_uploaded)
+        if answer.batch != batch:
             raise SyncFailed("the server answered another upload batch")
-        applied = _seqs(answer.get("applied"))
-        refused = _reasons(answer.get("rejected"))
+        applied, refused = list(answer.applied), dict(answer.rejected)
         expected = {c.seq for c in changes}
         if set(applied) | set(refused) != expected:
             raise SyncFailed("the server's answer does not cover the batch it was sent")
@@ -252,46 +255,33 @@ class _Client:
             logger.warning("sync: local change %d refused by the server: %s", seq, reason)
         return len(applied), len(refused)
 
-    async def download(self) -> tuple[list[TableDownload], dict[str, Any]]:
+    async def download(self) -> tuple[list[TableDownload], wire.SyncEnd]:
         tables: dict[str, _Accumulated] = {}
         while True:
-            kind, payload = await self.receive_frame(FrameType.DOWNLOAD, FrameType.SYNC_END)
-            if kind == FrameType.SYNC_END:
-                if not isinstance(payload["watermark"], str):
-                    raise SyncFailed("SYNC_END without a watermark")
-                return [t.download() for t in tables.values()], payload
-            name = payload.get("table")
-            if not isinstance(name, str):
-                raise SyncFailed("DOWNLOAD without a table")
-            found = tables.get(name)
+            frame = await self.receive_frame()
+            if frame.type == FrameType.SYNC_END:
+                end = _decoded(wire.decode_sync_end, frame)
+                return [t.download() for t in tables.values()], end
+            payload = _decoded(wire.decode_download, frame)
+            found = tables.get(payload.table)
             if found is None:
-                found = tables[name] = _Accumulated(name, payload)
+                found = tables[payload.table] = _Accumulated(payload)
             found.add(payload)
 
 
 class _Accumulated:
     """The DOWNLOAD frames of one table, put together."""
 
-    def __init__(self, name: str, first: Mapping[str, Any]) -> None:
-        shape = first.get("schema")
-        if not isinstance(shape, dict):
-            raise SyncFailed(f"DOWNLOAD of {name} without its schema")
-        try:
-            columns = tuple(Column(name=str(n), pgtype=str(t)) for n, t in shape["columns"])
-            key = tuple(str(k) for k in shape["key"])
-        except (KeyError, TypeError, ValueError):
-            raise SyncFailed(f"DOWNLOAD of {name} has a bad schema") from None
-        self.schema = TableSchema(name=name, columns=columns, key=key)
-        self.full = bool(first.get("full"))
+    def __init__(self, first: wire.Download) -> None:
+        columns = tuple(Column(name=n, pgtype=t) for n, t in first.schema.columns)
+        self.schema = TableSchema(name=first.table, columns=columns, key=first.schema.key)
+        self.full = first.full
         self.upserts: list[dict[str, Any]] = []
         self.deletes: list[dict[str, Any]] = []
 
-    def add(self, payload: Mapping[str, Any]) -> None:
-        for part, into in (("upserts", self.upserts), ("deletes", self.deletes)):
-            rows = payload.get(part, [])
-            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-                raise SyncFailed(f"DOWNLOAD of {self.schema.name}: {part} must be objects")
-            into.extend(rows)
+    def add(self, payload: wire.Download) -> None:
+        self.upserts.extend(payload.upserts)
+        self.deletes.extend(payload.deletes)
 
     def download(self) -> TableDownload:
         return TableDownload(
@@ -299,21 +289,11 @@ class _Accumulated:
         )
 
 
-def _seqs(value: Any) -> list[int]:
-    if not isinstance(value, list) or not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        raise SyncFailed("the server's answer lists applied changes badly")
-    return list(value)
-
-
-def _reasons(value: Any) -> dict[int, str]:
-    if not isinstance(value, dict):
-        raise SyncFailed("the server's answer lists rejected changes badly")
+def _decoded(decode: Callable[[protocol.Frame], Decoded], frame: protocol.Frame) -> Decoded:
     try:
-        return {int(seq): str(reason) for seq, reason in value.items()}
-    except ValueError:
-        raise SyncFailed("the server's answer lists rejected changes badly") from None
+        return decode(frame)
+    except protocol.ProtocolError as exc:
+        raise SyncFailed(f"unexpected answer from the server: {exc}") from None
 
 
 # --------------------------------------------------------------------------- entry points
