@@ -76,41 +76,14 @@ def default_owner() -> str:
 class Dispatcher:
     """The outbox relay. ``await run(stop)`` until ``stop`` is set.
 
-    It runs three loops over one autocommit connection (the *work* connection),
-    a second connection that only ``LISTEN``s on channel ``pushsync``, and a
-    third for the polls:
-
-    * the send loop claims due rows (``FOR UPDATE SKIP LOCKED``, with a lease),
-      sends each through the gateways
-      :func:`~pushsync.dispatcher.routing.gateway_order` picks (a live SYNC
-      connection first), falling back to the next on failure, and records the
-      batch's sends in one statement, failures one by one. It wakes on every
-      NOTIFY and at least every ``poll_interval`` seconds, so a lost NOTIFY, a
-      reconnect or rows written while the dispatcher was down never strand a
-      row; it claims again at once while batches come back full;
-    * housekeeping every ``housekeeping_interval``: the heartbeat in
-      ``pushsync.dispatchers``, the gauges, ``expire``, pruning the change log,
-      then ``archive`` (repeated while batches are full);
-    * confirmations: verified acks (UDP, SYNC) are queued and recorded with
-      ``confirm``; an ack that cannot be recorded (database down) stays queued;
-    * polls (:mod:`~pushsync.dispatcher.polls`), each run when due under an
-      advisory lock, on their own connection because each is a transaction the
-      other loops' statements must not join; the list is re-read every
-      ``polls_reload_interval`` seconds. Rows a poll writes wake the send loop.
-
-    The SYNC server and UDP acks for rows sent before a restart reach the
-    database through a small pool (:class:`~pushsync.dispatcher.nodes.PoolStore`),
-    so a handshake never waits behind a claim. Every statement is a named block
-    of ``sql/dispatcher.sql`` run by :class:`~pushsync.dispatcher.outbox.OutboxStore`;
-    it is async rather than in a thread because a claim in a thread cannot be
-    cancelled when the daemon stops or the connection drops.
-
-    When the database connection drops it reconnects with capped exponential
-    backoff (:data:`BACKOFF_FIRST` doubling to :data:`BACKOFF_MAX`); rows leased
-    to it are released on the next connection, or their lease runs out. On stop
-    it claims nothing more, cancels sends in flight, releases the rows it holds
-    unsent and closes its connections, bounded by :data:`STOP_TIMEOUT` and
-    :data:`LEAVE_TIMEOUT`.
+    Four loops (send, housekeeping, confirmations, polls) run on three autocommit
+    connections: one claims and records, one only ``LISTEN``s, one runs the polls
+    (each a transaction the others must not join). The SYNC server and UDP acks
+    for rows sent before a restart use a small pool
+    (:class:`~pushsync.dispatcher.nodes.PoolStore`), so a handshake never waits
+    behind a claim. Statements are async (:class:`~pushsync.dispatcher.outbox.OutboxStore`),
+    not in a thread, because a claim in a thread cannot be cancelled on stop.
+    What each loop does, reconnecting and stopping: docs/operations.md.
     """
 
     def __init__(
