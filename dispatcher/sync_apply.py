@@ -14,16 +14,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 from psycopg import sql
 
 from pushsync.dispatcher import conflicts
 from pushsync.dispatcher.conflicts import Action, Facts, Found, Need, Refusal
 from pushsync.dispatcher.sync_errors import Rejected
+from pushsync.dispatcher.sync_store import AsyncConn
 from pushsync.dispatcher.sync_tables import ServerTable
 from pushsync.wire.sync import Change, Row
-
-AsyncConn = psycopg.AsyncConnection[Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,17 +93,12 @@ async def _current(
     db: AsyncConn, table: ServerTable, where: sql.Composable, params: dict[str, Any]
 ) -> _Current | None:
     """The server's row of the change's key, locked, and whether the device holds it."""
+    query = sql.SQL(
+        "SELECT to_jsonb(t)::text, t::text, {theirs} "
+        "FROM {table} AS t WHERE {where} FOR UPDATE OF t"
+    )
     cur = await db.execute(
-        sql.SQL(
-            "SELECT to_jsonb(t)::text, t::text, EXISTS (SELECT 1 FROM pushsync.{function}"
-            "(%(device)s) AS f WHERE {mine}) FROM {table} AS t WHERE {where} FOR UPDATE OF t"
-        ).format(
-            function=sql.Identifier(table.function),
-            mine=_same_key(table, "f", "t"),
-            table=table.ident(),
-            where=where,
-        ),
-        params,
+        query.format(theirs=_theirs(table), table=table.ident(), where=where), params
     )
     row = await cur.fetchone()
     if row is None:
@@ -161,19 +154,13 @@ async def _after(
         check = sql.SQL("pushsync.{}(%(device)s, t, %(old)s::{})").format(
             sql.Identifier(table.check_function), table.ident()
         )
-    cur = await db.execute(
-        sql.SQL(
-            "SELECT EXISTS (SELECT 1 FROM pushsync.{function}(%(device)s) AS f WHERE {mine}), "
-            "{check} FROM {table} AS t, (SELECT (%(written)s::{table}).*) AS w WHERE {same}"
-        ).format(
-            function=sql.Identifier(table.function),
-            mine=_same_key(table, "f", "t"),
-            check=check,
-            table=table.ident(),
-            same=_same_key(table, "t", "w"),
-        ),
-        {"device": device, "old": old, "written": written},
+    query = sql.SQL(
+        "SELECT {theirs}, {check} "
+        "FROM {table} AS t, (SELECT (%(written)s::{table}).*) AS w WHERE {same}"
+    ).format(
+        theirs=_theirs(table), check=check, table=table.ident(), same=_same_key(table, "t", "w")
     )
+    cur = await db.execute(query, {"device": device, "old": old, "written": written})
     row = await cur.fetchone()
     if row is None or not row[0]:
         raise Rejected(f"the row as written would not be one of this device's rows of {table.name}")
@@ -195,6 +182,13 @@ async def _upload_check(
     row = await cur.fetchone()
     if row is None or not row[0]:
         raise Rejected(f"the upload_check of {table.name} refuses this change")
+
+
+def _theirs(table: ServerTable) -> sql.Composable:
+    """Whether the device's download returns row ``t`` (the device is ``%(device)s``)."""
+    return sql.SQL(
+        "EXISTS (SELECT 1 FROM pushsync.{function}(%(device)s) AS f WHERE {mine})"
+    ).format(function=sql.Identifier(table.function), mine=_same_key(table, "f", "t"))
 
 
 def _key_match(table: ServerTable, key: sql.Composable) -> sql.Composable:

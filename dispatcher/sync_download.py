@@ -12,17 +12,15 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-import psycopg
 from psycopg import sql
 
 from pushsync.dispatcher import sync_store
 from pushsync.dispatcher.sync_errors import SyncRefused
 from pushsync.dispatcher.sync_server import SyncConnection
+from pushsync.dispatcher.sync_store import AsyncConn
 from pushsync.dispatcher.sync_tables import ServerTable
 from pushsync.wire import protocol
 from pushsync.wire.protocol import FrameType
-
-AsyncConn = psycopg.AsyncConnection[Any]
 
 CHUNK_BYTES: Final = 48 * 1024
 """Payload size a DOWNLOAD frame is filled to (frames hold at most 64 KiB)."""

@@ -23,6 +23,7 @@ from pushsync.db import first_line
 from pushsync.dispatcher import conflicts, sync_apply, sync_download, sync_store
 from pushsync.dispatcher.sync_errors import Rejected, SyncRefused
 from pushsync.dispatcher.sync_server import SyncConnection
+from pushsync.dispatcher.sync_store import AsyncConn
 from pushsync.dispatcher.sync_tables import ServerTable
 from pushsync.wire import protocol
 from pushsync.wire import sync as wire
@@ -41,8 +42,6 @@ ANSWER_BYTES: Final = sync_download.CHUNK_BYTES
 """Size an UPLOADED payload is kept under, shortening the reasons of refusals."""
 IDLE_TIMEOUT: Final = 60.0
 """Seconds a synchronization may wait for the device's next frame."""
-
-AsyncConn = psycopg.AsyncConnection[Any]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

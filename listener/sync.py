@@ -183,14 +183,7 @@ def _cut(changes: list[Change]) -> list[Change]:
 
 def _sent(change: Change) -> wire.Change:
     """A captured change as UPLOAD carries it (the local database imports nothing of the wire)."""
-    return wire.Change(
-        seq=change.seq,
-        table=change.table,
-        op=change.op,
-        key=change.key,
-        old=change.old,
-        new=change.new,
-    )
+    return wire.Change(change.seq, change.table, change.op, change.key, change.old, change.new)
 
 
 def _shape(schema: TableSchema) -> wire.TableShape:

@@ -250,9 +250,7 @@ def decode_change(row: Any, index: int) -> Change:
 
 def decode_uploaded(frame: Frame) -> Uploaded:
     payload = decode_json_frame(frame, FrameType.UPLOADED)
-    batch = payload.get("batch")
-    if not isinstance(batch, str):
-        raise Malformed("UPLOADED batch must be text")
+    batch = _text(payload.get("batch"), "UPLOADED batch must be text")
     applied = payload.get("applied")
     if not isinstance(applied, list) or not all(_whole(seq) for seq in applied):
         raise Malformed("UPLOADED applied must be a list of whole numbers")
@@ -261,9 +259,7 @@ def decode_uploaded(frame: Frame) -> Uploaded:
 
 def decode_download(frame: Frame) -> Download:
     payload = decode_json_frame(frame, FrameType.DOWNLOAD)
-    table = payload.get("table")
-    if not isinstance(table, str):
-        raise Malformed("DOWNLOAD without a table")
+    table = _text(payload.get("table"), "DOWNLOAD without a table")
     parts = {
         part: _objects(payload.get(part, []), f"DOWNLOAD of {table}: {part}") for part in _ROWS
     }
@@ -279,21 +275,15 @@ def decode_download(frame: Frame) -> Download:
 
 def decode_sync_end(frame: Frame) -> SyncEnd:
     payload = decode_json_frame(frame, FrameType.SYNC_END)
-    watermark = payload.get("watermark")
-    if not isinstance(watermark, str):
-        raise Malformed("SYNC_END without a watermark")
-    publication = payload.get("publication")
-    if not isinstance(publication, str):
-        raise Malformed("SYNC_END without a publication")
+    watermark = _text(payload.get("watermark"), "SYNC_END without a watermark")
+    publication = _text(payload.get("publication"), "SYNC_END without a publication")
     return SyncEnd(publication=publication, watermark=watermark)
 
 
 def decode_sync_error(frame: Frame) -> str:
     """The server's sentence; log it as untrusted text."""
     error = decode_json_frame(frame, FrameType.SYNC_ERROR).get("error")
-    if not isinstance(error, str):
-        raise Malformed("SYNC_ERROR error must be text")
-    return error
+    return _text(error, "SYNC_ERROR error must be text")
 
 
 # --------------------------------------------------------------------------- fields
@@ -305,6 +295,12 @@ _ROWS: Final = ("upserts", "deletes")
 def _name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value or len(value) > MAX_NAME:
         raise Malformed(f"{what} must be non-empty text")
+    return value
+
+
+def _text(value: Any, refusal: str) -> str:
+    if not isinstance(value, str):
+        raise Malformed(refusal)
     return value
 
 
