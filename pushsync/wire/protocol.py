@@ -904,7 +904,8 @@ SYNC_FRAMES: Final = frozenset(
         FrameType.SYNC_ERROR,
     }
 )
-"""Frames of a synchronization; their payloads are JSON objects (UTF-8)."""
+"""Frames of a synchronization; their payloads are JSON objects (UTF-8), typed, with their
+fields checked, by :mod:`pushsync.wire.sync`."""
 
 MAX_JSON_DEPTH: Final = 32
 
