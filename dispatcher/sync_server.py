@@ -646,7 +646,7 @@ class SyncConnection(asyncio.Protocol):
                 key="refused",
             )
             await self._until(arrived + server.settings.failed_auth_delay)
-            self.close("authentication failed")
+            self.close(protocol.KEY_REFUSED)
             return
         if self._state == "closed":
             return

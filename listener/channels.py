@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from pushsync.listener.config import PollChannel as PollConfig
 from pushsync.listener.config import SyncChannel as SyncConfig
-from pushsync.listener.sync_client import Backoff, Session, open_session
+from pushsync.listener.sync_client import Backoff, KeyRefused, Session, open_session
+from pushsync.logs import Throttle
 from pushsync.wire import protocol
 from pushsync.wire.addresses import Address, format_peer
 from pushsync.wire.limits import MAX_DATAGRAM
@@ -238,6 +239,8 @@ class SyncChannel:
         self._lent: _Lent | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
+        self._refusals = Throttle(logger, self.backoff.most)
+        """A refused key is logged once per backoff cap; it does not mend by retrying."""
 
     @contextlib.asynccontextmanager
     async def borrow(self) -> AsyncIterator[_Lent | None]:
@@ -261,6 +264,11 @@ class SyncChannel:
         while not self._closing.is_set():
             try:
                 session = await _connect(self.listener, self.config)
+            except KeyRefused as exc:
+                delay = self.backoff.next()
+                self._refusals.warning("sync: %s; retrying in %.1fs", exc, delay, key="key")
+                await self._pause(delay)
+                continue
             except (OSError, TimeoutError, protocol.ProtocolError) as exc:
                 delay = self.backoff.next()
                 logger.warning(

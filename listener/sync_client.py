@@ -36,6 +36,17 @@ class Refused(protocol.ProtocolError):
     """The server closed the connection with BYE; its reason (untrusted text) is the message."""
 
 
+class KeyRefused(Refused):
+    """The server refused this device's key: an unknown device, a disabled one, or a secret
+    the server does not hold for it (it does not say which)."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__(
+            f"the server refused the key of device {device} (unknown, disabled or wrong "
+            "secret): check device and secret_file against `pushsync device list`"
+        )
+
+
 class Session:
     """An authenticated SYNC connection."""
 
@@ -155,7 +166,12 @@ async def open_session(
             challenge = protocol.decode_challenge(await _expect(session))
             proof = protocol.client_proof(secret, challenge, client_nonce, device)
             session.send(protocol.encode_auth(proof))
-            welcome = protocol.decode_welcome(await _expect(session))
+            try:
+                welcome = protocol.decode_welcome(await _expect(session))
+            except Refused as exc:
+                if str(exc) == protocol.KEY_REFUSED:
+                    raise KeyRefused(device) from None
+                raise
             protocol.verify_proof(
                 protocol.server_proof(secret, client_nonce, challenge, device), welcome
             )
@@ -192,4 +208,4 @@ class Backoff:
         self._nominal = self.first
 
 
-__all__ = ["Backoff", "Refused", "Session", "client_tls", "open_session"]
+__all__ = ["Backoff", "KeyRefused", "Refused", "Session", "client_tls", "open_session"]

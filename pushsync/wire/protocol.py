@@ -957,6 +957,12 @@ def _depth(value: Any) -> int:
     return depth
 
 
+KEY_REFUSED: Final = "authentication failed"
+"""The BYE reason of a server that refuses the device's key (unknown device, disabled,
+or a wrong secret: it does not say which). Any other BYE during the handshake is about
+the server (busy, unavailable), not the key."""
+
+
 def encode_bye(reason: str = "") -> bytes:
     """A BYE frame: the sender closes the connection, saying why (at most 255 bytes)."""
     return encode_frame(FrameType.BYE, _text_bytes(reason, "reason", MAX_BYE_REASON))

@@ -9,6 +9,7 @@ whatever a test wants.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import ssl
 import time
@@ -23,7 +24,7 @@ from pushsync.dispatcher.daemon import Dispatcher, DispatcherSettings
 from pushsync.dispatcher.gateways import SendResult, failed
 from pushsync.dispatcher.outbox import Claimed
 from pushsync.dispatcher.sync_server import SyncServer, SyncSettings, server_tls
-from pushsync.listener.sync_client import Refused, open_session
+from pushsync.listener.sync_client import KeyRefused, Refused, open_session
 from pushsync.testing import RecordingGateway
 from pushsync.wire import protocol
 from tests.support.dispatching import (
@@ -161,14 +162,39 @@ async def test_wrong_secret_and_unknown_device_are_refused_alike(
     async with dispatching(dsn) as dispatcher:
         reasons = []
         for device, secret in ((DEVICE, WRONG), ("nobody", SECRET), ("off", SECRET)):
-            with pytest.raises(Refused) as refused:
+            with pytest.raises(KeyRefused) as refused:
                 await session(dispatcher, secret=secret, device=device)
-            reasons.append(str(refused.value))
-        assert reasons == ["authentication failed"] * 3
+            reasons.append(str(refused.value).split(" (")[0])
+        assert reasons == [
+            f"the server refused the key of device {device}" for device in (DEVICE, "nobody", "off")
+        ]
         assert sync_of(dispatcher).stats.refused == 3
         assert not sync_of(dispatcher).connections
         good = await session(dispatcher)  # the server is unaffected
         await good.close("bye")
+
+
+@pytest.mark.asyncio
+async def test_a_listener_whose_key_is_refused_says_so_once_per_backoff_cap(
+    db: psycopg.Connection, dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="pushsync.listener.channels")
+    # No device is registered: the listener's key is refused at every attempt.
+    async with dispatching(dsn) as dispatcher:
+        config = write_config(tmp_path, server_address(dispatcher))
+        async with listening(config):
+            await until_async(lambda: sync_of(dispatcher).stats.refused >= 3, "three attempts")
+    said = [r for r in caplog.records if "refused the key" in r.getMessage()]
+    assert (
+        said[0]
+        .getMessage()
+        .startswith(
+            f"sync: the server refused the key of device {DEVICE} (unknown, disabled or wrong "
+            "secret): check device and secret_file against `pushsync device list`; retrying in "
+        )
+    )
+    assert [r.levelno for r in said[:3]] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    assert sum(r.levelno == logging.WARNING for r in said) == 1
 
 
 @pytest.mark.asyncio
