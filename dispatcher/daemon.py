@@ -27,6 +27,7 @@ import psycopg
 
 from pushsync import db, queries
 from pushsync.db import first_line
+from pushsync.dispatcher.connections import ConnectionServer, SyncGateway
 from pushsync.dispatcher.gateways import Gateway, UdpGateway, describe_smtp, smtp_from_url
 from pushsync.dispatcher.metrics import Metrics, MetricsServer, serve_metrics
 from pushsync.dispatcher.nodes import PoolStore
@@ -35,7 +36,6 @@ from pushsync.dispatcher.polls import Poll, due_polls, list_polls, next_due, run
 from pushsync.dispatcher.routing import gateway_order, next_gateway
 from pushsync.dispatcher.settings import DispatcherSettings, split_listen
 from pushsync.dispatcher.sync_endpoint import Synchronizer
-from pushsync.dispatcher.sync_server import SyncGateway, SyncServer
 from pushsync.wire import protocol
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class Dispatcher:
         self.store = PoolStore(
             settings.dsn, self.owner, lease=settings.lease, alive_for=settings.alive_for
         )
-        self.sync: SyncServer | None = None
+        self.connections: ConnectionServer | None = None
         self.sync_address: str | None = None
         self.udp_address: str | None = None
         self.metrics = Metrics()
@@ -123,9 +123,9 @@ class Dispatcher:
             return True, "ok"
         return False, f"database unavailable: {self._database_error}"
 
-    def add_sync(self, server: SyncServer) -> None:
+    def add_connections(self, server: ConnectionServer) -> None:
         """Hold device connections on ``server`` (started) and send through them first."""
-        self.sync = server
+        self.connections = server
         self.sync_address = _join(*server.address)
         self.add_gateway(SyncGateway(server))
 
@@ -336,7 +336,9 @@ class Dispatcher:
         """``device`` was disabled, removed or given a new secret: close its connections
         and forget its secret; it must authenticate again (and is refused if disabled)."""
         self.store.forget_secret(device)
-        closed = 0 if self.sync is None else self.sync.cut_off(device, "access revoked")
+        closed = (
+            0 if self.connections is None else self.connections.cut_off(device, "access revoked")
+        )
         if closed:
             logger.info("device %s lost access: closed %d connection(s)", device, closed)
 
@@ -344,9 +346,9 @@ class Dispatcher:
         """After (re)connecting: notifications sent while this dispatcher was not
         listening are lost, so forget every cached secret and look at who is connected."""
         self.store.forget_secrets()
-        if self.sync is None:
+        if self.connections is None:
             return
-        held = self.sync.credentials()
+        held = self.connections.credentials()
         if held:
             for device in await self.store.revoked(held):
                 self.revoke(device)
@@ -395,7 +397,7 @@ class Dispatcher:
 
     async def _deliver(self, item: Claimed) -> Outcome:
         """Try the item's gateways in order until one sends it. No database access."""
-        connected = self.sync is not None and self.sync.is_connected(item.device_id)
+        connected = self.connections is not None and self.connections.is_connected(item.device_id)
         order = [
             name
             for name in gateway_order(
@@ -470,9 +472,9 @@ class Dispatcher:
         """The device opened its SYNC connection while this attempt, which could not use
         it, was under way: the connection's own claim skipped the row (leased here), so
         it goes back, due now, and is sent down the connection at once. True if so."""
-        if outcome.final or "sync" in outcome.tried or self.sync is None:
+        if outcome.final or "sync" in outcome.tried or self.connections is None:
             return False
-        if not self.sync.is_connected(item.device_id):
+        if not self.connections.is_connected(item.device_id):
             return False
         if not await store.release([item.request_id]):
             return False
@@ -484,9 +486,9 @@ class Dispatcher:
     async def _announce(self, store: OutboxStore) -> None:
         """Heartbeat, and (after a reconnect) record the SYNC connections held here again."""
         await store.heartbeat(self.sync_address, self.udp_address)
-        if self.sync is None:
+        if self.connections is None:
             return
-        for device, held in list(self.sync.connections.items()):
+        for device, held in list(self.connections.by_device.items()):
             await store.connected(device, held.peer)
 
     async def _count(self, conn: AsyncConn) -> None:
@@ -496,7 +498,9 @@ class Dispatcher:
         cur = await conn.execute(queries.get("status_oldest_unsent"))
         row = await cur.fetchone()
         self.metrics.set_oldest_unsent(row[0] if row else None)
-        self.metrics.set_connected(len(self.sync.connections) if self.sync is not None else 0)
+        self.metrics.set_connected(
+            len(self.connections.by_device) if self.connections is not None else 0
+        )
 
     async def _housekeeping_loop(
         self, store: OutboxStore, conn: AsyncConn, stop: asyncio.Event
@@ -640,8 +644,8 @@ class Running:
     """What :func:`serve` started. The dispatcher runs until :meth:`stop` or the block ends."""
 
     dispatcher: Dispatcher
-    sync: SyncServer | None
-    """The SYNC server; None when the settings have no ``sync_listen``."""
+    connections: ConnectionServer | None
+    """The SYNC gateway's server; None when the settings have no ``sync_listen``."""
     udp: UdpGateway | None
     """The UDP gateway, where acks arrive; None when the settings have no ``udp_listen``."""
     metrics: MetricsServer | None
@@ -658,7 +662,7 @@ class Running:
     @property
     def sync_address(self) -> tuple[str, int] | None:
         """Where the SYNC server listens (the port the system picked for port 0)."""
-        return None if self.sync is None else self.sync.address
+        return None if self.connections is None else self.connections.address
 
     @property
     def udp_address(self) -> tuple[str, int] | None:
@@ -695,7 +699,7 @@ async def serve(
     dispatcher = Dispatcher(settings, {**(gateways or {}), **_configured_gateways(settings)})
     async with contextlib.AsyncExitStack() as started:
         udp = await _start_udp(dispatcher, started)
-        sync = await _start_sync(dispatcher, started)
+        connections = await _start_connections(dispatcher, started)
         metrics = await _start_metrics(dispatcher, started)
         stopping = asyncio.Event()
         async with asyncio.TaskGroup() as tasks:
@@ -703,7 +707,7 @@ async def serve(
             try:
                 yield Running(
                     dispatcher=dispatcher,
-                    sync=sync,
+                    connections=connections,
                     udp=udp,
                     metrics=metrics,
                     stopping=stopping,
@@ -741,27 +745,27 @@ async def _start_udp(
     return udp
 
 
-async def _start_sync(
+async def _start_connections(
     dispatcher: Dispatcher, started: contextlib.AsyncExitStack
-) -> SyncServer | None:
+) -> ConnectionServer | None:
     settings = dispatcher.settings
     if settings.sync_listen is None:
         return None
-    sync = SyncServer(
+    server = ConnectionServer(
         dispatcher.store,
         dispatcher.on_ack,
         settings=settings.sync,
         on_connect=lambda _device: dispatcher.wake(),
     )
     synchronizer = Synchronizer(dispatcher.store.pool, limits=settings.sync_limits)
-    sync.synchronizer = synchronizer
-    await sync.start(*split_listen(settings.sync_listen))
-    started.push_async_callback(sync.close)
+    server.synchronizer = synchronizer
+    await server.start(*split_listen(settings.sync_listen))
+    started.push_async_callback(server.close)
     started.push_async_callback(synchronizer.close)
-    dispatcher.add_sync(sync)
+    dispatcher.add_connections(server)
     tls = " (TLS)" if settings.sync.tls else ""
-    logger.info("SYNC gateway on %s%s", _join(*sync.address), tls)
-    return sync
+    logger.info("SYNC gateway on %s%s", _join(*server.address), tls)
+    return server
 
 
 async def _start_metrics(

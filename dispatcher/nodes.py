@@ -32,7 +32,7 @@ SECRET_CACHE_SECONDS: Final = 60.0
 
 
 class PoolStore(OutboxStore):
-    """Implements :class:`~pushsync.dispatcher.sync_server.SyncStore` on a connection pool."""
+    """Implements :class:`~pushsync.dispatcher.connections.ConnectionStore` on a connection pool."""
 
     def __init__(
         self,

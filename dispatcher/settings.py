@@ -4,7 +4,7 @@ The command line (``pushsync/cli.py``) fills in what the user gave; the demo
 and the tests fill in what they need; :func:`~pushsync.dispatcher.daemon.serve`
 assembles a running dispatcher from it. The SYNC server's own defaults
 (heartbeat, handshake limits) stay with it, in
-:class:`~pushsync.dispatcher.sync_server.SyncSettings`, and the
+:class:`~pushsync.dispatcher.connections.ConnectionSettings`, and the
 synchronizations' in :class:`~pushsync.dispatcher.sync_endpoint.SyncLimits`.
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from pushsync.dispatcher.connections import DEFAULT_PORT, ConnectionSettings
 from pushsync.dispatcher.gateways import smtp_from_url, split_address
 from pushsync.dispatcher.sync_endpoint import SyncLimits
-from pushsync.dispatcher.sync_server import DEFAULT_PORT, SyncSettings
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -39,7 +39,7 @@ class DispatcherSettings:
     gateway."""
     sync_listen: str | None = f"0.0.0.0:{DEFAULT_PORT}"
     """Where devices open their SYNC connections; None: no SYNC server."""
-    sync: SyncSettings = field(default_factory=SyncSettings)
+    sync: ConnectionSettings = field(default_factory=ConnectionSettings)
     """The SYNC server's TLS, heartbeat and handshake limits."""
     sync_limits: SyncLimits = field(default_factory=SyncLimits)
     """What synchronizations may take of this dispatcher."""

@@ -15,8 +15,8 @@ from typing import Any, Final
 from psycopg import sql
 
 from pushsync.dispatcher import sync_store
+from pushsync.dispatcher.connections import DeviceConnection
 from pushsync.dispatcher.sync_errors import SyncRefused
-from pushsync.dispatcher.sync_server import SyncConnection
 from pushsync.dispatcher.sync_store import AsyncConn
 from pushsync.dispatcher.sync_tables import ServerTable
 from pushsync.wire import protocol
@@ -27,7 +27,7 @@ CHUNK_BYTES: Final = 48 * 1024
 FETCH_ROWS: Final = 1000
 
 
-async def send_full(db: AsyncConn, conn: SyncConnection, table: ServerTable, device: str) -> int:
+async def send_full(db: AsyncConn, conn: DeviceConnection, table: ServerTable, device: str) -> int:
     """Every row of ``table`` the device holds; how many."""
     query = sql.SQL("SELECT to_jsonb(r)::text FROM pushsync.{}(%s) AS r").format(
         sql.Identifier(table.function)
@@ -44,7 +44,7 @@ async def send_full(db: AsyncConn, conn: SyncConnection, table: ServerTable, dev
 
 async def send_changes(
     db: AsyncConn,
-    conn: SyncConnection,
+    conn: DeviceConnection,
     table: ServerTable,
     device: str,
     since: str,
@@ -90,7 +90,7 @@ class _Chunks:
     """Fills DOWNLOAD frames with one table's rows; JSON texts are passed through unparsed."""
 
     def __init__(
-        self, db: AsyncConn, conn: SyncConnection, table: ServerTable, *, full: bool
+        self, db: AsyncConn, conn: DeviceConnection, table: ServerTable, *, full: bool
     ) -> None:
         self.db = db
         self.conn = conn

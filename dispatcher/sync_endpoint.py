@@ -21,8 +21,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from pushsync.db import first_line
 from pushsync.dispatcher import conflicts, sync_apply, sync_download, sync_store
+from pushsync.dispatcher.connections import DeviceConnection
 from pushsync.dispatcher.sync_errors import Rejected, SyncRefused
-from pushsync.dispatcher.sync_server import SyncConnection
 from pushsync.dispatcher.sync_store import AsyncConn
 from pushsync.dispatcher.sync_tables import ServerTable
 from pushsync.wire import protocol
@@ -61,7 +61,7 @@ class SyncLimits:
 
 @dataclass(slots=True)
 class _Session:
-    conn: SyncConnection
+    conn: DeviceConnection
     device: str
     frames: asyncio.Queue[protocol.Frame] = field(default_factory=asyncio.Queue)
     queued: int = 0
@@ -89,14 +89,14 @@ class Synchronizer:
         self.timeout = timeout
         self.limits = limits or SyncLimits()
         self._slots = asyncio.Semaphore(self.limits.sessions)
-        self._sessions: dict[SyncConnection, _Session] = {}
+        self._sessions: dict[DeviceConnection, _Session] = {}
         self._devices: dict[str, _Session] = {}
-        self._discarding: set[SyncConnection] = set()
+        self._discarding: set[DeviceConnection] = set()
         """Connections whose synchronization was refused: the rest of its frames is dropped."""
         self.completed = 0
         self.failed = 0
 
-    def feed(self, conn: SyncConnection, frame: protocol.Frame) -> None:
+    def feed(self, conn: DeviceConnection, frame: protocol.Frame) -> None:
         session = self._sessions.get(conn)
         if frame.type == FrameType.SYNC_BEGIN:
             self._discarding.discard(conn)
@@ -119,7 +119,7 @@ class Synchronizer:
             return
         session.frames.put_nowait(frame)
 
-    def closed(self, conn: SyncConnection) -> None:
+    def closed(self, conn: DeviceConnection) -> None:
         self._discarding.discard(conn)
         session = self._sessions.get(conn)
         if session is not None:
@@ -133,7 +133,7 @@ class Synchronizer:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _begin(self, conn: SyncConnection, frame: protocol.Frame) -> None:
+    def _begin(self, conn: DeviceConnection, frame: protocol.Frame) -> None:
         device = conn.device
         assert device is not None
         if device in self._devices:
@@ -227,7 +227,7 @@ def _json_size(value: Any) -> int:
     return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
 
 
-def _error(conn: SyncConnection, text: str) -> None:
+def _error(conn: DeviceConnection, text: str) -> None:
     conn.write(wire.encode_sync_error(text[:500]))
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from pushsync.listener.config import PollChannel as PollConfig
 from pushsync.listener.config import SyncChannel as SyncConfig
-from pushsync.listener.sync_client import Backoff, KeyRefused, Session, open_session
+from pushsync.listener.connection import Backoff, KeyRefused, Session, open_session
 from pushsync.logs import Throttle
 from pushsync.wire import protocol
 from pushsync.wire.addresses import Address, format_peer
@@ -210,7 +210,7 @@ class MaildirChannel:
 
 
 class SyncChannel:
-    """A persistent SYNC connection to the dispatcher (:mod:`pushsync.listener.sync_client`).
+    """A persistent SYNC connection to the dispatcher (:mod:`pushsync.listener.connection`).
 
     Messages arrive as MESSAGE frames and are acked on the same connection; the
     device reports its UDP endpoint (TRACK) when it also listens on UDP; PINGs

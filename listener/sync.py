@@ -296,7 +296,7 @@ async def sync_once(
     config: ListenerConfig, secret: bytes, transport: Transport | None = None
 ) -> SyncResult:
     """One synchronization for ``config``'s device, over ``transport`` or a new connection."""
-    from pushsync.listener.sync_client import open_session
+    from pushsync.listener.connection import open_session
 
     db = local_database(config)
     try:

@@ -298,7 +298,7 @@ def _sync_settings(args: argparse.Namespace) -> Any:
     """The SYNC server's settings from the dispatch command's options (defaults: its own)."""
     from dataclasses import replace
 
-    from pushsync.dispatcher.sync_server import SyncSettings, server_tls
+    from pushsync.dispatcher.connections import ConnectionSettings, server_tls
 
     given: dict[str, Any] = {}
     if args.sync_tls_cert or args.sync_tls_key:
@@ -318,7 +318,7 @@ def _sync_settings(args: argparse.Namespace) -> Any:
     )
     if per_address is not None:
         given["max_preauth_per_host"] = per_address
-    settings = SyncSettings(**given)
+    settings = ConnectionSettings(**given)
     per_host = min(settings.max_preauth_per_host, settings.max_preauth)
     return replace(settings, max_preauth_per_host=per_host)
 

@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 
-from pushsync.listener.sync_client import Session, open_session
+from pushsync.listener.connection import Session, open_session
 from pushsync.wire.addresses import Address
 from pushsync.wire.protocol import FrameType, encode_frame, encode_subscribe
 

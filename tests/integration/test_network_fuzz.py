@@ -25,8 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pushsync.dispatcher.connections import ConnectionServer, ConnectionSettings
 from pushsync.dispatcher.outbox import Claimed
-from pushsync.dispatcher.sync_server import SyncServer, SyncSettings
 from pushsync.listener.config import load_config
 from pushsync.listener.runtime import Listener
 from pushsync.wire import protocol
@@ -392,8 +392,10 @@ def test_hostile_clients_never_authenticate_and_the_server_keeps_serving(
 ) -> None:
     store = MemoryStore()
     acks: list[protocol.Ack] = []
-    server = SyncServer(
-        store, lambda ack, _peer: acks.append(ack), settings=SyncSettings(handshake_timeout=2.0)
+    server = ConnectionServer(
+        store,
+        lambda ack, _peer: acks.append(ack),
+        settings=ConnectionSettings(handshake_timeout=2.0),
     )
     loop.run(server.start("127.0.0.1", 0))
     host, port = server.address
@@ -421,7 +423,7 @@ def test_hostile_clients_never_authenticate_and_the_server_keeps_serving(
         assert server.stats.authenticated == 0
 
         async def honest() -> bool:
-            from pushsync.listener.sync_client import open_session
+            from pushsync.listener.connection import open_session
             from pushsync.wire.addresses import Address
 
             session = await open_session(

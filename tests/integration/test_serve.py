@@ -57,7 +57,7 @@ async def test_serve_without_servers_sends_through_an_injected_gateway(
     recording = RecordingGateway("udp")
     settings = DispatcherSettings(dsn=dsn, udp_listen=None, sync_listen=None, poll_interval=0.2)
     async with serve(settings, gateways={"udp": recording}) as running:
-        assert (running.sync, running.udp, running.metrics) == (None, None, None)
+        assert (running.connections, running.udp, running.metrics) == (None, None, None)
         request_id = enqueue(db)
         await until_async(lambda: outbox_row(db, request_id)[0] == "sent", "the send")
     assert [item.request_id for item in recording.items] == [request_id]

@@ -2,7 +2,7 @@
 
 The dispatcher runs in-process with its SYNC server on 127.0.0.1:0; devices are
 either the real listener (its ``sync``/``poll`` channel) or a bare
-:func:`~pushsync.listener.sync_client.open_session`, or raw sockets sending
+:func:`~pushsync.listener.connection.open_session`, or raw sockets sending
 whatever a test wants.
 """
 
@@ -20,11 +20,11 @@ import psycopg
 import pytest
 import trustme
 
+from pushsync.dispatcher.connections import ConnectionServer, ConnectionSettings, server_tls
 from pushsync.dispatcher.daemon import Dispatcher, DispatcherSettings
 from pushsync.dispatcher.gateways import SendResult, failed
 from pushsync.dispatcher.outbox import Claimed
-from pushsync.dispatcher.sync_server import SyncServer, SyncSettings, server_tls
-from pushsync.listener.sync_client import KeyRefused, Refused, open_session
+from pushsync.listener.connection import KeyRefused, Refused, open_session
 from pushsync.testing import RecordingGateway
 from pushsync.wire import protocol
 from tests.support.dispatching import (
@@ -34,6 +34,7 @@ from tests.support.dispatching import (
     WRONG,
     add_device,
     closed_by_server,
+    connections_of,
     dispatching,
     enqueue,
     outbox_row,
@@ -41,7 +42,6 @@ from tests.support.dispatching import (
     session,
     set_address,
     shut,
-    sync_of,
 )
 from tests.support.listening import listening, runs, write_config
 from tests.support.waiting import until_async
@@ -61,7 +61,9 @@ async def test_insert_reaches_the_listener_over_sync_and_its_ack_confirms(
 
             channel = listener.channel(SyncChannel)
             await asyncio.wait_for(channel.connected.wait(), WAIT)
-            await until_async(lambda: sync_of(dispatcher).is_connected(DEVICE), "the connection")
+            await until_async(
+                lambda: connections_of(dispatcher).is_connected(DEVICE), "the connection"
+            )
             request_id = enqueue(db, content="$(rm -rf /); `id`")
             await until_async(lambda: outbox_row(db, request_id)[0] == "confirmed", "confirmation")
             _, gateway, confirmed_at = outbox_row(db, request_id)
@@ -144,7 +146,7 @@ async def test_light_weight_poll_gets_everything_unconfirmed_then_poll(
             # Nothing left: the next poll brings nothing and runs nothing again.
             assert await channel.poll() == 0
             assert len(runs(tmp_path)) == 2
-        assert not sync_of(dispatcher).connections
+        assert not connections_of(dispatcher).by_device
 
 
 # --------------------------------------------------------------------------- authentication
@@ -168,8 +170,8 @@ async def test_wrong_secret_and_unknown_device_are_refused_alike(
         assert reasons == [
             f"the server refused the key of device {device}" for device in (DEVICE, "nobody", "off")
         ]
-        assert sync_of(dispatcher).stats.refused == 3
-        assert not sync_of(dispatcher).connections
+        assert connections_of(dispatcher).stats.refused == 3
+        assert not connections_of(dispatcher).by_device
         good = await session(dispatcher)  # the server is unaffected
         await good.close("bye")
 
@@ -183,7 +185,9 @@ async def test_a_listener_whose_key_is_refused_says_so_once_per_backoff_cap(
     async with dispatching(dsn) as dispatcher:
         config = write_config(tmp_path, server_address(dispatcher))
         async with listening(config):
-            await until_async(lambda: sync_of(dispatcher).stats.refused >= 3, "three attempts")
+            await until_async(
+                lambda: connections_of(dispatcher).stats.refused >= 3, "three attempts"
+            )
     said = [r for r in caplog.records if "refused the key" in r.getMessage()]
     assert (
         said[0]
@@ -230,8 +234,8 @@ async def test_forged_acks_on_an_authenticated_connection_confirm_nothing(
             while pong is not None and pong.type != protocol.FrameType.PONG:
                 pong = await conn.recv(timeout=WAIT)
             assert pong is not None and protocol.decode_heartbeat(pong) == 1
-            assert sync_of(dispatcher).stats.bad_acks == 2
-            assert sync_of(dispatcher).is_connected(DEVICE)  # a bad ack does not drop it
+            assert connections_of(dispatcher).stats.bad_acks == 2
+            assert connections_of(dispatcher).is_connected(DEVICE)  # a bad ack does not drop it
         finally:
             await conn.close("done")
         assert outbox_row(db, other)[2] is None
@@ -260,7 +264,7 @@ async def test_garbage_closes_that_connection_and_the_server_keeps_serving(
 ) -> None:
     add_device(db)
     async with dispatching(dsn) as dispatcher:
-        host, port = sync_of(dispatcher).address
+        host, port = connections_of(dispatcher).address
         reader, writer = await asyncio.open_connection(host, port)
         writer.write(data)
         rest = await closed_by_server(reader)
@@ -269,16 +273,16 @@ async def test_garbage_closes_that_connection_and_the_server_keeps_serving(
         frames = protocol.FrameReader().feed(rest) if rest else []
         assert all(f.type == protocol.FrameType.BYE for f in frames), (what, frames)
         good = await session(dispatcher)
-        assert sync_of(dispatcher).is_connected(DEVICE)
+        assert connections_of(dispatcher).is_connected(DEVICE)
         await good.close("bye")
 
 
 @pytest.mark.asyncio
 async def test_silent_peers_are_dropped(db: psycopg.Connection, dsn: str) -> None:
     add_device(db)
-    settings = SyncSettings(handshake_timeout=0.3, heartbeat=0.2)
+    settings = ConnectionSettings(handshake_timeout=0.3, heartbeat=0.2)
     async with dispatching(dsn, sync=settings) as dispatcher:
-        host, port = sync_of(dispatcher).address
+        host, port = connections_of(dispatcher).address
         # Connects and never says HELLO.
         reader, writer = await asyncio.open_connection(host, port)
         started = time.monotonic()
@@ -294,7 +298,9 @@ async def test_silent_peers_are_dropped(db: psycopg.Connection, dsn: str) -> Non
             seen.append(frame.type)
         assert protocol.FrameType.PING in seen and seen[-1] == protocol.FrameType.BYE
         await conn.close()
-        await until_async(lambda: not sync_of(dispatcher).connections, "the silent device to go")
+        await until_async(
+            lambda: not connections_of(dispatcher).by_device, "the silent device to go"
+        )
 
 
 @pytest.mark.asyncio
@@ -327,7 +333,7 @@ async def test_tls_end_to_end_and_an_untrusted_certificate_is_refused(
     cert = ca.issue_cert("127.0.0.1")
     cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    settings = SyncSettings(
+    settings = ConnectionSettings(
         tls=server_tls(str(tmp_path / "server.pem"), str(tmp_path / "server.pem"))
     )
     async with dispatching(dsn, sync=settings) as dispatcher:
@@ -389,7 +395,7 @@ async def test_rows_for_a_connected_device_go_through_the_dispatcher_holding_it(
                 ),
                 "every send recorded as sync",
             )
-            assert sync_of(a).stats.pushed == 0 and sync_of(b).stats.pushed == 20
+            assert connections_of(a).stats.pushed == 0 and connections_of(b).stats.pushed == 20
         finally:
             await conn.close("bye")
     rows = db.execute("SELECT count(*) FROM pushsync.dispatchers").fetchone()
@@ -489,9 +495,11 @@ async def test_the_listener_reconnects_when_the_dispatcher_comes_back(
             second = Dispatcher(
                 DispatcherSettings(dsn=dsn, poll_interval=0.2, housekeeping_interval=0.5)
             )
-            sync = SyncServer(second.store, second.on_ack, on_connect=lambda _d: second.wake())
+            sync = ConnectionServer(
+                second.store, second.on_ack, on_connect=lambda _d: second.wake()
+            )
             await sync.start(server.host, server.port)
-            second.add_sync(sync)
+            second.add_connections(sync)
             stop = asyncio.Event()
             task = asyncio.create_task(second.run(stop))
             try:
@@ -509,7 +517,7 @@ async def test_the_listener_reconnects_when_the_dispatcher_comes_back(
 
 async def first_gone(dispatcher: Dispatcher) -> None:
     """Close a running dispatcher's SYNC server (its devices lose their connection)."""
-    await sync_of(dispatcher).close()
+    await connections_of(dispatcher).close()
 
 
 @pytest.mark.asyncio
@@ -523,7 +531,9 @@ async def test_one_message_over_sync_and_udp_runs_once(
             from pushsync.listener.channels import SyncChannel
 
             await asyncio.wait_for(listener.channel(SyncChannel).connected.wait(), WAIT)
-            await until_async(lambda: sync_of(dispatcher).is_connected(DEVICE), "the connection")
+            await until_async(
+                lambda: connections_of(dispatcher).is_connected(DEVICE), "the connection"
+            )
             request_id = enqueue(db, content="once")
             await until_async(lambda: outbox_row(db, request_id)[0] == "confirmed", "confirmation")
             # The same signed message arrives again, over UDP this time.

@@ -19,9 +19,9 @@ import pytest
 from pushsync.dispatcher.daemon import Dispatcher
 from pushsync.dispatcher.sync_endpoint import MAX_UPLOAD_ROWS
 from pushsync.listener.config import ListenerConfig
+from pushsync.listener.connection import open_session
 from pushsync.listener.localdb import LocalDatabase
 from pushsync.listener.sync import SyncFailed, Transport, sync_once
-from pushsync.listener.sync_client import open_session
 from pushsync.wire import protocol
 from tests.integration import trucking
 from tests.support.dispatching import SECRET, dispatching, server_address
@@ -407,8 +407,8 @@ def local_reports_or_empty(config: ListenerConfig) -> list[tuple[Any, ...]]:
 
 
 def sync_of_connections(dispatcher: Dispatcher) -> int:
-    assert dispatcher.sync is not None
-    return dispatcher.sync.stats.authenticated
+    assert dispatcher.connections is not None
+    return dispatcher.connections.stats.authenticated
 
 
 # --------------------------------------------------------------------------- cost

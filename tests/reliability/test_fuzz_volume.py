@@ -56,7 +56,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pushsync.listener.sync_client import Session, open_session
+from pushsync.listener.connection import Session, open_session
 from pushsync.wire import protocol
 from pushsync.wire.addresses import Address
 from pushsync.wire.protocol import FrameType

@@ -27,7 +27,7 @@ import psycopg
 import pytest
 
 from bench.dispatcher_process import dispatcher_process
-from pushsync.dispatcher.sync_server import FAILED_AUTH_DELAY
+from pushsync.dispatcher.connections import FAILED_AUTH_DELAY
 from pushsync.wire import protocol
 from tests.support.dispatching import DEVICE, SECRET, WRONG, add_device
 

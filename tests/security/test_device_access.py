@@ -18,18 +18,18 @@ import pytest
 import pytest_asyncio
 
 from pushsync.dispatcher.daemon import Dispatcher
-from pushsync.listener.sync_client import Refused, Session, open_session
+from pushsync.listener.connection import Refused, Session, open_session
 from pushsync.wire import protocol
 from tests.support.cli import executable
 from tests.support.dispatching import (
     DEVICE,
     SECRET,
     add_device,
+    connections_of,
     dispatcher_connected,
     dispatching,
     server_address,
     session,
-    sync_of,
 )
 from tests.support.waiting import until_async
 
@@ -102,14 +102,14 @@ async def test_open_connections_are_closed_and_a_new_one_refused(
         pushed = await session(dispatcher)  # the listener's push connection
         syncing = await session(dispatcher, subscribe=False)  # a `pushsync sync` under way
         kept += [pushed, syncing]
-        assert sync_of(dispatcher).is_connected(DEVICE)
+        assert connections_of(dispatcher).is_connected(DEVICE)
 
         await pushsync("device", action, DEVICE, "--dsn", dsn)
         after = device_state(db)
 
         assert await closed(pushed, CUT_OFF_WITHIN), "the push connection stayed open"
         assert await closed(syncing, CUT_OFF_WITHIN), "the sync connection stayed open"
-        assert not sync_of(dispatcher).is_connected(DEVICE)
+        assert not connections_of(dispatcher).is_connected(DEVICE)
         with pytest.raises(Refused):
             await connect(dispatcher)  # at once: no cached secret lets it back in
         # What the device tries on its way out changes nothing.

@@ -39,10 +39,10 @@ from tests.support.dispatching import (
     DEVICE,
     SECRET,
     add_device,
+    connections_of,
     dispatching,
     enqueue,
     server_address,
-    sync_of,
 )
 from tests.support.listening import listening, runs, write_config
 from tests.support.waiting import until_async
@@ -314,9 +314,9 @@ async def test_a_forged_frame_closes_the_connection_and_changes_nothing(
                 await settle(dispatcher)
                 assert state(db) == before
                 assert closer == "server"
-                assert sync_of(dispatcher).stats.bad_frames == 1
-                assert sync_of(dispatcher).stats.authenticated == 1
-                assert not sync_of(dispatcher).connections
+                assert connections_of(dispatcher).stats.bad_frames == 1
+                assert connections_of(dispatcher).stats.authenticated == 1
+                assert not connections_of(dispatcher).by_device
         assert runs(tmp_path) == []
 
 
@@ -376,7 +376,7 @@ async def test_a_forged_upload_inside_pushsync_sync_is_refused(
             await settle(dispatcher)
             assert state(db) == before  # no report, no notification, no batch
             assert closer == "server"
-            assert sync_of(dispatcher).stats.bad_frames == 1
+            assert connections_of(dispatcher).stats.bad_frames == 1
             assert code == 1, err
             assert err.startswith("sync failed: the server closed the connection"), err
 
@@ -406,8 +406,8 @@ async def test_a_frame_replayed_to_the_server_in_the_same_connection(
                 await settle(dispatcher)
                 assert [r for (r, _) in state(db)["confirmed"]] == [first]
                 assert closer == "server"
-                assert sync_of(dispatcher).stats.bad_frames == 1
-                assert sync_of(dispatcher).stats.acks == 1  # the device's own, once
+                assert connections_of(dispatcher).stats.bad_frames == 1
+                assert connections_of(dispatcher).stats.acks == 1  # the device's own, once
 
 
 @pytest.mark.asyncio
@@ -442,7 +442,7 @@ async def test_a_frame_from_an_earlier_connection_replayed_to_the_server(
                 await settle(dispatcher)
                 assert tracked(db) == [(new,)]
                 assert closer == "server"
-                assert sync_of(dispatcher).stats.bad_frames == 1
+                assert connections_of(dispatcher).stats.bad_frames == 1
 
 
 @pytest.mark.asyncio
@@ -464,7 +464,7 @@ async def test_a_frame_replayed_to_the_device(
                 relay = await wait_for_relay(mitm)
                 assert await hung_up(relay) == "device"
                 assert listener.channel(SyncChannel).connections == 1
-                assert sync_of(dispatcher).stats.bad_frames == 0
+                assert connections_of(dispatcher).stats.bad_frames == 0
                 assert listener.counters.duplicates == 0  # never read as a message
 
 
@@ -530,7 +530,7 @@ async def test_frames_reordered_or_dropped_on_the_way_to_the_server(
                 await settle(dispatcher)
                 assert state(db) == before  # neither subscribed nor tracked
                 assert closer == "server"
-                assert sync_of(dispatcher).stats.bad_frames == 1
+                assert connections_of(dispatcher).stats.bad_frames == 1
 
 
 @pytest.mark.asyncio
@@ -573,7 +573,7 @@ async def test_a_listener_of_the_untagged_version_is_refused_with_the_reason(
     hello = protocol.encode_hello(protocol.Hello(device=DEVICE, nonce=protocol.new_nonce()))
     old_hello = hello[:5] + bytes([1]) + hello[6:]
     async with dispatching(dsn) as dispatcher:
-        reader, writer = await asyncio.open_connection(*sync_of(dispatcher).address)
+        reader, writer = await asyncio.open_connection(*connections_of(dispatcher).address)
         writer.write(old_hello)
         answer = await asyncio.wait_for(reader.read(), 10)
         await _shut(writer)
@@ -581,7 +581,7 @@ async def test_a_listener_of_the_untagged_version_is_refused_with_the_reason(
         assert protocol.decode_bye(bye) == (
             "unsupported version: this server speaks SYNC version 2; upgrade pushsync on the device"
         )
-        assert sync_of(dispatcher).stats.authenticated == 0
+        assert connections_of(dispatcher).stats.authenticated == 0
 
 
 # --------------------------------------------------------------------------- helpers
@@ -595,7 +595,7 @@ async def wait_for_relay(mitm: Mitm, number: int = 0) -> Relay:
 async def settle(dispatcher: Dispatcher) -> None:
     """Wait until the server has done what it started for the frames it accepted
     (recording a TRACK or a connection, confirming an ack)."""
-    server = sync_of(dispatcher)
+    server = connections_of(dispatcher)
     await until_async(
         lambda: not server._tasks and not dispatcher._acks, "the SYNC server's pending work"
     )

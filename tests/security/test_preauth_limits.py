@@ -33,7 +33,7 @@ import psycopg
 import pytest
 
 from bench.dispatcher_process import dispatcher_process
-from pushsync.dispatcher.sync_server import MAX_PREAUTH, MAX_PREAUTH_PER_HOST
+from pushsync.dispatcher.connections import MAX_PREAUTH, MAX_PREAUTH_PER_HOST
 from pushsync.wire import protocol
 from pushsync.wire.addresses import Address
 from tests.support.dispatching import DEVICE, SECRET, add_device, enqueue, outbox_row

@@ -17,12 +17,12 @@ from typing import Any
 
 import psycopg
 
+from pushsync.dispatcher.connections import ConnectionServer, ConnectionSettings
 from pushsync.dispatcher.daemon import Dispatcher, serve
 from pushsync.dispatcher.gateways import Gateway
 from pushsync.dispatcher.settings import DispatcherSettings
 from pushsync.dispatcher.sync_endpoint import SyncLimits
-from pushsync.dispatcher.sync_server import SyncServer, SyncSettings
-from pushsync.listener.sync_client import Session, open_session
+from pushsync.listener.connection import Session, open_session
 from pushsync.wire import protocol
 from pushsync.wire.addresses import Address
 from tests.support.waiting import until_async
@@ -117,7 +117,7 @@ async def running(dispatcher: Dispatcher, timeout: float = WAIT) -> AsyncIterato
 async def dispatching(
     dsn: str,
     *,
-    sync: SyncSettings | None = None,
+    sync: ConnectionSettings | None = None,
     limits: SyncLimits | None = None,
     owner: str | None = None,
     gateways: Mapping[str, Gateway] | None = None,
@@ -129,7 +129,7 @@ async def dispatching(
         owner=owner,
         udp_listen=None,
         sync_listen="127.0.0.1:0",
-        sync=sync or SyncSettings(),
+        sync=sync or ConnectionSettings(),
         sync_limits=limits or SyncLimits(),
         poll_interval=0.2,
         housekeeping_interval=0.5,
@@ -141,15 +141,15 @@ async def dispatching(
         yield started.dispatcher
 
 
-def sync_of(dispatcher: Dispatcher) -> SyncServer:
+def connections_of(dispatcher: Dispatcher) -> ConnectionServer:
     """The dispatcher's SYNC server (it has one)."""
-    assert dispatcher.sync is not None
-    return dispatcher.sync
+    assert dispatcher.connections is not None
+    return dispatcher.connections
 
 
 def server_address(dispatcher: Dispatcher) -> Address:
     """Where the dispatcher's SYNC server listens."""
-    host, port = sync_of(dispatcher).address
+    host, port = connections_of(dispatcher).address
     return Address(host=host, port=port)
 
 
@@ -159,10 +159,10 @@ async def session(
     """An authenticated connection; with ``subscribe``, the device's push connection."""
     opened = await open_session(server_address(dispatcher), device=device, secret=secret, timeout=5)
     if subscribe:
-        before = sync_of(dispatcher).stats.subscribed
+        before = connections_of(dispatcher).stats.subscribed
         opened.send(protocol.encode_subscribe())
         await until_async(
-            lambda: sync_of(dispatcher).stats.subscribed > before, "the subscription", WAIT
+            lambda: connections_of(dispatcher).stats.subscribed > before, "the subscription", WAIT
         )
     return opened
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pushsync.dispatcher.sync_server import Waiting
+from pushsync.dispatcher.connections import Waiting
 
 
 def test_the_oldest_of_a_crowded_address_goes_first() -> None:

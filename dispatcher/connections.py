@@ -1,6 +1,6 @@
 """The SYNC gateway: persistent device connections on a TCP port, and light-weight polling.
 
-:class:`SyncServer` accepts device connections (optionally TLS), authenticates
+:class:`ConnectionServer` accepts device connections (optionally TLS), authenticates
 them and serves their frames; :class:`SyncGateway` pushes a notification down a
 device's open connection. The frames and what the server does in each situation
 are in ``docs/protocol.md`` ("SYNC", "What the dispatcher's SYNC server does");
@@ -64,7 +64,7 @@ _OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
 BUSY: Final = "too many connections, try again later"
 
 
-class SyncStore(Protocol):
+class ConnectionStore(Protocol):
     """The database operations the SYNC server needs."""
 
     async def secret(self, device: str) -> bytes | None:
@@ -93,13 +93,13 @@ AckSink = Callable[[protocol.Ack, str], None]
 class Synchronizer(Protocol):
     """Takes the synchronization frames of authenticated connections."""
 
-    def feed(self, conn: SyncConnection, frame: protocol.Frame) -> None: ...
+    def feed(self, conn: DeviceConnection, frame: protocol.Frame) -> None: ...
 
-    def closed(self, conn: SyncConnection) -> None: ...
+    def closed(self, conn: DeviceConnection) -> None: ...
 
 
 @dataclass(slots=True)
-class SyncStats:
+class ConnectionStats:
     """What the SYNC port has seen since the server started."""
 
     accepted: int = 0
@@ -123,7 +123,7 @@ class SyncStats:
 
 
 @dataclass(kw_only=True)
-class SyncSettings:
+class ConnectionSettings:
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     heartbeat: float = HEARTBEAT
     max_write_buffer: int = MAX_WRITE_BUFFER
@@ -183,7 +183,7 @@ class Waiting(Generic[T]):
             del self._by_host[host]
 
 
-class SyncServer:
+class ConnectionServer:
     """The TCP server holding device connections.
 
     Devices authenticate with challenge-response under their secret; after
@@ -200,33 +200,33 @@ class SyncServer:
     per attempt; :class:`Waiting` caps unauthenticated connections, closing the
     oldest. A failed authentication is answered ``failed_auth_delay`` after its
     AUTH, after the same work whatever made it fail. The database goes through a
-    :class:`SyncStore`; a failure there closes only the connection it concerns,
+    :class:`ConnectionStore`; a failure there closes only the connection it concerns,
     with a BYE. Nothing a peer sends raises out of the server.
     """
 
     def __init__(
         self,
-        store: SyncStore,
+        store: ConnectionStore,
         on_ack: AckSink,
         *,
-        settings: SyncSettings | None = None,
+        settings: ConnectionSettings | None = None,
         on_connect: Callable[[str], None] | None = None,
         sender: str = "pushsync",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.on_ack = on_ack
-        self.settings = settings or SyncSettings()
+        self.settings = settings or ConnectionSettings()
         self.on_connect = on_connect
         self.sender = sender
         self.clock = clock
-        self.stats = SyncStats()
+        self.stats = ConnectionStats()
         self.synchronizer: Synchronizer | None = None
         """Serves SYNC_BEGIN/UPLOAD/DOWNLOAD frames (the daemon sets one)."""
-        self.connections: dict[str, SyncConnection] = {}
+        self.by_device: dict[str, DeviceConnection] = {}
         """Authenticated connections by device id."""
-        self._all: set[SyncConnection] = set()
-        self._waiting: Waiting[SyncConnection] = Waiting(
+        self._all: set[DeviceConnection] = set()
+        self._waiting: Waiting[DeviceConnection] = Waiting(
             self.settings.max_preauth, self.settings.max_preauth_per_host
         )
         """Connections not authenticated yet, oldest first."""
@@ -262,7 +262,7 @@ class SyncServer:
         return len(self._waiting)
 
     def is_connected(self, device: str) -> bool:
-        return device in self.connections
+        return device in self.by_device
 
     def credentials(self) -> list[tuple[str, bytes | None]]:
         """Each connection's device and the secret it authenticated with (None while
@@ -279,7 +279,7 @@ class SyncServer:
 
     def push(self, device: str, envelope: bytes) -> bool:
         """Write one MESSAGE frame to ``device``'s connection; False if it has none."""
-        conn = self.connections.get(device)
+        conn = self.by_device.get(device)
         if conn is None or not conn.write(protocol.encode_message_frame(envelope)):
             return False
         self.stats.pushed += 1
@@ -357,7 +357,7 @@ class SyncServer:
     def _serve(self, sock: socket.socket, addr: Any) -> None:
         """Count the new connection as unauthenticated (closing the oldest if there are too
         many), then set up its transport (and TLS) in a task."""
-        conn = SyncConnection(self, addr)
+        conn = DeviceConnection(self, addr)
         self._all.add(conn)
         self.stats.accepted += 1
         for victim in self._waiting.add(conn, conn.peer_host):
@@ -376,7 +376,7 @@ class SyncServer:
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(lambda done: _close_unless_served(done, sock))
 
-    async def _open(self, conn: SyncConnection, sock: socket.socket) -> bool:
+    async def _open(self, conn: DeviceConnection, sock: socket.socket) -> bool:
         """Wrap ``sock`` in a transport (after the TLS handshake, if any); False if that failed."""
         tls = self.settings.tls
         try:
@@ -407,42 +407,42 @@ class SyncServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def authenticated(self, conn: SyncConnection) -> None:
+    def authenticated(self, conn: DeviceConnection) -> None:
         """``conn`` passed the handshake: it no longer counts as unauthenticated."""
         self._waiting.discard(conn)
         self.stats.authenticated += 1
 
-    def subscribed(self, conn: SyncConnection) -> None:
+    def subscribed(self, conn: DeviceConnection) -> None:
         """``conn`` asked for pushes: it becomes its device's connection, replacing any other."""
         assert conn.device is not None
-        old = self.connections.get(conn.device)
+        old = self.by_device.get(conn.device)
         if old is conn:
             return
-        self.connections[conn.device] = conn
+        self.by_device[conn.device] = conn
         self.stats.subscribed += 1
         logger.info("sync: %s connected from %s", conn.device, conn.peer)
         if old is not None:
             old.close("replaced by a new connection", forget=False)
         self.spawn(self._record_connected(conn), f"sync connected {conn.device}")
 
-    async def _record_connected(self, conn: SyncConnection) -> None:
+    async def _record_connected(self, conn: DeviceConnection) -> None:
         assert conn.device is not None
         try:
             await self.store.connected(conn.device, conn.peer)
         except Exception as exc:
             logger.warning("sync: cannot record %s's connection: %s", conn.device, first_line(exc))
-        if self.on_connect is not None and self.connections.get(conn.device) is conn:
+        if self.on_connect is not None and self.by_device.get(conn.device) is conn:
             self.on_connect(conn.device)
 
-    def detached(self, conn: SyncConnection, *, forget: bool) -> None:
+    def detached(self, conn: DeviceConnection, *, forget: bool) -> None:
         self._all.discard(conn)
         self._waiting.discard(conn)
         if self.synchronizer is not None:
             self.synchronizer.closed(conn)
         device = conn.device
-        if device is None or self.connections.get(device) is not conn:
+        if device is None or self.by_device.get(device) is not conn:
             return
-        del self.connections[device]
+        del self.by_device[device]
         if forget:
             self.spawn(self._record_disconnected(device, conn.peer), f"sync gone {device}")
 
@@ -471,7 +471,7 @@ class SyncServer:
                     conn.write(protocol.encode_ping(int(time.time() * 1000)))
 
 
-class SyncConnection(asyncio.Protocol):
+class DeviceConnection(asyncio.Protocol):
     """One device's connection; states: hello → auth → checking → open → closed."""
 
     __slots__ = (
@@ -495,7 +495,7 @@ class SyncConnection(asyncio.Protocol):
         "started",
     )
 
-    def __init__(self, server: SyncServer, addr: Any) -> None:
+    def __init__(self, server: ConnectionServer, addr: Any) -> None:
         self.server = server
         self.device: str | None = None
         self.peer = format_peer(addr)
@@ -846,7 +846,7 @@ class SyncGateway:
 
     name = "sync"
 
-    def __init__(self, server: SyncServer, *, limit: int = MAX_DATAGRAM) -> None:
+    def __init__(self, server: ConnectionServer, *, limit: int = MAX_DATAGRAM) -> None:
         self.server = server
         self.limit = limit
 
@@ -917,12 +917,12 @@ __all__ = [
     "DEFAULT_PORT",
     "MAX_PREAUTH",
     "MAX_PREAUTH_PER_HOST",
-    "SyncConnection",
+    "ConnectionServer",
+    "ConnectionSettings",
+    "ConnectionStats",
+    "ConnectionStore",
+    "DeviceConnection",
     "SyncGateway",
-    "SyncServer",
-    "SyncSettings",
-    "SyncStats",
-    "SyncStore",
     "Waiting",
     "server_tls",
 ]
