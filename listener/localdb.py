@@ -137,6 +137,10 @@ class LocalDatabaseError(PushsyncError):
     """The local database could not be opened or used, or a download could not be applied."""
 
 
+class LocalDatabaseMismatch(LocalDatabaseError):
+    """The local database belongs to another device or publication: a configuration mistake."""
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -645,6 +649,31 @@ class LocalDatabase:
         """The published tables this database holds, by server name."""
         rows = self._query(f"SELECT server_name, definition FROM {_TABLES} ORDER BY server_name")
         return {str(name): _decode_schema(str(name), str(text)) for name, text in rows}
+
+    def claim(self, device: str, publication: str) -> None:
+        """Record that this file holds ``device``'s rows of ``publication``, or check that it
+        does: :class:`LocalDatabaseMismatch` when it holds another device's or publication's.
+
+        Two devices (or one device's two publications) sharing a file would take each
+        other's watermark and keep each other's rows. The first claim of a file records
+        the owner, in the same transaction as the check.
+        """
+        wanted = {"device": device, "publication": publication}
+        with self._transaction("claim") as connection:
+            rows = connection.execute(
+                f"SELECT name, value FROM {_META} WHERE name IN ('device', 'publication')"
+            ).fetchall()
+            held = {str(name): str(value) for name, value in rows}
+            if held and held != wanted:
+                raise LocalDatabaseMismatch(
+                    f"{self._path} holds the data of device {held.get('device')} "
+                    f"(publication {held.get('publication')}), not of device {device} "
+                    f"(publication {publication})"
+                )
+            if not held:
+                connection.executemany(
+                    f"INSERT INTO {_META} (name, value) VALUES (?, ?)", list(wanted.items())
+                )
 
     def watermark(self, publication: str) -> str | None:
         """The watermark of the last download of ``publication``; ``None`` before the first."""

@@ -31,10 +31,12 @@ from pushsync.listener.channels import (
     UdpChannel,
 )
 from pushsync.listener.config import ListenerConfig, load_config, load_for_command, read_secret_file
+from pushsync.listener.connection import KeyRefused
 from pushsync.listener.dedupe import DedupeError, DedupeStore, GroupCommit
 from pushsync.listener.handlers import match
 from pushsync.listener.imap import ImapChannel
 from pushsync.listener.localdb import LocalDatabaseError
+from pushsync.listener.state import StateInUse, hold_for_listener
 from pushsync.listener.sync import SyncFailed, sync_once
 from pushsync.logs import Throttle
 from pushsync.wire import protocol
@@ -287,7 +289,7 @@ class Listener:
                     result = await sync_once(self.config, self.secret, lent)
             else:
                 result = await sync_once(self.config, self.secret)
-        except (SyncFailed, LocalDatabaseError) as exc:
+        except (SyncFailed, LocalDatabaseError, StateInUse, KeyRefused, OSError) as exc:
             return Outcome(ok=False, detail=f"sync failed: {exc}")
         logger.info("%s", result.describe())
         return Outcome(ok=True, detail=result.describe())
@@ -485,6 +487,19 @@ def run_listener(config_path: str, *, log_messages: bool = False) -> int:
 
 
 async def _main(config: ListenerConfig, secret: bytes, *, log_messages: bool) -> int:
+    try:
+        folder = hold_for_listener(config.state_dir, config.path)
+    except StateInUse as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"cannot use state_dir {config.state_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    with folder:
+        return await _run(config, secret, log_messages=log_messages)
+
+
+async def _run(config: ListenerConfig, secret: bytes, *, log_messages: bool) -> int:
     try:
         listener = Listener(config, secret=secret, log_messages=log_messages)
     except DedupeError as exc:

@@ -27,17 +27,27 @@ Standard library only.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, TypeVar
 
 from pushsync.errors import PushsyncError
 from pushsync.listener.config import ListenerConfig
-from pushsync.listener.localdb import Change, Column, LocalDatabase, TableDownload, TableSchema
+from pushsync.listener.connection import KeyRefused, Session
+from pushsync.listener.localdb import (
+    Change,
+    Column,
+    LocalDatabase,
+    LocalDatabaseMismatch,
+    TableDownload,
+    TableSchema,
+)
+from pushsync.listener.state import StateInUse, hold_for_sync
 from pushsync.wire import protocol
 from pushsync.wire import sync as wire
 from pushsync.wire.protocol import FrameType
@@ -89,9 +99,23 @@ class SyncResult:
 
 
 def local_database(config: ListenerConfig) -> LocalDatabase:
-    """The device's local database in ``state_dir``."""
+    """The device's local database in ``state_dir``, claimed for its device and publication:
+    :class:`~pushsync.listener.localdb.LocalDatabaseMismatch` (naming the config) when the
+    file holds another device's or publication's rows."""
     config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return LocalDatabase.open(config.state_dir / LOCAL_DB)
+    db = LocalDatabase.open(config.state_dir / LOCAL_DB)
+    try:
+        db.claim(config.device, config.publication or DEFAULT_PUBLICATION)
+    except LocalDatabaseMismatch as exc:
+        db.close()
+        raise LocalDatabaseMismatch(
+            f"{config.path}: state_dir {config.state_dir}: {exc}; give each device (and each "
+            "publication) its own state_dir"
+        ) from None
+    except BaseException:
+        db.close()
+        raise
+    return db
 
 
 async def synchronize(
@@ -293,11 +317,26 @@ def _decoded(decode: Callable[[protocol.Frame], Decoded], frame: protocol.Frame)
 
 
 async def sync_once(
-    config: ListenerConfig, secret: bytes, transport: Transport | None = None
+    config: ListenerConfig,
+    secret: bytes,
+    transport: Transport | None = None,
+    *,
+    on_wait: Callable[[str], None] | None = None,
 ) -> SyncResult:
-    """One synchronization for ``config``'s device, over ``transport`` or a new connection."""
+    """One synchronization for ``config``'s device, over ``transport`` or a new connection,
+    after any other one under way in its ``state_dir`` (``on_wait`` hears that it waits)."""
     from pushsync.listener.connection import open_session
 
+    with await hold_for_sync(config.state_dir, config.path, on_wait=on_wait):
+        return await _sync_locked(config, secret, transport, open_session)
+
+
+async def _sync_locked(
+    config: ListenerConfig,
+    secret: bytes,
+    transport: Transport | None,
+    open_session: Callable[..., Awaitable[Session]],
+) -> SyncResult:
     db = local_database(config)
     try:
         if transport is not None:
@@ -310,6 +349,8 @@ async def sync_once(
             session = await open_session(
                 server, device=config.device, secret=secret, tls=tls, ca_file=ca_file
             )
+        except KeyRefused:
+            raise
         except (OSError, TimeoutError, protocol.ProtocolError) as exc:
             raise SyncFailed(f"cannot connect to {server}: {exc}") from None
         try:
@@ -321,7 +362,8 @@ async def sync_once(
 
 
 def run_sync(config_path: str) -> int:
-    """``pushsync sync CONFIG``: one synchronization now; 0 on success, 1 if it failed."""
+    """``pushsync sync CONFIG``: one synchronization now; 0 on success, 1 if it failed, 2 for
+    a mistake to fix first (the config, the key the server refused, a shared state_dir)."""
     import sys
 
     from pushsync.listener.config import load_for_command
@@ -331,7 +373,12 @@ def run_sync(config_path: str) -> int:
         return loaded
     config, secret = loaded
     try:
-        result = asyncio.run(sync_once(config, secret))
+        result = asyncio.run(
+            sync_once(config, secret, on_wait=lambda text: print(text, file=sys.stderr, flush=True))
+        )
+    except (KeyRefused, LocalDatabaseMismatch, StateInUse) as exc:
+        print(f"sync failed: {exc}", file=sys.stderr)
+        return 2
     except (SyncFailed, OSError, PushsyncError) as exc:
         print(f"sync failed: {exc}", file=sys.stderr)
         return 1
