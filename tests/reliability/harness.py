@@ -18,7 +18,6 @@ import json
 import math
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -31,8 +30,8 @@ from typing import Any
 
 import psycopg
 
-from tests.support.cli import clean_env, executable, run_cli
-from tests.support.processes import Dispatch, free_udp_port
+from tests.support.cli import run_cli
+from tests.support.processes import Dispatch, Listen, free_udp_port
 from tests.support.waiting import until
 
 __all__ = [
@@ -258,10 +257,6 @@ class DispatcherProcess(Dispatch):
         self._tail = LogTail(log)
         self._seen: list[str] = []
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
     def _announced(self, pattern: str) -> str | None:
         self._seen.extend(self._tail.new_lines())
         for line in self._seen:
@@ -302,54 +297,11 @@ class DispatcherProcess(Dispatch):
         self.process.wait(30)
 
 
-class ListenerProcess:
+class ListenerProcess(Listen):
     """``pushsync listen CONFIG``, started in the config's directory, logging to ``log``."""
-
-    def __init__(self, config: Path, log: Path, *, log_level: str = "info") -> None:
-        self.config = config
-        self.log = log
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [*executable(), "--log-level", log_level, "listen", str(config)],
-                cwd=config.parent,
-                env=clean_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_started(self, timeout: float = 30.0) -> None:
-        until(
-            lambda: "listening as " in self.output() or self.process.poll() is not None,
-            f"the listener of {self.config}",
-            timeout,
-            logs=[self.log],
-        )
-        assert self.process.poll() is None, self.output()[-3000:]
 
     def rss(self) -> int:
         return rss_kib(self.process.pid)
-
-    def stop(self, timeout: float = 30.0) -> str:
-        """SIGTERM; it must exit 0 without a traceback. Its log."""
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout)
-        text = self.output()
-        assert self.process.returncode == 0, text[-3000:]
-        assert "Traceback" not in text, text[-3000:]
-        return text
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(30)
 
 
 @dataclass
