@@ -151,7 +151,11 @@ def _bind_udp(bind: Address) -> Result:
         with socket.socket(family, socket.SOCK_DGRAM) as probe:
             probe.bind((bind.host, bind.port))
     except OSError as exc:
-        hint = "another program (a listener?) has it" if exc.errno == errno.EADDRINUSE else "a wrong address?"
+        hint = (
+            "another program (a listener?) has it"
+            if exc.errno == errno.EADDRINUSE
+            else "a wrong address?"
+        )
         return Result(what, False, f"{exc.strerror or exc}: {hint}")
     return Result(what, True)
 
