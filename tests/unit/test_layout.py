@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import importlib
 import os
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -124,3 +125,27 @@ def test_the_example_keeps_the_demo_files() -> None:
     for name in ("schema.sql", "rules.yaml"):
         example = (ROOT / "examples" / "trucking" / name).read_text("utf-8")
         assert example == (ROOT / "pushsync" / "demo" / name).read_text("utf-8"), name
+
+
+def test_the_example_seed_is_the_demo_fleet() -> None:
+    """examples/trucking/seed.sql inserts the drivers, routes and stops of ``pushsync demo``."""
+    from pushsync.demo import DRIVERS
+
+    seed = (ROOT / "examples" / "trucking" / "seed.sql").read_text("utf-8")
+    blocks = {
+        table: re.findall(r"\(([^()]*)\)", values)
+        for table, values in re.findall(
+            r"INSERT INTO public\.(\w+) \([^)]*\) VALUES(.*?)ON CONFLICT", seed, re.S
+        )
+    }
+    rows = {
+        table: [tuple(v.strip(" '") for v in t.split(",")) for t in found]
+        for table, found in blocks.items()
+    }
+    assert rows["drivers"] == [(str(d.driver_id), d.name, d.device) for d in DRIVERS]
+    assert rows["routes"] == [(str(d.route_id), d.route, str(d.driver_id)) for d in DRIVERS]
+    assert rows["route_stops"] == [
+        (str(d.route_id), str(seq), str(location))
+        for d in DRIVERS
+        for seq, location in enumerate(d.stops, start=1)
+    ]
