@@ -340,7 +340,8 @@ class Dispatcher:
             0 if self.connections is None else self.connections.cut_off(device, "access revoked")
         )
         if closed:
-            logger.info("device %s lost access: closed %d connection(s)", device, closed)
+            said = "its connection" if closed == 1 else f"{closed} connections"
+            logger.info("device %s lost access: closed %s", device, said)
 
     async def _recheck_access(self) -> None:
         """After (re)connecting: notifications sent while this dispatcher was not
@@ -604,24 +605,24 @@ class Dispatcher:
 # --------------------------------------------------------------------------- helpers
 
 
-async def _wait(stop: asyncio.Event, timeout: float) -> bool:
-    """Sleep up to ``timeout`` seconds; True if ``stop`` was set meanwhile."""
+async def _wait(stop: asyncio.Event, delay: float) -> bool:
+    """Sleep up to ``delay`` seconds; True if ``stop`` was set meanwhile."""
     try:
-        await asyncio.wait_for(stop.wait(), timeout)
+        await asyncio.wait_for(stop.wait(), delay)
     except TimeoutError:
         return False
     return True
 
 
-async def _wait_any(stop: asyncio.Event, event: asyncio.Event, timeout: float | None) -> bool:
-    """Until ``event`` or ``stop`` is set, or ``timeout``; True if ``stop`` is set."""
+async def _wait_any(stop: asyncio.Event, event: asyncio.Event, delay: float | None) -> bool:
+    """Until ``event`` or ``stop`` is set, or ``delay`` seconds; True if ``stop`` is set."""
     if stop.is_set():
         return True
     if event.is_set():
         return False
     waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(event.wait())]
     try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for waiter in waiters:
             waiter.cancel()
@@ -822,12 +823,32 @@ def _signals_handled(running: Running) -> Iterator[None]:
 
 def _stopper(stop: asyncio.Event, signum: signal.Signals) -> Any:
     def handler() -> None:
-        logger.info("%s: stopping", signum.name)
-        if not stop.is_set():
-            _exit_at_the_latest(EXIT_DEADLINE)
+        if stop.is_set():
+            # A second stop request: whoever sent it prefers leaving to waiting. Rows
+            # claimed and not recorded go back to the others when their lease expires.
+            logger.warning(
+                "%s again: leaving now, without waiting for sends under way", signum.name
+            )
+            _leave(1)
+        logger.info(
+            "%s: stopping: sends under way (an SMTP session, say) get %.0fs to finish, "
+            "leaving takes %.0fs at most; %s again leaves at once",
+            signum.name,
+            STOP_TIMEOUT,
+            EXIT_DEADLINE,
+            "Ctrl-C" if signum == signal.SIGINT else signum.name,
+        )
+        _exit_at_the_latest(EXIT_DEADLINE)
         stop.set()
 
     return handler
+
+
+def _leave(status: int) -> None:
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    os._exit(status)
 
 
 def _exit_at_the_latest(seconds: float) -> None:
@@ -839,10 +860,7 @@ def _exit_at_the_latest(seconds: float) -> None:
 
     def force() -> None:
         logger.error("still stopping %.0fs after the stop request: exiting now", seconds)
-        for handler in logging.getLogger().handlers:
-            with contextlib.suppress(Exception):
-                handler.flush()
-        os._exit(0)
+        _leave(0)
 
     timer = threading.Timer(seconds, force)
     timer.daemon = True

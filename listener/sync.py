@@ -93,9 +93,13 @@ class SyncResult:
         full = f"; full download of {', '.join(self.full)}" if self.full else ""
         return (
             f"synchronized {self.publication} in {self.seconds * 1000:.0f} ms: "
-            f"{self.uploaded} changes up ({self.rejected} rejected), "
-            f"{self.upserted} rows down, {self.deleted} removed{full}"
+            f"{_count(self.uploaded, 'change')} up ({self.rejected} rejected), "
+            f"{_count(self.upserted, 'row')} down, {self.deleted} removed{full}"
         )
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def local_database(config: ListenerConfig) -> LocalDatabase:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Hashable
@@ -24,7 +25,29 @@ from typing import Any, Final
 FORMATS: Final = ("text", "json")
 THROTTLE_INTERVAL: Final = 10.0
 """Seconds between two lines of one kind that :class:`Throttle` lets through."""
-TEXT_FORMAT: Final = "%(name)s: %(message)s"
+TEXT_FORMAT: Final = "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s"
+TIME_FORMAT: Final = "%Y-%m-%d %H:%M:%S"
+JOURNAL_FORMAT: Final = "%(levelname)s %(name)s: %(message)s"
+"""Under systemd (``JOURNAL_STREAM`` set), whose journal stamps each line itself."""
+
+_PLAIN: Final[dict[type[BaseException], str]] = {
+    ConnectionRefusedError: "connection refused",
+    ConnectionResetError: "connection reset by the other side",
+    ConnectionAbortedError: "connection aborted",
+    BrokenPipeError: "the other side closed the connection",
+    TimeoutError: "timed out",
+    EOFError: "the other side closed the connection",
+}
+
+
+def plain(exc: BaseException) -> str:
+    """What went wrong, in words: the exception's own text, or for the usual network
+    failures a phrase; never a bare class name where words exist."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip()
+    for kind, words in _PLAIN.items():
+        if isinstance(exc, kind):
+            return words if not text or isinstance(exc, TimeoutError) else text.lower()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class JsonFormatter(logging.Formatter):
@@ -46,9 +69,12 @@ class JsonFormatter(logging.Formatter):
 def configure(level: str, log_format: str = "text") -> None:
     """Send log records at ``level`` and above to stderr in ``log_format``."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
-    )
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    elif os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(logging.Formatter(JOURNAL_FORMAT))
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT, TIME_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -110,4 +136,4 @@ class Throttle:
         return self.log(logging.INFO, msg, *args, key=key)
 
 
-__all__ = ["FORMATS", "JsonFormatter", "Throttle", "configure"]
+__all__ = ["FORMATS", "JsonFormatter", "Throttle", "configure", "plain"]

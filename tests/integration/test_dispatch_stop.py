@@ -12,6 +12,7 @@ answering (a host that is unreachable in practice).
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import threading
 import time
@@ -73,6 +74,40 @@ def test_stops_while_every_claim_waits_on_a_lock(
         dispatch.close()
     assert "stopping now" in text
     assert took >= STOP_TIMEOUT  # it did try to drain first
+
+
+def test_a_second_interrupt_leaves_without_waiting(
+    dsn: str, tmp_path: Path, db: psycopg.Connection
+) -> None:
+    """Ctrl-C says what the stop waits for; Ctrl-C again leaves at once (status 1)."""
+    dispatch = Dispatch(dsn, tmp_path / "dispatch.log")
+    try:
+        until(lambda: dispatcher_listens(db), "the dispatcher to LISTEN", logs=[dispatch.log])
+        with psycopg.connect(dsn) as blocker:
+            blocker.execute("LOCK TABLE pushsync.outbox IN ACCESS EXCLUSIVE MODE")
+            until(lambda: claim_waiting(db), "a claim to wait on the lock", logs=[dispatch.log])
+            started = time.monotonic()
+            dispatch.process.send_signal(signal.SIGINT)
+            until(
+                lambda: "SIGINT: stopping" in dispatch.output(),
+                "the first stop",
+                logs=[dispatch.log],
+            )
+            dispatch.process.send_signal(signal.SIGINT)
+            status = dispatch.process.wait(BOUND)
+            took = time.monotonic() - started
+            blocker.rollback()
+    finally:
+        dispatch.close()
+    text = dispatch.output()
+    assert status == 1, text[-3000:]
+    assert took < STOP_TIMEOUT  # it did not wait for the drain
+    assert (
+        f"SIGINT: stopping: sends under way (an SMTP session, say) get {STOP_TIMEOUT:.0f}s to "
+        f"finish, leaving takes {EXIT_DEADLINE:.0f}s at most; Ctrl-C again leaves at once"
+    ) in text
+    assert "SIGINT again: leaving now, without waiting for sends under way" in text
+    assert "Traceback" not in text
 
 
 def test_stops_while_the_database_refuses_connections(tmp_path: Path) -> None:
