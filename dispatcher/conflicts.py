@@ -87,7 +87,7 @@ def admissible(table: ServerTable, change: Change, declared: frozenset[str]) -> 
     if op != "delete" and change.new is None:
         return f"{_a(op)} needs the new row"
     if op == "insert":
-        assert change.new is not None
+        assert change.new is not None  # noqa: S101  type narrowing; returned above when missing
         if any(k not in change.new or change.new[k] != change.key[k] for k in table.key):
             return f"the key of an insert must be the key of its new row in {table.name}"
         return None

@@ -414,7 +414,8 @@ class ConnectionServer:
 
     def subscribed(self, conn: DeviceConnection) -> None:
         """``conn`` asked for pushes: it becomes its device's connection, replacing any other."""
-        assert conn.device is not None
+        if conn.device is None:
+            raise RuntimeError("sync: the connection has not authenticated")
         old = self.by_device.get(conn.device)
         if old is conn:
             return
@@ -426,7 +427,8 @@ class ConnectionServer:
         self.spawn(self._record_connected(conn), f"sync connected {conn.device}")
 
     async def _record_connected(self, conn: DeviceConnection) -> None:
-        assert conn.device is not None
+        if conn.device is None:
+            raise RuntimeError("sync: the connection has not authenticated")
         try:
             await self.store.connected(conn.device, conn.peer)
         except Exception as exc:
@@ -524,7 +526,8 @@ class DeviceConnection(asyncio.Protocol):
     # ----------------------------------------------------------------- asyncio
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        if not isinstance(transport, asyncio.Transport):
+            raise TypeError(f"sync: a stream transport, not {type(transport).__name__}")
         if self._state == "closed":  # closed while its transport was being set up
             transport.abort()
             return
@@ -625,7 +628,8 @@ class DeviceConnection(asyncio.Protocol):
         """
         device = self.device
         server = self.server
-        assert device is not None
+        if device is None:
+            raise RuntimeError("sync: AUTH before HELLO")
         try:
             secret = await server.store.secret(device)
         except Exception as exc:
@@ -712,7 +716,8 @@ class DeviceConnection(asyncio.Protocol):
             raise protocol.Malformed(f"{kind.name} from a device")
 
     def _ack(self, payload: bytes) -> None:
-        assert self._secret is not None and self.device is not None
+        if self._secret is None or self.device is None:
+            raise RuntimeError("sync: the connection has not authenticated")
         try:
             ack = protocol.decode_ack(payload, self._secret, limit=MAX_DATAGRAM)
             if ack.device != self.device:
@@ -730,7 +735,8 @@ class DeviceConnection(asyncio.Protocol):
             logger.exception("sync: ack handler failed for %s", ack.request_id)
 
     async def _track(self) -> None:
-        assert self.device is not None
+        if self.device is None:
+            raise RuntimeError("sync: the connection has not authenticated")
         while (address := self._next_track) is not None:
             try:
                 await self.server.store.track(self.device, address)
@@ -744,7 +750,8 @@ class DeviceConnection(asyncio.Protocol):
     async def _poll(self) -> None:
         """Send everything the device has not confirmed, then POLL."""
         device = self.device
-        assert device is not None and self._secret is not None
+        if device is None or self._secret is None:
+            raise RuntimeError("sync: the connection has not authenticated")
         store = self.server.store
         try:
             while self._state == "open":

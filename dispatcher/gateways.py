@@ -274,7 +274,7 @@ class UdpGateway:
             task.add_done_callback(self._lookups.discard)
 
     async def _fetch_then_accept(self, data: bytes, device: str, peer: str) -> None:
-        assert self._fetch_secret is not None
+        assert self._fetch_secret is not None  # noqa: S101  type narrowing; started only when set
         self.stats.lookups += 1
         try:
             secret = await self._fetch_secret(device)
@@ -437,7 +437,8 @@ class SmtpGateway:
 
     def build_email(self, item: Claimed) -> EmailMessage:
         """The email of ``item``: Subject, body and the signed envelope header."""
-        assert item.email_address is not None
+        if item.email_address is None:
+            raise ValueError(f"{item.request_id} has no email address")
         msg = to_message(item, self.sender)
         mail = EmailMessage()
         for header, value in protocol.email_headers(msg, item.secret).items():

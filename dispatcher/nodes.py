@@ -64,7 +64,7 @@ class PoolStore(OutboxStore):
         """Start the pool without waiting for the database (it may not be up yet)."""
         await self.pool.open(wait=False)
 
-    async def close(self, timeout: float = 5.0) -> None:
+    async def close(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109  passed to the pool's close(timeout)
         await self.pool.close(timeout)
 
     # ----------------------------------------------------------------- secrets

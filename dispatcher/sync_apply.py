@@ -52,7 +52,7 @@ async def write(db: AsyncConn, table: ServerTable, change: Change, device: str) 
     current = await _current(db, table, where, params)
     facts = Facts(found=_found(current))
     while isinstance(outcome := conflicts.decide(table, change, facts), Need):
-        assert current is not None
+        assert current is not None  # noqa: S101  narrowing; decide() asks only of a found row
         facts = facts.learnt(outcome, await _learn(db, table, change, current, outcome))
     if isinstance(outcome, Refusal):
         raise Rejected(outcome.reason)
@@ -68,7 +68,7 @@ async def write(db: AsyncConn, table: ServerTable, change: Change, device: str) 
             params,
         )
         return
-    assert change.new is not None
+    assert change.new is not None  # noqa: S101  narrowing; admissible: it has its new row
     on = where if outcome is Action.UPDATE else None
     written = await _write_row(db, table, change.new, on, params)
     await _after(db, table, written, old, device)
@@ -84,7 +84,7 @@ async def _learn(
     db: AsyncConn, table: ServerTable, change: Change, current: _Current, need: Need
 ) -> bool:
     if need is Need.SAME:
-        assert change.old is not None
+        assert change.old is not None  # noqa: S101  narrowing; SAME is asked only with an old row
         return await _same(db, table, change.old, current.values)
     return await _newer(db, table, change.new, current.text)
 
@@ -222,14 +222,16 @@ async def _same(db: AsyncConn, table: ServerTable, old: Row, current: dict[str, 
         (json.dumps(old),),
     )
     row = await cur.fetchone()
-    assert row is not None
+    if row is None:
+        raise RuntimeError("the normalizing SELECT returned no row")
     normal = json.loads(row[0], parse_float=str)
     return all(normal.get(c) == current.get(c) for c in old)
 
 
 async def _newer(db: AsyncConn, table: ServerTable, new: Row | None, current: str) -> bool:
     """Whether ``new``'s ``newest`` column is greater than the server's row's (``current``)."""
-    assert table.newest is not None
+    if table.newest is None:
+        raise ValueError(f"{table.name} names no newest column")
     if new is None:
         return False
     column = sql.Identifier(table.newest)

@@ -135,7 +135,8 @@ class Synchronizer:
 
     def _begin(self, conn: DeviceConnection, frame: protocol.Frame) -> None:
         device = conn.device
-        assert device is not None
+        if device is None:
+            raise RuntimeError("sync: the connection has not authenticated")
         if device in self._devices:
             self.failed += 1
             logger.warning("sync: %s asked for a second synchronization at once", device)
@@ -328,7 +329,7 @@ class _Sync:
                 if not more:
                     break
                 frame = await self._next()
-            assert batch is not None
+            assert batch is not None  # noqa: S101  type narrowing; the loop ran once at least
             answer = await self._apply(batch, frames, tables)
         finally:
             self.session.kept -= sum(len(f.payload) for f in frames)
@@ -339,27 +340,24 @@ class _Sync:
     async def _apply(
         self, batch: str, frames: list[protocol.Frame], tables: dict[str, ServerTable]
     ) -> wire.Uploaded:
-        async with self.owner.pool.connection(self.owner.timeout) as db:
-            async with db.transaction():
-                await sync_store.pin(db)
-                await sync_store.still_enabled(db, self.device)
-                known = await sync_store.answered(db, self.device, batch)
-                if known is not None:
-                    logger.info(
-                        "sync: %s sent batch %s again; answered as before", self.device, batch
-                    )
-                    return known
-                applied: list[int] = []
-                rejected: dict[int, str] = {}
-                for change in _changes(frames):
-                    reason = await self._apply_one(db, change, tables)
-                    if reason is None:
-                        applied.append(change.seq)
-                    else:
-                        rejected[change.seq] = reason
-                answer = wire.Uploaded(batch=batch, applied=applied, rejected=rejected)
-                await sync_store.record(db, self.device, answer)
-                return answer
+        async with self.owner.pool.connection(self.owner.timeout) as db, db.transaction():
+            await sync_store.pin(db)
+            await sync_store.still_enabled(db, self.device)
+            known = await sync_store.answered(db, self.device, batch)
+            if known is not None:
+                logger.info("sync: %s sent batch %s again; answered as before", self.device, batch)
+                return known
+            applied: list[int] = []
+            rejected: dict[int, str] = {}
+            for change in _changes(frames):
+                reason = await self._apply_one(db, change, tables)
+                if reason is None:
+                    applied.append(change.seq)
+                else:
+                    rejected[change.seq] = reason
+            answer = wire.Uploaded(batch=batch, applied=applied, rejected=rejected)
+            await sync_store.record(db, self.device, answer)
+            return answer
 
     async def _apply_one(
         self, db: AsyncConn, change: wire.Change, tables: dict[str, ServerTable]
@@ -404,25 +402,24 @@ class _Sync:
         self, publication: str, tables: dict[str, ServerTable], watermark: str | None
     ) -> dict[str, str]:
         sent: dict[str, str] = {}
-        async with self.owner.pool.connection(self.owner.timeout) as db:
-            async with db.transaction():
-                snapshot = await sync_store.begin_download(db)
-                since = await sync_store.usable_watermark(db, watermark)
-                for table in tables.values():
-                    full = since is None or self.local.get(table.name) != table.shape()
-                    full = full or table.name in self.full
-                    if since is not None and not full and table.depends_on:
-                        full = await sync_store.changed(db, list(table.depends_on), since)
-                    if full:
-                        count = await sync_download.send_full(db, self.conn, table, self.device)
-                        sent[table.name] = f"{count} rows (full)"
-                    else:
-                        assert since is not None
-                        forced = self.forced.get(table.name, [])
-                        ups, dels = await sync_download.send_changes(
-                            db, self.conn, table, self.device, since, forced
-                        )
-                        sent[table.name] = f"{ups} rows, {dels} deletes"
+        async with self.owner.pool.connection(self.owner.timeout) as db, db.transaction():
+            snapshot = await sync_store.begin_download(db)
+            since = await sync_store.usable_watermark(db, watermark)
+            for table in tables.values():
+                full = since is None or self.local.get(table.name) != table.shape()
+                full = full or table.name in self.full
+                if since is not None and not full and table.depends_on:
+                    full = await sync_store.changed(db, list(table.depends_on), since)
+                if full:
+                    count = await sync_download.send_full(db, self.conn, table, self.device)
+                    sent[table.name] = f"{count} rows (full)"
+                else:
+                    assert since is not None  # noqa: S101  type narrowing; full when since is None
+                    forced = self.forced.get(table.name, [])
+                    ups, dels = await sync_download.send_changes(
+                        db, self.conn, table, self.device, since, forced
+                    )
+                    sent[table.name] = f"{ups} rows, {dels} deletes"
         end = wire.SyncEnd(publication=publication, watermark=snapshot)
         self.conn.write(wire.encode_sync_end(end), bulk=True)
         await self.conn.drain()

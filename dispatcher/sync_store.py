@@ -115,7 +115,8 @@ async def begin_download(db: AsyncConn) -> str:
     await pin(db)
     cur = await db.execute(query("download_snapshot"))
     row = await cur.fetchone()
-    assert row is not None
+    if row is None:
+        raise RuntimeError("a one-row SELECT returned no row")
     return str(row[0])
 
 
@@ -165,7 +166,8 @@ async def download_frame(
     }
     cur = await db.execute(query("download_frame"), params)
     row = await cur.fetchone()
-    assert row is not None
+    if row is None:
+        raise RuntimeError("a one-row SELECT returned no row")
     return str(row[0]).encode("utf-8")
 
 

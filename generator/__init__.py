@@ -24,7 +24,7 @@ def loads(text: str, path: str = "<rules>") -> RuleSet:
     problems = Problems()
     rules = validate.build(text, path, problems)
     problems.raise_if_any()
-    assert rules is not None
+    assert rules is not None  # noqa: S101  type narrowing; no problems means rules were built
     passes.check(rules, problems)
     problems.raise_if_any()
     return rules

@@ -42,7 +42,8 @@ class Role:
 def migrating_role(conn: psycopg.Connection) -> Role:
     """Who is connected: the owner the migration's ``SECURITY DEFINER`` functions get."""
     row = conn.execute(_TRUST["migrating_role"]).fetchone()
-    assert row is not None
+    if row is None:
+        raise RuntimeError("the role query returned no row")
     return Role(name=str(row[0]), superuser=bool(row[1]))
 
 
@@ -59,6 +60,8 @@ class _Checker:
         return self._columns[table]
 
     def explain(self, sql: str, where: Location, label: str, field: str) -> None:
+        """Plan ``sql``, a rule's SQL as the parser re-rendered it, with the names in it quoted
+        by :func:`render.ident`: planned, never run; what the database refuses is a problem."""
         try:
             with self.conn.transaction():
                 self.conn.execute("EXPLAIN " + sql)
@@ -115,14 +118,14 @@ class _Checker:
         rows = f'{table} AS "new" CROSS JOIN {table} AS "old"'
         if rule.when is not None:
             self.explain(
-                f"SELECT 1 FROM {rows} WHERE {render.sql(rule.when)}",
+                f"SELECT 1 FROM {rows} WHERE {render.sql(rule.when)}",  # noqa: S608  see explain()
                 rule.when.location,
                 rule.label,
                 "when",
             )
         if rule.recipients is not None:
             self.explain(
-                f"SELECT 1 FROM {rows} CROSS JOIN LATERAL ({render.sql(rule.recipients)}) AS r",
+                f"SELECT 1 FROM {rows} CROSS JOIN LATERAL ({render.sql(rule.recipients)}) AS r",  # noqa: S608  see explain()
                 rule.recipients.location,
                 rule.label,
                 "recipients",
@@ -170,7 +173,7 @@ class _Checker:
             download = render.sql(published.download).replace("$1", "NULL::text")
             target = f"{render.ident(published.table.schema)}.{render.ident(published.table.name)}"
             self.explain(
-                f"SELECT (d::{target}).* FROM ({download}) AS d",
+                f"SELECT (d::{target}).* FROM ({download}) AS d",  # noqa: S608  see explain()
                 published.download.location,
                 label,
                 "download",
@@ -183,7 +186,8 @@ class _Checker:
     ) -> None:
         """The columns ``upload_check`` names exist, and it plans over ``new`` and ``old``."""
         check = published.upload_check
-        assert check is not None
+        if check is None:
+            raise ValueError(f"{published.table} has no upload_check")
         before = len(self.problems)
         for ref in fragments.row_references(check.tree):
             if ref.column not in known:
@@ -196,7 +200,7 @@ class _Checker:
         if len(self.problems) == before:
             condition = render.sql(check).replace("$1", "NULL::text")
             self.explain(
-                f'SELECT ({condition}) FROM {target} AS "new" CROSS JOIN {target} AS "old"',
+                f'SELECT ({condition}) FROM {target} AS "new" CROSS JOIN {target} AS "old"',  # noqa: S608  see explain()
                 check.location,
                 label,
                 "upload_check",
@@ -299,7 +303,7 @@ def _trust(conn: psycopg.Connection, rules: RuleSet, problems: Problems) -> None
         table = rule.table
         trust.relation(rule.label, "table", table.schema, table.name, rule.where("table"))
     for found in passes.sql_fragments(rules):
-        assert isinstance(found.value, Fragment)
+        assert isinstance(found.value, Fragment)  # noqa: S101  type narrowing; sql_fragments() yields only fragments
         trust.reads(found.label, found.key, found.value)
 
 

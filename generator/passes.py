@@ -90,7 +90,7 @@ def allowed_sql(rules: RuleSet, problems: Problems) -> None:
     trusted = frozenset(t.name for t in rules.trusted_functions)
     for found in sql_fragments(rules):
         fragment = found.value
-        assert isinstance(fragment, Fragment)
+        assert isinstance(fragment, Fragment)  # noqa: S101  type narrowing; sql_fragments() yields only fragments
         said: set[str] = set()
         for refusal in allowed.refusals(fragment.tree, trusted):
             if refusal.message not in said:
@@ -99,7 +99,7 @@ def allowed_sql(rules: RuleSet, problems: Problems) -> None:
                 problems.add(where, f"{found.key}: {refusal.message}", found.label)
     for found in model_values(rules, (TableName,)):
         table = found.value
-        assert isinstance(table, TableName)
+        assert isinstance(table, TableName)  # noqa: S101  type narrowing; asked for TableName only
         if allowed.closed(table.schema):
             problems.add(
                 found.where,
@@ -194,7 +194,7 @@ def recipient_columns(rules: RuleSet, problems: Problems) -> None:
 def _query_columns(
     fragment: Fragment, key: str, label: str, problems: Problems
 ) -> list[str] | None:
-    assert isinstance(fragment.tree, exp.Query)
+    assert isinstance(fragment.tree, exp.Query)  # noqa: S101  type narrowing; parsed by parse_query
     columns = fragments.output_columns(fragment.tree)
     if columns is None:
         problems.add(
@@ -328,7 +328,7 @@ def _upload_check_scopes(published: PublishedTable, problems: Problems, context:
 
 def _download_shape(published: PublishedTable, problems: Problems, context: str) -> None:
     query = published.download.tree
-    assert isinstance(query, exp.Query)
+    assert isinstance(query, exp.Query)  # noqa: S101  type narrowing; parsed by parse_query
     table = published.table
     names = fragments.table_alias_of(query, table.schema, table.name)
     where = published.where("download")
@@ -345,7 +345,7 @@ def _download_shape(published: PublishedTable, problems: Problems, context: str)
     shown = f"{alias}.*" if alias != table.name or len(reads) > 1 else "*"
     problems.add(
         where,
-        f"download must select whole rows of {table}: SELECT {shown} FROM ...",
+        f"download must select whole rows of {table}: SELECT {shown} FROM ...",  # noqa: S608  a message, not a query
         context,
     )
 
@@ -448,7 +448,7 @@ class TriggerPlan:
 
 
 def _columns_of(fragment: Fragment) -> list[str]:
-    assert isinstance(fragment.tree, exp.Query)
+    assert isinstance(fragment.tree, exp.Query)  # noqa: S101  type narrowing; parsed by parse_query
     return fragments.output_columns(fragment.tree) or []
 
 

@@ -95,7 +95,7 @@ def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("pushsync.generator", "templates"),
         undefined=jinja2.StrictUndefined,
-        autoescape=False,  # SQL, not HTML: every value goes through the filters above
+        autoescape=False,  # noqa: S701  SQL, not HTML: values go through the SQL filters below
         keep_trailing_newline=True,
         trim_blocks=True,
         lstrip_blocks=True,
@@ -134,6 +134,7 @@ def migration(plan: Plan, source: str | None = None) -> str:
     """The whole migration for ``plan``; ``source`` is the path named in the header."""
     rules = plan.rules
     shown = source if source is not None else PurePath(rules.path).as_posix()
+    shown = shown.replace("\r", "\\r").replace("\n", "\\n")  # in -- comments: one line
     functions = {t.function: trigger_function(t) for t in plan.triggers}
     return _ENV.get_template("migration.sql.j2").render(
         plan=plan,

@@ -269,8 +269,12 @@ def _rule(reader: _Reader, node: source.Node, defaults: Delivery) -> Rule | None
     delivery = _delivery(reader, node, defaults)
     if len(reader.problems) > before:
         return None  # reported; the file will not compile
-    assert name is not None and table is not None and table_node is not None
-    assert events is not None and columns is not None and key is not None
+    assert name is not None  # noqa: S101  type narrowing; a missing field was reported above
+    assert table is not None  # noqa: S101  type narrowing; a missing field was reported above
+    assert table_node is not None  # noqa: S101  type narrowing; a missing field was reported above
+    assert events is not None  # noqa: S101  type narrowing; a missing field was reported above
+    assert columns is not None  # noqa: S101  type narrowing; a missing field was reported above
+    assert key is not None  # noqa: S101  type narrowing; a missing field was reported above
     return Rule(
         name=name,
         location=node.location,
@@ -305,7 +309,9 @@ def _poll(reader: _Reader, node: source.Node, defaults: Delivery) -> Poll | None
     delivery = _delivery(reader, node, defaults)
     if len(reader.problems) > before:
         return None  # reported; the file will not compile
-    assert name is not None and every is not None and query is not None
+    assert name is not None  # noqa: S101  type narrowing; a missing field was reported above
+    assert every is not None  # noqa: S101  type narrowing; a missing field was reported above
+    assert query is not None  # noqa: S101  type narrowing; a missing field was reported above
     return Poll(
         name=name,
         location=node.location,
@@ -336,7 +342,7 @@ def _publication(reader: _Reader, node: source.Node) -> Publication | None:
                     tables.append(published)
     if len(reader.problems) > before:
         return None
-    assert name is not None
+    assert name is not None  # noqa: S101  type narrowing; a missing field was reported above
     return Publication(name=name, location=node.location, tables=tuple(tables))
 
 
@@ -368,8 +374,10 @@ def _published_table(reader: _Reader, node: source.Node) -> PublishedTable | Non
         key = reader.identifiers(key_node, "key")
     if len(reader.problems) > before:
         return None
-    assert table is not None and download is not None and conflict is not None
-    assert key is not None
+    assert table is not None  # noqa: S101  type narrowing; a missing field was reported above
+    assert download is not None  # noqa: S101  type narrowing; a missing field was reported above
+    assert conflict is not None  # noqa: S101  type narrowing; a missing field was reported above
+    assert key is not None  # noqa: S101  type narrowing; a missing field was reported above
     return PublishedTable(
         table=table,
         location=node.location,

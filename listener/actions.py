@@ -107,7 +107,7 @@ def _text(data: bytes) -> str:
 # --------------------------------------------------------------------------- run
 
 
-async def run_program(argv: list[str], timeout: float | None, *, cap: int = OUTPUT_CAP) -> Outcome:
+async def run_program(argv: list[str], timeout: float | None, *, cap: int = OUTPUT_CAP) -> Outcome:  # noqa: ASYNC109  the action's configured timeout
     """Run ``argv`` (no shell), wait for it within ``timeout``; exit 0 is success.
 
     stdout and stderr are captured together; the first ``cap`` bytes are kept
@@ -125,7 +125,7 @@ async def run_program(argv: list[str], timeout: float | None, *, cap: int = OUTP
         )
     except OSError as exc:
         return _start_failure(argv[0], exc)
-    assert process.stdout is not None
+    assert process.stdout is not None  # noqa: S101  type narrowing; stdout=PIPE above
     try:
         async with asyncio.timeout(timeout):
             output = await _read_capped(process.stdout, cap)
@@ -146,7 +146,13 @@ async def run_program(argv: list[str], timeout: float | None, *, cap: int = OUTP
 
 
 async def send_to_socket(
-    host: str, port: int, text: str, *, reply: bool, timeout: float | None, cap: int = OUTPUT_CAP
+    host: str,
+    port: int,
+    text: str,
+    *,
+    reply: bool,
+    timeout: float | None,  # noqa: ASYNC109  the action's configured timeout
+    cap: int = OUTPUT_CAP,
 ) -> Outcome:
     """Send ``text`` (UTF-8) to ``host:port`` over TCP; with ``reply`` wait for an answer.
 
@@ -230,7 +236,7 @@ class SyncGate:
         self.runs = 0
         """How many runs have started."""
 
-    async def request(self, timeout: float | None = None) -> Outcome:
+    async def request(self, timeout: float | None = None) -> Outcome:  # noqa: ASYNC109  the action's configured timeout
         """Have a sync happen that starts after this call; its outcome."""
         run = self._queued
         if run is not None:
@@ -350,7 +356,7 @@ class Actions:
             return self.shutdown()
         raise TypeError(f"unknown action {action!r}")  # pragma: no cover
 
-    async def sync(self, timeout: float | None) -> Outcome:
+    async def sync(self, timeout: float | None) -> Outcome:  # noqa: ASYNC109  the action's configured timeout
         if self.sync_gate is None:
             return Outcome(False, "sync is not configured")
         return await self.sync_gate.request(timeout)
@@ -359,7 +365,7 @@ class Actions:
         self.stop.set()
         return Outcome(True, "stopping the listener")
 
-    async def start_program(self, argv: list[str], timeout: float | None) -> Outcome:
+    async def start_program(self, argv: list[str], timeout: float | None) -> Outcome:  # noqa: ASYNC109  the action's configured timeout
         """Start ``argv`` in the background (no shell); success once it has started.
 
         Its output goes to ``/dev/null``. A task per program waits for it, so
@@ -404,7 +410,7 @@ class Actions:
         task.add_done_callback(self._background.discard)
 
 
-async def _reap(process: asyncio.subprocess.Process, timeout: float | None) -> None:
+async def _reap(process: asyncio.subprocess.Process, timeout: float | None) -> None:  # noqa: ASYNC109  the action's configured timeout
     """Wait for a started program so it leaves no zombie; past ``timeout``, kill its group."""
     try:
         async with asyncio.timeout(timeout):

@@ -433,7 +433,7 @@ def loads_config(text: str, path: str | Path) -> ListenerConfig:
         problems.raise_if_any()
     config = _config(checker, root, Path(path))
     problems.raise_if_any()
-    assert config is not None
+    assert config is not None  # noqa: S101  type narrowing; no problems means a config
     return config
 
 
@@ -484,7 +484,7 @@ def _check_key_file(status: os.stat_result, where: Path, config: Path) -> None:
 
 def _config(checker: _Checker, root: Node, path: Path) -> ListenerConfig | None:
     fields = checker.mapping(root, TOP_KEYS, "the listener config")
-    assert fields is not None
+    assert fields is not None  # noqa: S101  type narrowing; load_config() refused a non-mapping
     device = None
     if (device_node := checker.require(fields, root, "device")) is not None:
         device = _device(checker, device_node)
@@ -701,7 +701,7 @@ def _handler(checker: _Checker, node: Node, seen: dict[str, Location]) -> Handle
     before = len(checker.problems)
     name = _handler_name(checker, node.value, node, seen)
     fields = checker.mapping(node, HANDLER_KEYS, "a handler")
-    assert fields is not None
+    assert fields is not None  # noqa: S101  type narrowing; a mapping, checked above
     values: dict[str, Any] = {}
     for key in TEXT_FILTERS:
         if (found := fields.get(key)) is not None:

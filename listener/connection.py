@@ -76,7 +76,7 @@ class Session:
         sockname = self.writer.get_extra_info("sockname")
         return str(sockname[0]) if isinstance(sockname, tuple) else ""
 
-    async def recv(self, timeout: float | None = None) -> protocol.Frame | None:
+    async def recv(self, timeout: float | None = None) -> protocol.Frame | None:  # noqa: ASYNC109  recv(timeout): the session's interface
         """The next frame; None when the server closed the connection.
 
         ``TimeoutError`` after ``timeout`` seconds without a whole frame;
@@ -140,7 +140,7 @@ async def open_session(
     secret: bytes,
     tls: bool = False,
     ca_file: Path | None = None,
-    timeout: float = CONNECT_TIMEOUT,
+    timeout: float = CONNECT_TIMEOUT,  # noqa: ASYNC109  bounds the whole handshake; callers pass it
 ) -> Session:
     """Connect and authenticate; see the module docstring.
 
@@ -200,7 +200,7 @@ class Backoff:
         self._nominal = first
 
     def next(self) -> float:
-        delay = self._nominal * random.uniform(0.5, 1.0)
+        delay = self._nominal * random.uniform(0.5, 1.0)  # noqa: S311  backoff jitter, not a secret
         self._nominal = min(self._nominal * 2, self.most)
         return delay
 

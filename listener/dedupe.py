@@ -163,7 +163,8 @@ class DedupeStore:
 
     def __len__(self) -> int:
         ((count,),) = self._query("SELECT count(*) FROM seen", ())
-        assert isinstance(count, int)
+        if not isinstance(count, int):
+            raise DedupeError(f"dedupe store {self.path}: count(*) gave {count!r}")
         return count
 
     # ------------------------------------------------------------------ lifetime

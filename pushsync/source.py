@@ -96,7 +96,7 @@ class _Reader:
             return self._mapping(node, where)
         if isinstance(node, yaml.SequenceNode):
             return Node([self.convert(item) for item in node.value], where)
-        assert isinstance(node, yaml.ScalarNode)
+        assert isinstance(node, yaml.ScalarNode)  # noqa: S101  type narrowing; YAML has no fourth node kind
         constructed = _construct_scalar(node)
         if isinstance(constructed, str) and (problem := _bad_text(constructed)):
             raise RulesError([Problem(where, problem)])

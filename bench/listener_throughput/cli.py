@@ -325,11 +325,12 @@ def _fs_type(path: Path) -> str:
         return kind
     for line in lines:
         parts = line.split()
-        if len(parts) >= 3 and (
-            resolved == parts[1] or resolved.startswith(parts[1].rstrip("/") + "/")
+        if (
+            len(parts) >= 3
+            and (resolved == parts[1] or resolved.startswith(parts[1].rstrip("/") + "/"))
+            and len(parts[1]) >= len(best)
         ):
-            if len(parts[1]) >= len(best):
-                best, kind = parts[1], parts[2]
+            best, kind = parts[1], parts[2]
     return kind
 
 

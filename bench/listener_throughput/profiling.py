@@ -41,14 +41,16 @@ def report(
 
 
 def dedupe(parent: Path, n: int) -> None:
-    with tempfile.TemporaryDirectory(prefix="dedupe-", dir=parent) as tmp:
-        with DedupeStore.in_state_dir(tmp) as store:
-            ids = [uuid.uuid4() for _ in range(n)]
-            expires = time.time() + 3600
-            started = time.perf_counter()
-            for request_id in ids:
-                store.remember(request_id, expires)
-            elapsed = time.perf_counter() - started
+    with (
+        tempfile.TemporaryDirectory(prefix="dedupe-", dir=parent) as tmp,
+        DedupeStore.in_state_dir(tmp) as store,
+    ):
+        ids = [uuid.uuid4() for _ in range(n)]
+        expires = time.time() + 3600
+        started = time.perf_counter()
+        for request_id in ids:
+            store.remember(request_id, expires)
+        elapsed = time.perf_counter() - started
     print(
         f"profile: DedupeStore.remember alone: {n} ids in {elapsed:.2f}s = "
         f"{elapsed / n * 1e6:,.0f} us/id, at most {n / elapsed:,.0f} ids/s on one thread"

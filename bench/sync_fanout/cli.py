@@ -63,45 +63,44 @@ def _alert(conn: psycopg.Connection) -> float:
 
 def run(devices: int) -> dict[str, Any]:
     figures: dict[str, Any] = {"devices": devices}
-    with throwaway_database(DBNAME) as dsn:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            prepare(conn, devices)
-            # every device connects from 127.0.0.1: see devices.CONNECT_AT_ONCE
-            per_address = ("--sync-max-handshakes-per-address", str(CONNECT_AT_ONCE))
-            with dispatcher_process(dsn, *per_address) as node:
-                # UDP: every device's manual address is one receiving socket.
-                receiver = _devices("udp", devices)
-                assert receiver.stdout is not None
-                port = int(receiver.stdout.readline())
-                conn.execute(
-                    "INSERT INTO pushsync.device_addresses (device_id, medium, source, address) "
-                    "SELECT device_id, 'udp', 'manual', %s FROM pushsync.devices",
-                    (f"127.0.0.1:{port}",),
-                )
-                committed = _alert(conn)
-                udp = _result(receiver)
-                figures["udp_received"] = udp["received"]
-                figures["udp_seconds"] = udp["last"] - committed
-                # Nothing of the UDP round may be resent over the new connections.
-                conn.execute("UPDATE pushsync.outbox SET state = 'confirmed'")
-                # SYNC: one connection per device, held by the dispatcher.
-                time.sleep(1.0)
-                before = node.rss_kib()
-                clients = _devices("sync", "127.0.0.1", node.sync_port, devices, devices)
-                assert clients.stdout is not None
-                if clients.stdout.readline().strip() != "ready":
-                    raise RuntimeError("the SYNC devices did not connect")
-                _wait_connected(conn, devices)
-                time.sleep(1.0)
-                after = node.rss_kib()
-                figures["rss_before_kib"] = before
-                figures["rss_after_kib"] = after
-                figures["kib_per_connection"] = (after - before) / devices
-                committed = _alert(conn)
-                sync = _result(clients)
-                figures["sync_received"] = sync["received"]
-                figures["sync_seconds"] = sync["last"] - committed
-                figures["connect_seconds"] = sync["connect_seconds"]
+    with throwaway_database(DBNAME) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+        prepare(conn, devices)
+        # every device connects from 127.0.0.1: see devices.CONNECT_AT_ONCE
+        per_address = ("--sync-max-handshakes-per-address", str(CONNECT_AT_ONCE))
+        with dispatcher_process(dsn, *per_address) as node:
+            # UDP: every device's manual address is one receiving socket.
+            receiver = _devices("udp", devices)
+            assert receiver.stdout is not None
+            port = int(receiver.stdout.readline())
+            conn.execute(
+                "INSERT INTO pushsync.device_addresses (device_id, medium, source, address) "
+                "SELECT device_id, 'udp', 'manual', %s FROM pushsync.devices",
+                (f"127.0.0.1:{port}",),
+            )
+            committed = _alert(conn)
+            udp = _result(receiver)
+            figures["udp_received"] = udp["received"]
+            figures["udp_seconds"] = udp["last"] - committed
+            # Nothing of the UDP round may be resent over the new connections.
+            conn.execute("UPDATE pushsync.outbox SET state = 'confirmed'")
+            # SYNC: one connection per device, held by the dispatcher.
+            time.sleep(1.0)
+            before = node.rss_kib()
+            clients = _devices("sync", "127.0.0.1", node.sync_port, devices, devices)
+            assert clients.stdout is not None
+            if clients.stdout.readline().strip() != "ready":
+                raise RuntimeError("the SYNC devices did not connect")
+            _wait_connected(conn, devices)
+            time.sleep(1.0)
+            after = node.rss_kib()
+            figures["rss_before_kib"] = before
+            figures["rss_after_kib"] = after
+            figures["kib_per_connection"] = (after - before) / devices
+            committed = _alert(conn)
+            sync = _result(clients)
+            figures["sync_received"] = sync["received"]
+            figures["sync_seconds"] = sync["last"] - committed
+            figures["connect_seconds"] = sync["connect_seconds"]
     return figures
 
 

@@ -14,6 +14,7 @@ dispatcher's fan-out, and verifying would measure this process instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import sys
@@ -67,10 +68,8 @@ async def _sync(host: str, port: int, count: int, expected: int) -> dict[str, fl
 
     readers = [asyncio.create_task(read(s)) for s in sessions]
     print("ready", flush=True)
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(done.wait(), TIMEOUT)
-    except TimeoutError:
-        pass
     for task in readers:
         task.cancel()
     await asyncio.gather(*readers, return_exceptions=True)

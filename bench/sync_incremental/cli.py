@@ -95,7 +95,7 @@ def change(conn: psycopg.Connection, round_: int, rows: int) -> list[int]:
 
 def local_names(local: sqlite3.Connection, ids: list[int]) -> set[str]:
     marks = ",".join("?" * len(ids))
-    found = local.execute(f"SELECT DISTINCT name FROM items WHERE item_id IN ({marks})", ids)
+    found = local.execute(f"SELECT DISTINCT name FROM items WHERE item_id IN ({marks})", ids)  # noqa: S608  ? placeholders; the ids are parameters
     return {str(name) for (name,) in found}
 
 
@@ -114,7 +114,8 @@ async def measure(
         started = time.perf_counter()
         result = await sync_once(config, SECRET)
         incremental.append(time.perf_counter() - started)
-        assert result.upserted == CHANGED and not result.full, result
+        assert result.upserted == CHANGED, result
+        assert not result.full, result
     figures["incremental_ms"] = statistics.median(incremental) * 1000
 
     full = []
@@ -164,12 +165,11 @@ async def measure(
 
 
 def run(rows: int, rounds: int, workdir: Path) -> dict[str, Any]:
-    with throwaway_database(DBNAME) as dsn:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            prepare(conn, rows)
-            with dispatcher_process(dsn) as node:
-                config = write_config(workdir, node.sync_port)
-                return asyncio.run(measure(conn, config, rows, rounds))
+    with throwaway_database(DBNAME) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+        prepare(conn, rows)
+        with dispatcher_process(dsn) as node:
+            config = write_config(workdir, node.sync_port)
+            return asyncio.run(measure(conn, config, rows, rounds))
 
 
 def report(figures: dict[str, Any]) -> str:

@@ -188,7 +188,7 @@ def bulk_insert(conn: psycopg.Connection, variant: Variant, rows: int) -> float:
 
 def single_row_statement(variant: Variant, account: str, cents: str) -> str:
     return (
-        f"INSERT INTO bench.{variant.table} (account_id, status, amount, note) "
+        f"INSERT INTO bench.{variant.table} (account_id, status, amount, note) "  # noqa: S608  a pgbench script: a variant's table, pgbench variables
         f"VALUES ({account}, 'closed', {cents} / 100.0, 'pgbench');"
     )
 

@@ -32,7 +32,7 @@ def pushsync(*args: str, cwd: Path) -> None:
     shown = " ".join(args)
     print(f"\n$ pushsync {shown}")
     executable = Path(sys.executable).with_name("pushsync")
-    result = subprocess.run(
+    result = subprocess.run(  # noqa: S603  the venv's own pushsync, an argv list
         [str(executable), *args], cwd=cwd, capture_output=True, text=True, check=False
     )
     for line in (result.stdout + result.stderr).splitlines():

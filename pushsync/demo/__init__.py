@@ -293,7 +293,8 @@ async def _start_dispatcher(stage: Stage, line: Timeline) -> None:
         lease=timedelta(seconds=10),
     )
     running = await stage.dispatcher.enter_async_context(serve(settings))
-    assert running.sync_address is not None and running.udp_address is not None
+    if running.sync_address is None or running.udp_address is None:
+        raise RuntimeError("the dispatcher did not open its SYNC and UDP gateways")
     stage.ports["sync"] = "{}:{}".format(*running.sync_address)
     stage.ports["udp"] = "{}:{}".format(*running.udp_address)
     line.say(
@@ -444,7 +445,7 @@ Everything keeps running (Ctrl-C stops it and removes {stage.workdir}):
   devices       {stage.workdir}/truck-*/listener.yaml, local databases in */state/local.db
 
 Try: UPDATE public.routes SET route_name = 'south 2' WHERE route_id = 20;
-     then pushsync sync {stage.workdir}/truck-bo/listener.yaml"""
+     then pushsync sync {stage.workdir}/truck-bo/listener.yaml"""  # noqa: S608  printed help
     )
 
 

@@ -43,7 +43,8 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
     lines = completed.stdout.splitlines()
     # The sanity checks compare what each variant wrote with what it should.
     sanity = [line for line in lines if line.rstrip().endswith((" ok", " WRONG"))]
-    assert sanity and all(line.rstrip().endswith(" ok") for line in sanity), sanity
+    assert sanity, sanity
+    assert all(line.rstrip().endswith(" ok") for line in sanity), sanity
     data = json.loads(results.read_text())
     assert set(data["bulk"]) == {"none", "nomatch", "nobody", "match4", "rowlevel", "rules20"}
     assert data["bulk"]["none"]["ratio_vs_none"] == 1.0

@@ -42,11 +42,13 @@ def test_demo_plays_the_story_and_checks_it() -> None:
         "OK: every pushed driver has the detour",
     ):
         assert line in out, out
-    assert "Ed pushed" not in out and "Ed synchronized:" not in out
+    assert "Ed pushed" not in out
+    assert "Ed synchronized:" not in out
     assert "Traceback" not in result.stderr
     assert elapsed < 60, elapsed
     workdir = re.search(r"pushsync demo in (\S+)", out)
-    assert workdir is not None and not Path(workdir[1]).exists()  # cleaned up
+    assert workdir is not None
+    assert not Path(workdir[1]).exists()  # cleaned up
 
 
 @pytest.mark.slow
@@ -83,4 +85,5 @@ def test_demo_keep_runs_until_interrupted_then_cleans_up() -> None:
         _, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     workdir = re.search(r"pushsync demo in (\S+)", "".join(lines))
-    assert workdir is not None and not Path(workdir[1]).exists()
+    assert workdir is not None
+    assert not Path(workdir[1]).exists()

@@ -54,7 +54,8 @@ def test_dispatch_throughput_smoke_run(tmp_path: Path) -> None:
     assert runs["floor b=500"]["notes"]["claimed"] == rows
     dispatcher = runs["dispatcher b=100"]["notes"]
     assert dispatcher["distinct"] == rows, dispatcher  # every row reached the receiver
-    assert dispatcher["tracebacks"] == 0 and dispatcher["exit_status"] == 0, dispatcher
+    assert dispatcher["tracebacks"] == 0, dispatcher
+    assert dispatcher["exit_status"] == 0, dispatcher
     assert runs["pgqueuer b=100 c=1"]["notes"]["handled"] == rows
     assert {"dispatcher_vs_floor", "dispatcher_vs_pgqueuer"} <= set(data["verdicts"])
 
@@ -86,5 +87,6 @@ def test_dispatch_latency_smoke_run(tmp_path: Path) -> None:
         assert result["received"] == result["measured"] > 0, (name, result)
     for name in ("relay", "dispatcher"):
         notes = data["results"][name]["notes"]
-        assert notes["bad_datagrams"] == 0 and notes["tracebacks"] == 0, (name, notes)
+        assert notes["bad_datagrams"] == 0, (name, notes)
+        assert notes["tracebacks"] == 0, (name, notes)
         assert notes["not_all_recorded"] == 0, (name, notes)

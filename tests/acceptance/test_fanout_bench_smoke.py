@@ -25,6 +25,7 @@ def test_fanout_benchmark_smoke_run() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     figures = json.loads(lines[-1])
-    assert figures["udp_received"] == 200 and figures["sync_received"] == 200
+    assert figures["udp_received"] == 200
+    assert figures["sync_received"] == 200
     assert any(line.startswith("fan-out over UDP") for line in lines)
     assert any(line.startswith("memory per SYNC connection") for line in lines)

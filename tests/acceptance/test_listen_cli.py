@@ -149,7 +149,8 @@ def test_listen_runs_with_only_the_standard_library_and_pyyaml(tmp_path: Path) -
     try:
         message = new_message("minimal")
         ack = send_until_acked(message, port)
-        assert ack is not None and ack.request_id == message.request_id
+        assert ack is not None
+        assert ack.request_id == message.request_id
     finally:
         listener.send_signal(signal.SIGTERM)
         _, stderr = listener.communicate(timeout=30)

@@ -70,7 +70,8 @@ async def test_a_second_device_in_the_same_folder_is_refused_and_nothing_mixes(
         status, out, err = await cli("sync", "bo.yaml", cwd=tmp_path)
         assert status == 0, err
         bo_rows = local_routes(tmp_path)
-        assert bo_rows and {driver for _, driver in bo_rows} == {2}
+        assert bo_rows
+        assert {driver for _, driver in bo_rows} == {2}
 
         status, out, err = await cli("sync", "ann.yaml", cwd=tmp_path)
     assert status == 2

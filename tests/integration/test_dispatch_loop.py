@@ -315,7 +315,8 @@ async def test_two_dispatchers_send_every_row_exactly_once(
     print(f"\n5,000 rows: a sent {len(first.items)}, b {len(second.items)} in {elapsed:.2f} s")
     assert len(sent) == 5000  # none twice
     assert set(sent) == ids
-    assert first.items and second.items  # both took part
+    assert first.items
+    assert second.items  # both took part
 
 
 def test_gateways_satisfy_the_protocol() -> None:
@@ -378,7 +379,9 @@ async def test_unconfirmed_message_is_resent_then_confirmed(
                 "WHERE request_id = %s",
                 (request_id,),
             ).fetchone()
-            assert row is not None and row[0] >= 2 and row[1]
+            assert row is not None
+            assert row[0] >= 2
+            assert row[1]
             while not device.inbox.queue.empty():  # a resend that crossed the ack
                 device.inbox.queue.get_nowait()
             await asyncio.sleep(0.6)  # confirmed: never sent again

@@ -64,7 +64,8 @@ async def test_the_documented_dispatcher_role_is_enough(db: psycopg.Connection, 
             try:
                 conn.send(protocol.encode_track(":5001"))
                 frame = await conn.recv(timeout=10)
-                assert frame is not None and frame.type == protocol.FrameType.MESSAGE
+                assert frame is not None
+                assert frame.type == protocol.FrameType.MESSAGE
                 msg = protocol.decode_message(frame.payload, SECRET, time.time())
                 assert msg.request_id == request_id
                 ack = protocol.Ack(request_id=request_id, device=DEVICE, confirmed=time.time())

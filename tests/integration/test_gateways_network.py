@@ -370,8 +370,10 @@ async def test_smtp_auth_uses_the_password_and_never_logs_it(
 
     wrong = smtp_gateway(auth_server.port, username="pushsync", password="not " + PASSWORD)
     result = await wrong.send(claimed())
-    assert not result.ok and not result.final
-    assert result.error is not None and "535" in result.error
+    assert not result.ok
+    assert not result.final
+    assert result.error is not None
+    assert "535" in result.error
     assert PASSWORD not in result.error
     assert len(sink.messages) == 1
     for text in (PASSWORD, g._b64(PASSWORD), g._b64(f"\0pushsync\0{PASSWORD}")):
@@ -382,7 +384,8 @@ async def test_smtp_auth_uses_the_password_and_never_logs_it(
 async def test_smtp_refused_recipient_is_final(smtp_server: _Controller, sink: MailSink) -> None:
     item = claimed(email_address="refused@example.org")
     result = await smtp_gateway(smtp_server.port).send(item)
-    assert not result.ok and result.final
+    assert not result.ok
+    assert result.final
     assert result.error == "recipient refused: 550 5.1.1 no such mailbox"
     assert sink.messages == []
 
@@ -392,8 +395,10 @@ async def test_smtp_server_down_is_not_final() -> None:
     with socket.socket() as bound:  # bound, not listening: connections are refused
         bound.bind(("127.0.0.1", 0))
         result = await smtp_gateway(bound.getsockname()[1]).send(claimed())
-    assert not result.ok and not result.final
-    assert result.error is not None and "ConnectionRefusedError" in result.error
+    assert not result.ok
+    assert not result.final
+    assert result.error is not None
+    assert "ConnectionRefusedError" in result.error
 
 
 @pytest.mark.asyncio
@@ -403,5 +408,7 @@ async def test_smtp_silent_server_times_out_not_final() -> None:
         silent.listen()
         gateway = replace(smtp_gateway(silent.getsockname()[1]), timeout=0.2)
         result = await gateway.send(claimed())
-    assert not result.ok and not result.final
-    assert result.error is not None and "timed out" in result.error
+    assert not result.ok
+    assert not result.final
+    assert result.error is not None
+    assert "timed out" in result.error

@@ -641,7 +641,8 @@ async def test_config_starts_an_imap_channel_in_a_real_listener(
         )
         context = channel.ssl_context
         assert context is not None
-        assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+        assert context.verify_mode == ssl.CERT_REQUIRED
+        assert context.check_hostname
         assert [c.name for c in listener.channels] == ["imap"]
     assert (
         f"listening as {DEVICE} on imap 127.0.0.1:993 folder 'INBOX' as '{USER}' every 0:00:45"
@@ -679,7 +680,8 @@ def test_the_password_file_loses_one_trailing_newline_and_errors_never_show_it(
         with pytest.raises(ImapError, match=error) as caught:
             read_password(path)
         shown = str(caught.value).replace(str(path), "")
-        assert "geheimnis" not in shown and "tab" not in shown
+        assert "geheimnis" not in shown
+        assert "tab" not in shown
     path.write_bytes(b"\xff\xfe-latin-1\n")
     with pytest.raises(ImapError, match="not UTF-8 text"):
         read_password(path)

@@ -373,7 +373,8 @@ async def test_sent_many_records_each_send_through_its_own_gateway(
     for rid in (udp, sync):
         assert rows[rid]["sent_at"] is not None
         assert timedelta(minutes=4) < rows[rid]["due_in"] <= timedelta(minutes=5)
-    assert rows[acked]["sent_at"] is not None and rows[acked]["confirmed_at"] is not None
+    assert rows[acked]["sent_at"] is not None
+    assert rows[acked]["confirmed_at"] is not None
     assert await a.sent_many([(udp, "udp")]) == set()  # no longer held
     assert await a.sent_many([(acked, "udp")]) == {acked}  # confirmed stays so
     assert get(fleet, acked)["gateway_used"] == "sync"  # the first send recorded wins
@@ -483,7 +484,8 @@ async def test_confirm_while_sending_wins_over_a_late_sent(
     assert await store.sent(rid, "sync") is True
     row = get(fleet, rid)
     assert (row["state"], row["gateway_used"]) == ("confirmed", "sync")
-    assert row["sent_at"] is not None and row["confirmed_at"] is not None
+    assert row["sent_at"] is not None
+    assert row["confirmed_at"] is not None
 
 
 @pytest.mark.asyncio

@@ -20,21 +20,21 @@ def test_start_postgres_answers_as_postgres_superuser() -> None:
         assert datadir.stat().st_uid != 0 or os.geteuid() != 0
 
         # Same flow as pytest_postgresql.factories.postgresql: clone the template.
-        with DatabaseJanitor(
-            user=pg.user,
-            host=pg.host,
-            port=pg.port,
-            dbname=pg.dbname,
-            template_dbname=pg.template_dbname,
-            maintenance_dbname=pg.maintenance_dbname,
-            password=pg.password,
+        with (
+            DatabaseJanitor(
+                user=pg.user,
+                host=pg.host,
+                port=pg.port,
+                dbname=pg.dbname,
+                template_dbname=pg.template_dbname,
+                maintenance_dbname=pg.maintenance_dbname,
+                password=pg.password,
+            ),
+            psycopg.connect(host=pg.host, port=pg.port, user=pg.user, dbname=pg.dbname) as conn,
         ):
-            with psycopg.connect(
-                host=pg.host, port=pg.port, user=pg.user, dbname=pg.dbname
-            ) as conn:
-                row = conn.execute(
-                    "SELECT version(), current_user, current_database(), current_setting('fsync')"
-                ).fetchone()
+            row = conn.execute(
+                "SELECT version(), current_user, current_database(), current_setting('fsync')"
+            ).fetchone()
     assert row is not None
     version, user, dbname, fsync = row
     assert version.startswith("PostgreSQL ")

@@ -36,15 +36,18 @@ async def test_serve_starts_what_the_settings_ask_for_and_stops_it(
     )
     async with serve(settings) as running:
         await until_async(lambda: running.dispatcher.health()[0], "the dispatcher to connect")
-        assert running.sync_address is not None and running.metrics_address is not None
+        assert running.sync_address is not None
+        assert running.metrics_address is not None
         assert running.udp_address is not None
         sync_address, metrics_address = running.sync_address, running.metrics_address
-        assert not refused(sync_address) and not refused(metrics_address)
+        assert not refused(sync_address)
+        assert not refused(metrics_address)
         assert set(running.dispatcher.gateways) == {"udp", "sync"}
         assert running.store is running.dispatcher.store
         assert db.execute("SELECT owner FROM pushsync.dispatchers").fetchall() == [("served",)]
     assert running.finished.done()
-    assert refused(sync_address) and refused(metrics_address)
+    assert refused(sync_address)
+    assert refused(metrics_address)
     assert db.execute("SELECT count(*) FROM pushsync.dispatchers").fetchone() == (0,)
 
 
@@ -70,4 +73,5 @@ async def test_stop_ends_the_dispatcher_before_the_block_does(dsn: str) -> None:
         await until_async(lambda: running.dispatcher.health()[0], "the dispatcher to connect")
         running.stop()
         await asyncio.wait_for(running.stopped(), 10)
-        assert running.finished.done() and running.finished.exception() is None
+        assert running.finished.done()
+        assert running.finished.exception() is None

@@ -67,7 +67,8 @@ async def test_insert_reaches_the_listener_over_sync_and_its_ack_confirms(
             request_id = enqueue(db, content="$(rm -rf /); `id`")
             await until_async(lambda: outbox_row(db, request_id)[0] == "confirmed", "confirmation")
             _, gateway, confirmed_at = outbox_row(db, request_id)
-            assert gateway == "sync" and confirmed_at is not None
+            assert gateway == "sync"
+            assert confirmed_at is not None
             assert runs(tmp_path) == [
                 {"request_id": str(request_id), "content": "$(rm -rf /); `id`"}
             ]
@@ -106,9 +107,11 @@ async def test_rows_waiting_for_a_device_go_down_its_connection_when_it_connects
         conn = await session(dispatcher)
         try:
             frame = await conn.recv(timeout=WAIT)
-            assert frame is not None and frame.type == protocol.FrameType.MESSAGE
+            assert frame is not None
+            assert frame.type == protocol.FrameType.MESSAGE
             msg = protocol.decode_message(frame.payload, SECRET, time.time())
-            assert msg.request_id == waiting and msg.device == DEVICE
+            assert msg.request_id == waiting
+            assert msg.device == DEVICE
             ack = protocol.Ack(request_id=waiting, device=DEVICE, confirmed=time.time())
             conn.send(protocol.encode_ack_frame(protocol.encode_ack(ack, SECRET)))
             await until_async(lambda: outbox_row(db, waiting)[0] == "confirmed", "confirmation")
@@ -233,7 +236,8 @@ async def test_forged_acks_on_an_authenticated_connection_confirm_nothing(
             pong = await conn.recv(timeout=WAIT)
             while pong is not None and pong.type != protocol.FrameType.PONG:
                 pong = await conn.recv(timeout=WAIT)
-            assert pong is not None and protocol.decode_heartbeat(pong) == 1
+            assert pong is not None
+            assert protocol.decode_heartbeat(pong) == 1
             assert connections_of(dispatcher).stats.bad_acks == 2
             assert connections_of(dispatcher).is_connected(DEVICE)  # a bad ack does not drop it
         finally:
@@ -296,7 +300,8 @@ async def test_silent_peers_are_dropped(db: psycopg.Connection, dsn: str) -> Non
         seen = []
         while (frame := await conn.recv(timeout=WAIT)) is not None:
             seen.append(frame.type)
-        assert protocol.FrameType.PING in seen and seen[-1] == protocol.FrameType.BYE
+        assert protocol.FrameType.PING in seen
+        assert seen[-1] == protocol.FrameType.BYE
         await conn.close()
         await until_async(
             lambda: not connections_of(dispatcher).by_device, "the silent device to go"
@@ -310,10 +315,12 @@ async def test_a_second_connection_replaces_the_first(db: psycopg.Connection, ds
         first = await session(dispatcher)
         second = await session(dispatcher)
         frame = await first.recv(timeout=WAIT)
-        assert frame is not None and protocol.decode_bye(frame) == "replaced by a new connection"
+        assert frame is not None
+        assert protocol.decode_bye(frame) == "replaced by a new connection"
         request_id = enqueue(db)
         frame = await second.recv(timeout=WAIT)
-        assert frame is not None and frame.type == protocol.FrameType.MESSAGE
+        assert frame is not None
+        assert frame.type == protocol.FrameType.MESSAGE
         assert protocol.decode_message(frame.payload, SECRET, time.time()).request_id == request_id
         count = db.execute("SELECT count(*) FROM pushsync.sync_connections").fetchone()
         assert count == (1,)
@@ -395,7 +402,8 @@ async def test_rows_for_a_connected_device_go_through_the_dispatcher_holding_it(
                 ),
                 "every send recorded as sync",
             )
-            assert connections_of(a).stats.pushed == 0 and connections_of(b).stats.pushed == 20
+            assert connections_of(a).stats.pushed == 0
+            assert connections_of(b).stats.pushed == 20
         finally:
             await conn.close("bye")
     rows = db.execute("SELECT count(*) FROM pushsync.dispatchers").fetchone()
@@ -468,7 +476,8 @@ async def test_udp_ack_for_a_message_sent_before_a_restart_is_verified_from_the_
             sender.sendto(protocol.encode_ack(forged, WRONG))
             sender.sendto(ack)
             await until_async(lambda: outbox_row(db, request_id)[0] == "confirmed", "confirmation")
-            assert udp.stats.accepted == 1 and udp.stats.dropped == 1
+            assert udp.stats.accepted == 1
+            assert udp.stats.dropped == 1
             sender.close()
         finally:
             udp.close()
@@ -588,7 +597,8 @@ async def test_a_device_connecting_during_an_attempt_gets_the_row_at_once(
         try:
             held.finish.set()
             frame = await conn.recv(timeout=WAIT)
-            assert frame is not None and frame.type == protocol.FrameType.MESSAGE
+            assert frame is not None
+            assert frame.type == protocol.FrameType.MESSAGE
             message = protocol.decode_message(frame.payload, SECRET, time.time())
             assert message.request_id == request_id
         finally:

@@ -73,7 +73,9 @@ async def test_first_sync_downloads_the_devices_rows_then_only_changes(
         assert local_routes(truck2) == [(20, "south (detour)", 2)]
 
         third = await sync(truck2)
-        assert third.full == () and third.upserted == 0 and third.deleted == 0
+        assert third.full == ()
+        assert third.upserted == 0
+        assert third.deleted == 0
 
 
 @pytest.mark.asyncio
@@ -109,7 +111,8 @@ async def test_rows_enter_and_leave_the_set_also_through_other_tables(
         # Driver 2 now carries another device: truck-2's routes all leave.
         fleet.execute("UPDATE public.drivers SET device_id = NULL WHERE driver_id = 2")
         await sync(truck2)
-        assert local_routes(truck2) == [] and local_stops(truck2) == []
+        assert local_routes(truck2) == []
+        assert local_stops(truck2) == []
 
 
 @pytest.mark.asyncio
@@ -212,7 +215,7 @@ class Cut:
     def send(self, data: bytes) -> bool:
         return self.inner.send(data)
 
-    async def recv(self, timeout: float | None = None) -> protocol.Frame | None:
+    async def recv(self, timeout: float | None = None) -> protocol.Frame | None:  # noqa: ASYNC109  the wrapped connection's own signature
         frame = await self.inner.recv(timeout)
         if frame is not None:
             self.seen.append(frame.type)
@@ -293,7 +296,8 @@ async def test_schema_drift_rebuilds_the_local_table(
         finally:
             db.close()
         assert refused.reason.startswith("column eta of public.routes does not exist")
-        assert refused.change.new is not None and refused.change.new["eta"] == "late"
+        assert refused.change.new is not None
+        assert refused.change.new["eta"] == "late"
 
 
 @pytest.mark.asyncio

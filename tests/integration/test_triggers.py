@@ -43,10 +43,14 @@ def test_reporter_is_not_notified_and_other_locations_are_quiet(fleet: psycopg.C
 
 
 def test_rollback_leaves_no_notification(fleet: psycopg.Connection) -> None:
-    with pytest.raises(RuntimeError), fleet.transaction():
-        report(fleet, location=100, by=3)
-        assert len(outbox(fleet)) == 3  # visible inside the transaction
-        raise RuntimeError("abort")
+    def report_then_abort() -> None:
+        with fleet.transaction():
+            report(fleet, location=100, by=3)
+            assert len(outbox(fleet)) == 3  # visible inside the transaction
+            raise RuntimeError("abort")
+
+    with pytest.raises(RuntimeError, match="abort"):
+        report_then_abort()
     assert outbox(fleet) == []
 
 

@@ -372,6 +372,7 @@ class Forge:
         if kind < 0.65:
             return self.heartbeat()
         if kind < 0.75:  # any endpoint: an authenticated device may name one (manual wins)
-            host = rng.choice(["", "0.0.0.0", "[::]", "127.0.0.1", "evil.invalid", "[::1]"])
+            hosts = ["", "0.0.0.0", "[::]", "127.0.0.1", "evil.invalid", "[::1]"]  # noqa: S104  frame data
+            host = rng.choice(hosts)
             return protocol.encode_track(f"{host}:{rng.randint(1, 65535)}")
         return self.json_frame([FrameType.SYNC_BEGIN, FrameType.UPLOAD, FrameType.DOWNLOAD])

@@ -158,9 +158,11 @@ def test_away_less_than_ttl_delivered_on_return_longer_never(
     assert {str(r["gateway"]) for r in final_back.values() if r["device"] == back_sync.name} == {
         "sync"
     }
-    assert gone_udp.ran() == [] and gone_sync.ran() == []
+    assert gone_udp.ran() == []
+    assert gone_sync.ran() == []
     assert {str(r["state"]) for r in final_gone.values()} == {"expired"}
-    assert len(final_gone) == 2 * per_device and set(final_gone) == set().union(*gone.values())
+    assert len(final_gone) == 2 * per_device
+    assert set(final_gone) == set().union(*gone.values())
     assert gone_sync_connected == (1,)  # it was connected, and still got nothing
     assert processes.tracebacks() == []
     report.done()

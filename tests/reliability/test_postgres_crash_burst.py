@@ -140,7 +140,8 @@ def test_postgres_crash_mid_burst_loses_nothing_and_recovers(
             lambda: http_get(f"{url}/healthz")[0] == 200, "/healthz ok again", patience, logs=logs
         )
         writer.join(patience)
-    assert not writer.is_alive() and writer.error is None, writer.error
+    assert not writer.is_alive(), writer.error
+    assert writer.error is None, writer.error
     written = time.monotonic() - up
 
     db = own_server.connect()

@@ -402,7 +402,8 @@ def refusal(text: str) -> tuple[list[str], float]:
             found = LOCATED.match(problem)
             assert found, f"not located: {problem[:300]}"
             line, column = int(found.group(1)), int(found.group(2))
-            assert 1 <= line <= lines and column >= 1, f"outside the file: {problem[:300]}"
+            assert 1 <= line <= lines, f"outside the file: {problem[:300]}"
+            assert column >= 1, f"outside the file: {problem[:300]}"
         return problems, took
     pytest.fail("accepted")
 
@@ -539,5 +540,6 @@ def test_check_prints_only_located_lines(tmp_path: Path) -> None:
     path.write_text(text, encoding="utf-8")
     result = run_cli("check", str(path))
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and lines, result.stderr
+    assert result.returncode == 2, result.stderr
+    assert lines, result.stderr
     assert all(line.startswith(f"{path}:") for line in lines), lines

@@ -397,17 +397,16 @@ async def test_a_frame_replayed_to_the_server_in_the_same_connection(
             return [raw, raw]
         return [raw]
 
-    async with dispatching(dsn) as dispatcher:
-        async with through(dispatcher, replay) as (mitm, address):
-            config = write_config(tmp_path, address)
-            async with listening(config):
-                relay = await wait_for_relay(mitm)
-                closer = await hung_up(relay)
-                await settle(dispatcher)
-                assert [r for (r, _) in state(db)["confirmed"]] == [first]
-                assert closer == "server"
-                assert connections_of(dispatcher).stats.bad_frames == 1
-                assert connections_of(dispatcher).stats.acks == 1  # the device's own, once
+    async with dispatching(dsn) as dispatcher, through(dispatcher, replay) as (mitm, address):
+        config = write_config(tmp_path, address)
+        async with listening(config):
+            relay = await wait_for_relay(mitm)
+            closer = await hung_up(relay)
+            await settle(dispatcher)
+            assert [r for (r, _) in state(db)["confirmed"]] == [first]
+            assert closer == "server"
+            assert connections_of(dispatcher).stats.bad_frames == 1
+            assert connections_of(dispatcher).stats.acks == 1  # the device's own, once
 
 
 @pytest.mark.asyncio
@@ -427,22 +426,24 @@ async def test_a_frame_from_an_earlier_connection_replayed_to_the_server(
                 return [raw, *old_track]
         return [raw]
 
-    async with dispatching(dsn) as dispatcher:
-        async with through(dispatcher, replay, connections=2) as (mitm, address):
-            (tmp_path / "a").mkdir()
-            (tmp_path / "b").mkdir()
-            async with listening(write_config(tmp_path / "a", address, udp=True)) as device:
-                old = f"127.0.0.1:{device.udp_address[1]}"
-                await until_async(lambda: tracked(db) == [(old,)], "the first address")
-            assert await hung_up(mitm.relays[0]) == "device"  # it stopped
-            async with listening(write_config(tmp_path / "b", address, udp=True)) as device:
-                new = f"127.0.0.1:{device.udp_address[1]}"
-                relay = await wait_for_relay(mitm, 1)
-                closer = await hung_up(relay)
-                await settle(dispatcher)
-                assert tracked(db) == [(new,)]
-                assert closer == "server"
-                assert connections_of(dispatcher).stats.bad_frames == 1
+    async with (
+        dispatching(dsn) as dispatcher,
+        through(dispatcher, replay, connections=2) as (mitm, address),
+    ):
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        async with listening(write_config(tmp_path / "a", address, udp=True)) as device:
+            old = f"127.0.0.1:{device.udp_address[1]}"
+            await until_async(lambda: tracked(db) == [(old,)], "the first address")
+        assert await hung_up(mitm.relays[0]) == "device"  # it stopped
+        async with listening(write_config(tmp_path / "b", address, udp=True)) as device:
+            new = f"127.0.0.1:{device.udp_address[1]}"
+            relay = await wait_for_relay(mitm, 1)
+            closer = await hung_up(relay)
+            await settle(dispatcher)
+            assert tracked(db) == [(new,)]
+            assert closer == "server"
+            assert connections_of(dispatcher).stats.bad_frames == 1
 
 
 @pytest.mark.asyncio
@@ -458,14 +459,16 @@ async def test_a_frame_replayed_to_the_device(
             return [raw, raw]
         return [raw]
 
-    async with dispatching(dsn) as dispatcher:
-        async with through(dispatcher, replay) as (mitm, address):
-            async with listening(write_config(tmp_path, address)) as listener:
-                relay = await wait_for_relay(mitm)
-                assert await hung_up(relay) == "device"
-                assert listener.channel(SyncChannel).connections == 1
-                assert connections_of(dispatcher).stats.bad_frames == 0
-                assert listener.counters.duplicates == 0  # never read as a message
+    async with (
+        dispatching(dsn) as dispatcher,
+        through(dispatcher, replay) as (mitm, address),
+        listening(write_config(tmp_path, address)) as listener,
+    ):
+        relay = await wait_for_relay(mitm)
+        assert await hung_up(relay) == "device"
+        assert listener.channel(SyncChannel).connections == 1
+        assert connections_of(dispatcher).stats.bad_frames == 0
+        assert listener.counters.duplicates == 0  # never read as a message
 
 
 # --------------------------------------------------------------------------- (c) reordered, dropped
@@ -523,14 +526,16 @@ async def test_frames_reordered_or_dropped_on_the_way_to_the_server(
     add_device(db)
     async with dispatching(dsn) as dispatcher:
         before = state(db)
-        async with through(dispatcher, tamper) as (mitm, address):
-            async with listening(write_config(tmp_path, address, udp=True)):
-                relay = await wait_for_relay(mitm)
-                closer = await hung_up(relay)
-                await settle(dispatcher)
-                assert state(db) == before  # neither subscribed nor tracked
-                assert closer == "server"
-                assert connections_of(dispatcher).stats.bad_frames == 1
+        async with (
+            through(dispatcher, tamper) as (mitm, address),
+            listening(write_config(tmp_path, address, udp=True)),
+        ):
+            relay = await wait_for_relay(mitm)
+            closer = await hung_up(relay)
+            await settle(dispatcher)
+            assert state(db) == before  # neither subscribed nor tracked
+            assert closer == "server"
+            assert connections_of(dispatcher).stats.bad_frames == 1
 
 
 @pytest.mark.asyncio
@@ -549,15 +554,17 @@ async def test_frames_reordered_or_dropped_on_the_way_to_the_device(
     enqueue(db, content="two")
     async with dispatching(dsn) as dispatcher:
         before = state(db)
-        async with through(dispatcher, tamper) as (mitm, address):
-            async with listening(write_config(tmp_path, address)) as listener:
-                relay = await wait_for_relay(mitm)
-                closer = await hung_up(relay)
-                await settle(dispatcher)
-                assert state(db)["confirmed"] == before["confirmed"] == []
-                assert listener.counters.handled == 0
-                assert closer == "device"
-                assert len(relay.frames("down", FrameType.MESSAGE)) == 2
+        async with (
+            through(dispatcher, tamper) as (mitm, address),
+            listening(write_config(tmp_path, address)) as listener,
+        ):
+            relay = await wait_for_relay(mitm)
+            closer = await hung_up(relay)
+            await settle(dispatcher)
+            assert state(db)["confirmed"] == before["confirmed"] == []
+            assert listener.counters.handled == 0
+            assert closer == "device"
+            assert len(relay.frames("down", FrameType.MESSAGE)) == 2
         assert runs(tmp_path) == []
 
 

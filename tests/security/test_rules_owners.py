@@ -150,7 +150,8 @@ def test_rules_may_not_use_what_the_application_can_redefine(
     before = snapshot(fleet)
     assert not become_superuser(dsn, application)
     after = snapshot(fleet)
-    assert after["roles"] == before["roles"] and after["triggers"] == before["triggers"]
+    assert after["roles"] == before["roles"]
+    assert after["triggers"] == before["triggers"]
 
 
 def test_trusting_functions_and_owners_is_explicit_and_checked(

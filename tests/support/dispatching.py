@@ -102,7 +102,7 @@ def dispatcher_connected(db: psycopg.Connection, dispatcher: Dispatcher) -> bool
 
 
 @asynccontextmanager
-async def running(dispatcher: Dispatcher, timeout: float = WAIT) -> AsyncIterator[asyncio.Event]:
+async def running(dispatcher: Dispatcher) -> AsyncIterator[asyncio.Event]:
     """Run ``dispatcher`` for the block; stop it and wait for it (bounded) after."""
     stop = asyncio.Event()
     task = asyncio.create_task(dispatcher.run(stop))
@@ -110,7 +110,7 @@ async def running(dispatcher: Dispatcher, timeout: float = WAIT) -> AsyncIterato
         yield stop
     finally:
         stop.set()
-        await asyncio.wait_for(task, timeout)
+        await asyncio.wait_for(task, WAIT)
 
 
 @asynccontextmanager

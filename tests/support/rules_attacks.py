@@ -112,7 +112,8 @@ def problems(result: subprocess.CompletedProcess[str], path: Path) -> list[str]:
     assert lines, "refused without a reason"
     for line in lines:
         found = LOCATED.match(line)
-        assert found and found["path"] == str(path), f"not located in {path}: {line}"
+        assert found, f"not located in {path}: {line}"
+        assert found["path"] == str(path), f"not located in {path}: {line}"
     return lines
 
 

@@ -49,7 +49,7 @@ def until(
 async def until_async(
     check: Callable[[], object],
     what: str = "the condition",
-    timeout: float = WAIT,
+    timeout: float = WAIT,  # noqa: ASYNC109  a deadline that fails the test naming `what`
     *,
     every: float = 0.01,
 ) -> float:

@@ -16,7 +16,8 @@ def test_defaults_are_those_of_pushsync_dispatch() -> None:
     settings = DispatcherSettings(dsn="")
     assert (settings.batch, settings.lease) == (500, timedelta(seconds=30))
     assert (settings.udp_listen, settings.sync_listen) == ("0.0.0.0:0", "0.0.0.0:2439")
-    assert settings.metrics_listen is None and settings.smtp is None
+    assert settings.metrics_listen is None
+    assert settings.smtp is None
     assert settings.alive_for == timedelta(seconds=15)
 
 
@@ -28,7 +29,7 @@ def test_alive_for_follows_a_slow_housekeeping() -> None:
 @pytest.mark.parametrize("field", ["udp_listen", "sync_listen", "metrics_listen"])
 def test_a_listen_address_that_is_not_host_port_is_refused(field: str) -> None:
     given: dict[str, Any] = {field: "localhost"}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="expected HOST:PORT"):
         DispatcherSettings(dsn="", **given)
 
 
@@ -43,7 +44,8 @@ def test_repr_shows_neither_the_dsn_nor_the_smtp_password() -> None:
         smtp="smtp://mailer@mail.example",
         smtp_password="swordfish",
     )
-    assert "hunter2" not in repr(settings) and "swordfish" not in repr(settings)
+    assert "hunter2" not in repr(settings)
+    assert "swordfish" not in repr(settings)
 
 
 def test_settings_are_frozen() -> None:

@@ -250,7 +250,8 @@ def test_the_extractor_reads_fences_markers_and_prompts() -> None:
     )
     first, second, third = fenced_blocks(ROOT / "x.md", text)
     assert (first.line, first.lang, first.text, first.invalid) == (4, "yaml", "version: 2\n", True)
-    assert second.marker is None and second.lang == "console"
+    assert second.marker is None
+    assert second.lang == "console"
     assert list(shell_lines(second)) == [
         ("pushsync status --json", "{}"),
         ("pushsync --version", ""),
@@ -469,7 +470,8 @@ def unit_sections(text: str) -> dict[str, dict[str, list[str]]]:
             current = sections.setdefault(joined[1:-1], {})
             continue
         key, equals, value = joined.partition("=")
-        assert equals and current is not None, f"not a unit file line: {joined!r}"
+        assert equals, f"not a unit file line: {joined!r}"
+        assert current is not None, f"not a unit file line: {joined!r}"
         current.setdefault(key.strip(), []).append(value.strip())
     return sections
 
@@ -495,7 +497,8 @@ def test_systemd_units(block: Block, capsys: pytest.CaptureFixture[str]) -> None
     assert re.fullmatch(r"\d+s?", service["TimeoutStopSec"])
     assert service["NoNewPrivileges"] == "yes"
     assert service["ProtectSystem"] == "strict"
-    assert service["User"] and service["User"] != "root"
+    assert service["User"]
+    assert service["User"] != "root"
     # SIGHUP: the dispatcher reloads polls and forgets cached secrets; the listener
     # re-reads its handlers.
     assert re.fullmatch(r"/\S*kill -HUP \$MAINPID", service["ExecReload"])

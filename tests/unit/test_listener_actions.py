@@ -82,7 +82,9 @@ async def do(actions: Actions, found: Handler, msg: Message | None = None) -> Pe
 async def test_run_success_captures_output(actions: Actions) -> None:
     done = await do(actions, handler(python("print('hello'); import sys; sys.stderr.write('e')")))
     assert done.outcome == Outcome(True, "exit 0", "hello\ne")
-    assert done.ok and done.alternative is None and done.confirm
+    assert done.ok
+    assert done.alternative is None
+    assert done.confirm
 
 
 @pytest.mark.asyncio
@@ -169,9 +171,9 @@ async def test_start_does_not_wait_and_leaves_no_zombie(actions: Actions) -> Non
 
     await asyncio.wait_for(actions.wait_background(), 5)
     assert actions.background == 0
-    assert not Path(f"/proc/{pid}").exists()  # reaped: not even a zombie is left
+    assert not Path(f"/proc/{pid}").exists()  # noqa: ASYNC240  reaped: not even a zombie is left
     with pytest.raises(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
+        os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222  WNOHANG returns at once
 
 
 @pytest.mark.asyncio
@@ -288,7 +290,8 @@ async def test_altaction_runs_only_when_the_action_fails(actions: Actions, tmp_p
     alt = python("import sys; open(sys.argv[1], 'a').write('ran')", str(marker))
 
     done = await do(actions, handler(python("pass"), altaction=alt))
-    assert done.outcome.ok and done.alternative is None
+    assert done.outcome.ok
+    assert done.alternative is None
     assert not marker.exists()
 
     done = await do(actions, handler(python("raise SystemExit(1)"), altaction=alt))

@@ -99,9 +99,12 @@ def test_design_example_loads() -> None:
     assert channels.sync is not None
     assert channels.sync.server == Address(host="127.0.0.1", port=2439)
     assert not channels.sync.tls
-    assert channels.udp is not None and channels.udp.bind == Address(host="0.0.0.0", port=5001)
-    assert channels.maildir is not None and channels.maildir.path == base / "Maildir"
-    assert channels.poll is not None and channels.poll.every == timedelta(seconds=60)
+    assert channels.udp is not None
+    assert channels.udp.bind == Address(host="0.0.0.0", port=5001)  # noqa: S104  parsed, not bound
+    assert channels.maildir is not None
+    assert channels.maildir.path == base / "Maildir"
+    assert channels.poll is not None
+    assert channels.poll.every == timedelta(seconds=60)
     assert channels.imap is None
     assert [h.name for h in loaded.handlers] == ["disruption", "route-changed", "beacon"]
     disruption, route, beacon = loaded.handlers
@@ -110,10 +113,15 @@ def test_design_example_loads() -> None:
     assert disruption.action == SyncAction(timeout=timedelta(seconds=60))
     assert isinstance(disruption.altaction, RunAction)
     assert [t.text for t in disruption.altaction.argv] == ["logger", "sync failed for $request_id"]
-    assert route.subject_matches is not None and route.subject_matches.pattern == "^route"
-    assert isinstance(route.action, RunAction) and route.action.timeout == timedelta(seconds=60)
-    assert isinstance(beacon.action, StartAction) and beacon.action.timeout is None
-    assert beacon.continue_ and beacon.confirm and not disruption.continue_
+    assert route.subject_matches is not None
+    assert route.subject_matches.pattern == "^route"
+    assert isinstance(route.action, RunAction)
+    assert route.action.timeout == timedelta(seconds=60)
+    assert isinstance(beacon.action, StartAction)
+    assert beacon.action.timeout is None
+    assert beacon.continue_
+    assert beacon.confirm
+    assert not disruption.continue_
 
 
 def test_load_config_reads_the_file_and_resolves_paths_next_to_it(tmp_path: Path) -> None:
@@ -179,7 +187,8 @@ def test_defaults_of_channels_and_actions() -> None:
         """
     )
     channels = loaded.channels
-    assert channels.sync is not None and channels.sync.tls
+    assert channels.sync is not None
+    assert channels.sync.tls
     assert channels.sync.server == Address(host="::1", port=2439)
     assert str(channels.sync.server) == "[::1]:2439"
     assert channels.sync.ca_file == Path("/etc/pushsync/ca.pem")
@@ -187,8 +196,10 @@ def test_defaults_of_channels_and_actions() -> None:
     assert imap is not None
     assert (imap.port, imap.folder, imap.every) == (993, "INBOX", timedelta(seconds=30))
     assert channels.sync.heartbeat == timedelta(seconds=30)
-    assert channels.poll is not None and channels.poll.every == timedelta(seconds=60)
-    assert channels.poll.tls and channels.poll.ca_file is None
+    assert channels.poll is not None
+    assert channels.poll.every == timedelta(seconds=60)
+    assert channels.poll.tls
+    assert channels.poll.ca_file is None
     everything, timed, stop, started = loaded.handlers
     assert everything.action == SocketAction(
         host="localhost",
@@ -409,7 +420,7 @@ CASES = [
     ),
     (
         "bad host:port",
-        GOOD.replace("0.0.0.0:5001", "0.0.0.0"),
+        GOOD.replace("0.0.0.0:5001", "0.0.0.0"),  # noqa: S104  parsed, not bound
         "listener.yaml:4:15: channels.udp: bad address '0.0.0.0' for bind: expected host:port "
         "with a port from 0 to 65535 (IPv6 as [::1]:2439)",
     ),

@@ -933,56 +933,54 @@ def test_replaying_pending_changes_reproduces_the_table(data: st.DataObject) -> 
         | {"flag": False, "raw": "\\x00ff", "doc": {"k": [1]}, "tags": ["x"]},
         {"region": "o'k", "id": -2} | {name: None for name in NAMES[2:]},
     ]
-    with tempfile.TemporaryDirectory() as directory:
-        with (
-            LocalDatabase.open(Path(directory) / "device.sqlite3") as device,
-            LocalDatabase.open(Path(directory) / "copy.sqlite3") as copy,
-        ):
-            for db in (device, copy):
-                db.connection.execute("PRAGMA synchronous=OFF")  # fsyncs only slow this down
-                db.apply("p", [download(REPLAYED, start)], "w0")
-            keys = {("north", 1), ("o'k", -2)}
-            connection = device.connection
-            for _ in range(data.draw(st.integers(0, 25), label="writes")):
-                op = data.draw(
-                    st.sampled_from(["insert", "update", "delete"] if keys else ["insert"])
-                )
-                if op == "insert":
-                    key = data.draw(KEYS.filter(lambda k: k not in keys), label="new key")
-                    values = {n: data.draw(LOCAL_VALUES[n], label=n) for n in NAMES[2:]}
-                    connection.execute(
-                        f'INSERT INTO "replayed" VALUES ({", ".join("?" * len(NAMES))})',
-                        (*key, *values.values()),
-                    )
-                    keys.add(key)
-                    continue
-                key = data.draw(st.sampled_from(sorted(keys)), label="key")
-                where = "region = ? AND id = ?"
-                if op == "delete":
-                    connection.execute(f'DELETE FROM "replayed" WHERE {where}', key)
-                    keys.remove(key)
-                    continue
-                changed = data.draw(st.lists(st.sampled_from(NAMES[2:]), unique=True))
-                values = {n: data.draw(LOCAL_VALUES[n], label=n) for n in changed}
-                new_key = key
-                if data.draw(st.booleans(), label="change the key"):
-                    new_key = data.draw(KEYS, label="to key")
-                    if new_key in keys:
-                        new_key = key
-                    values |= {"region": new_key[0], "id": new_key[1]}
-                if not values:
-                    values = {"name": "touched"}
-                assignments = ", ".join(f"{localdb._quote(n)} = ?" for n in values)
+    with (
+        tempfile.TemporaryDirectory() as directory,
+        LocalDatabase.open(Path(directory) / "device.sqlite3") as device,
+        LocalDatabase.open(Path(directory) / "copy.sqlite3") as copy,
+    ):
+        for db in (device, copy):
+            db.connection.execute("PRAGMA synchronous=OFF")  # fsyncs only slow this down
+            db.apply("p", [download(REPLAYED, start)], "w0")
+        keys = {("north", 1), ("o'k", -2)}
+        connection = device.connection
+        for _ in range(data.draw(st.integers(0, 25), label="writes")):
+            op = data.draw(st.sampled_from(["insert", "update", "delete"] if keys else ["insert"]))
+            if op == "insert":
+                key = data.draw(KEYS.filter(lambda k: k not in keys), label="new key")
+                values = {n: data.draw(LOCAL_VALUES[n], label=n) for n in NAMES[2:]}
                 connection.execute(
-                    f'UPDATE "replayed" SET {assignments} WHERE {where}', (*values.values(), *key)
+                    f'INSERT INTO "replayed" VALUES ({", ".join("?" * len(NAMES))})',
+                    (*key, *values.values()),
                 )
-                keys.discard(key)
-                keys.add(new_key)
+                keys.add(key)
+                continue
+            key = data.draw(st.sampled_from(sorted(keys)), label="key")
+            where = "region = ? AND id = ?"
+            if op == "delete":
+                connection.execute(f'DELETE FROM "replayed" WHERE {where}', key)
+                keys.remove(key)
+                continue
+            changed = data.draw(st.lists(st.sampled_from(NAMES[2:]), unique=True))
+            values = {n: data.draw(LOCAL_VALUES[n], label=n) for n in changed}
+            new_key = key
+            if data.draw(st.booleans(), label="change the key"):
+                new_key = data.draw(KEYS, label="to key")
+                if new_key in keys:
+                    new_key = key
+                values |= {"region": new_key[0], "id": new_key[1]}
+            if not values:
+                values = {"name": "touched"}
+            assignments = ", ".join(f"{localdb._quote(n)} = ?" for n in values)
+            connection.execute(
+                f'UPDATE "replayed" SET {assignments} WHERE {where}', (*values.values(), *key)
+            )
+            keys.discard(key)
+            keys.add(new_key)
 
-            changes = device.pending(limit=10_000)
-            replay(copy, changes)
-            assert table_rows(copy) == table_rows(device)
-            assert copy.pending() == []
+        changes = device.pending(limit=10_000)
+        replay(copy, changes)
+        assert table_rows(copy) == table_rows(device)
+        assert copy.pending() == []
 
 
 def replay(copy: LocalDatabase, changes: Sequence[Change]) -> None:

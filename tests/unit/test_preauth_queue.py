@@ -11,7 +11,8 @@ def test_the_oldest_of_a_crowded_address_goes_first() -> None:
     assert waiting.add("b1", "10.0.0.2") == []
     assert waiting.add("a2", "10.0.0.1") == []
     assert waiting.add("a3", "10.0.0.1") == ["a1"]  # not b1, older but from elsewhere
-    assert "a1" not in waiting and len(waiting) == 3
+    assert "a1" not in waiting
+    assert len(waiting) == 3
     assert waiting.oldest() == "b1"
 
 
@@ -32,7 +33,8 @@ def test_both_caps_at_once_and_never_the_newcomer() -> None:
     assert waiting.add("w", "h3") == ["y"]
     assert sorted(["z", "w"]) == sorted(item for item in ("x", "y", "z", "w") if item in waiting)
     zero: Waiting[str] = Waiting(most=0, per_host=0)  # at least one is always admitted
-    assert zero.add("only", "h") == [] and "only" in zero
+    assert zero.add("only", "h") == []
+    assert "only" in zero
 
 
 def test_authenticated_or_closed_connections_leave() -> None:
@@ -42,7 +44,9 @@ def test_authenticated_or_closed_connections_leave() -> None:
     waiting.discard("a")
     waiting.discard("a")  # twice: nothing
     assert waiting.add("c", "h") == []
-    assert len(waiting) == 2 and waiting.oldest() == "b"
+    assert len(waiting) == 2
+    assert waiting.oldest() == "b"
     waiting.discard("b")
     waiting.discard("c")
-    assert len(waiting) == 0 and waiting.oldest() is None
+    assert len(waiting) == 0
+    assert waiting.oldest() is None

@@ -19,9 +19,12 @@ def outcome(text: str) -> None:
     try:
         generator.compile_rules(generator.loads(text, "rules.yaml"))
     except RulesError as exc:
-        assert exc.problems
-        for problem in exc.problems:
-            assert LOCATED.match(str(problem)), str(problem)
+        problems = exc.problems
+    else:
+        return
+    assert problems
+    for problem in problems:
+        assert LOCATED.match(str(problem)), str(problem)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

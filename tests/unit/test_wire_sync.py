@@ -73,7 +73,8 @@ def test_upload_round_trips_and_keeps_the_row_layout() -> None:
         "old": None,
         "new": {"a": 1},
     }
-    assert CHANGE.values == 5 and insert.values == 2
+    assert CHANGE.values == 5
+    assert insert.values == 2
 
 
 def test_numbers_with_a_fraction_come_back_as_text() -> None:
