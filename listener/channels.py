@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from pushsync.listener.config import PollChannel as PollConfig
 from pushsync.listener.config import SyncChannel as SyncConfig
 from pushsync.listener.connection import Backoff, KeyRefused, Session, open_session
-from pushsync.logs import Throttle
+from pushsync.logs import Throttle, plain
 from pushsync.wire import protocol
 from pushsync.wire.addresses import Address, format_peer
 from pushsync.wire.limits import MAX_DATAGRAM
@@ -381,7 +381,7 @@ class _Lent:
     def send(self, data: bytes) -> bool:
         return self.session.send(data)
 
-    async def recv(self, timeout: float | None = None) -> protocol.Frame | None:
+    async def recv(self, timeout: float | None = None) -> protocol.Frame | None:  # noqa: ASYNC109  the session's recv(timeout) interface
         return await asyncio.wait_for(self.frames.get(), timeout)
 
 
@@ -504,8 +504,7 @@ class PollChannel:
 
 
 def _why(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return plain(exc)
 
 
 def message_from_mail(data: bytes, secret: bytes, now: float) -> protocol.Message:
