@@ -377,9 +377,8 @@ def run_sync(config_path: str) -> int:
         return loaded
     config, secret = loaded
     try:
-        result = asyncio.run(
-            sync_once(config, secret, on_wait=lambda text: print(text, file=sys.stderr, flush=True))
-        )
+        said = functools.partial(print, file=sys.stderr, flush=True)
+        result = asyncio.run(sync_once(config, secret, on_wait=said))
     except (KeyRefused, LocalDatabaseMismatch, StateInUse) as exc:
         print(f"sync failed: {exc}", file=sys.stderr)
         return 2
