@@ -115,13 +115,10 @@ from types import TracebackType
 from typing import Any, Final, Literal, cast
 
 from pushsync.errors import PushsyncError
+from pushsync.wire.sync import OPS, Change, Op
 
 logger = logging.getLogger(__name__)
 
-Op = Literal["insert", "update", "delete"]
-"""What a captured change did."""
-
-OPS: Final[tuple[Op, ...]] = ("insert", "update", "delete")
 
 FORMAT: Final = 1
 """The layout of the meta tables; a file of a newer layout is refused."""
@@ -162,22 +159,6 @@ class TableSchema:
     columns: tuple[Column, ...]
     key: tuple[str, ...]
     """The key columns: not empty, each one of ``columns``."""
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One captured local change; :meth:`LocalDatabase.pending` lists them oldest first."""
-
-    seq: int
-    table: str
-    """Server name, e.g. ``public.routes``."""
-    op: Op
-    key: dict[str, Any]
-    """The key column values; for an update, the key before it."""
-    old: dict[str, Any] | None
-    """The whole row before (update, delete); ``None`` for an insert."""
-    new: dict[str, Any] | None
-    """The whole row after (insert, update); ``None`` for a delete."""
 
 
 @dataclass(frozen=True, slots=True)

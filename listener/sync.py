@@ -40,7 +40,6 @@ from pushsync.errors import PushsyncError
 from pushsync.listener.config import ListenerConfig
 from pushsync.listener.connection import KeyRefused, Session
 from pushsync.listener.localdb import (
-    Change,
     Column,
     LocalDatabase,
     LocalDatabaseMismatch,
@@ -51,6 +50,7 @@ from pushsync.listener.state import StateInUse, hold_for_sync
 from pushsync.wire import protocol
 from pushsync.wire import sync as wire
 from pushsync.wire.protocol import FrameType
+from pushsync.wire.sync import Change
 
 logger = logging.getLogger(__name__)
 
@@ -203,15 +203,10 @@ def _cut(changes: list[Change]) -> list[Change]:
     """The first of ``changes`` that fit :data:`BATCH_BYTES` as JSON (at least one)."""
     size = 0
     for count, change in enumerate(changes):
-        size += len(json.dumps(_sent(change).to_json(), separators=(",", ":")))  # >= its bytes
+        size += len(json.dumps(change.to_json(), separators=(",", ":")))  # >= its bytes
         if count and size > BATCH_BYTES:
             return changes[:count]
     return changes
-
-
-def _sent(change: Change) -> wire.Change:
-    """A captured change as UPLOAD carries it (the local database imports nothing of the wire)."""
-    return wire.Change(change.seq, change.table, change.op, change.key, change.old, change.new)
 
 
 def _shape(schema: TableSchema) -> wire.TableShape:
@@ -254,7 +249,7 @@ class _Client:
     async def upload(self, batch: str, changes: list[Change]) -> tuple[int, int]:
         chunk: list[wire.Change] = []
         size = 0
-        for change in map(_sent, changes):
+        for change in changes:
             row = json.dumps(change.to_json(), separators=(",", ":"), ensure_ascii=False)
             encoded = len(row.encode())
             if chunk and size + encoded > CHUNK_BYTES:

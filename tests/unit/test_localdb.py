@@ -21,13 +21,13 @@ from pushsync.errors import PushsyncError
 from pushsync.listener import localdb
 from pushsync.listener.localdb import (
     ApplyStats,
-    Change,
     Column,
     LocalDatabase,
     LocalDatabaseError,
     TableDownload,
     TableSchema,
 )
+from pushsync.wire.sync import Change
 
 ROUTES = TableSchema(
     name="public.routes",
@@ -863,7 +863,8 @@ import sys
 before = set(sys.modules)
 import pushsync.listener.localdb
 new = set(sys.modules) - before
-own = {"pushsync", "pushsync.errors", "pushsync.listener", "pushsync.listener.localdb"}
+own = {"pushsync", "pushsync.errors", "pushsync.listener", "pushsync.listener.localdb",
+       "pushsync.wire", "pushsync.wire.protocol", "pushsync.wire.limits", "pushsync.wire.sync"}
 print(",".join(sorted(
     m for m in new if m not in own and m.split(".")[0] not in sys.stdlib_module_names
 )))
