@@ -1,101 +1,11 @@
 """The device's local database: published rows, the changes made to them, watermarks.
 
-A device keeps one SQLite file holding the rows of its *publications*: server
-tables, filtered for this device. The sync client fills it with downloads
-(:meth:`LocalDatabase.apply`), the application reads and writes the rows
-through :attr:`LocalDatabase.connection`, and triggers capture every local
-write into a change log that the sync client uploads
-(:meth:`~LocalDatabase.pending`, then :meth:`~LocalDatabase.uploaded`). The
-change log and the rows are in the same file, so a local write and its change
-record commit together or not at all. The file is in WAL mode with
-``synchronous=FULL``: what committed survives a power cut.
-
-Local table names
-    Server table ``public.routes`` is the SQLite table ``routes``; a table in
-    another schema, ``sales.orders``, is ``sales__orders``. A name that would
-    start with ``sqlite_`` (reserved by SQLite) or ``_pushsync_`` (this
-    module's own tables), in any case, gets one more ``_`` in front:
-    ``public.sqlite_stat`` is ``_sqlite_stat``. Every identifier is quoted in
-    SQL, so a name may hold any character. SQLite ignores the case of ASCII
-    letters in names, so two server tables (or two columns of one table) whose
-    names differ only in that case cannot both be held: :meth:`~LocalDatabase.apply`
-    refuses them, as it refuses a table of that name it did not create.
-
-Column types (also in ``docs/sync-types.md``)
-    Each column gets the SQLite affinity of its PostgreSQL type (the
-    ``format_type()`` text); the download value, as decoded from the server's
-    JSON (``json.loads(..., parse_float=str)`` of ``to_jsonb(row)``), is
-    stored as shown, and :meth:`~LocalDatabase.pending` gives it back in the
-    upload form:
-
-    ==============================  ========  ============================  ======================
-    PostgreSQL type                 declared  stored as                     ``pending()`` gives
-    ==============================  ========  ============================  ======================
-    smallint, integer, bigint       INT       int                           int
-    real, double precision          REAL      float, parsed from the text   float
-    numeric, decimal                TEXT      the exact text                str
-    boolean                         INT       1 / 0                         True / False
-    bytea                           BLOB      the bytes of ``\\x0a0b…``     ``"\\x0a0b…"``
-    json, jsonb, arrays (``t[]``)   TEXT      compact JSON text             the parsed JSON value
-    anything else: text, varchar,   TEXT      as given                      str
-    uuid, dates, times,
-    timestamps, interval, enums …
-    ==============================  ========  ============================  ======================
-
-    ``None`` is NULL both ways. A double that is infinite is given back as
-    ``"Infinity"`` or ``"-Infinity"`` (JSON has no such number); JSON cannot
-    hold NaN, so a ``"NaN"`` stays text in a REAL column and is given back as
-    text. ``to_jsonb`` writes an array as a JSON array, so arrays are kept as
-    JSON text; a composite value (a JSON object) in a column of another type
-    is kept as compact JSON text and uploaded as that text. Integer and
-    boolean columns are declared ``INT``, not ``INTEGER``, so that a single
-    integer key is not an alias of the rowid: a missing key is refused instead
-    of generated, and a rebuild never fails on a value of the wrong type. A
-    JSON column (or array) holding text that is not JSON makes the
-    application's write fail (``malformed JSON``): the server could not take
-    it either.
-
-Change capture
-    ``AFTER INSERT``, ``UPDATE`` and ``DELETE`` triggers on every published
-    table add a row to the change log: a sequence number, the server table
-    name, the operation, and JSON images built with ``json_object()`` — the
-    key (``key``), the whole row before (``old``, for update and delete) and
-    after (``new``, for insert and update), each value already in the upload
-    form above. An UPDATE that changes the key is recorded as it happened: an
-    ``update`` whose ``key`` holds the *old* key and whose ``new`` holds the
-    new one; replaying it is "delete ``key``, then write ``new``". An image of
-    a table wider than :data:`IMAGE_CHUNK` columns is a JSON array of objects
-    (``json_object()`` takes at most 127 arguments), merged when read. While
-    :meth:`~LocalDatabase.apply` runs, a flag in the meta table, checked in
-    each trigger's ``WHEN`` clause, keeps downloads out of the change log.
-
-Schema drift
-    When a download's :class:`TableSchema` differs from the one a local table
-    was made from, :meth:`~LocalDatabase.apply` rebuilds the table: a new
-    table from the new schema, the rows' common columns copied into it
-    (SQLite converts them to the new affinity), the old table dropped and the
-    new one renamed, the capture triggers installed again. Rows that cannot
-    satisfy a changed key (a duplicate, or NULL in a new key column) are left
-    out; the download brings the server's rows. The application's own
-    indexes and triggers on the table are created again when their columns
-    still exist (otherwise they are dropped, with a warning in the log);
-    views that name the table keep working. Captured changes stay in the
-    change log as they were recorded.
-
-Meta tables (all named ``_pushsync_…``)
-    ``_pushsync_meta`` (file format, the applying flag), ``_pushsync_tables``
-    (server name, local name and definition of each published table),
-    ``_pushsync_watermarks``, ``_pushsync_changes`` (the change log) and
-    ``_pushsync_rejected`` (changes the server refused, with its reason).
-
-One :class:`LocalDatabase` is one connection. It may be used from any thread,
-but from one at a time (including the application's use of
-:attr:`~LocalDatabase.connection`). The connection is in autocommit mode:
-each statement of the application is its own transaction unless it says
-``BEGIN``. Every SQLite failure is raised as :class:`LocalDatabaseError`.
-
-Only the standard library is imported: devices install pushsync without the
-server extras.
+One SQLite file per device (WAL, ``synchronous=FULL``): the sync client fills
+it with downloads (:meth:`LocalDatabase.apply`), the application reads and
+writes the rows through :attr:`LocalDatabase.connection`, and triggers capture
+each local write for upload (:meth:`~LocalDatabase.pending`). Table names,
+column types, change capture and schema drift: ``docs/sync-types.md``.
+Standard library only.
 """
 
 from __future__ import annotations

@@ -1,26 +1,9 @@
 """The built-in sync client: upload local changes, download the publication's rows.
 
 ``pushsync sync CONFIG`` and the listener's ``sync`` action run
-:func:`synchronize` over a SYNC connection: the listener's open one when it has
-one (:class:`~pushsync.listener.channels.SyncChannel` lends it), else a
-connection of its own. The local database is
-:class:`~pushsync.listener.localdb.LocalDatabase` in ``state_dir``
-(``local.db``). The frames and the guarantees are in ``docs/sync.md``:
-
-1. SYNC_BEGIN names the publication, the watermark of the last sync and the
-   shape of the local tables;
-2. local changes go up in batches of at most :data:`BATCH_ROWS` rows and
-   :data:`BATCH_BYTES` bytes (the server takes at most 16 MiB). A batch
-   is written down (its id and seq range) before it is sent, so a batch whose
-   answer was lost is sent again *as it was*, and the server, which remembers
-   batches, does not apply it twice. The answer removes the applied changes
-   from the change log and keeps rejected ones, with the reason, in the local
-   database's rejected table;
-3. DOWNLOAD asks for the rows; they are applied with the new watermark in one
-   SQLite transaction at SYNC_END. An interrupted sync leaves the previous
-   watermark, so the next one downloads the same changes again: applying a
-   row twice is harmless (upserts and deletes by key).
-
+:func:`synchronize` over a SYNC connection (the listener's open one, else one of
+its own) against the :class:`~pushsync.listener.localdb.LocalDatabase` in
+``state_dir``, one at a time per folder. Frames and guarantees: ``docs/sync.md``.
 Standard library only.
 """
 
