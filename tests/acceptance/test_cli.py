@@ -180,9 +180,9 @@ def test_device_add_and_list(pushsync: Run, tmp_path: Path, dsn: str) -> None:
 def test_device_add_rejects_bad_input(pushsync: Run, dsn: str) -> None:
     cases = {
         ("bad id!",): "pushsync: bad device id 'bad id!'",
-        ("ok", "--udp", "192.0.2.7"): "pushsync: bad UDP address '192.0.2.7'",
-        ("ok", "--udp", "host:99999"): "pushsync: bad UDP address 'host:99999'",
-        ("ok", "--email", "nobody"): "pushsync: bad email address 'nobody'",
+        ("ok", "--udp", "192.0.2.7"): "pushsync: --udp: bad UDP address '192.0.2.7'",
+        ("ok", "--udp", "host:99999"): "pushsync: --udp: bad UDP address 'host:99999'",
+        ("ok", "--email", "nobody"): "pushsync: --email: bad email address 'nobody'",
     }
     for args, message in cases.items():
         result = pushsync("device", "add", *args, "--dsn", dsn)
