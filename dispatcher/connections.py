@@ -27,6 +27,7 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 from pushsync.db import first_line
 from pushsync.dispatcher.gateways import SendResult, failed, sent, to_message
 from pushsync.dispatcher.outbox import Claimed
+from pushsync.dispatcher.sockets import listening
 from pushsync.logs import Throttle
 from pushsync.wire import protocol
 from pushsync.wire.addresses import format_peer
@@ -243,7 +244,7 @@ class ConnectionServer:
     async def start(self, host: str, port: int) -> None:
         """Listen on ``host:port`` (port 0: the system picks; see :attr:`address`)."""
         loop = asyncio.get_running_loop()
-        self._sockets = await _listen(loop, host, port, BACKLOG)
+        self._sockets = await listening(host, port, BACKLOG)
         host_, port_ = self._sockets[0].getsockname()[:2]
         self._address = (str(host_), int(port_))
         for sock in self._sockets:
@@ -872,38 +873,6 @@ class SyncGateway:
         if not self.server.push(item.device_id, envelope):
             return failed(self.name, "SYNC connection closed", final=False)
         return sent(self.name)
-
-
-async def _listen(
-    loop: asyncio.AbstractEventLoop, host: str, port: int, backlog: int
-) -> list[socket.socket]:
-    """Listening, non-blocking sockets for every address ``host`` resolves to (as
-    :meth:`asyncio.loop.create_server` makes them)."""
-    infos = await loop.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(address)
-            except OSError as exc:
-                raise OSError(
-                    exc.errno,
-                    f"error while attempting to bind on address {address!r}: {exc.strerror}",
-                ) from None
-            sock.listen(backlog)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
 
 
 def _close_unless_served(task: asyncio.Task[bool], sock: socket.socket) -> None:

@@ -35,6 +35,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from pushsync.dispatcher.sockets import listening
 from pushsync.logs import Throttle
 
 logger = logging.getLogger(__name__)
@@ -324,11 +325,11 @@ class MetricsServer:
             h11_max_incomplete_event_size=MAX_REQUEST_HEAD,
         )
         server = _Server(config)
-        sockets = await _bind(host, port)
+        sockets = await listening(host, port)
         serving = asyncio.create_task(server.serve(sockets), name="metrics-http")
-        listening = asyncio.create_task(server.listening.wait())
+        started = asyncio.create_task(server.listening.wait())
         try:
-            await asyncio.wait((serving, listening), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((serving, started), return_when=asyncio.FIRST_COMPLETED)
             if not server.listening.is_set():
                 serving.result()  # raises what stopped it
                 raise RuntimeError("the metrics server stopped while starting")
@@ -338,7 +339,7 @@ class MetricsServer:
                 sock.close()
             raise
         finally:
-            listening.cancel()
+            started.cancel()
         self._server, self._serving, self._sockets = server, serving, sockets
 
     @property
@@ -356,29 +357,6 @@ class MetricsServer:
             return
         server.should_exit = True
         await self._serving
-
-
-async def _bind(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets on every address of ``host``, as :func:`asyncio.start_server` binds."""
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
 
 
 async def serve_metrics(metrics: Metrics, host: str, port: int, health: Health) -> MetricsServer:
