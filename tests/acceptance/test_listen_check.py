@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from tests.support.cli import clean_env, executable
+from tests.support.cli import run_cli_async
 from tests.support.dispatching import DEVICE, SECRET, add_device, dispatching, server_address
 from tests.support.keys import write_key
 
@@ -27,19 +26,8 @@ def write_config(folder: Path, server: str, *, udp: str, handlers: str) -> Path:
 
 
 async def check(folder: Path) -> tuple[int, list[str], str]:
-    process = await asyncio.create_subprocess_exec(
-        *executable(),
-        "listen",
-        "listener.yaml",
-        "--check",
-        cwd=folder,
-        env=clean_env(),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode().splitlines(), err.decode()
+    done = await run_cli_async("listen", "listener.yaml", "--check", cwd=folder)
+    return done.returncode, done.stdout.splitlines(), done.stderr
 
 
 @pytest.mark.asyncio

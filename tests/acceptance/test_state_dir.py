@@ -19,7 +19,7 @@ import pytest
 
 from pushsync.listener.state import SYNC_LOCK, FolderLock
 from tests.integration import trucking
-from tests.support.cli import clean_env, executable
+from tests.support.cli import clean_env, executable, run_cli_async
 from tests.support.dispatching import SECRET, dispatching, server_address
 from tests.support.keys import write_key
 from tests.support.waiting import until
@@ -39,17 +39,8 @@ def write_device(folder: Path, name: str, device: str, server: str) -> Path:
 
 
 async def cli(*args: str, cwd: Path) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        *executable(),
-        *args,
-        cwd=cwd,
-        env=clean_env(),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 120)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    done = await run_cli_async(*args, cwd=cwd)
+    return done.returncode, done.stdout, done.stderr
 
 
 def local_routes(folder: Path) -> list[tuple[object, ...]]:

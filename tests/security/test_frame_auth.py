@@ -34,7 +34,7 @@ from pushsync.wire import protocol
 from pushsync.wire.addresses import Address
 from pushsync.wire.protocol import FrameType
 from tests.integration import trucking
-from tests.support.cli import executable
+from tests.support.cli import run_cli_async
 from tests.support.dispatching import (
     DEVICE,
     SECRET,
@@ -609,15 +609,5 @@ async def settle(dispatcher: Dispatcher) -> None:
 
 
 async def cli(*args: str, cwd: Path) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSYNC_")}
-    process = await asyncio.create_subprocess_exec(
-        *executable(),
-        *args,
-        cwd=cwd,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    done = await run_cli_async(*args, cwd=cwd)
+    return done.returncode, done.stdout, done.stderr

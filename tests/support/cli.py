@@ -1,13 +1,14 @@
 """The installed ``pushsync`` console script, run as a subprocess.
 
 :func:`executable` finds it next to this interpreter (the venv) or on PATH;
-:func:`run_cli` runs it to completion without this process's pushsync or libpq
-settings; :func:`start` and :func:`stop` run it in the background; the
+:func:`run_cli` (and :func:`run_cli_async`) runs it to completion without this
+process's pushsync or libpq settings; :func:`start` and :func:`stop` run it in the background; the
 ``pushsync`` fixture runs it in the test's ``tmp_path``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -34,6 +35,27 @@ def executable() -> list[str]:
 def clean_env() -> dict[str, str]:
     """This process's environment without pushsync's or libpq's settings."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("PUSHSYNC_", "PG"))}
+
+
+async def run_cli_async(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """:func:`run_cli` for a test whose event loop must keep running meanwhile (a
+    dispatcher or listener in this process)."""
+    process = await asyncio.create_subprocess_exec(
+        *executable(),
+        *args,
+        cwd=cwd,
+        env=clean_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 120)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return subprocess.CompletedProcess(list(args), process.returncode, out.decode(), err.decode())
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
