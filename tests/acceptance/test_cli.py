@@ -219,7 +219,8 @@ def test_status_counts_the_outbox(pushsync: Run, db: psycopg.Connection, dsn: st
         "udp": {"sent": 1, "confirmed": 0, "expired": 0, "failed": 0},
     }
     assert figures["oldest_unsent_seconds"] >= 0
-    assert figures["dispatchers"] == [] and figures["connected_devices"] == 0
+    assert figures["dispatchers"] == []
+    assert figures["connected_devices"] == 0
     # A message sent and never confirmed expires: counted, in the outbox and once archived.
     db.execute(
         "UPDATE pushsync.outbox SET state = 'expired', gateway_used = 'udp' "
@@ -257,7 +258,8 @@ def test_status_and_device_list_show_dispatchers_and_connections(
     assert "node-b: not responding" in text
     devices = json.loads(pushsync("device", "list", "--dsn", dsn, "--json").stdout)
     connected = {d["device_id"]: d["connected_to"] for d in devices}
-    assert connected["truck-1"] == "node-a" and connected["truck-2"] is None
+    assert connected["truck-1"] == "node-a"
+    assert connected["truck-2"] is None
 
 
 def test_json_logs_carry_no_password(tmp_path: Path) -> None:
@@ -290,7 +292,8 @@ def test_json_logs_carry_no_password(tmp_path: Path) -> None:
     records = [json.loads(line) for line in lines + rest.splitlines() if line.strip()]
     assert {"ts", "level", "logger", "message"} <= set(records[0])
     failed = [r for r in records if "database connection" in r["message"]]
-    assert failed and failed[0]["level"] == "warning"
+    assert failed
+    assert failed[0]["level"] == "warning"
     assert f"port={port}" in failed[0]["message"]
     assert all("hunter2" not in json.dumps(r) for r in records)
 
