@@ -188,6 +188,17 @@ def cmd_device_add(args: argparse.Namespace) -> int:
     from pushsync import devices
     from pushsync.wire.protocol import format_secret
 
+    if args.from_file is not None:
+        return _add_from_csv(args)
+    if args.id is None:
+        raise UsageError("device add: give a device ID, or --from FILE.csv")
+    if args.secret_dir is not None:
+        raise UsageError("--secret-dir goes with --from FILE.csv; for one device use --secret-file")
+    if args.secret_from is not None and args.secret_file:
+        raise UsageError(
+            "--secret-from and --secret-file: give one (the key file, or where to write one)"
+        )
+    known = devices.read_key_file(Path(args.secret_from)) if args.secret_from else None
     device = devices.NewDevice(
         device_id=devices.check_device_id(args.id),
         udp=option_value("--udp", args.udp, devices.parse_udp_address) if args.udp else None,
@@ -196,13 +207,81 @@ def cmd_device_add(args: argparse.Namespace) -> int:
     )
     secret_file = Path(args.secret_file) if args.secret_file else None
     with connected(args.dsn) as conn:
-        secret = devices.add(conn, device, secret_file)
+        secret = devices.add(conn, device, secret_file, known)
         _warn_undefined(conn, device.publications)
-    if secret_file is not None:
+    if known is not None:
+        print(
+            f"device {device.device_id} added with the secret of {args.secret_from}",
+            file=sys.stderr,
+        )
+    elif secret_file is not None:
         print(f"device {device.device_id} added; secret written to {secret_file}", file=sys.stderr)
     else:
         print(f"device {device.device_id} added; its secret (shown once):", file=sys.stderr)
         sys.stdout.write(format_secret(secret))
+    return EXIT_OK
+
+
+def _add_from_csv(args: argparse.Namespace) -> int:
+    """``device add --from FILE.csv [--secret-dir DIR]``: every device or none."""
+    from pushsync import devices
+    from pushsync.wire.protocol import format_secret
+
+    for flag in ("id", "udp", "email", "secret_file", "secret_from", "publication"):
+        if getattr(args, flag):
+            name = "ID" if flag == "id" else "--" + flag.replace("_", "-")
+            raise UsageError(f"{name} does not go with --from: the file says it per device")
+    new = devices.read_devices_csv(Path(args.from_file))
+    secret_dir = Path(args.secret_dir) if args.secret_dir else None
+    if secret_dir is not None and not secret_dir.is_dir():
+        raise UsageError(f"--secret-dir {secret_dir}: not a directory")
+    with connected(args.dsn) as conn:
+        made = devices.add_many(conn, new, secret_dir)
+        _warn_undefined(conn, sorted({name for d in new for name in d.publications}))
+    if secret_dir is not None:
+        print(f"{len(made)} devices added; secrets written to {secret_dir}/ID.key", file=sys.stderr)
+    else:
+        print(f"{len(made)} devices added; their secrets (shown once):", file=sys.stderr)
+        sys.stdout.writelines(f"{device},{format_secret(s)}" for device, s in made.items())
+    return EXIT_OK
+
+
+def cmd_device_rotate_secret(args: argparse.Namespace) -> int:
+    from pushsync import devices
+    from pushsync.wire.protocol import format_secret
+
+    device_id = devices.check_device_id(args.id)
+    secret_file = Path(args.secret_file) if args.secret_file else None
+    with connected(args.dsn) as conn:
+        secret = devices.rotate_secret(conn, device_id, secret_file)
+    done = f"device {device_id} has a new secret; the old one is refused from now on"
+    if secret_file is not None:
+        print(f"{done}; written to {secret_file}", file=sys.stderr)
+    else:
+        print(f"{done}; the new secret (shown once):", file=sys.stderr)
+        sys.stdout.write(format_secret(secret))
+    return EXIT_OK
+
+
+def cmd_device_set_address(args: argparse.Namespace) -> int:
+    from pushsync import devices
+
+    device_id = devices.check_device_id(args.id)
+    checks = {"udp": devices.parse_udp_address, "email": devices.check_email}
+    changes: list[tuple[str, str | None]] = []
+    for medium, check in checks.items():
+        value = getattr(args, medium)
+        if value is None:
+            continue
+        none = value.strip().lower() == "none"
+        changes.append((medium, None if none else option_value(f"--{medium}", value, check)))
+    if not changes:
+        raise UsageError("device set-address: give --udp and/or --email (an address, or none)")
+    with connected(args.dsn) as conn, conn.transaction():
+        for medium, address in changes:
+            devices.set_address(conn, device_id, medium, address)
+    for medium, address in changes:
+        print(f"device {device_id}: {medium} {address or 'no manual address'}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -295,6 +374,54 @@ def cmd_device_remove(args: argparse.Namespace) -> int:
         devices.remove(conn, devices.check_device_id(args.id))
     print(f"device {args.id} removed", file=sys.stderr)
     return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from pushsync import init
+
+    directory = Path(args.directory)
+    written = init.scaffold(directory, args.device)
+    for path in written:
+        print(f"wrote {path}")
+    print()
+    print(init.NEXT.format(dir=directory, device=args.device), end="")
+    return EXIT_OK
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """``send DEVICE SUBJECT [CONTENT]``: one push through the outbox; ``--wait`` for its end."""
+    from pushsync import devices, send
+    from pushsync.source import parse_duration
+
+    ttl = parse_duration(args.ttl)
+    if ttl is None or ttl.total_seconds() < 1:
+        raise UsageError(f"--ttl: expected a duration such as 30s, 10m or 1h, not {args.ttl!r}")
+    push = send.Push(
+        device_id=devices.check_device_id(args.device),
+        subject=args.subject,
+        content=args.content,
+        gateway=args.gateway,
+        ttl=ttl,
+    )
+    with connected(args.dsn) as conn:
+        request_id = send.send(conn, push)
+        conn.commit()  # the dispatchers see the row (and the NOTIFY) now, not at exit
+        conn.autocommit = True  # each look while waiting sees what was committed since
+        print(request_id)
+        sys.stdout.flush()
+        if not args.wait:
+            print(f"queued for {push.device_id}; request {request_id}", file=sys.stderr)
+            return EXIT_OK
+        print(f"queued for {push.device_id}; waiting up to {args.ttl}...", file=sys.stderr)
+        found = send.wait(conn, request_id, ttl.total_seconds() + send.EXPIRY_GRACE)
+    tries = f"{found.attempts} attempt{'' if found.attempts == 1 else 's'}"
+    over = f" over {found.gateway_used}" if found.gateway_used else ""
+    if found.state == "confirmed":
+        print(f"confirmed{over} after {tries}", file=sys.stderr)
+        return EXIT_OK
+    why = f": {found.last_error}" if found.last_error else ""
+    print(f"not confirmed: {found.state}{over} after {tries}{why}", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -404,6 +531,10 @@ def _seconds(text: str, flag: str) -> float:
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
+    if args.check:
+        from pushsync.listener.check import run_check
+
+        return run_check(args.config)
     from pushsync.listener.runtime import run_listener  # standard library and PyYAML only
 
     return run_listener(args.config, log_messages=args.message_log)
@@ -543,9 +674,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     device = commands.add_parser("device", help="register and list devices")
     device_commands = device.add_subparsers(dest="device_command", required=True, metavar="ACTION")
-    add = device_commands.add_parser("add", help="register a device and issue its secret")
-    add.add_argument("id", metavar="ID")
+    add = device_commands.add_parser(
+        "add",
+        help="register a device (or a CSV file of them) and issue its secret",
+        epilog="examples:\n  pushsync device add truck-7 --secret-file truck-7.key "
+        "--publication driver\n  pushsync device add --from fleet.csv --secret-dir keys/"
+        "   (columns: device_id,udp,email,publications)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add.add_argument("id", metavar="ID", nargs="?")
     _dsn(add)
+    add.add_argument(
+        "--from",
+        dest="from_file",
+        metavar="FILE.csv",
+        help="register every device of this CSV file in one transaction (all or none)",
+    )
+    add.add_argument(
+        "--secret-from",
+        metavar="PATH",
+        help="register the device with the secret of this existing key file "
+        "(mode 0600, as pushsync init writes it)",
+    )
+    add.add_argument(
+        "--secret-dir",
+        metavar="DIR",
+        help="with --from: write each secret to DIR/ID.key (mode 0600) instead of printing them",
+    )
     option(add, "--udp", metavar="HOST:PORT", help="the device's UDP address (manual)")
     option(add, "--email", metavar="ADDR", help="the device's email address (manual)")
     option(
@@ -583,12 +738,70 @@ def build_parser() -> argparse.ArgumentParser:
         toggle.add_argument("id", metavar="ID")
         _dsn(toggle)
         toggle.set_defaults(handler=cmd_device_enable)
+    rotate = device_commands.add_parser(
+        "rotate-secret",
+        help="give a device a new secret; the old one is refused at once",
+    )
+    rotate.add_argument("id", metavar="ID")
+    _dsn(rotate)
+    rotate.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        help="write the new secret to this new file (mode 0600) instead of printing it",
+    )
+    rotate.set_defaults(handler=cmd_device_rotate_secret)
+    addresses = device_commands.add_parser(
+        "set-address",
+        help="set or drop a device's manual UDP or email address",
+        epilog="example: pushsync device set-address truck-7 --udp 192.0.2.7:5001 --email none",
+    )
+    addresses.add_argument("id", metavar="ID")
+    _dsn(addresses)
+    addresses.add_argument("--udp", metavar="HOST:PORT|none", help="the manual UDP address")
+    addresses.add_argument("--email", metavar="ADDR|none", help="the manual email address")
+    addresses.set_defaults(handler=cmd_device_set_address)
     remove = device_commands.add_parser(
         "remove", help="forget a device, its secret and pending notifications"
     )
     remove.add_argument("id", metavar="ID")
     _dsn(remove)
     remove.set_defaults(handler=cmd_device_remove)
+
+    starter = commands.add_parser(
+        "init",
+        help="write a starting point: rules, an example table, a listener config, a key",
+        epilog="example: pushsync init fleet --device laptop-1",
+    )
+    starter.add_argument("directory", metavar="DIR", nargs="?", default=".")
+    starter.add_argument(
+        "--device", default="device-1", help="the device id of the listener config (device-1)"
+    )
+    starter.set_defaults(handler=cmd_init)
+
+    sender = commands.add_parser(
+        "send",
+        help="a test push through the real outbox and dispatcher",
+        epilog='example: pushsync send truck-7 "hello" "from the office" --wait',
+    )
+    sender.add_argument("device", metavar="DEVICE")
+    sender.add_argument("subject", metavar="SUBJECT")
+    sender.add_argument("content", metavar="CONTENT", nargs="?", default="")
+    _dsn(sender)
+    sender.add_argument(
+        "--gateway",
+        choices=("auto", "sync", "udp", "smtp"),
+        default="auto",
+        help="how to reach the device (default auto: SYNC, then UDP, then email)",
+    )
+    sender.add_argument(
+        "--ttl", default="10m", help="give up after this long unconfirmed (default 10m)"
+    )
+    sender.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until the device confirms (exit 0) or the push expires or fails (exit 1)",
+    )
+    sender.set_defaults(handler=cmd_send)
 
     status_ = commands.add_parser("status", help="outbox by state, per-gateway counts, lag")
     _dsn(status_)
@@ -659,6 +872,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--message-log",
         action="store_true",
         help="log each message in full (subject, content, sender, action output)",
+    )
+    listen.add_argument(
+        "--check",
+        action="store_true",
+        help="check the config, the key, the state folder, each channel (a real handshake) "
+        "and the handlers' programs, print the handler table, and exit (0: all ok)",
     )
     listen.set_defaults(handler=cmd_listen)
     return parser

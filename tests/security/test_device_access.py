@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -52,7 +54,7 @@ async def pushsync(*args: str) -> str:
     return err.decode()
 
 
-async def closed(opened: Session, timeout: float) -> bool:
+async def closed(opened: Session, timeout: float) -> bool:  # noqa: ASYNC109  the bound asserted on
     """Whether the server closes ``opened`` (BYE, or end of stream) within ``timeout``."""
     deadline = time.monotonic() + timeout
     try:
@@ -137,19 +139,28 @@ async def test_a_device_seen_a_moment_ago_is_refused_once_disabled(
 
 @pytest.mark.asyncio
 async def test_a_new_secret_ends_the_sessions_of_the_old_one(
-    db: psycopg.Connection, dsn: str, kept: list[Session]
+    db: psycopg.Connection, dsn: str, kept: list[Session], tmp_path: Path
 ) -> None:
     add_device(db)
+    key = tmp_path / "new.key"
     async with dispatching(dsn) as dispatcher:
         pushed = await session(dispatcher)
         kept.append(pushed)
-        db.execute(
-            "UPDATE pushsync.devices SET secret = %s WHERE device_id = %s",
-            (bytes(range(2, 34)), DEVICE),
+        said = await pushsync(
+            "device", "rotate-secret", DEVICE, "--dsn", dsn, "--secret-file", str(key)
         )
+        assert said.startswith(f"device {DEVICE} has a new secret; the old one is refused")
         assert await closed(pushed, CUT_OFF_WITHIN)
         with pytest.raises(Refused):
             await connect(dispatcher)
+        renewed = await open_session(
+            server_address(dispatcher),
+            device=DEVICE,
+            secret=protocol.read_secret(key.read_text()),
+            timeout=5,
+        )
+        kept.append(renewed)  # the new secret is accepted
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
 
 
 LOST = {
