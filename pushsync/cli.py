@@ -158,6 +158,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from pushsync import generator, schema
     from pushsync.generator import dbcheck
 
+    if args.status:
+        return _migrate_status(args)
     rules = generator.load(args.rules) if args.rules is not None else None
     with connected(args.dsn, schema_needed=False) as conn:
         rules_sql = None
@@ -182,6 +184,53 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if args.rules is not None:
         print(f"rules: applied {args.rules}")
     return EXIT_OK
+
+
+def _migrate_status(args: argparse.Namespace) -> int:
+    """``migrate --status [RULES.yaml]``: applied and pending; 0 if nothing is pending."""
+    from pushsync import generator, schema
+
+    on_disk = generator.load(args.rules) if args.rules is not None else None
+    with connected(args.dsn, schema_needed=False) as conn:
+        found = schema.status(conn)
+    total = len(found.applied) + len(found.pending)
+    print(f"base schema: {len(found.applied)} of {total} migrations applied")
+    for version, name, at in found.applied:
+        print(f"  {version:04d}_{name}  applied {at:%Y-%m-%d %H:%M:%S %Z}")
+    for migration in found.pending:
+        print(f"  {migration.version:04d}_{migration.name}  pending")
+    pending = bool(found.pending)
+    applied = {(kind, name) for kind, name, _, _ in found.rules}
+    sources = sorted({(source, sha) for _, _, source, sha in found.rules})
+    if sources:
+        kinds = [kind for kind, _ in applied]
+        counted = f"{_count(kinds.count('rule'), 'rule')}, {_count(kinds.count('poll'), 'poll')}"
+        for source, sha in sources:
+            print(f"rules: {counted} applied from {source} (sha256 {sha[:12]})")
+    else:
+        print("rules: none applied")
+    if on_disk is not None:
+        wanted = {("rule", r.name) for r in on_disk.rules} | {
+            ("poll", p.name) for p in on_disk.polls
+        }
+        added = sorted(name for _, name in wanted - applied)
+        removed = sorted(name for _, name in applied - wanted)
+        if any(sha == on_disk.sha256 for _, sha in sources) and not added and not removed:
+            print(f"{args.rules}: as applied")
+        else:
+            pending = True
+            changes = [
+                f"adds {', '.join(added)}" if added else "",
+                f"removes {', '.join(removed)}" if removed else "",
+            ]
+            said = "; ".join(c for c in changes if c) or "changes rules, polls or publications"
+            print(
+                f"{args.rules}: differs from what was applied (sha256 {on_disk.sha256[:12]}): "
+                f"{said}; `pushsync migrate {args.rules}` applies it"
+            )
+    if found.pending:
+        print("`pushsync migrate` applies the pending migrations")
+    return EXIT_FAILURE if pending else EXIT_OK
 
 
 def cmd_device_add(args: argparse.Namespace) -> int:
@@ -670,6 +719,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     migrate.add_argument("rules", metavar="RULES.yaml", nargs="?")
     _dsn(migrate)
+    migrate.add_argument(
+        "--status",
+        action="store_true",
+        help="change nothing: show the migrations applied and pending, and with RULES.yaml "
+        "whether that file is what was applied (exit 0: nothing pending, 1: something is)",
+    )
     migrate.set_defaults(handler=cmd_migrate)
 
     device = commands.add_parser("device", help="register and list devices")

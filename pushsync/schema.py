@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 
 import psycopg
@@ -82,3 +83,32 @@ def migrate(conn: psycopg.Connection, rules_sql: str | None = None) -> list[Migr
         if rules_sql is not None:
             conn.execute(rules_sql)  # compiled by the generator
     return applied_now
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """What ``pushsync migrate --status`` reports."""
+
+    applied: list[tuple[int, str, datetime]]
+    """Base-schema migrations applied: version, name, when."""
+    pending: list[Migration]
+    """Base-schema migrations this pushsync has and the database lacks."""
+    rules: list[tuple[str, str, str, str]]
+    """The rules and polls applied: kind, name, source file, its sha256."""
+
+
+def status(conn: psycopg.Connection) -> Status:
+    """The base schema's migrations applied and pending, and the rules applied."""
+    if not applied_versions(conn):
+        return Status(applied=[], pending=migrations(), rules=[])
+    applied = [(int(v), str(n), at) for v, n, at in conn.execute(queries.get("schema_applied"))]
+    done = {version for version, _, _ in applied}
+    rules = [
+        (str(kind), str(name), str(source), str(sha))
+        for kind, name, source, sha in conn.execute(queries.get("rules_applied"))
+    ]
+    return Status(
+        applied=applied,
+        pending=[m for m in migrations() if m.version not in done],
+        rules=rules,
+    )

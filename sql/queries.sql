@@ -7,6 +7,14 @@ SELECT pg_advisory_xact_lock(hashtextextended('pushsync.migrate', 0))
 -- applied_versions --
 SELECT version FROM pushsync.schema_version ORDER BY version
 
+-- schema_applied --
+-- `pushsync migrate --status`: the base-schema migrations applied, and when.
+SELECT version, name, applied_at FROM pushsync.schema_version ORDER BY version
+
+-- rules_applied --
+-- The rules and polls of the rules file last applied, and which file that was.
+SELECT kind, name, source, source_sha256 FROM pushsync.rules ORDER BY kind, name
+
 -- schema_exists --
 SELECT to_regclass('pushsync.schema_version') IS NOT NULL
 

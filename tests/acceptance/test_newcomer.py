@@ -22,6 +22,7 @@ from pushsync import schema
 from tests.support.cli import Run, clean_env, executable
 
 MIGRATE = "run `pushsync migrate`"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "trucking"
 
 
 def refused(result: subprocess.CompletedProcess[str], first_line: str, status: int = 2) -> None:
@@ -54,6 +55,9 @@ SCHEMA_COMMANDS = [
     ("device", "disable", "truck-1"),
     ("device", "enable", "truck-1"),
     ("device", "remove", "truck-1"),
+    ("device", "rotate-secret", "truck-1"),
+    ("device", "set-address", "truck-1", "--udp", "192.0.2.7:5001"),
+    ("send", "truck-1", "hello"),
     ("dispatch", "--sync-listen", "127.0.0.1:0", "--udp-listen", "127.0.0.1:0"),
 ]
 
@@ -81,6 +85,47 @@ def test_an_older_schema_names_both_versions(pushsync: Run, bare_dsn: str) -> No
     migrated = pushsync("migrate", "--dsn", bare_dsn)
     assert migrated.returncode == 0, migrated.stderr
     assert pushsync("status", "--dsn", bare_dsn).returncode == 0
+
+
+def test_migrate_status_says_what_is_applied_and_pending_and_changes_nothing(
+    pushsync: Run, bare_dsn: str, tmp_path: Path
+) -> None:
+    every = schema.migrations()
+    bare = pushsync("migrate", "--status", "--dsn", bare_dsn)
+    assert bare.returncode == 1, bare.stderr
+    assert bare.stdout.splitlines() == [
+        f"base schema: 0 of {len(every)} migrations applied",
+        *(f"  {m.version:04d}_{m.name}  pending" for m in every),
+        "rules: none applied",
+        "`pushsync migrate` applies the pending migrations",
+    ]
+    with psycopg.connect(bare_dsn, autocommit=True) as conn:
+        assert schema.applied_versions(conn) == set()  # --status changed nothing
+        conn.execute(EXAMPLE.joinpath("schema.sql").read_text(encoding="utf-8"))
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(EXAMPLE.joinpath("rules.yaml").read_text(encoding="utf-8"))
+    assert pushsync("migrate", "rules.yaml", "--dsn", bare_dsn).returncode == 0
+
+    current = pushsync("migrate", "--status", "rules.yaml", "--dsn", bare_dsn)
+    assert current.returncode == 0, current.stderr
+    lines = current.stdout.splitlines()
+    assert lines[0] == f"base schema: {len(every)} of {len(every)} migrations applied"
+    assert lines[1].startswith("  0001_base  applied 20")
+    assert lines[-2].startswith("rules: 5 rules, 0 polls applied from rules.yaml (sha256 ")
+    assert lines[-1] == "rules.yaml: as applied"
+
+    text = rules.read_text(encoding="utf-8")
+    rules.write_text(text.replace("name: fleet_notice", "name: roster_notice"), encoding="utf-8")
+    changed = pushsync("migrate", "--status", "rules.yaml", "--dsn", bare_dsn)
+    assert changed.returncode == 1
+    assert changed.stdout.splitlines()[-1].startswith("rules.yaml: differs from what was applied")
+    assert changed.stdout.splitlines()[-1].endswith(
+        ": adds roster_notice; removes fleet_notice; `pushsync migrate rules.yaml` applies it"
+    )
+    with psycopg.connect(bare_dsn) as conn:
+        names = [n for (n,) in conn.execute("SELECT name FROM pushsync.rules ORDER BY 1")]
+    assert "fleet_notice" in names  # --status applied nothing
+    assert "roster_notice" not in names
 
 
 def test_an_unreachable_database_is_still_a_failure_not_a_mistake(pushsync: Run) -> None:
