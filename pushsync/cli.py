@@ -732,10 +732,6 @@ def build_parser() -> argparse.ArgumentParser:
     add = device_commands.add_parser(
         "add",
         help="register a device (or a CSV file of them) and issue its secret",
-        epilog="examples:\n  pushsync device add truck-7 --secret-file truck-7.key "
-        "--publication driver\n  pushsync device add --from fleet.csv --secret-dir keys/"
-        "   (columns: device_id,udp,email,publications)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add.add_argument("id", metavar="ID", nargs="?")
     _dsn(add)
@@ -808,7 +804,6 @@ def build_parser() -> argparse.ArgumentParser:
     addresses = device_commands.add_parser(
         "set-address",
         help="set or drop a device's manual UDP or email address",
-        epilog="example: pushsync device set-address truck-7 --udp 192.0.2.7:5001 --email none",
     )
     addresses.add_argument("id", metavar="ID")
     _dsn(addresses)
@@ -825,7 +820,6 @@ def build_parser() -> argparse.ArgumentParser:
     starter = commands.add_parser(
         "init",
         help="write a starting point: rules, an example table, a listener config, a key",
-        epilog="example: pushsync init fleet --device laptop-1",
     )
     starter.add_argument("directory", metavar="DIR", nargs="?", default=".")
     starter.add_argument(
@@ -836,7 +830,6 @@ def build_parser() -> argparse.ArgumentParser:
     sender = commands.add_parser(
         "send",
         help="a test push through the real outbox and dispatcher",
-        epilog='example: pushsync send truck-7 "hello" "from the office" --wait',
     )
     sender.add_argument("device", metavar="DEVICE")
     sender.add_argument("subject", metavar="SUBJECT")
@@ -935,7 +928,74 @@ def build_parser() -> argparse.ArgumentParser:
         "and the handlers' programs, print the handler table, and exit (0: all ok)",
     )
     listen.set_defaults(handler=cmd_listen)
+    completion = commands.add_parser(
+        "completion",
+        help="print a shell completion script: pushsync completion bash > "
+        "/etc/bash_completion.d/pushsync, or source <(pushsync completion zsh) in ~/.zshrc",
+    )
+    completion.add_argument("shell", choices=("bash", "zsh"))
+    completion.set_defaults(handler=cmd_completion)
+    _add_examples(parser)
     return parser
+
+
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "check": ('pushsync check rules.yaml --dsn "$PUSHSYNC_DSN"',),
+    "compile": ("pushsync compile rules.yaml -o rules.sql",),
+    "migrate": ("pushsync migrate rules.yaml", "pushsync migrate --status rules.yaml"),
+    "device": ("pushsync device list",),
+    "device add": (
+        "pushsync device add truck-7 --secret-file truck-7.key --publication driver",
+        "pushsync device add --from fleet.csv --secret-dir keys",
+    ),
+    "device grant": ("pushsync device grant truck-7 driver",),
+    "device revoke": ("pushsync device revoke truck-7 driver",),
+    "device list": ("pushsync device list --json",),
+    "device disable": ("pushsync device disable truck-7",),
+    "device enable": ("pushsync device enable truck-7",),
+    "device rotate-secret": (
+        "pushsync device rotate-secret truck-7 --secret-file truck-7.new.key",
+    ),
+    "device set-address": (
+        "pushsync device set-address truck-7 --udp 192.0.2.7:5001 --email none",
+    ),
+    "device remove": ("pushsync device remove truck-7",),
+    "init": ("pushsync init fleet --device laptop-1",),
+    "send": ('pushsync send truck-7 sync "hello from the office" --wait',),
+    "status": ("pushsync status --json",),
+    "dispatch": ("pushsync dispatch --sync-listen 0.0.0.0:2439 --metrics 127.0.0.1:9187",),
+    "demo": ("pushsync demo --keep",),
+    "sync": ("pushsync sync truck-7.yaml",),
+    "listen": ("pushsync listen truck-7.yaml --check", "pushsync listen truck-7.yaml"),
+    "completion": ("pushsync completion bash",),
+}
+"""What each command's ``--help`` ends with (``tests/unit/test_cli_help.py`` runs them)."""
+
+
+def _add_examples(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    for name, sub in _subparsers(parser).items():
+        key = f"{prefix}{name}"
+        lines = EXAMPLES.get(key, ())
+        if lines:
+            sub.epilog = ("examples:\n" if len(lines) > 1 else "example:\n") + "\n".join(
+                f"  {line}" for line in lines
+            )
+            sub.formatter_class = argparse.RawDescriptionHelpFormatter
+        _add_examples(sub, f"{key} ")
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from pushsync.completion import script
+
+    sys.stdout.write(script(build_parser(), args.shell))
+    return EXIT_OK
 
 
 EXTRAS = {
