@@ -36,6 +36,7 @@ from pushsync.dispatcher.polls import Poll, due_polls, list_polls, next_due, run
 from pushsync.dispatcher.routing import gateway_order, next_gateway
 from pushsync.dispatcher.settings import DispatcherSettings, split_listen
 from pushsync.dispatcher.sync_endpoint import Synchronizer
+from pushsync.logs import short
 from pushsync.wire import protocol
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class Dispatcher:
 
     def on_ack(self, ack: protocol.Ack, peer: str) -> None:
         """A verified ack: queue its confirmation (recorded by the confirm loop)."""
-        logger.debug("ack for %s from %s at %s", ack.request_id, ack.device, peer)
+        logger.debug("ack for %s from %s at %s", short(ack.request_id), ack.device, peer)
         self._acks.append((ack.request_id, ack.device))
         self._ack_ready.set()
 
@@ -413,7 +414,7 @@ class Dispatcher:
             try:
                 result = await self.gateways[name].send(item)
             except Exception as exc:  # a gateway bug must not stop the others
-                logger.exception("gateway %s raised sending %s", name, item.request_id)
+                logger.exception("gateway %s raised sending %s", name, short(item.request_id))
                 failures[name] = (f"{type(exc).__name__}: {exc}", False)
                 continue
             if result.ok:
@@ -445,7 +446,9 @@ class Dispatcher:
                     self.metrics.latency(now - item.created_at.timestamp())
                 self._held.discard(item.request_id)
                 if item.request_id not in recorded:
-                    logger.warning("lost the lease on %s before recording it", item.request_id)
+                    logger.warning(
+                        "lost the lease on %s before recording it", short(item.request_id)
+                    )
         for item, outcome in finished:
             if outcome.gateway is None:
                 await self._record_failure(store, item, outcome)
@@ -465,7 +468,7 @@ class Dispatcher:
         )
         self._held.discard(item.request_id)
         if not ok:
-            logger.warning("lost the lease on %s before recording it", item.request_id)
+            logger.warning("lost the lease on %s before recording it", short(item.request_id))
 
     async def _connected_meanwhile(
         self, store: OutboxStore, item: Claimed, outcome: Outcome
@@ -479,7 +482,9 @@ class Dispatcher:
             return False
         if not await store.release([item.request_id]):
             return False
-        logger.info("%s: %s connected meanwhile; sending again", item.request_id, item.device_id)
+        logger.info(
+            "%s: %s connected meanwhile; sending again", short(item.request_id), item.device_id
+        )
         self._held.discard(item.request_id)
         self._wake.set()
         return True
@@ -532,9 +537,9 @@ class Dispatcher:
                 request_id, device = self._acks[0]
                 if await store.confirm(request_id, device):
                     self.metrics.confirmed()
-                    logger.info("confirmed %s by %s", request_id, device)
+                    logger.info("confirmed %s by %s", short(request_id), device)
                 else:
-                    logger.warning("ack of %s by %s matches no sent row", request_id, device)
+                    logger.warning("ack of %s by %s matches no sent row", short(request_id), device)
                 self._acks.popleft()  # only once recorded: a dropped connection keeps it
             self._ack_ready.clear()
             if self._acks:

@@ -263,10 +263,11 @@ class _Sync:
                     raise SyncRefused("DOWNLOAD from the device carries no payload")
                 sent = await self._download(publication, tables, request.watermark)
                 logger.info(
-                    "sync: %s %s: %d rows uploaded, %s",
+                    "sync: %s %s: %d row%s uploaded, %s",
                     self.device,
                     publication,
                     uploaded,
+                    "" if uploaded == 1 else "s",
                     ", ".join(f"{t} {n}" for t, n in sent.items()) or "nothing to download",
                 )
                 return

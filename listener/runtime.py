@@ -38,7 +38,7 @@ from pushsync.listener.imap import ImapChannel
 from pushsync.listener.localdb import LocalDatabaseError
 from pushsync.listener.state import StateInUse, hold_for_listener
 from pushsync.listener.sync import SyncFailed, sync_once
-from pushsync.logs import Throttle
+from pushsync.logs import Throttle, plain, short
 from pushsync.wire import protocol
 
 logger = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ class Listener:
             acked = any(h.confirm for h in handlers) and self._ack(msg, reply)
             logger.info(
                 "message %s subject %r via %s: duplicate, not run again%s",
-                msg.request_id,
+                short(msg.request_id),
                 msg.subject,
                 where,
                 "; acked again" if acked else "",
@@ -215,7 +215,7 @@ class Listener:
             self.counters.unmatched += 1
             logger.info(
                 "message %s subject %r via %s: no handler matched; not confirmed%s",
-                msg.request_id,
+                short(msg.request_id),
                 msg.subject,
                 where,
                 self._content(msg),
@@ -230,7 +230,7 @@ class Listener:
         acked = any(p.confirm for p in done) and self._ack(msg, reply)
         logger.info(
             "message %s subject %r via %s: %s; %s%s",
-            msg.request_id,
+            short(msg.request_id),
             msg.subject,
             where,
             "; ".join(self._outcome(p) for p in done),
@@ -247,7 +247,7 @@ class Listener:
             confirmed = round(self.clock() * 1000) / 1000
             reply(protocol.encode_ack(replace(ack, confirmed=confirmed), self.secret))
         except Exception as exc:
-            logger.warning("cannot ack %s: %s: %s", msg.request_id, type(exc).__name__, exc)
+            logger.warning("cannot ack %s: %s", short(msg.request_id), plain(exc))
             return False
         self.counters.acks_sent += 1
         return True

@@ -40,6 +40,12 @@ _PLAIN: Final[dict[type[BaseException], str]] = {
 }
 
 
+def short(request_id: object) -> str:
+    """A request id as log lines show it: its first 8 hex digits, like a short commit hash
+    (search the outbox with ``request_id::text LIKE 'abcd1234%'``)."""
+    return str(request_id)[:8]
+
+
 def plain(exc: BaseException) -> str:
     """What went wrong, in words: the exception's own text, or for the usual network
     failures a phrase; never a bare class name where words exist."""
@@ -136,4 +142,4 @@ class Throttle:
         return self.log(logging.INFO, msg, *args, key=key)
 
 
-__all__ = ["FORMATS", "JsonFormatter", "Throttle", "configure", "plain"]
+__all__ = ["FORMATS", "JsonFormatter", "Throttle", "configure", "plain", "short"]
