@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -1027,10 +1028,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         if not _stdout_gone():
             raise
-        # Nobody reads what is still buffered: let the interpreter's last flush go nowhere.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _quiet_stdout()
         return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        # Output that cannot be written (a full disk, /dev/full): say so, once.
+        if exc.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG):
+            raise
+        _quiet_stdout()
+        print(f"pushsync: cannot write the output: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _quiet_stdout() -> None:
+    """Nobody can take what is still buffered: let the interpreter's last flush go nowhere."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _stdout_gone() -> bool:

@@ -356,3 +356,21 @@ def test_a_bad_variable_of_another_command_does_not_matter(pushsync: Run, tmp_pa
     (tmp_path / "rules.yaml").write_text("version: 2\n")
     result = pushsync("check", "rules.yaml", env={"PUSHSYNC_JSON": "maybe"})
     refused(result, "rules.yaml:1:10: unsupported version 2: use 1")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full on this system")
+def test_output_to_a_full_disk_is_said_once(tmp_path: Path) -> None:
+    rules = Path(__file__).resolve().parents[2] / "examples" / "trucking" / "rules.yaml"
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [*executable(), "compile", str(rules)],
+            cwd=tmp_path,
+            env=clean_env(),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert result.stderr == "pushsync: cannot write the output: No space left on device\n"
