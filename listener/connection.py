@@ -77,14 +77,19 @@ class Session:
         return str(sockname[0]) if isinstance(sockname, tuple) else ""
 
     async def recv(self, timeout: float | None = None) -> protocol.Frame | None:  # noqa: ASYNC109  recv(timeout): the session's interface
-        """The next frame; None when the server closed the connection.
+        """The next frame; None when the server closed the connection (a reset too: a
+        server that closes with bytes of ours unread resets it, and which of the two the
+        device sees is a matter of timing).
 
         ``TimeoutError`` after ``timeout`` seconds without a whole frame;
         :class:`~pushsync.wire.protocol.ProtocolError` for a bad stream.
         """
         async with asyncio.timeout(timeout):
             while (frame := self._frames.take()) is None:
-                data = await self.reader.read(READ_SIZE)
+                try:
+                    data = await self.reader.read(READ_SIZE)
+                except ConnectionResetError:
+                    return None
                 if not data:
                     return None
                 self._frames.add(data)

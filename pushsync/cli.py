@@ -106,7 +106,9 @@ def option_value(flag: str, value: str, check: Callable[[str], Any]) -> Any:
 
 
 @contextmanager
-def connected(dsn: str | None, *, schema_needed: bool = True) -> Iterator[Any]:
+def connected(
+    dsn: str | None, *, schema_needed: bool = True, connect_timeout: int | None = None
+) -> Iterator[Any]:
     """``db.connect(dsn)``; first, unless told otherwise, that the pushsync schema is current.
 
     A connection string libpq cannot read is a mistake in ``--dsn`` (or ``PUSHSYNC_DSN``).
@@ -114,7 +116,7 @@ def connected(dsn: str | None, *, schema_needed: bool = True) -> Iterator[Any]:
     from pushsync import db, schema
 
     try:
-        with db.connect(dsn) as conn:
+        with db.connect(dsn, connect_timeout=connect_timeout) as conn:
             if schema_needed:
                 schema.require_current(conn)
             yield conn
@@ -613,6 +615,10 @@ def _write_atomically(path: Path, text: str) -> None:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
 
 
+PREFLIGHT_TIMEOUT = 3
+"""Seconds ``dispatch`` waits for the database to check the schema before starting."""
+
+
 def _dispatch_preflight(args: argparse.Namespace) -> None:
     """Mistakes the dispatcher would meet only later: its addresses, the DSN, the schema.
 
@@ -633,7 +639,9 @@ def _dispatch_preflight(args: argparse.Namespace) -> None:
         if value and not (flag == "--sync-listen" and value == "off"):
             _listen_address(flag, value)
     try:
-        with connected(args.dsn):
+        # Bounded: a database that does not answer now is the dispatcher's to wait for,
+        # where a stop request is heard.
+        with connected(args.dsn, connect_timeout=PREFLIGHT_TIMEOUT):
             pass
     except DatabaseError as exc:
         log.debug("schema not checked: %s", exc)

@@ -50,16 +50,20 @@ _BAD_OPTION = re.compile(r"(?:connection is bad: )?((?:invalid|bad value for) .*
 
 
 @contextmanager
-def connect(dsn: str | None, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
+def connect(
+    dsn: str | None, *, autocommit: bool = False, connect_timeout: int | None = None
+) -> Iterator[psycopg.Connection]:
     """A connection to ``dsn``; any driver error comes out as :class:`DatabaseError`.
 
     A connection string libpq cannot use raises :class:`DsnError` (a mistake in the
-    input, not a failure of the database).
+    input, not a failure of the database). ``connect_timeout`` (seconds, at least 2 for
+    libpq) overrides the DSN's own.
     """
     target = resolve_dsn(dsn)
     check_dsn(target)
+    bound = {} if connect_timeout is None else {"connect_timeout": connect_timeout}
     try:
-        conn = psycopg.connect(target, autocommit=autocommit, application_name="pushsync")
+        conn = psycopg.connect(target, autocommit=autocommit, application_name="pushsync", **bound)
     except psycopg.Error as exc:
         bad_option = _BAD_OPTION.fullmatch(first_line(exc))
         if isinstance(exc, psycopg.ProgrammingError) or bad_option:
