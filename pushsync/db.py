@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 from pushsync.errors import DatabaseError, DsnError
 
@@ -61,9 +62,10 @@ def connect(
     """
     target = resolve_dsn(dsn)
     check_dsn(target)
-    bound = {} if connect_timeout is None else {"connect_timeout": connect_timeout}
+    if connect_timeout is not None:
+        target = make_conninfo(target, connect_timeout=connect_timeout)
     try:
-        conn = psycopg.connect(target, autocommit=autocommit, application_name="pushsync", **bound)
+        conn = psycopg.connect(target, autocommit=autocommit, application_name="pushsync")
     except psycopg.Error as exc:
         bad_option = _BAD_OPTION.fullmatch(first_line(exc))
         if isinstance(exc, psycopg.ProgrammingError) or bad_option:
