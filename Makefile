@@ -31,14 +31,14 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	cd build/package-view && $(abspath $(BIN))/lint-imports --no-cache $(CURDIR)/pyproject.toml
 
-# Coverage of the package, CLI subprocesses included ([tool.coverage] in pyproject.toml);
+# Coverage of the package in the test process ([tool.coverage] in pyproject.toml);
 # the per-file table goes to build/coverage.txt.
 test: lint postgres
 	$(BIN)/coverage erase
 	$(BIN)/coverage run -m pytest
 	$(BIN)/coverage combine --quiet
 	mkdir -p build && $(BIN)/coverage report > build/coverage.txt
-	@echo "coverage: $$($(BIN)/coverage report --format=total)% of pushsync's lines and branches (build/coverage.txt)"
+	@echo "coverage: $$($(BIN)/coverage report --format=total)% of pushsync's lines and branches in the test process (build/coverage.txt)"
 
 demo: $(STAMP)
 	$(BIN)/pushsync demo
