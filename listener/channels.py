@@ -60,9 +60,14 @@ class UdpChannel(asyncio.DatagramProtocol):
     async def start(self) -> None:
         """Bind the socket (port 0 picks a free port: see :attr:`address`)."""
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: self, local_addr=(self.bind.host, self.bind.port)
-        )
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: self, local_addr=(self.bind.host, self.bind.port)
+            )
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"udp channel: cannot bind {self.bind}: {exc.strerror or exc}"
+            ) from None
         sock = transport.get_extra_info("socket")
         if sock is not None:  # a burst of messages must not overflow the default buffer
             with contextlib.suppress(OSError):

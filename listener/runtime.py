@@ -523,8 +523,11 @@ async def _run(config: ListenerConfig, secret: bytes, *, log_messages: bool) -> 
             installed.append(signum)
     try:
         await listener.run(stop)
-    except (PushsyncError, OSError) as exc:
+    except PushsyncError as exc:
         print(f"cannot start the listener: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"cannot start the listener: {exc.strerror or exc}", file=sys.stderr)
         return 1
     finally:
         for signum in installed:

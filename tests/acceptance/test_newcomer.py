@@ -374,3 +374,21 @@ def test_output_to_a_full_disk_is_said_once(tmp_path: Path) -> None:
         )
     assert result.returncode == 1
     assert result.stderr == "pushsync: cannot write the output: No space left on device\n"
+
+
+def test_a_listener_channel_that_cannot_bind_names_the_channel_and_address(
+    pushsync: Run, tmp_path: Path
+) -> None:
+    assert pushsync("init", ".", "--device", "d1").returncode == 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        config = tmp_path / "listener.yaml"
+        text = config.read_text(encoding="utf-8")
+        config.write_text(text.replace("channels:\n", f'channels:\n  udp: {{bind: "{address}"}}\n'))
+        result = pushsync("listen", "listener.yaml")
+    refused(
+        result,
+        f"cannot start the listener: udp channel: cannot bind {address}: Address already in use",
+        status=1,
+    )
