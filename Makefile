@@ -35,7 +35,7 @@ lint: $(STAMP)
 # the per-file table goes to build/coverage.txt.
 test: lint postgres
 	$(BIN)/coverage erase
-	$(BIN)/coverage run -m pytest
+	$(BIN)/coverage run -m pytest --durations=15
 	$(BIN)/coverage combine --quiet
 	mkdir -p build && $(BIN)/coverage report > build/coverage.txt
 	@echo "coverage: $$($(BIN)/coverage report --format=total)% of pushsync's lines and branches in the test process (build/coverage.txt)"

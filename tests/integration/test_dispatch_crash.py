@@ -243,6 +243,8 @@ ROWS = 3000
 KILL_AT = 250
 """Deliveries after which the first dispatcher is killed: part-way through a batch
 (the CLI claims 500 rows at a time), while rows of it are still ``sending``."""
+HOLD = 2.0
+"""Seconds each UPDATE of the outbox waits while the first dispatcher runs."""
 
 
 @pytest.mark.slow
@@ -254,6 +256,18 @@ def test_kill_9_mid_batch_then_restart_loses_nothing(
 ) -> None:
     fleet = fleet_of(db, 20)
     ids = enqueue(db, sorted(fleet.secrets), ROWS, "kill")
+    # Every UPDATE of the outbox first waits HOLD seconds: the claim of a batch, and the
+    # statement that records its sends after they went out. The kill at the KILL_AT-th
+    # delivery then falls inside a batch on any machine, however fast the dispatcher
+    # sends and however slowly the devices count.
+    db.execute(
+        "CREATE FUNCTION public.hold_outbox_updates() RETURNS trigger LANGUAGE plpgsql "
+        f"AS $$ BEGIN PERFORM pg_sleep({HOLD}); RETURN NULL; END $$"
+    )
+    db.execute(
+        "CREATE TRIGGER hold_updates BEFORE UPDATE ON pushsync.outbox "
+        "FOR EACH STATEMENT EXECUTE FUNCTION public.hold_outbox_updates()"
+    )
 
     first = dispatchers(dsn)
     fired = threading.Event()
@@ -268,6 +282,7 @@ def test_kill_9_mid_batch_then_restart_loses_nothing(
     until(fired.is_set, f"{KILL_AT} deliveries", logs=[first.log])
     first.process.wait(WAIT)
     fleet.on_delivery = None
+    db.execute("DROP TRIGGER hold_updates ON pushsync.outbox")  # the second one runs freely
     assert first.process.returncode == -signal.SIGKILL
     before = fleet.settle()  # datagrams already on their way when it died
     assert before < ROWS, "the dispatcher sent everything before it could be killed"
