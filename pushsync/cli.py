@@ -238,7 +238,6 @@ def _migrate_status(args: argparse.Namespace) -> int:
 
 def cmd_device_add(args: argparse.Namespace) -> int:
     from pushsync import devices
-    from pushsync.wire.protocol import format_secret
 
     if args.from_file is not None:
         return _add_from_csv(args)
@@ -266,12 +265,20 @@ def cmd_device_add(args: argparse.Namespace) -> int:
             f"device {device.device_id} added with the secret of {args.secret_from}",
             file=sys.stderr,
         )
-    elif secret_file is not None:
-        print(f"device {device.device_id} added; secret written to {secret_file}", file=sys.stderr)
     else:
-        print(f"device {device.device_id} added; its secret (shown once):", file=sys.stderr)
-        sys.stdout.write(format_secret(secret))
+        _hand_over(secret, secret_file, f"device {device.device_id} added", "its secret")
     return EXIT_OK
+
+
+def _hand_over(secret: bytes, secret_file: Path | None, done: str, what: str) -> None:
+    """Say ``done``, and where the secret went: to ``secret_file``, or shown once on stdout."""
+    from pushsync.wire.protocol import format_secret
+
+    if secret_file is not None:
+        print(f"{done}; {what} written to {secret_file}", file=sys.stderr)
+    else:
+        print(f"{done}; {what} (shown once):", file=sys.stderr)
+        sys.stdout.write(format_secret(secret))
 
 
 def _add_from_csv(args: argparse.Namespace) -> int:
@@ -300,18 +307,13 @@ def _add_from_csv(args: argparse.Namespace) -> int:
 
 def cmd_device_rotate_secret(args: argparse.Namespace) -> int:
     from pushsync import devices
-    from pushsync.wire.protocol import format_secret
 
     device_id = devices.check_device_id(args.id)
     secret_file = Path(args.secret_file) if args.secret_file else None
     with connected(args.dsn) as conn:
         secret = devices.rotate_secret(conn, device_id, secret_file)
     done = f"device {device_id} has a new secret; the old one is refused from now on"
-    if secret_file is not None:
-        print(f"{done}; written to {secret_file}", file=sys.stderr)
-    else:
-        print(f"{done}; the new secret (shown once):", file=sys.stderr)
-        sys.stdout.write(format_secret(secret))
+    _hand_over(secret, secret_file, done, "the new secret")
     return EXIT_OK
 
 

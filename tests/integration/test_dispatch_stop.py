@@ -64,12 +64,8 @@ def test_stops_while_every_claim_waits_on_a_lock(
     """The server is up but the send loop's claim never returns: cancelled after the drain."""
     dispatch = Dispatch(dsn, tmp_path / "dispatch.log")
     try:
-        until(lambda: dispatcher_listens(db), "the dispatcher to LISTEN", logs=[dispatch.log])
-        with psycopg.connect(dsn) as blocker:
-            blocker.execute("LOCK TABLE pushsync.outbox IN ACCESS EXCLUSIVE MODE")
-            until(lambda: claim_waiting(db), "a claim to wait on the lock", logs=[dispatch.log])
+        with claims_blocked(dsn, db, dispatch):
             took, text = stop_within(dispatch, BOUND)
-            blocker.rollback()
     finally:
         dispatch.close()
     assert "stopping now" in text
@@ -82,10 +78,7 @@ def test_a_second_interrupt_leaves_without_waiting(
     """Ctrl-C says what the stop waits for; Ctrl-C again leaves at once (status 1)."""
     dispatch = Dispatch(dsn, tmp_path / "dispatch.log")
     try:
-        until(lambda: dispatcher_listens(db), "the dispatcher to LISTEN", logs=[dispatch.log])
-        with psycopg.connect(dsn) as blocker:
-            blocker.execute("LOCK TABLE pushsync.outbox IN ACCESS EXCLUSIVE MODE")
-            until(lambda: claim_waiting(db), "a claim to wait on the lock", logs=[dispatch.log])
+        with claims_blocked(dsn, db, dispatch):
             started = time.monotonic()
             dispatch.process.send_signal(signal.SIGINT)
             until(
@@ -96,7 +89,6 @@ def test_a_second_interrupt_leaves_without_waiting(
             dispatch.process.send_signal(signal.SIGINT)
             status = dispatch.process.wait(BOUND)
             took = time.monotonic() - started
-            blocker.rollback()
     finally:
         dispatch.close()
     text = dispatch.output()
@@ -140,6 +132,17 @@ def test_stops_while_the_database_never_answers(tmp_path: Path, silent: Silent) 
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def claims_blocked(dsn: str, db: psycopg.Connection, dispatch: Dispatch) -> Iterator[None]:
+    """The block runs while the dispatcher's claim waits on a lock of the whole outbox."""
+    until(lambda: dispatcher_listens(db), "the dispatcher to LISTEN", logs=[dispatch.log])
+    with psycopg.connect(dsn) as blocker:
+        blocker.execute("LOCK TABLE pushsync.outbox IN ACCESS EXCLUSIVE MODE")
+        until(lambda: claim_waiting(db), "a claim to wait on the lock", logs=[dispatch.log])
+        yield
+        blocker.rollback()
 
 
 def claim_waiting(db: psycopg.Connection) -> bool:
