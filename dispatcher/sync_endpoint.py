@@ -14,6 +14,7 @@ import json
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import psycopg
@@ -69,6 +70,8 @@ class _Session:
     kept: int = 0
     """Bytes of frames the session keeps: the upload batch being received or applied."""
     task: asyncio.Task[None] | None = None
+    record: sync_store.SessionRecord | None = None
+    """What ``pushsync.sync_sessions`` gets when the synchronization ends."""
 
     @property
     def held(self) -> int:
@@ -147,6 +150,7 @@ class Synchronizer:
             self._discarding.add(conn)
             return
         session = _Session(conn, device)
+        session.record = sync_store.SessionRecord(device=device, started_at=datetime.now(UTC))
         self._sessions[conn] = session
         self._devices[device] = session
         session.task = asyncio.create_task(self._run(session, frame), name="pushsync sync")
@@ -169,22 +173,44 @@ class Synchronizer:
 
     async def _run(self, session: _Session, begin: protocol.Frame) -> None:
         device = session.device
+        outcome, error = "ok", ""
         try:
             await self._in_slot(session, begin)
             self.completed += 1
         except (SyncRefused, protocol.ProtocolError) as exc:
-            self._failed(session, str(exc))
+            outcome, error = "refused", str(exc)
+            self._failed(session, error)
             logger.warning("sync: %s: %s", device, exc)
         except (psycopg.Error, OSError, TimeoutError) as exc:
+            outcome, error = "failed", first_line(exc)
             self._failed(session, "the server could not complete the synchronization; try again")
-            logger.warning("sync: %s failed: %s", device, first_line(exc))
+            logger.warning("sync: %s failed: %s", device, error)
         except asyncio.CancelledError:
+            self._forget(session)
             raise
         except Exception:
-            self._failed(session, "internal server error")
+            outcome, error = "failed", "internal server error"
+            self._failed(session, error)
             logger.exception("sync: %s failed", device)
-        finally:
-            self._forget(session)
+        self._forget(session)
+        await self._write_record(session, outcome, error)
+
+    async def _write_record(self, session: _Session, outcome: str, error: str) -> None:
+        """One row in ``pushsync.sync_sessions``; a failure is logged, never the device's."""
+        if session.record is None:
+            return
+        record = session.record
+        record.outcome, record.error = outcome, error[:500] or None
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with self.pool.connection() as db:
+                    await sync_store.record_session(db, record)
+        except Exception as exc:  # the record is a report: the synchronization is done
+            logger.warning(
+                "sync: %s: the synchronization was not recorded: %s",
+                session.device,
+                first_line(exc),
+            )
 
     async def _in_slot(self, session: _Session, begin: protocol.Frame) -> None:
         try:
@@ -253,6 +279,8 @@ class _Sync:
         request = wire.decode_sync_begin(begin)
         self.local = request.tables
         publication, tables = await self._tables(request.publication)
+        if self.session.record is not None:
+            self.session.record.publication = publication
         uploaded = 0
         while True:
             frame = await self._next()
@@ -336,6 +364,9 @@ class _Sync:
             self.session.kept -= sum(len(f.payload) for f in frames)
             frames.clear()
         self.conn.write(wire.encode_uploaded(_fitted(answer)))
+        if self.session.record is not None:
+            self.session.record.upload_rows += len(answer.applied)
+            self.session.record.conflicts += len(answer.rejected)
         return len(answer.applied)
 
     async def _apply(
@@ -414,6 +445,7 @@ class _Sync:
                 if full:
                     count = await sync_download.send_full(db, self.conn, table, self.device)
                     sent[table.name] = f"{count} rows (full)"
+                    self._downloaded(count)
                 else:
                     assert since is not None  # noqa: S101  type narrowing; full when since is None
                     forced = self.forced.get(table.name, [])
@@ -421,10 +453,15 @@ class _Sync:
                         db, self.conn, table, self.device, since, forced
                     )
                     sent[table.name] = f"{ups} rows, {dels} deletes"
+                    self._downloaded(ups + dels)
         end = wire.SyncEnd(publication=publication, watermark=snapshot)
         self.conn.write(wire.encode_sync_end(end), bulk=True)
         await self.conn.drain()
         return sent
+
+    def _downloaded(self, rows: int) -> None:
+        if self.session.record is not None:
+            self.session.record.download_rows += rows
 
 
 def _pg_reason(exc: psycopg.Error) -> str:

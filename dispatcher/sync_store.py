@@ -7,6 +7,8 @@ What is composed per published table (its name, its key, its functions) is in
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -106,6 +108,41 @@ async def record(db: AsyncConn, device: str, answer: Uploaded) -> None:
     await db.execute(query("upload_record"), params)
 
 
+# --------------------------------------------------------------------------- the record
+
+
+@dataclass(kw_only=True, slots=True)
+class SessionRecord:
+    """One synchronization as ``pushsync.sync_sessions`` keeps it."""
+
+    device: str
+    started_at: datetime
+    publication: str | None = None
+    upload_rows: int = 0
+    """Uploaded rows applied."""
+    download_rows: int = 0
+    """Rows and deletes sent down."""
+    conflicts: int = 0
+    """Uploaded rows refused (conflicts, checks, the database)."""
+    outcome: str = "ok"
+    error: str | None = None
+
+
+async def record_session(db: AsyncConn, record: SessionRecord) -> None:
+    """Insert the synchronization's row (autocommit: one statement, its own transaction)."""
+    params = {
+        "device": record.device,
+        "publication": record.publication,
+        "started_at": record.started_at,
+        "upload_rows": record.upload_rows,
+        "download_rows": record.download_rows,
+        "conflicts": record.conflicts,
+        "outcome": record.outcome,
+        "error": record.error,
+    }
+    await db.execute(query("session_record"), params)
+
+
 # --------------------------------------------------------------------------- downloads
 
 
@@ -172,6 +209,7 @@ async def download_frame(
 
 
 __all__ = [
+    "SessionRecord",
     "answered",
     "begin_download",
     "changed",
@@ -182,6 +220,7 @@ __all__ = [
     "published",
     "query",
     "record",
+    "record_session",
     "still_enabled",
     "usable_watermark",
 ]

@@ -55,6 +55,14 @@ SELECT result FROM pushsync.sync_uploads WHERE device_id = %(device)s AND batch 
 INSERT INTO pushsync.sync_uploads (device_id, batch, result)
 VALUES (%(device)s, %(batch)s, %(result)s::jsonb)
 
+-- session_record --
+-- When a synchronization ends, whatever its outcome: one row, its own
+-- transaction, after the device has its answer (pushsync.sync_sessions).
+INSERT INTO pushsync.sync_sessions (
+    device_id, publication, started_at, upload_rows, download_rows, conflicts, outcome, error)
+VALUES (%(device)s, %(publication)s, %(started_at)s, %(upload_rows)s, %(download_rows)s,
+        %(conflicts)s, %(outcome)s, %(error)s)
+
 -- download_begin --
 -- One snapshot for the whole download: it becomes the device's watermark.
 SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY
