@@ -8,7 +8,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install postgres test lint demo example bench clean
+.PHONY: install postgres promtool test lint demo example bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ install: $(STAMP)
 postgres: $(STAMP)
 	VENV=$(VENV) scripts/ensure-postgres
 
+# promtool, for the tests of docs/prometheus/alerts.yml: on PATH, else Debian's
+# prometheus package (as root). Without it those tests fail as root and are
+# skipped otherwise, so a missing promtool does not stop the other tests here.
+promtool:
+	scripts/ensure-promtool || true
+
 # mypy and lint-imports read the package as the wheel lays it out: scripts/package-view.
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -33,7 +39,7 @@ lint: $(STAMP)
 
 # Coverage of the package in the test process ([tool.coverage] in pyproject.toml);
 # the per-file table goes to build/coverage.txt.
-test: lint postgres
+test: lint postgres promtool
 	$(BIN)/coverage erase
 	$(BIN)/coverage run -m pytest --durations=15
 	$(BIN)/coverage combine --quiet
