@@ -1,0 +1,180 @@
+"""The web console's views over real rows, through its HTTP server on 127.0.0.1:0."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+from pushsync.monitor import data
+from tests.support.dispatching import SECRET, add_device, enqueue
+from tests.support.http import EventStream, get
+from tests.support.monitor import console, finished, synchronized
+
+
+@pytest.fixture
+def fleet(db: psycopg.Connection) -> psycopg.Connection:
+    for device in ("truck-1", "truck-2", "van-3"):
+        add_device(db, device)
+    db.execute("UPDATE pushsync.devices SET enabled = false WHERE device_id = 'van-3'")
+    db.execute(
+        "INSERT INTO pushsync.sync_connections (device_id, owner, peer) "
+        "VALUES ('truck-1', 'node-a', '127.0.0.1:50000')"
+    )
+    db.execute(
+        "INSERT INTO pushsync.device_addresses (device_id, medium, source, address) "
+        "VALUES ('truck-2', 'udp', 'tracking', '192.0.2.2:5001')"
+    )
+    return db
+
+
+@pytest.mark.asyncio
+async def test_every_view_reads_what_the_tables_hold(fleet: psycopg.Connection, dsn: str) -> None:
+    now = datetime.now(UTC)
+    done = finished(fleet, "truck-1", created=now - timedelta(seconds=30), sent_after=0.01,
+                    confirmed_after=0.2)  # fmt: skip
+    finished(fleet, "truck-2", created=now - timedelta(seconds=20), state="expired")
+    finished(fleet, "truck-2", created=now - timedelta(days=3))  # outside every window asked
+    waiting = enqueue(fleet, "truck-2", content="later")
+    synchronized(fleet, "truck-1", started=now - timedelta(seconds=29), seconds=0.5,
+                 uploaded=3, downloaded=5, conflicts=1)  # fmt: skip
+    async with console(dsn) as served:
+        address = served.address
+        fleet_view = (await get(address, "/api/fleet")).json()
+        flow = (await get(address, "/api/flow?window=5m")).json()
+        latency = (await get(address, "/api/latency?window=1h")).json()
+        timeline = (await get(address, "/api/timeline")).json()
+        one = (await get(address, f"/api/request/{done}")).json()
+        pending = (await get(address, f"/api/request/{waiting}")).json()
+        page = await get(address, "/")
+        script = await get(address, "/static/console.js")
+
+    devices = {d["device_id"]: d for d in fleet_view["devices"]}
+    assert sorted(devices) == ["truck-1", "truck-2", "van-3"]
+    assert devices["truck-1"]["dispatcher"] == "node-a"
+    assert devices["truck-1"]["confirmed"] == 1
+    assert devices["truck-1"]["last_sync"]["download_rows"] == 5
+    assert devices["truck-2"]["dispatcher"] is None
+    assert (devices["truck-2"]["pending"], devices["truck-2"]["expired"]) == (1, 1)
+    assert devices["truck-2"]["addresses"][0]["address"] == "192.0.2.2:5001"
+    assert devices["van-3"]["enabled"] is False
+
+    totals: dict[str, int] = {}
+    for bucket in flow["buckets"]:
+        totals[bucket["kind"]] = totals.get(bucket["kind"], 0) + bucket["n"]
+    assert flow["step"] == "second"
+    # written: the two recent finished rows and the waiting one; the 3-day-old row is not in
+    assert totals == {"written": 3, "sent": 2, "confirmed": 1, "expired": 1}
+
+    series = latency["series"]
+    assert series["written_to_sent"]["n"] == 2
+    assert series["sent_to_confirmed"]["n"] == 1
+    assert series["sent_to_confirmed"]["p50"] == pytest.approx(200, abs=1)
+    assert series["sync"]["p99"] == pytest.approx(500, abs=1)
+    assert sum(series["sync"]["histogram"]) == 1
+
+    assert {p["request_id"] for p in timeline["pushes"]} == {str(done), str(waiting)} | {
+        p["request_id"] for p in timeline["pushes"] if p["state"] == "expired"
+    }
+    assert len(timeline["pushes"]) == 3
+    assert timeline["syncs"][0]["upload_rows"] == 3
+
+    assert one["request"]["state"] == "confirmed"
+    assert one["request"]["place"] == "history"
+    assert [s["conflicts"] for s in one["syncs"]] == [1]
+    assert pending["request"]["place"] == "outbox"
+    assert page.status == 200
+    assert b"pushsync monitor" in page.body
+    assert script.status == 200
+    assert script.headers["content-type"].startswith("text/javascript")
+
+
+@pytest.mark.asyncio
+async def test_the_fleet_searches_filters_and_pages(fleet: psycopg.Connection, dsn: str) -> None:
+    async with console(dsn) as served:
+        address = served.address
+        search = (await get(address, "/api/fleet?search=TRUCK")).json()
+        connected = (await get(address, "/api/fleet?show=connected")).json()
+        offline = (await get(address, "/api/fleet?show=disconnected")).json()
+        disabled = (await get(address, "/api/fleet?show=disabled")).json()
+        after = (await get(address, "/api/fleet?after=truck-1")).json()
+    names = {
+        key: [d["device_id"] for d in body["devices"]]
+        for key, body in (("search", search), ("connected", connected), ("offline", offline),
+                          ("disabled", disabled), ("after", after))
+    }  # fmt: skip
+    assert names == {
+        "search": ["truck-1", "truck-2"],
+        "connected": ["truck-1"],
+        "offline": ["truck-2", "van-3"],
+        "disabled": ["van-3"],
+        "after": ["truck-2", "van-3"],
+    }
+
+
+@pytest.mark.asyncio
+async def test_bad_parameters_are_named_and_unknown_requests_are_404(dsn: str) -> None:
+    async with console(dsn) as served:
+        address = served.address
+        answers = {
+            path: await get(address, path)
+            for path in (
+                "/api/flow?window=2y",
+                "/api/fleet?show=everything",
+                "/api/timeline?since=yesterday",
+                "/api/timeline?since=0&until=172800001",
+                "/api/request/not-a-uuid",
+                f"/api/request/{uuid.uuid4()}",
+                "/api/nothing",
+            )
+        }
+    status = {path: answer.status for path, answer in answers.items()}
+    assert list(status.values()) == [400, 400, 400, 400, 400, 404, 404]
+    assert answers["/api/flow?window=2y"].json()["error"].startswith("window: expected one of")
+    assert "24 hours" in answers["/api/timeline?since=0&until=172800001"].json()["error"]
+
+
+@pytest.mark.asyncio
+async def test_the_event_stream_says_when_something_changes(
+    fleet: psycopg.Connection, dsn: str
+) -> None:
+    async with console(dsn) as served:
+        stream = await EventStream.open(served.address)
+        try:
+            assert stream.status == 200
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            first = await stream.next()
+            assert first["outbox"] == {}
+            enqueue(fleet, "truck-2")
+            second = await stream.next()
+            assert second["outbox"] == {"pending": 1}
+            fleet.execute("DELETE FROM pushsync.sync_connections")
+            third = await stream.next()
+            assert (first["connected"], third["connected"]) == (1, 0)
+        finally:
+            await stream.close()
+
+
+@pytest.mark.asyncio
+async def test_no_answer_carries_a_device_secret(fleet: psycopg.Connection, dsn: str) -> None:
+    request_id = enqueue(fleet, "truck-1")
+    paths = ["/api/fleet", "/api/pulse", "/api/timeline", f"/api/request/{request_id}"]
+    async with console(dsn) as served:
+        bodies = [(await get(served.address, path)).body for path in paths]
+    for body in bodies:
+        for form in (SECRET.hex(), SECRET.hex().upper(), "\\\\x" + SECRET.hex()):
+            assert form.encode() not in body
+
+
+@pytest.mark.asyncio
+async def test_the_consoles_connections_cannot_write(dsn: str) -> None:
+    pool = data.open_pool(dsn)
+    await pool.open()
+    try:
+        async with pool.connection() as db:
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                await db.execute("DELETE FROM pushsync.devices")
+    finally:
+        await pool.close()

@@ -1,0 +1,73 @@
+"""The web console in this process on 127.0.0.1:0, and rows for it to show."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+
+import psycopg
+
+from pushsync.monitor.server import Console, MonitorSettings
+
+
+@asynccontextmanager
+async def console(dsn: str, *, token: str | None = None, listen: str = "127.0.0.1:0",
+                  pulse_every: float = 0.1) -> AsyncIterator[Console]:  # fmt: skip
+    """A :class:`~pushsync.monitor.server.Console` serving for the block."""
+    served = Console(MonitorSettings(dsn=dsn, listen=listen, token=token, pulse_every=pulse_every))
+    await served.start()
+    try:
+        yield served
+    finally:
+        await served.close()
+
+
+def finished(
+    db: psycopg.Connection,
+    device: str,
+    *,
+    rule: str = "route_disruption",
+    content: str = "detour",
+    state: str = "confirmed",
+    gateway: str = "sync",
+    created: datetime,
+    sent_after: float = 0.02,
+    confirmed_after: float = 0.05,
+) -> uuid.UUID:
+    """One row of ``outbox_history``, as the dispatcher would have archived it."""
+    request_id = uuid.uuid4()
+    sent = created + timedelta(seconds=sent_after)
+    confirmed = sent + timedelta(seconds=confirmed_after) if state == "confirmed" else None
+    ended = confirmed or created + timedelta(hours=1)
+    db.execute(
+        "INSERT INTO pushsync.outbox_history (request_id, rule, device_id, subject, content,"
+        " priority, gateway, coalesced, created_at, expires_at, attempts, state, sent_at,"
+        " gateway_used, confirmed_at, finished_at) VALUES (%s, %s, %s, 'sync', %s, 'normal',"
+        " 'auto', 0, %s, %s, 1, %s, %s, %s, %s, %s)",
+        (request_id, rule, device, content, created, created + timedelta(hours=1), state,
+         sent, gateway, confirmed, ended),
+    )  # fmt: skip
+    return request_id
+
+
+def synchronized(
+    db: psycopg.Connection,
+    device: str,
+    *,
+    started: datetime,
+    seconds: float = 0.2,
+    uploaded: int = 0,
+    downloaded: int = 0,
+    conflicts: int = 0,
+    outcome: str = "ok",
+) -> None:
+    """One row of ``sync_sessions``."""
+    db.execute(
+        "INSERT INTO pushsync.sync_sessions (device_id, publication, started_at, finished_at,"
+        " upload_rows, download_rows, conflicts, outcome) VALUES (%s, 'driver', %s, %s, %s,"
+        " %s, %s, %s)",
+        (device, started, started + timedelta(seconds=seconds), uploaded, downloaded,
+         conflicts, outcome),
+    )  # fmt: skip
