@@ -490,7 +490,35 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pushsync.demo import run_demo
 
-    return run_demo(keep=args.keep, verbose=args.verbose)
+    return run_demo(keep=args.keep or args.monitor, verbose=args.verbose, monitor=args.monitor)
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from pushsync import db
+    from pushsync.monitor.access import check_token
+    from pushsync.monitor.server import MonitorSettings, exposure_problem, run_monitor
+
+    token = None
+    if args.token_file:
+        text = _read_text(args.token_file, "--token-file")
+        try:
+            token = check_token(text)
+        except ValueError as exc:
+            raise UsageError(f"--token-file {args.token_file}: {exc}") from None
+    settings = MonitorSettings(
+        dsn=db.resolve_dsn(args.dsn),
+        listen=args.listen,
+        token=token,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+    )
+    problem = exposure_problem(settings)
+    if problem is not None:
+        raise UsageError(problem)
+    with connected(args.dsn, connect_timeout=5):
+        pass  # the schema is current: every view's table is there
+    return run_monitor(settings)
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
@@ -918,7 +946,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     option(demo, "--keep", action="store_true", help="leave everything running until Ctrl-C")
     option(demo, "--verbose", action="store_true", help="show the components' own logs too")
+    option(
+        demo,
+        "--monitor",
+        action="store_true",
+        help="also serve the web console on 127.0.0.1 and print its address (implies --keep)",
+    )
     demo.set_defaults(handler=cmd_demo)
+
+    monitor = commands.add_parser(
+        "monitor", help="the read-only web console: fleet, flow, latency, timeline, requests"
+    )
+    _dsn(monitor)
+    option(
+        monitor,
+        "--listen",
+        metavar="HOST:PORT",
+        default="127.0.0.1:8439",
+        help="where to serve (default 127.0.0.1:8439); any address but loopback needs "
+        "--token-file or --tls-client-ca",
+    )
+    option(
+        monitor,
+        "--token-file",
+        metavar="PATH",
+        help="a file holding the bearer token browsers and scripts must give",
+    )
+    option(monitor, "--tls-cert", metavar="PEM", help="serve HTTPS: certificate")
+    option(monitor, "--tls-key", metavar="PEM", help="the TLS certificate's private key")
+    option(
+        monitor,
+        "--tls-client-ca",
+        metavar="PEM",
+        help="require client certificates signed by these CAs (with --tls-cert)",
+    )
+    monitor.set_defaults(handler=cmd_monitor)
 
     sync = commands.add_parser("sync", help="synchronize the device's local database once")
     sync.add_argument("config", metavar="CONFIG.yaml")
@@ -975,7 +1037,11 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "send": ('pushsync send truck-7 sync "hello from the office" --wait',),
     "status": ("pushsync status --json",),
     "dispatch": ("pushsync dispatch --sync-listen 0.0.0.0:2439 --metrics 127.0.0.1:9187",),
-    "demo": ("pushsync demo --keep",),
+    "demo": ("pushsync demo --keep", "pushsync demo --monitor"),
+    "monitor": (
+        "pushsync monitor",
+        "pushsync monitor --listen 0.0.0.0:8439 --token-file /etc/pushsync/monitor.token",
+    ),
     "sync": ("pushsync sync truck-7.yaml",),
     "listen": ("pushsync listen truck-7.yaml --check", "pushsync listen truck-7.yaml"),
     "completion": ("pushsync completion bash",),

@@ -230,17 +230,17 @@ def local_route(driver: Driver, workdir: Path) -> tuple[Any, ...] | None:
 # --------------------------------------------------------------------------- the story
 
 
-async def play(workdir: Path, *, keep: bool) -> int:
+async def play(workdir: Path, *, keep: bool, monitor: bool = False) -> int:
     stage = Stage(workdir=workdir)
     line = Timeline()
     print(f"pushsync demo in {workdir}\n")
     try:
-        return await _play(stage, line, keep=keep)
+        return await _play(stage, line, keep=keep, monitor=monitor)
     finally:
         await _teardown(stage)
 
 
-async def _play(stage: Stage, line: Timeline, *, keep: bool) -> int:
+async def _play(stage: Stage, line: Timeline, *, keep: bool, monitor: bool = False) -> int:
     workdir = stage.workdir
     stage.server, stage.dsn = await asyncio.to_thread(start_postgres, workdir / "postgres")
     line.say("embedded PostgreSQL started")
@@ -251,6 +251,8 @@ async def _play(stage: Stage, line: Timeline, *, keep: bool) -> int:
             f"{len(DRIVERS)} drivers, routes and devices registered"
         )
         await _start_dispatcher(stage, line)
+        if monitor:
+            await _start_monitor(stage, line)
         await _start_listeners(stage, line, keys)
         failures = await _story(stage, line, conn)
     print()
@@ -285,6 +287,23 @@ async def _start_dispatcher(stage: Stage, line: Timeline) -> None:
         f"dispatcher up: SYNC on {stage.ports['sync']}, UDP on {stage.ports['udp']}, "
         f"SMTP to {stage.ports['smtp']}"
     )
+
+
+async def _start_monitor(stage: Stage, line: Timeline) -> None:
+    """The web console on 127.0.0.1:8439, or on a free port if that one is taken."""
+    from pushsync.monitor.server import DEFAULT_LISTEN, Console, MonitorSettings
+
+    for listen in (DEFAULT_LISTEN, "127.0.0.1:0"):
+        console = Console(MonitorSettings(dsn=stage.dsn, listen=listen))
+        try:
+            await console.start()
+        except OSError:
+            continue
+        stage.closers.append(console.close)
+        stage.ports["monitor"] = console.url
+        line.say(f"web console on {console.url}")
+        return
+    raise RuntimeError("the web console could not listen on 127.0.0.1")
 
 
 async def _start_listeners(stage: Stage, line: Timeline, keys: dict[str, Path]) -> None:
@@ -427,6 +446,7 @@ Everything keeps running (Ctrl-C stops it and removes {stage.workdir}):
   UDP           {stage.ports["udp"]} (the dispatcher's acks)
   SMTP          {stage.ports["smtp"]} (delivers into truck-di/Maildir)
   devices       {stage.workdir}/truck-*/listener.yaml, local databases in */state/local.db
+  console       {stage.ports.get("monitor", "pushsync demo --monitor serves one")}
 
 Try: UPDATE public.routes SET route_name = 'south 2' WHERE route_id = 20;
      then pushsync sync {stage.workdir}/truck-bo/listener.yaml"""  # noqa: S608  printed help
@@ -470,7 +490,7 @@ async def _teardown(stage: Stage) -> None:
             await asyncio.to_thread(stage.server.cleanup)
 
 
-def run_demo(*, keep: bool = False, verbose: bool = False) -> int:
+def run_demo(*, keep: bool = False, verbose: bool = False, monitor: bool = False) -> int:
     """``pushsync demo``: the exit status (0 when the story ended as it should)."""
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     if not verbose:
@@ -481,7 +501,7 @@ def run_demo(*, keep: bool = False, verbose: bool = False) -> int:
     workdir.chmod(0o755)  # the embedded server's own user must reach its directory
     started = time.monotonic()
     try:
-        code = asyncio.run(play(workdir, keep=keep))
+        code = asyncio.run(play(workdir, keep=keep, monitor=monitor))
     except KeyboardInterrupt:
         code = 130
     finally:
