@@ -30,6 +30,7 @@ from pushsync.db import first_line
 from pushsync.dispatcher.connections import ConnectionServer, SyncGateway
 from pushsync.dispatcher.gateways import Gateway, UdpGateway, describe_smtp, smtp_from_url
 from pushsync.dispatcher.metrics import Metrics, MetricsServer, serve_metrics
+from pushsync.dispatcher.mqtt import MqttGateway, start_mqtt
 from pushsync.dispatcher.nodes import PoolStore
 from pushsync.dispatcher.outbox import Claimed, ConnectionExecutor, OutboxStore
 from pushsync.dispatcher.polls import Poll, due_polls, list_polls, next_due, run_poll
@@ -403,7 +404,11 @@ class Dispatcher:
         order = [
             name
             for name in gateway_order(
-                item.gateway, connected=connected, udp=item.udp_address, email=item.email_address
+                item.gateway,
+                connected=connected,
+                udp=item.udp_address,
+                email=item.email_address,
+                mqtt=item.mqtt_address,
             )
             if name in self.gateways
         ]
@@ -656,6 +661,8 @@ class Running:
     """The UDP gateway, where acks arrive; None when the settings have no ``udp_listen``."""
     metrics: MetricsServer | None
     """``/metrics`` and ``/healthz``; None when the settings have no ``metrics_listen``."""
+    mqtt: MqttGateway | None = None
+    """The MQTT gateway; None when the settings have no ``mqtt``."""
     stopping: asyncio.Event
     """Set to stop the dispatcher (:meth:`stop`); it then drains as on SIGTERM."""
     finished: asyncio.Task[None]
@@ -705,6 +712,7 @@ async def serve(
     dispatcher = Dispatcher(settings, {**(gateways or {}), **_configured_gateways(settings)})
     async with contextlib.AsyncExitStack() as started:
         udp = await _start_udp(dispatcher, started)
+        mqtt = await start_mqtt(dispatcher, started)
         connections = await _start_connections(dispatcher, started)
         metrics = await _start_metrics(dispatcher, started)
         stopping = asyncio.Event()
@@ -715,6 +723,7 @@ async def serve(
                     dispatcher=dispatcher,
                     connections=connections,
                     udp=udp,
+                    mqtt=mqtt,
                     metrics=metrics,
                     stopping=stopping,
                     finished=finished,

@@ -56,6 +56,8 @@ class Claimed:
     secret: bytes
     udp_address: str | None
     email_address: str | None
+    mqtt_address: str | None = None
+    """'on' when the device has an MQTT subscription on record (sql/0007_mqtt.sql)."""
 
 
 _CLAIMED: AsyncRowFactory[Claimed] = class_row(Claimed)

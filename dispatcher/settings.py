@@ -15,6 +15,7 @@ from datetime import timedelta
 
 from pushsync.dispatcher.connections import DEFAULT_PORT, ConnectionSettings
 from pushsync.dispatcher.gateways import smtp_from_url, split_address
+from pushsync.dispatcher.mqtt import MqttSettings, mqtt_from_url
 from pushsync.dispatcher.sync_endpoint import SyncLimits
 
 
@@ -48,6 +49,16 @@ class DispatcherSettings:
     (:func:`~pushsync.dispatcher.gateways.smtp_from_url`); None: no email."""
     smtp_password: str | None = field(default=None, repr=False)
     """The SMTP password, if not in the URL (where command lines show it)."""
+    mqtt: str | None = None
+    """The MQTT gateway's broker, ``mqtt[s]://[USER@]HOST[:PORT][?client_id=…]``
+    (:func:`~pushsync.dispatcher.mqtt.mqtt_from_url`); None: no MQTT."""
+    mqtt_password: str | None = field(default=None, repr=False)
+    """The broker password, if not in the URL."""
+    mqtt_ca_file: str | None = None
+    """CA certificates to check an ``mqtts://`` broker with; None: the system's."""
+    mqtt_cert_file: str | None = None
+    """A client certificate to present to an ``mqtts://`` broker (with ``mqtt_key_file``)."""
+    mqtt_key_file: str | None = None
     metrics_listen: str | None = None
     """Where ``/metrics`` and ``/healthz`` are served; None: not at all."""
 
@@ -72,6 +83,20 @@ class DispatcherSettings:
                 split_listen(address)
         if self.smtp is not None:
             smtp_from_url(self.smtp, password=self.smtp_password)  # UsageError if wrong
+        if self.mqtt is not None:
+            self.mqtt_settings()  # UsageError if wrong
+
+    def mqtt_settings(self) -> MqttSettings:
+        """The MQTT gateway's settings; UsageError if ``mqtt`` is wrong."""
+        if self.mqtt is None:
+            raise ValueError("no MQTT broker is configured")
+        return mqtt_from_url(
+            self.mqtt,
+            password=self.mqtt_password,
+            ca_file=self.mqtt_ca_file,
+            cert_file=self.mqtt_cert_file,
+            key_file=self.mqtt_key_file,
+        )
 
     @property
     def alive_for(self) -> timedelta:

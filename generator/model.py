@@ -16,12 +16,12 @@ from pushsync.errors import Location
 from pushsync.source import Node
 
 Event = Literal["insert", "update", "delete"]
-Gateway = Literal["auto", "sync", "udp", "smtp"]
+Gateway = Literal["auto", "sync", "mqtt", "udp", "smtp"]
 Priority = Literal["low", "normal", "high"]
 Scope = Literal["new", "old", "recipient"]
 
 EVENTS: tuple[Event, ...] = ("insert", "update", "delete")
-GATEWAYS: tuple[Gateway, ...] = ("auto", "sync", "udp", "smtp")
+GATEWAYS: tuple[Gateway, ...] = ("auto", "sync", "mqtt", "udp", "smtp")
 PRIORITIES: tuple[Priority, ...] = ("low", "normal", "high")
 
 

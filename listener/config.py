@@ -12,6 +12,7 @@ shared with the rules file.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import stat
@@ -24,6 +25,7 @@ from typing import Any, Final, TypeAlias, TypeVar, cast
 from pushsync.errors import Location, Problems, PushsyncError, RulesError, UsageError
 from pushsync.source import Node, closest, load, parse_duration, suggestion
 from pushsync.wire.addresses import Address, parse_address, valid_host
+from pushsync.wire.mqtt import DEFAULT_PREFIX, check_prefix
 from pushsync.wire.protocol import PRIORITIES, Priority, read_secret
 
 T = TypeVar("T")
@@ -188,6 +190,21 @@ class PollChannel:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MqttChannel:
+    server: Address
+    topic_prefix: str = DEFAULT_PREFIX
+    username: str | None = None
+    password_file: Path | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    client_id: str | None = None
+    """None: the device id (one persistent session per device)."""
+
+
+MQTT_EXTRA: Final = "pip install 'pushsync[mqtt]'"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Channels:
     """The ways messages reach this device; at least one is set."""
 
@@ -196,6 +213,7 @@ class Channels:
     maildir: MaildirChannel | None = None
     imap: ImapChannel | None = None
     poll: PollChannel | None = None
+    mqtt: MqttChannel | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -285,7 +303,7 @@ class ListenerConfig:
 
 TOP_KEYS: Final = ("device", "secret_file", "state_dir", "publication", "channels", "handlers")
 PUBLICATION_NAME: Final = re.compile(r"[a-z][a-z0-9_]{0,62}\Z")
-CHANNEL_KEYS: Final = ("sync", "udp", "maildir", "imap", "poll")
+CHANNEL_KEYS: Final = ("sync", "udp", "maildir", "imap", "poll", "mqtt")
 TEXT_FILTERS: Final = ("subject", "content", "message", "message_start", "sender")
 REGEX_FILTERS: Final = ("subject_matches", "content_matches", "message_matches", "sender_matches")
 HANDLER_KEYS: Final = (
@@ -571,6 +589,7 @@ def _channels(checker: _Checker, node: Node) -> Channels | None:
         "maildir": _maildir_channel,
         "imap": _imap_channel,
         "poll": _poll_channel,
+        "mqtt": _mqtt_channel,
     }
     for key, read in readers.items():
         if (channel_node := fields.get(key)) is None:
@@ -591,6 +610,7 @@ _CHANNEL_FIELDS: Final = {
     "maildir": ("path",),
     "imap": ("host", "port", "user", "password_file", "folder", "every"),
     "poll": ("server", "every", "tls", "ca_file"),
+    "mqtt": ("server", "topic_prefix", "username", "password_file", "tls", "ca_file", "client_id"),
 }
 
 
@@ -658,6 +678,44 @@ def _poll_channel(checker: _Checker, node: Node, fields: dict[str, Node]) -> Pol
         return None
     extra = {"every": every} if every else {}
     return PollChannel(server=server, tls=tls, ca_file=ca_file, **extra)
+
+
+def _mqtt_channel(checker: _Checker, node: Node, fields: dict[str, Node]) -> MqttChannel | None:
+    """``channels.mqtt``; a located error naming the extra when paho-mqtt is not installed."""
+    if not _paho_installed():
+        checker.fail(node.location, f"the mqtt channel needs paho-mqtt: {MQTT_EXTRA}")
+        return None
+    server = _required(checker, fields, node, "server", checker.address)
+    tls, ca_file = _tls(checker, fields)
+    values: dict[str, Any] = {}
+    if (prefix_node := fields.get("topic_prefix")) is not None:
+        prefix = checker.text(prefix_node, "topic_prefix")
+        try:
+            values["topic_prefix"] = None if prefix is None else check_prefix(prefix)
+        except ValueError as exc:
+            checker.fail(prefix_node.location, str(exc))
+            values["topic_prefix"] = None
+    for key in ("username", "client_id"):
+        if (text_node := fields.get(key)) is not None:
+            values[key] = checker.text(text_node, key)
+            if values[key] == "":
+                checker.fail(text_node.location, f"{key} must not be empty")
+                values[key] = None
+    if (password_node := fields.get("password_file")) is not None:
+        values["password_file"] = checker.path(password_node, "password_file")
+        if "username" not in fields:
+            checker.fail(password_node.location, "password_file needs a username")
+    if server is None or tls is None or None in values.values():
+        return None
+    return MqttChannel(server=server, tls=tls, ca_file=ca_file, **values)
+
+
+def _paho_installed() -> bool:
+    """Whether paho-mqtt can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec("paho") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _required(

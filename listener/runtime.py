@@ -393,6 +393,12 @@ class Listener:
             poll = PollChannel(self, configured.poll)
             await poll.start()
             self.channels.append(poll)
+        if configured.mqtt is not None:
+            from pushsync.listener.mqtt import MqttChannel  # paho-mqtt: only when configured
+
+            mqtt = MqttChannel(self, configured.mqtt)
+            await mqtt.start()
+            self.channels.append(mqtt)
         if not self.channels:
             raise PushsyncError("no channel is configured")
 

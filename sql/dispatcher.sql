@@ -45,7 +45,8 @@ WITH due AS MATERIALIZED (
 )
 SELECT c.request_id, c.rule, c.device_id, c.subject, c.content, c.priority, c.gateway,
        c.created_at, c.expires_at, c.attempts, d.secret,
-       udp.address AS udp_address, email.address AS email_address
+       udp.address AS udp_address, email.address AS email_address,
+       mqtt.address AS mqtt_address
 FROM claimed AS c
 JOIN pushsync.devices AS d ON d.device_id = c.device_id
 -- As pushsync.effective_addresses (manual wins, then only if active), but as
@@ -62,6 +63,12 @@ LEFT JOIN LATERAL (
     ORDER BY a.source = 'manual' DESC
     LIMIT 1
 ) AS email ON email.active
+LEFT JOIN LATERAL (
+    SELECT a.address, a.active FROM pushsync.device_addresses AS a
+    WHERE a.device_id = c.device_id AND a.medium = 'mqtt'
+    ORDER BY a.source = 'manual' DESC
+    LIMIT 1
+) AS mqtt ON mqtt.active
 ORDER BY CASE c.priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END,
          c.next_attempt_at
 

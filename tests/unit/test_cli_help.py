@@ -79,7 +79,7 @@ complete_for pushsync listen ""
         "revoke rotate-secret remove",
         "--secret-from --secret-dir --secret-file",
         "debug info warning error",
-        "auto sync udp smtp",
+        "auto sync mqtt udp smtp",
         "status",
         "",  # an argument: the shell's own file names
     ]

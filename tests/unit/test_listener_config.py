@@ -383,7 +383,8 @@ CASES = [
     (
         "no channels",
         GOOD.replace('  udp: {bind: "0.0.0.0:5001"}\n', "  {}\n"),
-        "listener.yaml:4:3: channels must name at least one of sync, udp, maildir, imap, poll",
+        "listener.yaml:4:3: channels must name at least one of "
+        "sync, udp, maildir, imap, poll, mqtt",
     ),
     (
         "channel without settings",

@@ -1,0 +1,521 @@
+"""The MQTT gateway: signed envelopes published through a broker, signed acks read back.
+
+``pushsync dispatch --mqtt mqtt[s]://USER@HOST:PORT`` publishes each message,
+the same signed envelope UDP carries, at QoS 1 and never retained, to
+``<prefix>/<device>/in`` (:mod:`pushsync.wire.mqtt`), and counts it sent once
+the broker has acknowledged it (PUBACK). Devices ack on ``<prefix>/<device>/ack``;
+every dispatcher subscribes to those topics through one shared subscription
+(``$share/<group>/<prefix>/+/ack``), so the broker hands each ack to one of
+them. Acks are verified with the device's key exactly as on UDP: the broker is
+a carrier, trusted with nothing, and an ack on one device's topic that names
+another device is dropped. A device's signed announcement
+(:data:`~pushsync.wire.mqtt.ANNOUNCEMENT`) records that it has an MQTT
+subscription (``sql/mqtt.sql``), which ``auto`` routing then prefers to UDP.
+
+paho-mqtt runs its network loop in a thread of its own (``loop_start``); what
+it receives is handed to the event loop with ``call_soon_threadsafe``, and a
+publish waits for its PUBACK on an asyncio future. paho is imported when the
+gateway starts, so settings are checked without it. docs/operations.md
+("MQTT") has the broker's side: ACLs, a Mosquitto configuration, EMQX and NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+from pushsync import queries
+from pushsync.dispatcher.gateways import (
+    DEFAULT_SENDER,
+    MAX_LOOKUPS,
+    AckHandler,
+    SecretFetch,
+    SecretLookup,
+    SendResult,
+    failed,
+    sent,
+    to_message,
+)
+from pushsync.dispatcher.outbox import Claimed
+from pushsync.errors import UsageError
+from pushsync.logs import Throttle
+from pushsync.wire import mqtt as topics
+from pushsync.wire import protocol
+from pushsync.wire.limits import MAX_DATAGRAM
+
+if TYPE_CHECKING:
+    from contextlib import AsyncExitStack
+
+    from psycopg_pool import AsyncConnectionPool
+
+    from pushsync.dispatcher.daemon import Dispatcher
+
+logger = logging.getLogger(__name__)
+
+SCHEMES: Final = {"mqtt": (False, 1883), "mqtts": (True, 8883)}
+DEFAULT_GROUP: Final = "pushsync"
+PUBLISH_TIMEOUT: Final = 10.0
+"""Seconds a publish waits for the broker's PUBACK before it counts as not sent."""
+MAX_INFLIGHT: Final = 1000
+"""QoS 1 publishes awaiting their PUBACK at once (paho's default, 20, throttles a batch)."""
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MqttSettings:
+    """Where the broker is and how to log in; made by :func:`mqtt_from_url`."""
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    client_id: str | None = None
+    """None: ``pushsync-dispatch-`` and a random tag, new at every start."""
+    prefix: str = topics.DEFAULT_PREFIX
+    group: str = DEFAULT_GROUP
+    """The shared subscription's group: dispatchers of one group share the acks."""
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive: int = 30
+    publish_timeout: float = PUBLISH_TIMEOUT
+
+
+_GROUP_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def mqtt_from_url(
+    url: str,
+    *,
+    password: str | None = None,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+) -> MqttSettings:
+    """The broker ``--mqtt`` names: ``mqtt[s]://[USER@]HOST[:PORT][?client_id=…&prefix=…&group=…]``.
+
+    ``mqtt://`` is plain TCP (port 1883 by default), ``mqtts://`` TLS (8883),
+    checked against the system's CAs or ``ca_file``; ``cert_file`` and
+    ``key_file`` present a client certificate. The password comes from
+    ``password`` (``--mqtt-password-file``) or, visible to other users on the
+    command line, from the URL. UsageError naming what is wrong, never the password.
+    """
+    parsed = urllib.parse.urlsplit(url)
+    scheme = parsed.scheme.lower()
+    if scheme not in SCHEMES:
+        raise UsageError(f"--mqtt must start with mqtt:// or mqtts://, not {scheme!r}")
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        raise UsageError("--mqtt has a bad port") from None
+    if not host:
+        raise UsageError("--mqtt needs a host: mqtt://[USER@]HOST[:PORT]")
+    if parsed.path not in ("", "/") or parsed.fragment:
+        raise UsageError("--mqtt takes no path: mqtt[s]://[USER@]HOST[:PORT][?client_id=ID]")
+    options = urllib.parse.parse_qs(parsed.query, keep_blank_values=True)
+    known = ("client_id", "prefix", "group")
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise UsageError(f"--mqtt: unknown option {unknown[0]!r} (known: {', '.join(known)})")
+    values = {key: options[key][-1] for key in known if key in options}
+    if "client_id" in values and not values["client_id"]:
+        raise UsageError("--mqtt: client_id must not be empty")
+    prefix = values.get("prefix", topics.DEFAULT_PREFIX)
+    try:
+        topics.check_prefix(prefix)
+    except ValueError as exc:
+        raise UsageError(f"--mqtt: {exc}") from None
+    group = values.get("group", DEFAULT_GROUP)
+    if not group or not set(group) <= _GROUP_CHARS:
+        raise UsageError(f"--mqtt: bad group {group!r}: letters, digits, '_', '.' and '-'")
+    username = urllib.parse.unquote(parsed.username) if parsed.username else None
+    if password is None and parsed.password is not None:
+        password = urllib.parse.unquote(parsed.password)
+    if password is not None and username is None:
+        raise UsageError("--mqtt: a password needs a user: mqtt://USER@HOST")
+    tls, default_port = SCHEMES[scheme]
+    if (ca_file or cert_file or key_file) and not tls:
+        raise UsageError("--mqtt-ca-file, --mqtt-cert and --mqtt-key need an mqtts:// broker")
+    if bool(cert_file) != bool(key_file):
+        raise UsageError("--mqtt-cert and --mqtt-key go together")
+    return MqttSettings(
+        host=host,
+        port=port or default_port,
+        tls=tls,
+        username=username,
+        password=password,
+        client_id=values.get("client_id"),
+        prefix=prefix,
+        group=group,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+    )
+
+
+def describe_mqtt(settings: MqttSettings) -> str:
+    """For log lines: scheme, user, host, port and topics — never the password."""
+    scheme = "mqtts" if settings.tls else "mqtt"
+    user = f"{settings.username}@" if settings.username else ""
+    return (
+        f"{scheme}://{user}{settings.host}:{settings.port}, publishing to "
+        f"{topics.in_topic(settings.prefix, '<device>')}, acks through "
+        f"{topics.acks_filter(settings.prefix, settings.group)}"
+    )
+
+
+# --------------------------------------------------------------------------- the gateway
+
+
+@dataclass(slots=True)
+class MqttStats:
+    """What arrived on the ack topics."""
+
+    accepted: int = 0
+    dropped: int = 0
+    announcements: int = 0
+    lookups: int = 0
+
+
+class MqttGateway:
+    """Publishes to the broker of ``settings``; verifies the acks it hands back.
+
+    :meth:`start` connects in the background (paho reconnects by itself, with
+    backoff); a send while the broker is unreachable fails at once, not final,
+    so ``auto`` routing goes on to UDP or email and the outbox retries.
+    """
+
+    name = "mqtt"
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        secret_for: SecretLookup,
+        on_ack: AckHandler,
+        fetch_secret: SecretFetch | None = None,
+        on_announce: Callable[[str], None] | None = None,
+        sender: str = DEFAULT_SENDER,
+    ) -> None:
+        self.settings = settings
+        self.sender = sender
+        self.stats = MqttStats()
+        self.connected = asyncio.Event()
+        """Set while the broker has accepted this gateway's connection."""
+        self.subscribed = asyncio.Event()
+        """Set once the broker has granted the acks' subscription (tests wait on it)."""
+        self._secret_for = secret_for
+        self._fetch_secret = fetch_secret
+        self._on_ack = on_ack
+        self._on_announce = on_announce
+        self._client: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._early: set[int] = set()
+        """PUBACKs that came before their publish was registered (paho's thread is fast)."""
+        self._lookups: set[asyncio.Task[None]] = set()
+        self._log = Throttle(logger)
+        self._refusal: str | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Connect in the background; paho's loop runs in its own thread."""
+        from paho.mqtt import client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self._loop = asyncio.get_running_loop()
+        settings = self.settings
+        client_id = settings.client_id or f"pushsync-dispatch-{uuid.uuid4().hex[:12]}"
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=True,
+            protocol=paho.MQTTv311,
+        )
+        if settings.username is not None:
+            client.username_pw_set(settings.username, settings.password)
+        if settings.tls:
+            context = ssl.create_default_context(cafile=settings.ca_file)
+            if settings.cert_file and settings.key_file:
+                context.load_cert_chain(settings.cert_file, settings.key_file)
+            client.tls_set_context(context)
+        client.max_inflight_messages_set(MAX_INFLIGHT)
+        client.reconnect_delay_set(min_delay=1, max_delay=5)
+        client.on_connect = self._connected
+        client.on_disconnect = self._disconnected
+        client.on_publish = self._published
+        client.on_subscribe = self._granted
+        client.on_message = self._message
+        self._client = client
+        client.connect_async(settings.host, settings.port, keepalive=settings.keepalive)
+        client.loop_start()
+
+    async def close(self) -> None:
+        """Disconnect and stop paho's thread; sends still waiting fail."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        client.disconnect()
+        await asyncio.to_thread(client.loop_stop)
+        self._fail_pending("the MQTT gateway is closing")
+        for task in self._lookups:
+            task.cancel()
+
+    # ----------------------------------------------------------------- sending
+
+    async def send(self, item: Claimed) -> SendResult:
+        client = self._client
+        if client is None or not self.connected.is_set():
+            why = self._refusal or "not connected to the MQTT broker"
+            return failed(self.name, why, final=False)
+        try:
+            data = protocol.encode_message(
+                to_message(item, self.sender), item.secret, limit=MAX_DATAGRAM
+            )
+        except protocol.Oversized:
+            size = protocol.encoded_size(to_message(item, self.sender))
+            error = f"message too large ({size} bytes > {MAX_DATAGRAM})"
+            return failed(self.name, error, final=True)
+        except protocol.ProtocolError as exc:
+            return failed(self.name, f"cannot encode: {exc}", final=True)
+        topic = topics.in_topic(self.settings.prefix, item.device_id)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        info = client.publish(topic, data, qos=1, retain=False)
+        if info.rc != 0:
+            return failed(self.name, f"cannot publish: paho error {info.rc}", final=False)
+        with self._lock:
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+                future.set_result(None)
+            else:
+                self._pending[info.mid] = future
+        try:
+            async with asyncio.timeout(self.settings.publish_timeout):
+                await future
+        except TimeoutError:
+            with self._lock:
+                self._pending.pop(info.mid, None)
+            error = f"no PUBACK from the broker in {self.settings.publish_timeout:g}s"
+            return failed(self.name, error, final=False)
+        except ConnectionError as exc:
+            return failed(self.name, str(exc), final=False)
+        return sent(self.name)
+
+    # ----------------------------------------------------------------- paho's thread
+
+    def _connected(
+        self, client: Any, _userdata: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
+        if reason.is_failure:
+            self._refusal = f"the MQTT broker refused the connection: {reason}"
+            self._log.warning("%s", self._refusal, key="refused")
+            return
+        self._refusal = None
+        client.subscribe(topics.acks_filter(self.settings.prefix, self.settings.group), qos=1)
+        self._call(self.connected.set)
+        logger.info("MQTT: connected to %s:%d", self.settings.host, self.settings.port)
+
+    def _disconnected(
+        self, _client: Any, _userdata: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
+        self._call(self.connected.clear)
+        self._call(self.subscribed.clear)
+        self._call(self._fail_pending, "the connection to the MQTT broker was lost")
+        if self._client is not None:
+            self._log.warning("MQTT: disconnected from the broker (%s); reconnecting", reason)
+
+    def _granted(
+        self, _client: Any, _userdata: Any, _mid: int, reasons: list[Any], _props: Any
+    ) -> None:
+        if any(reason.is_failure for reason in reasons):
+            self._log.warning(
+                "MQTT: the broker refused the subscription to the acks (%s): check its ACL",
+                ", ".join(str(r) for r in reasons),
+            )
+            return
+        self._call(self.subscribed.set)
+
+    def _published(self, _client: Any, _userdata: Any, mid: int, _reason: Any, _props: Any) -> None:
+        with self._lock:
+            future = self._pending.pop(mid, None)
+            if future is None:
+                self._early.add(mid)
+                return
+        self._call(_resolve, future)
+
+    def _message(self, _client: Any, _userdata: Any, message: Any) -> None:
+        self._call(self.ack_received, str(message.topic), bytes(message.payload))
+
+    def _call(self, callback: Callable[..., Any], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(callback, *args)
+
+    def _fail_pending(self, why: str) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError(why))
+
+    # ----------------------------------------------------------------- acks
+
+    def ack_received(self, topic: str, data: bytes) -> None:
+        """Verify an envelope from an ack topic and hand it on; drop anything else.
+
+        Never raises. The topic's device must be the envelope's, and the
+        signature that device's: the broker's ACL is a second wall, not the first.
+        """
+        owner = topics.device_of_ack_topic(self.settings.prefix, topic)
+        if owner is None:
+            self._drop(topic, protocol.Malformed("not an ack topic"))
+            return
+        try:
+            device = protocol.peek_device(data, limit=MAX_DATAGRAM)
+        except protocol.ProtocolError as exc:
+            self._drop(topic, exc)
+            return
+        if device != owner:
+            self._drop(topic, protocol.Malformed(f"an ack of device {device!r}"))
+            return
+        secret = self._secret_for(device)
+        if secret is not None:
+            self._accept(data, secret, topic)
+        elif self._fetch_secret is None or len(self._lookups) >= MAX_LOOKUPS:
+            self._drop(topic, protocol.ProtocolError("unknown device, or too many lookups"))
+        else:
+            task = asyncio.get_running_loop().create_task(
+                self._fetch_then_accept(data, device, topic)
+            )
+            self._lookups.add(task)
+            task.add_done_callback(self._lookups.discard)
+
+    async def _fetch_then_accept(self, data: bytes, device: str, topic: str) -> None:
+        assert self._fetch_secret is not None  # noqa: S101  type narrowing; started only when set
+        self.stats.lookups += 1
+        try:
+            secret = await self._fetch_secret(device)
+        except Exception as exc:
+            self.stats.dropped += 1
+            self._log.warning(
+                "MQTT: dropped an ack on %s: cannot look up its device: %s", topic, exc
+            )
+            return
+        if secret is None:
+            self._drop(topic, protocol.ProtocolError("ack from an unknown or disabled device"))
+        else:
+            self._accept(data, secret, topic)
+
+    def _accept(self, data: bytes, secret: bytes, topic: str) -> None:
+        try:
+            ack = protocol.decode_ack(data, secret, limit=MAX_DATAGRAM)
+        except protocol.ProtocolError as exc:
+            self._drop(topic, exc)
+            return
+        if ack.request_id == topics.ANNOUNCEMENT:
+            self._announced(ack, topic)
+            return
+        self.stats.accepted += 1
+        try:
+            self._on_ack(ack, f"mqtt {topic}")
+        except Exception:
+            logger.exception("ack handler failed for %s from %s", ack.request_id, topic)
+
+    def _announced(self, ack: protocol.Ack, topic: str) -> None:
+        if not topics.fresh(ack.confirmed, time.time()):
+            self._drop(topic, protocol.Expired("an announcement that is not fresh"))
+            return
+        self.stats.announcements += 1
+        if self._on_announce is not None:
+            self._on_announce(ack.device)
+
+    def _drop(self, topic: str, exc: protocol.ProtocolError) -> None:
+        self.stats.dropped += 1
+        self._log.warning(
+            "MQTT: dropped an envelope on %s: %s: %s",
+            topic,
+            type(exc).__name__,
+            exc,
+            key=type(exc).__name__,
+        )
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+# --------------------------------------------------------------------------- the record
+
+
+async def record_subscription(pool: AsyncConnectionPool[Any], device: str) -> None:
+    """Record that ``device`` has an MQTT subscription (source 'tracking'; a manual
+    record still decides). Nothing for a disabled or unknown device."""
+    async with pool.connection() as conn:
+        await conn.execute(queries.get("mqtt_announced", "mqtt.sql"), {"device_id": device})
+
+
+# --------------------------------------------------------------------------- assembly
+
+
+async def start_mqtt(dispatcher: Dispatcher, started: AsyncExitStack) -> MqttGateway | None:
+    """The MQTT gateway the dispatcher's settings name, started and added to it (or None)."""
+    settings = dispatcher.settings
+    if settings.mqtt is None:
+        return None
+    mqtt = settings.mqtt_settings()
+    recording: set[asyncio.Task[None]] = set()
+
+    def announced(device: str) -> None:
+        if len(recording) >= MAX_LOOKUPS:
+            logger.warning("MQTT: too many announcements at once; %s not recorded", device)
+            return
+        task = asyncio.get_running_loop().create_task(_record(dispatcher, device))
+        recording.add(task)
+        task.add_done_callback(recording.discard)
+
+    gateway = MqttGateway(
+        mqtt,
+        secret_for=dispatcher.secret_for,
+        fetch_secret=dispatcher.fetch_secret,
+        on_ack=dispatcher.on_ack,
+        on_announce=announced,
+    )
+    await gateway.start()
+    started.push_async_callback(gateway.close)
+    dispatcher.add_gateway(gateway)
+    logger.info("MQTT gateway: %s", describe_mqtt(mqtt))
+    return gateway
+
+
+async def _record(dispatcher: Dispatcher, device: str) -> None:
+    try:
+        await record_subscription(dispatcher.store.pool, device)
+    except Exception as exc:
+        logger.warning("MQTT: cannot record the subscription of %s: %s", device, exc)
+        return
+    logger.info("MQTT: %s announced its subscription", device)
+
+
+__all__ = [
+    "MqttGateway",
+    "MqttSettings",
+    "MqttStats",
+    "describe_mqtt",
+    "mqtt_from_url",
+    "record_subscription",
+    "start_mqtt",
+]
