@@ -8,7 +8,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install postgres promtool test lint demo example bench clean
+.PHONY: install postgres promtool mosquitto test lint demo example bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ postgres: $(STAMP)
 promtool:
 	scripts/ensure-promtool || true
 
+# A Mosquitto broker for the MQTT gateway's tests: the system's, else Debian's
+# package (as root; its service is not started). The tests need it.
+mosquitto:
+	scripts/ensure-mosquitto
+
 # mypy and lint-imports read the package as the wheel lays it out: scripts/package-view.
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -39,7 +44,7 @@ lint: $(STAMP)
 
 # Coverage of the package in the test process ([tool.coverage] in pyproject.toml);
 # the per-file table goes to build/coverage.txt.
-test: lint postgres promtool
+test: lint postgres promtool mosquitto
 	$(BIN)/coverage erase
 	$(BIN)/coverage run -m pytest --durations=15
 	$(BIN)/coverage combine --quiet
