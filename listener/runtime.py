@@ -37,7 +37,7 @@ from pushsync.listener.handlers import match
 from pushsync.listener.imap import ImapChannel
 from pushsync.listener.localdb import LocalDatabaseError
 from pushsync.listener.state import StateInUse, hold_for_listener
-from pushsync.listener.sync import SyncFailed, sync_once
+from pushsync.listener.sync import NO_SYNC_ROUTE, SyncFailed, sync_once
 from pushsync.logs import Throttle, plain, short
 from pushsync.wire import protocol
 
@@ -281,8 +281,14 @@ class Listener:
         )
 
     async def _synchronize(self) -> Outcome:
-        """The ``sync`` action: over the open SYNC connection if there is one, else a new one."""
+        """The ``sync`` action: over the open SYNC connection if there is one, else a new one.
+
+        Without a ``sync`` or ``poll`` channel it fails at once, touching neither the
+        state folder's lock nor the local database.
+        """
         channel = next((c for c in self.channels if isinstance(c, SyncChannel)), None)
+        if channel is None and self.config.sync_server is None:
+            return Outcome(ok=False, detail=f"sync failed: {NO_SYNC_ROUTE}")
         try:
             if channel is not None and channel.connected.is_set():
                 async with channel.borrow() as lent:

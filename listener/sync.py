@@ -45,6 +45,7 @@ REPLY_TIMEOUT: Final = 60.0
 LOCAL_DB: Final = "local.db"
 DEFAULT_PUBLICATION: Final = "default"
 """The local name of the watermark when the config names no publication."""
+NO_SYNC_ROUTE: Final = "no sync or poll channel is configured to synchronize through"
 
 Decoded = TypeVar("Decoded")
 
@@ -325,7 +326,7 @@ async def _sync_locked(
             return await synchronize(transport, db, config.publication)
         where = config.sync_server
         if where is None:
-            raise SyncFailed("no sync or poll channel is configured to synchronize through")
+            raise SyncFailed(NO_SYNC_ROUTE)
         server, tls, ca_file = where
         try:
             session = await open_session(
