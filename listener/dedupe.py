@@ -28,6 +28,12 @@ DEFAULT_GRACE: Final = 300.0
 BUSY_TIMEOUT: Final = 10.0
 """Seconds to wait for another process holding the file's write lock."""
 
+MAX_BATCH: Final = 1024
+"""Most ids :class:`GroupCommit` puts into one commit."""
+
+GATHER_TURNS: Final = 2
+"""Turns of the event loop between two looks for ids that joined the next commit."""
+
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS seen ("
     " request_id TEXT PRIMARY KEY,"
@@ -59,8 +65,10 @@ class DedupeStore:
 
     WAL mode with ``synchronous=FULL``: an id :meth:`remember` reported as new
     is on disk before the action runs, so not even a power cut makes it run
-    twice (messages are rare enough that an fsync each costs nothing worth
-    saving). :meth:`forget_expired` keeps the file small. One connection,
+    twice. Each write transaction syncs the file once, whatever it holds:
+    :meth:`remember_many` takes many ids in one, and :class:`GroupCommit` makes
+    that the rule for a busy listener (:attr:`commits` counts them).
+    :meth:`forget_expired` keeps the file small. One connection,
     usable from any thread, serialised by a lock (the runtime calls it from an
     executor thread). Every SQLite failure, including a file that is not a
     database, is raised as :class:`DedupeError`.
@@ -71,6 +79,8 @@ class DedupeStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.commits = 0
+        """Transactions of :meth:`remember_many` committed (each one sync to disk)."""
         self._lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
         try:
@@ -145,6 +155,7 @@ class DedupeStore:
                 except BaseException:
                     connection.execute("ROLLBACK")
                     raise
+                self.commits += 1
             except sqlite3.Error as exc:
                 raise DedupeError(f"dedupe store {self.path}: {exc}") from None
         return firsts
@@ -209,19 +220,30 @@ class DedupeStore:
 
 
 class GroupCommit:
-    """Remembers ids for an asyncio program, batching the ids that arrive while a
-    commit is on its way to disk into the next one: one sync for many messages.
+    """Remembers ids for an asyncio program: one durable commit for many messages.
 
-    Each caller still learns, before its action runs, whether its id is new and
-    stored durably.
+    The commit runs in a worker thread while the event loop goes on taking
+    messages, and the next commit takes every id that arrived meanwhile.
+    Before a commit starts, the writer lets the loop run on for as long as each
+    turn brings more ids, so that messages already read off a socket but not
+    yet at this point join it too: a listener with 64 messages in flight syncs
+    its file once or twice per 64 messages, not once per message. At most
+    ``max_batch`` ids go into one commit, so a flood cannot hold a commit back.
+
+    Each caller learns whether its id is new only after the commit that holds
+    it: an action runs, and an ack goes out, only for an id already on disk.
     """
 
-    def __init__(self, store: DedupeStore) -> None:
+    def __init__(self, store: DedupeStore, *, max_batch: int = MAX_BATCH) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be positive, not {max_batch}")
         self.store = store
+        self.max_batch = max_batch
         self._waiting: list[tuple[RequestId, float, asyncio.Future[bool]]] = []
         self._writer: asyncio.Task[None] | None = None
 
     async def remember(self, request_id: RequestId, expires: float) -> bool:
+        """Whether ``request_id`` is new, once it is durably recorded (see the class)."""
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting.append((request_id, expires, done))
         if self._writer is None or self._writer.done():
@@ -230,7 +252,9 @@ class GroupCommit:
 
     async def _write(self) -> None:
         while self._waiting:
-            batch, self._waiting = self._waiting, []
+            await self._gather()
+            batch = self._waiting[: self.max_batch]
+            del self._waiting[: len(batch)]
             entries = [(request_id, expires) for request_id, expires, _ in batch]
             try:
                 firsts = await asyncio.to_thread(self.store.remember_many, entries)
@@ -239,6 +263,23 @@ class GroupCommit:
                     if not done.done():
                         done.set_exception(exc)
                 continue
+            except asyncio.CancelledError:  # the loop is closing: nobody waits in vain
+                for _, _, done in batch:
+                    done.cancel()
+                raise
             for (_, _, done), first in zip(batch, firsts, strict=True):
                 if not done.done():
                     done.set_result(first)
+
+    async def _gather(self) -> None:
+        """Let the event loop run while it keeps bringing ids, up to ``max_batch``.
+
+        A datagram read in one turn of the loop reaches :meth:`remember` in the
+        task it starts, which runs in the next turn: so the writer looks every
+        second turn, and stops at the first look that finds nothing new.
+        """
+        count = -1
+        while count != len(self._waiting) and len(self._waiting) < self.max_batch:
+            count = len(self._waiting)
+            for _ in range(GATHER_TURNS):
+                await asyncio.sleep(0)

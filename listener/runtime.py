@@ -242,10 +242,12 @@ class Listener:
     def _ack(self, msg: protocol.Message, reply: Reply | None) -> bool:
         if reply is None:
             return False
-        ack = protocol.Ack(request_id=msg.request_id, device=self.config.device, confirmed=0.0)
         try:
             confirmed = round(self.clock() * 1000) / 1000
-            reply(protocol.encode_ack(replace(ack, confirmed=confirmed), self.secret))
+            ack = protocol.Ack(
+                request_id=msg.request_id, device=self.config.device, confirmed=confirmed
+            )
+            reply(protocol.encode_ack(ack, self.secret))
         except Exception as exc:
             logger.warning("cannot ack %s: %s", short(msg.request_id), plain(exc))
             return False
@@ -468,6 +470,22 @@ class Listener:
                 await asyncio.gather(*pending, return_exceptions=True)
         await self.actions.aclose()
         self.dedupe.close()
+        self._log_totals()
+
+    def _log_totals(self) -> None:
+        """One line at stop: what arrived and what became of it, and the dedupe store's syncs."""
+        counts = self.counters
+        logger.info(
+            "stopped: received %d, handled %d (unmatched %d), duplicates %d, rejected %d, "
+            "acks sent %d, dedupe commits %d",
+            counts.received,
+            counts.handled,
+            counts.unmatched,
+            counts.duplicates,
+            counts.rejected.total(),
+            counts.acks_sent,
+            self.dedupe.commits,
+        )
 
 
 def _result(ok: bool) -> str:

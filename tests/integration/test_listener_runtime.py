@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from pushsync.dispatcher.gateways import UdpGateway, to_message
+from pushsync.dispatcher.gateways import UdpGateway, sent, to_message
 from pushsync.dispatcher.outbox import Claimed
 from pushsync.listener.config import UdpChannel as UdpConfig
 from pushsync.listener.config import load_config
@@ -305,6 +306,61 @@ async def test_dedupe_survives_a_restart(tmp_path: Path) -> None:
             assert again.counters.duplicates == 1
             assert again.counters.handled == 0
         assert len(runs(tmp_path)) == 1
+
+
+IN_FLIGHT = 64
+
+
+@pytest.mark.asyncio
+async def test_messages_in_flight_share_one_dedupe_commit_and_are_acked_only_after_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """64 datagrams arrive while another connection holds the dedupe file's write lock (a
+    slow disk, drawn out): all 64 are read and verified, none is acked; once the lock goes,
+    one commit (one sync to disk) records all 64, then each is acked once."""
+    write_key(tmp_path / "truck-1.key", SECRET)
+    config_path = tmp_path / "listener.yaml"
+    config_path.write_text(
+        f"""\
+device: {DEVICE}
+secret_file: truck-1.key
+state_dir: state
+channels:
+  udp: {{bind: "127.0.0.1:9"}}
+handlers:
+  - name: cheap
+    subject: sync
+    action: sync
+""",
+        encoding="utf-8",
+    )
+    caplog.set_level("INFO", logger="pushsync.listener.runtime")
+    async with server() as srv, listening(config_path) as listener:
+        blocker = sqlite3.connect(listener.dedupe.path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            items = [claimed(listener.udp_address) for _ in range(IN_FLIGHT)]
+            for item in items:  # all in the socket's buffer before the listener reads one
+                assert srv.gateway.send_now(item) == sent("udp")
+            await until_async(lambda: listener.counters.received == IN_FLIGHT, "all read")
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert listener.counters.acks_sent == 0
+            assert srv.acks.empty()
+            assert listener.dedupe.commits == 0
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        acked = {await srv.ack() for _ in items}
+        assert acked == {item.request_id for item in items}
+        assert listener.dedupe.commits == 1
+        assert listener.counters.handled == IN_FLIGHT
+        assert listener.counters.actions_failed == IN_FLIGHT  # sync with no channel to use
+    assert not (tmp_path / "state" / "local.db").exists()  # which it fails without opening
+    assert (
+        f"stopped: received {IN_FLIGHT}, handled {IN_FLIGHT} (unmatched 0), duplicates 0, "
+        f"rejected 0, acks sent {IN_FLIGHT}, dedupe commits 1"
+    ) in caplog.text
 
 
 @pytest.mark.asyncio

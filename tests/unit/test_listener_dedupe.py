@@ -152,5 +152,94 @@ def test_group_commit_batches_concurrent_callers(tmp_path: Path) -> None:
 
     firsts, sizes = asyncio.run(scenario())
     assert firsts == [True] * 50 + [False] * 5
-    assert sum(sizes) == 55
-    assert len(sizes) < 55  # callers that arrived during a commit shared the next one
+    assert sizes == [55]  # callers that came in one turn of the loop share one commit
+
+
+def _recording(store: DedupeStore) -> tuple[list[int], threading.Event]:
+    """Make ``store.remember_many`` record each batch's size and signal when one starts."""
+    sizes: list[int] = []
+    started = threading.Event()
+    original = store.remember_many
+
+    def recording(entries: Sequence[tuple[uuid.UUID | str, float]]) -> list[bool]:
+        sizes.append(len(entries))
+        started.set()
+        return original(entries)
+
+    store.remember_many = recording  # type: ignore[method-assign]
+    return sizes, started
+
+
+def test_ids_that_arrive_during_a_commit_share_the_next_one(tmp_path: Path) -> None:
+    """One message's commit is held on its way to disk (another connection holds the file's
+    write lock); 63 more arrive meanwhile. Nobody hears back before the commit that holds
+    its id, and the 63 share one commit."""
+
+    async def scenario() -> tuple[list[bool], list[int], int]:
+        with DedupeStore.in_state_dir(tmp_path) as store:
+            sizes, started = _recording(store)
+            group = GroupCommit(store)
+            blocker = sqlite3.connect(store.path, isolation_level=None)
+            try:
+                blocker.execute("BEGIN IMMEDIATE")
+                ids = [uuid.uuid4() for _ in range(64)]
+                first = asyncio.create_task(group.remember(ids[0], 1e12))
+                assert await asyncio.to_thread(started.wait, 5.0)
+                rest = [asyncio.create_task(group.remember(i, 1e12)) for i in ids[1:]]
+                for _ in range(20):
+                    await asyncio.sleep(0)
+                waiting = [task for task in (first, *rest) if not task.done()]
+                assert len(waiting) == 64
+                assert store.commits == 0
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+            firsts = await asyncio.wait_for(asyncio.gather(first, *rest), 10.0)
+            assert all(store.seen(i) for i in ids)
+            return list(firsts), sizes, store.commits
+
+    firsts, sizes, commits = asyncio.run(scenario())
+    assert firsts == [True] * 64
+    assert sizes == [1, 63]
+    assert commits == 2
+
+
+def test_a_commit_takes_at_most_max_batch_ids(tmp_path: Path) -> None:
+    async def scenario() -> tuple[list[bool], list[int]]:
+        with DedupeStore.in_state_dir(tmp_path) as store:
+            sizes, _ = _recording(store)
+            group = GroupCommit(store, max_batch=4)
+            ids = [uuid.uuid4() for _ in range(10)]
+            firsts = await asyncio.gather(*(group.remember(i, 1e12) for i in ids))
+            return list(firsts), sizes
+
+    firsts, sizes = asyncio.run(scenario())
+    assert firsts == [True] * 10
+    assert sizes == [4, 4, 2]
+
+
+def test_a_failed_commit_fails_its_callers_and_the_next_commit_still_runs(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> tuple[BaseException | bool, bool, int]:
+        store = DedupeStore.in_state_dir(tmp_path)
+        group = GroupCommit(store)
+        store.close()
+        failed = await asyncio.gather(group.remember(ID, 1e12), return_exceptions=True)
+        reopened = DedupeStore.in_state_dir(tmp_path)
+        try:
+            group.store = reopened
+            again = await group.remember(ID, 1e12)
+            return failed[0], again, reopened.commits
+        finally:
+            reopened.close()
+
+    failed, again, commits = asyncio.run(scenario())
+    assert isinstance(failed, DedupeError)
+    assert again is True  # the failed commit recorded nothing
+    assert commits == 1
+
+
+def test_max_batch_must_be_positive(tmp_path: Path) -> None:
+    with DedupeStore.in_state_dir(tmp_path) as store, pytest.raises(ValueError, match="max_batch"):
+        GroupCommit(store, max_batch=0)
