@@ -23,10 +23,11 @@ from tests.support.postgres import start_postgres
 def _clean_environment() -> Iterator[None]:
     """Tests see no pushsync or libpq settings from the shell that started them.
 
-    Kept: the test harness's own PUSHSYNC_PG_* (which server binaries, which user)
-    and PUSHSYNC_UPDATE_GOLDEN.
+    Kept: the test harness's own PUSHSYNC_PG_* (which server binaries, which user),
+    PUSHSYNC_UPDATE_GOLDEN, and the browser tests' PUSHSYNC_CHROMIUM and
+    PUSHSYNC_SCREENSHOT.
     """
-    keep = ("PUSHSYNC_PG_", "PUSHSYNC_UPDATE_GOLDEN")
+    keep = ("PUSHSYNC_PG_", "PUSHSYNC_UPDATE_GOLDEN", "PUSHSYNC_CHROMIUM", "PUSHSYNC_SCREENSHOT")
     saved = {
         k: v
         for k, v in os.environ.items()

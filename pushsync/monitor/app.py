@@ -141,7 +141,8 @@ class Pulse:
         self.pool = pool
         self.every = every
         self.latest: dict[str, Any] | None = None
-        self._watchers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._watchers: set[asyncio.Queue[dict[str, Any] | None]] = set()
+        self._closed = False
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -149,9 +150,12 @@ class Pulse:
         return len(self._watchers)
 
     @contextlib.asynccontextmanager
-    async def watch(self) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1)
-        if self.latest is not None:
+    async def watch(self) -> AsyncIterator[asyncio.Queue[dict[str, Any] | None]]:
+        """A queue of pulses while open; None in it when the console closes."""
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=1)
+        if self._closed:
+            queue.put_nowait(None)
+        elif self.latest is not None:
             queue.put_nowait(self.latest)
         self._watchers.add(queue)
         if self._task is None or self._task.done():
@@ -162,6 +166,10 @@ class Pulse:
             self._watchers.discard(queue)
 
     async def close(self) -> None:
+        """Stop looking, and end every event stream."""
+        self._closed = True
+        for queue in self._watchers:
+            _replace(queue, None)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -181,10 +189,15 @@ class Pulse:
             }:
                 self.latest = figures
                 for queue in list(self._watchers):
-                    with contextlib.suppress(asyncio.QueueEmpty):
-                        queue.get_nowait()  # only the newest matters
-                    queue.put_nowait(figures)
+                    _replace(queue, figures)
             await asyncio.sleep(self.every)
+
+
+def _replace(queue: asyncio.Queue[dict[str, Any] | None], value: dict[str, Any] | None) -> None:
+    """Put ``value`` in place of what ``queue`` holds: only the newest matters."""
+    with contextlib.suppress(asyncio.QueueEmpty):
+        queue.get_nowait()
+    queue.put_nowait(value)
 
 
 # --------------------------------------------------------------------------- the routes
@@ -255,6 +268,8 @@ def build_app(
                     except TimeoutError:
                         yield ": still here\n\n"
                         continue
+                    if figures is None:
+                        return  # the console is closing
                     yield f"event: pulse\ndata: {json.dumps(figures)}\n\n"
 
         return StreamingResponse(
