@@ -8,7 +8,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install postgres promtool mosquitto test lint demo example bench clean
+.PHONY: install postgres promtool mosquitto chromium test lint demo example bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ promtool:
 mosquitto:
 	scripts/ensure-mosquitto
 
+# Chromium for the web console's browser tests (tests/browser): on PATH, else Debian's
+# chromium package (as root). Playwright (the dev extra) drives it; it downloads no browser.
+chromium:
+	scripts/ensure-chromium
+
 # mypy and lint-imports read the package as the wheel lays it out: scripts/package-view.
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -44,7 +49,7 @@ lint: $(STAMP)
 
 # Coverage of the package in the test process ([tool.coverage] in pyproject.toml);
 # the per-file table goes to build/coverage.txt.
-test: lint postgres promtool mosquitto
+test: lint postgres promtool mosquitto chromium
 	$(BIN)/coverage erase
 	$(BIN)/coverage run -m pytest --durations=15
 	$(BIN)/coverage combine --quiet
