@@ -22,7 +22,8 @@ behind on the old primary.
 What must hold: the dispatcher reconnects to the new primary by itself and
 never exits; every job is on the new primary (none acknowledged before the
 kill is lost) with exactly one notification; each is confirmed and each
-device's action ran exactly once per job of its crew; after the failover
+device's action ran exactly once per job of its crew; the SYNC device keeps
+its connection to the dispatcher throughout; after the failover
 ``pushsync sync`` brings the device every job of its publication and
 ``pushsync status`` sees the dispatcher alive. Reported: the time from the
 kill to the promotion, to ``/healthz`` ok, to the first confirmation recorded
@@ -406,6 +407,8 @@ def test_failover_to_a_synchronous_standby_loses_nothing(
             assert held == failover.crew_zero, (held, failover.crew_zero)
             assert "dispatchers alive: 1" in listed, listed
             assert dispatcher.process.poll() is None, "the dispatcher exited"
+            # The SYNC device kept its one connection: the database is not its business.
+            assert listeners[1].output().count("sync: connected to") == 1, listeners[1].output()
             figures = scrape(url)
             for child in [*listeners, dispatcher]:  # all at once, then each must end well
                 child.process.send_signal(signal.SIGTERM)
