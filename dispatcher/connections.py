@@ -63,6 +63,9 @@ EVICT_BATCH: Final = 16
 """Unauthenticated connections closed at once when no file descriptor is left."""
 _OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 BUSY: Final = "too many connections, try again later"
+COMINGS_LOG_INTERVAL: Final = 1.0
+"""Seconds between two "connected" (or "disconnected") lines at INFO; those in between
+are at DEBUG, and the next line says how many there were."""
 
 
 class ConnectionStore(Protocol):
@@ -235,6 +238,9 @@ class ConnectionServer:
         """Checks the proof of a device without a secret, so that it costs the same work."""
         self.throttle = Throttle(logger)
         """For lines any peer can cause: at most one of a kind per interval."""
+        self.comings = Throttle(logger, COMINGS_LOG_INTERVAL)
+        """For "connected" and "disconnected": one line per device while they are few, a
+        count when thousands come at once (each line held back is at DEBUG)."""
         self._sockets: list[socket.socket] = []
         self._address: tuple[str, int] | None = None
         self._resuming: dict[socket.socket, asyncio.TimerHandle] = {}
@@ -422,7 +428,7 @@ class ConnectionServer:
             return
         self.by_device[conn.device] = conn
         self.stats.subscribed += 1
-        logger.info("sync: %s connected from %s", conn.device, conn.peer)
+        self.comings.info("sync: %s connected from %s", conn.device, conn.peer)
         if old is not None:
             old.close("replaced by a new connection", forget=False)
         self.spawn(self._record_connected(conn), f"sync connected {conn.device}")
@@ -545,7 +551,7 @@ class DeviceConnection(asyncio.Protocol):
         self.resume_writing()
         self.server.detached(self, forget=True)
         if was_open:
-            logger.info("sync: %s at %s disconnected", self.device, self.peer)
+            self.server.comings.info("sync: %s at %s disconnected", self.device, self.peer)
 
     def data_received(self, data: bytes) -> None:
         if self._state == "closed":
