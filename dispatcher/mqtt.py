@@ -114,36 +114,36 @@ def mqtt_from_url(
     parsed = urllib.parse.urlsplit(url)
     scheme = parsed.scheme.lower()
     if scheme not in SCHEMES:
-        raise UsageError(f"--mqtt must start with mqtt:// or mqtts://, not {scheme!r}")
+        raise UsageError(f"expected mqtt://… or mqtts://…, not {scheme!r}")
     try:
         host, port = parsed.hostname, parsed.port
     except ValueError:
-        raise UsageError("--mqtt has a bad port") from None
+        raise UsageError("bad port") from None
     if not host:
-        raise UsageError("--mqtt needs a host: mqtt://[USER@]HOST[:PORT]")
+        raise UsageError("a host is needed: mqtt://[USER@]HOST[:PORT]")
     if parsed.path not in ("", "/") or parsed.fragment:
-        raise UsageError("--mqtt takes no path: mqtt[s]://[USER@]HOST[:PORT][?client_id=ID]")
+        raise UsageError("no path: mqtt[s]://[USER@]HOST[:PORT][?client_id=ID]")
     options = urllib.parse.parse_qs(parsed.query, keep_blank_values=True)
     known = ("client_id", "prefix", "group")
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise UsageError(f"--mqtt: unknown option {unknown[0]!r} (known: {', '.join(known)})")
+        raise UsageError(f"unknown option {unknown[0]!r} (known: {', '.join(known)})")
     values = {key: options[key][-1] for key in known if key in options}
     if "client_id" in values and not values["client_id"]:
-        raise UsageError("--mqtt: client_id must not be empty")
+        raise UsageError("client_id must not be empty")
     prefix = values.get("prefix", topics.DEFAULT_PREFIX)
     try:
         topics.check_prefix(prefix)
     except ValueError as exc:
-        raise UsageError(f"--mqtt: {exc}") from None
+        raise UsageError(str(exc)) from None
     group = values.get("group", DEFAULT_GROUP)
     if not group or not set(group) <= _GROUP_CHARS:
-        raise UsageError(f"--mqtt: bad group {group!r}: letters, digits, '_', '.' and '-'")
+        raise UsageError(f"bad group {group!r}: letters, digits, '_', '.' and '-'")
     username = urllib.parse.unquote(parsed.username) if parsed.username else None
     if password is None and parsed.password is not None:
         password = urllib.parse.unquote(parsed.password)
     if password is not None and username is None:
-        raise UsageError("--mqtt: a password needs a user: mqtt://USER@HOST")
+        raise UsageError("a password needs a user: mqtt://USER@HOST")
     tls, default_port = SCHEMES[scheme]
     if (ca_file or cert_file or key_file) and not tls:
         raise UsageError("--mqtt-ca-file, --mqtt-cert and --mqtt-key need an mqtts:// broker")
@@ -347,6 +347,10 @@ class MqttGateway:
             )
             return
         self._call(self.subscribed.set)
+        logger.info(
+            "MQTT: receiving acks through %s",
+            topics.acks_filter(self.settings.prefix, self.settings.group),
+        )
 
     def _published(self, _client: Any, _userdata: Any, mid: int, _reason: Any, _props: Any) -> None:
         with self._lock:

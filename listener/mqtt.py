@@ -57,6 +57,7 @@ class MqttChannel:
         """Connections the broker accepted since start."""
         self._client: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._announcing: asyncio.Task[None] | None = None
         self._log = Throttle(logger)
 
     @property
@@ -95,6 +96,7 @@ class MqttChannel:
         self._client = client
         client.connect_async(config.server.host, config.server.port, keepalive=KEEPALIVE)
         client.loop_start()
+        self._announcing = asyncio.create_task(self._announce_now_and_then())
 
     def _password(self) -> str | None:
         path = self.config.password_file
@@ -106,6 +108,8 @@ class MqttChannel:
             raise PushsyncError(f"mqtt channel: cannot read password_file {path}: {exc}") from None
 
     async def close(self) -> None:
+        if self._announcing is not None:
+            self._announcing.cancel()
         client, self._client = self._client, None
         if client is None:
             return
@@ -167,6 +171,13 @@ class MqttChannel:
 
     def _subscribed(self) -> None:
         self.connected.set()
+
+    async def _announce_now_and_then(self) -> None:
+        """Announce again every :data:`~pushsync.wire.mqtt.ANNOUNCE_EVERY` while connected."""
+        while True:
+            await asyncio.sleep(topics.ANNOUNCE_EVERY)
+            if self.connected.is_set():
+                self._announce()
 
     def _announce(self) -> None:
         """Tell the dispatchers, signed, that this device listens on its topic."""

@@ -538,6 +538,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     from pushsync.dispatcher.daemon import run_dispatcher
     from pushsync.dispatcher.settings import DispatcherSettings
 
+    mqtt = _mqtt_settings(args)
     _dispatch_preflight(args)
     if args.smtp_password_file and not args.smtp:
         raise UsageError("--smtp-password-file needs --smtp")
@@ -547,7 +548,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     if args.smtp_password_file:
         password = _read_text(args.smtp_password_file, "--smtp-password-file").strip()
         given["smtp_password"] = password
-    given.update(_mqtt_settings(args))
+    given.update(mqtt)
     if args.udp_listen:
         given["udp_listen"] = args.udp_listen
     if args.sync_listen:
@@ -578,6 +579,9 @@ def _mqtt_settings(args: argparse.Namespace) -> dict[str, Any]:
         if given:
             raise UsageError(f"{given[0]} needs --mqtt")
         return {}
+    from pushsync.dispatcher.mqtt import mqtt_from_url
+
+    option_value("--mqtt", args.mqtt, mqtt_from_url)
     settings: dict[str, Any] = {"mqtt": args.mqtt}
     if args.mqtt_password_file:
         password = _read_text(args.mqtt_password_file, "--mqtt-password-file").strip()

@@ -25,6 +25,10 @@ ANNOUNCEMENT_WINDOW: Final = 300.0
 """Seconds an announcement's time may be off the dispatcher's clock; an older
 one (replayed by someone who kept it) records nothing."""
 
+ANNOUNCE_EVERY: Final = 600.0
+"""Seconds between a connected device's announcements: besides the one at each
+connection, for dispatchers that were not subscribed then (their sessions are clean)."""
+
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*\Z")
 
 
@@ -73,6 +77,7 @@ def fresh(announced: float, now: float) -> bool:
 __all__ = [
     "ANNOUNCEMENT",
     "ANNOUNCEMENT_WINDOW",
+    "ANNOUNCE_EVERY",
     "DEFAULT_PREFIX",
     "ack_topic",
     "acks_filter",

@@ -55,3 +55,23 @@ def test_unknown_gateway_is_an_error() -> None:
 )
 def test_next_gateway(order: tuple[str, ...], failed: set[str], expected: str | None) -> None:
     assert next_gateway(order, failed) == expected
+
+
+@pytest.mark.parametrize(
+    ("rule_gateway", "connected", "mqtt", "expected"),
+    [
+        # A live SYNC connection first, then MQTT when a subscription is on record.
+        ("auto", True, "on", ("sync", "mqtt", "udp", "smtp")),
+        ("auto", False, "on", ("mqtt", "udp", "smtp")),
+        ("auto", False, None, ("udp", "smtp")),
+        # A rule that names mqtt publishes whether or not the device announced itself.
+        ("mqtt", False, None, ("mqtt",)),
+        ("mqtt", True, "on", ("mqtt",)),
+        ("udp", False, "on", ("udp",)),
+    ],
+)
+def test_gateway_order_with_mqtt(
+    rule_gateway: str, connected: bool, mqtt: str | None, expected: tuple[str]
+) -> None:
+    order = gateway_order(rule_gateway, connected=connected, udp=UDP, email=EMAIL, mqtt=mqtt)
+    assert order == expected
