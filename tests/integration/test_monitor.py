@@ -7,8 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from pushsync.monitor import data
+from tests.integration.test_operations_docs import sql_blocks, statements
 from tests.support.dispatching import SECRET, add_device, enqueue
 from tests.support.http import EventStream, get
 from tests.support.monitor import console, finished, synchronized
@@ -178,3 +180,26 @@ async def test_the_consoles_connections_cannot_write(dsn: str) -> None:
                 await db.execute("DELETE FROM pushsync.devices")
     finally:
         await pool.close()
+
+
+@pytest.mark.asyncio
+async def test_the_documented_monitoring_role_runs_every_view(
+    fleet: psycopg.Connection, dsn: str
+) -> None:
+    """The role of docs/operations.md, which cannot read secrets, is enough for the console."""
+    role = f"pushsync_monitor_{uuid.uuid4().hex[:8]}"
+    block = next(b for b in sql_blocks() if "CREATE ROLE pushsync_monitor" in b)
+    for statement in statements(block):
+        fleet.execute(statement.replace("pushsync_monitor", role))  # our own documentation's SQL
+    request_id = enqueue(fleet, "truck-1")
+    try:
+        async with console(make_conninfo(dsn, user=role)) as served:
+            paths = ["/api/pulse", "/api/fleet", "/api/flow", "/api/latency", "/api/timeline"]
+            answers = [
+                await get(served.address, path) for path in [*paths, f"/api/request/{request_id}"]
+            ]
+        assert [a.status for a in answers] == [200] * 6
+        assert answers[1].json()["devices"][0]["device_id"] == "truck-1"
+    finally:
+        fleet.execute(f'DROP OWNED BY "{role}"')
+        fleet.execute(f'DROP ROLE "{role}"')
