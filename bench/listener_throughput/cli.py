@@ -17,7 +17,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.listener_throughput import profiling, sender
+from bench.listener_throughput import fsyncs, machine, profiling, sender
 from pushsync.wire import protocol
 
 DEVICE = "bench-1"
@@ -25,7 +25,12 @@ SECRET = bytes(range(32))
 PEERS = Path(__file__).with_name("peers.py")
 
 TARGET_RATE = 5000.0
+TARGET_RATIO = 0.3
+"""msgs/s of the listener over the bare receiver's, in the same run."""
+TARGET_COMMITS = 0.05
+"""Dedupe commits (each one fsync) per message, at the default window."""
 TARGET_RSS_MB = 40.0
+DEFAULT_WINDOW = 64
 
 DEFAULTS = {"rounds": 3, "messages": 20_000, "run_messages": 2_000}
 QUICK = {"rounds": 1, "messages": 3_000, "run_messages": 300}
@@ -34,6 +39,7 @@ VARIANTS = ("sync", "socket", "run")
 """Listener handler kinds; see README.md for what each costs."""
 
 LISTENING = re.compile(r"listening as \S+ on .*udp (\S+):(\d+)")
+COMMITS = re.compile(r"stopped: .*, dedupe commits (\d+)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,7 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"messages for the `run: [true]` variant (default {DEFAULTS['run_messages']})",
     )
     parser.add_argument(
-        "--window", type=int, default=64, help="unacknowledged messages in flight (default 64)"
+        "--window",
+        type=int,
+        default=DEFAULT_WINDOW,
+        help=f"unacknowledged messages in flight (default {DEFAULT_WINDOW})",
     )
     parser.add_argument(
         "--rounds",
@@ -83,6 +92,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile",
         action="store_true",
         help="afterwards: one run of the first variant under cProfile, and the dedupe store alone",
+    )
+    parser.add_argument(
+        "--fsyncs",
+        action="store_true",
+        help="afterwards: one run of the first variant with strace counting the listener's fsyncs",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
     args = parser.parse_args(argv)
@@ -209,14 +223,16 @@ class ListenerProcess:
         return self.process.pid
 
     def stop(self) -> dict[str, int]:
-        """SIGTERM, wait; counts from its log."""
+        """SIGTERM, wait; counts from its log (``commits``: -1 if it did not log them)."""
         _stop(self.process, "pushsync listen")
         text = self.log.read_text()
+        commits = COMMITS.search(text)
         return {
             "exit_status": self.process.returncode,
             "duplicates_logged": text.count(": duplicate, not run again"),
             "dropped_logged": text.count("dropped message via"),
             "tracebacks": text.count("Traceback"),
+            "commits": int(commits.group(1)) if commits else -1,
         }
 
 
@@ -236,6 +252,8 @@ class Run:
     bad_acks: int
     idle_rss_mb: float
     after_rss_mb: float
+    cpu_us: float
+    """CPU time (user + system, all threads) of the receiving process per message sent."""
     notes: dict[str, int] = field(default_factory=dict)
 
 
@@ -250,7 +268,9 @@ def run_baseline(messages: int, window: int) -> Run:
         time.sleep(1.0)
         idle = rss_mb(peer.process.pid)
         datagrams = sender.make_datagrams(messages, device=DEVICE, secret=SECRET)
+        cpu = machine.cpu_seconds(peer.process.pid)
         result = asyncio.run(sender.send_all(datagrams, peer.port, window=window))
+        cpu = machine.cpu_seconds(peer.process.pid) - cpu
         after = rss_mb(peer.process.pid)
     finally:
         out = peer.stop()
@@ -261,31 +281,50 @@ def run_baseline(messages: int, window: int) -> Run:
         0,
         idle,
         after,
+        cpu,
         {"received": int(received.group(1)) if received else -1},
     )
 
 
 def run_listener(
-    variant: str, messages: int, window: int, parent: Path, *, profile: Path | None = None
+    variant: str,
+    messages: int,
+    window: int,
+    parent: Path,
+    *,
+    profile: Path | None = None,
+    count_fsyncs: bool = False,
 ) -> Run:
     with tempfile.TemporaryDirectory(prefix=f"listener-{variant}-", dir=parent) as tmp:
         sink = Peer("tcp-sink") if variant == "socket" else None
         try:
             config = write_config(Path(tmp), variant, sink.port if sink else None)
             listener = ListenerProcess(config, profile=profile)
+            counter: fsyncs.FsyncCounter | None = None
+            synced: int | None = None
             try:
                 time.sleep(1.0)
                 idle = rss_mb(listener.pid)
                 datagrams = sender.make_datagrams(messages, device=DEVICE, secret=SECRET)
+                if count_fsyncs:
+                    counter = fsyncs.FsyncCounter(listener.pid, Path(tmp) / "strace.txt")
+                cpu = machine.cpu_seconds(listener.pid)
                 result = asyncio.run(sender.send_all(datagrams, listener.port, window=window))
+                cpu = machine.cpu_seconds(listener.pid) - cpu
+                if counter is not None:
+                    synced = counter.stop()
                 after = rss_mb(listener.pid)
             finally:
+                if counter is not None:
+                    counter.close()
                 notes = listener.stop()
+            if synced is not None:
+                notes["fsyncs"] = synced
         finally:
             if sink is not None:
                 sink.stop()
     bad = sender.bad_acks(result.acks, SECRET)
-    return _run(f"listener/{variant}", result, bad, idle, after, notes)
+    return _run(f"listener/{variant}", result, bad, idle, after, cpu, notes)
 
 
 def _run(
@@ -294,6 +333,7 @@ def _run(
     bad: int,
     idle: float,
     after: float,
+    cpu: float,
     notes: dict[str, int],
 ) -> Run:
     return Run(
@@ -308,30 +348,12 @@ def _run(
         bad_acks=bad,
         idle_rss_mb=idle,
         after_rss_mb=after,
+        cpu_us=cpu / result.messages * 1e6,
         notes=notes,
     )
 
 
 # --------------------------------------------------------------------------- report
-
-
-def _fs_type(path: Path) -> str:
-    """The filesystem type ``path`` lives on (longest mount prefix in /proc/mounts)."""
-    best, kind = "", "?"
-    resolved = str(path.resolve())
-    try:
-        lines = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return kind
-    for line in lines:
-        parts = line.split()
-        if (
-            len(parts) >= 3
-            and (resolved == parts[1] or resolved.startswith(parts[1].rstrip("/") + "/"))
-            and len(parts[1]) >= len(best)
-        ):
-            best, kind = parts[1], parts[2]
-    return kind
 
 
 def summarise(runs: list[Run], variants: list[str]) -> list[dict[str, object]]:
@@ -356,22 +378,36 @@ def summarise(runs: list[Run], variants: list[str]) -> list[dict[str, object]]:
                 "bad_acks": sum(r.bad_acks for r in group),
                 "idle_rss_mb": max(r.idle_rss_mb for r in group),
                 "after_rss_mb": max(r.after_rss_mb for r in group),
+                "cpu_us": statistics.median(r.cpu_us for r in group),
+                "commits_per_message": _commits_per_message(group),
             }
         )
     return rows
 
 
+def _commits_per_message(group: list[Run]) -> float | None:
+    """Dedupe commits per message over the rounds; ``None`` for the baseline (or no count)."""
+    commits = [r.notes.get("commits", -1) for r in group]
+    if any(c < 0 for c in commits):
+        return None
+    return sum(commits) / sum(r.messages for r in group)
+
+
 def print_table(rows: list[dict[str, object]]) -> None:
     header = (
         f"{'target':<18} {'msgs':>6} {'rounds':>6} {'msgs/s':>9} {'ratio':>7} "
+        f"{'commits/msg':>11} {'cpu us/msg':>10} "
         f"{'lost':>5} {'resent':>6} {'badack':>6} {'idle MB':>8} {'after MB':>8}"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
+        commits = row["commits_per_message"]
+        shown = "-" if commits is None else f"{commits:.4f}"
         print(
             f"{row['target']!s:<18} {row['messages']!s:>6} {row['rounds']!s:>6} "
-            f"{row['rate']:>9,.0f} {row['ratio']:>7.3f} {row['lost']!s:>5} "
+            f"{row['rate']:>9,.0f} {row['ratio']:>7.3f} {shown:>11} {row['cpu_us']:>10.0f} "
+            f"{row['lost']!s:>5} "
             f"{row['resent']!s:>6} {row['bad_acks']!s:>6} {row['idle_rss_mb']:>8.1f} "
             f"{row['after_rss_mb']:>8.1f}"
         )
@@ -386,9 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parent = Path(parent_cm.name) if parent_cm is not None else args.state_dir
     parent.mkdir(parents=True, exist_ok=True)
+    facts = machine.measure(parent)
+    print(facts.describe())
     print(
-        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, state dir on "
-        f"{_fs_type(parent)} ({parent}); window {args.window}, rounds {args.rounds}, "
+        f"state dir {parent}; window {args.window}, rounds {args.rounds}, "
         f"messages {args.messages} (run variant {args.run_messages})"
     )
     runs: list[Run] = []
@@ -404,11 +441,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"  round {round_no} {run.target:<16} {run.rate:>9,.0f} msgs/s "
                     f"({run.acked}/{run.messages} acked in {run.seconds:.2f}s, "
-                    f"resent {run.resent}, idle RSS {run.idle_rss_mb:.1f} MB) {run.notes}",
+                    f"resent {run.resent}, cpu {run.cpu_us:.0f} us/msg, "
+                    f"idle RSS {run.idle_rss_mb:.1f} MB) {run.notes}",
                     flush=True,
                 )
         rows = summarise(runs, args.variants)
-        verdicts = report(rows)
+        verdicts = report(rows, args.window)
+        if args.fsyncs and args.variants:
+            print()
+            report_fsyncs(args.variants[0], args.messages, args.window, parent)
         if args.profile and args.variants:
             print()
             profiling.report(args.variants[0], args.messages, args.window, parent, run_listener)
@@ -416,35 +457,77 @@ def main(argv: list[str] | None = None) -> int:
         if parent_cm is not None:
             parent_cm.cleanup()
     if args.json is not None:
-        write_json(args, rows, verdicts, runs)
+        write_json(args, facts, rows, verdicts, runs)
     return 0
 
 
-def report(rows: list[dict[str, object]]) -> dict[str, bool]:
+def report(rows: list[dict[str, object]], window: int) -> dict[str, bool]:
+    """The table and the verdicts; throughput and commits judged on the first variant."""
     print()
     print_table(rows)
     print()
     listener_rows = [r for r in rows if r["target"] != "baseline"]
     verdicts: dict[str, bool] = {}
-    if listener_rows:
-        best = listener_rows[0]  # the first variant listed: the cheapest action by default
-        rate = float(best["rate"])  # type: ignore[arg-type]
-        idle = max(float(r["idle_rss_mb"]) for r in listener_rows)  # type: ignore[arg-type]
-        verdicts["throughput"] = rate >= TARGET_RATE
-        verdicts["idle_rss"] = idle <= TARGET_RSS_MB
-        print(
-            f"throughput ({best['target']}): {rate:,.0f} msgs/s, target >= {TARGET_RATE:,.0f}: "
-            f"{'PASS' if verdicts['throughput'] else 'FAIL'}"
+    if not listener_rows:
+        return verdicts
+    best = listener_rows[0]  # the first variant listed: the cheapest action by default
+    rate = float(best["rate"])  # type: ignore[arg-type]
+    ratio = float(best["ratio"])  # type: ignore[arg-type]
+    idle = max(float(r["idle_rss_mb"]) for r in listener_rows)  # type: ignore[arg-type]
+    verdicts["throughput"] = rate >= TARGET_RATE
+    verdicts["ratio"] = ratio >= TARGET_RATIO
+    verdicts["idle_rss"] = idle <= TARGET_RSS_MB
+    _verdict(
+        f"throughput ({best['target']}): {rate:,.0f} msgs/s, target >= {TARGET_RATE:,.0f}",
+        verdicts["throughput"],
+    )
+    _verdict(
+        f"ratio to the bare receiver ({best['target']}): {ratio:.3f}, target >= {TARGET_RATIO}",
+        verdicts["ratio"],
+    )
+    commits = best["commits_per_message"]
+    if commits is None:
+        print(f"dedupe commits per message ({best['target']}): not logged by the listener")
+        verdicts["commits"] = False
+    elif window == DEFAULT_WINDOW:
+        verdicts["commits"] = float(commits) <= TARGET_COMMITS  # type: ignore[arg-type]
+        _verdict(
+            f"dedupe commits (fsyncs) per message ({best['target']}): {commits:.4f}, "
+            f"target <= {TARGET_COMMITS} at window {DEFAULT_WINDOW}",
+            verdicts["commits"],
         )
+    else:
         print(
-            f"idle RSS (largest listener): {idle:.1f} MB, target <= {TARGET_RSS_MB:.0f} MB: "
-            f"{'PASS' if verdicts['idle_rss'] else 'FAIL'}"
+            f"dedupe commits (fsyncs) per message ({best['target']}): {commits:.4f} "
+            f"(judged only at window {DEFAULT_WINDOW})"
         )
+    _verdict(
+        f"idle RSS (largest listener): {idle:.1f} MB, target <= {TARGET_RSS_MB:.0f} MB",
+        verdicts["idle_rss"],
+    )
     return verdicts
+
+
+def report_fsyncs(variant: str, messages: int, window: int, parent: Path) -> None:
+    if fsyncs.strace() is None:
+        print("fsyncs: strace is not installed; skipped")
+        return
+    run = run_listener(variant, messages, window, parent, count_fsyncs=True)
+    synced, commits = run.notes["fsyncs"], run.notes["commits"]
+    print(
+        f"fsyncs (listener/{variant} under strace, {run.rate:,.0f} msgs/s): {synced} fsync and "
+        f"fdatasync calls for {messages} messages = {synced / messages:.4f} per message; "
+        f"the listener counted {commits} dedupe commits"
+    )
+
+
+def _verdict(text: str, passed: bool) -> None:
+    print(f"{text}: {'PASS' if passed else 'FAIL'}")
 
 
 def write_json(
     args: argparse.Namespace,
+    facts: machine.Machine,
     rows: list[dict[str, object]],
     verdicts: dict[str, bool],
     runs: list[Run],
@@ -458,10 +541,14 @@ def write_json(
                     "window": args.window,
                     "rounds": args.rounds,
                     "variants": args.variants,
-                    "cpus": os.cpu_count(),
-                    "python": sys.version.split()[0],
                 },
-                "targets": {"rate": TARGET_RATE, "idle_rss_mb": TARGET_RSS_MB},
+                "machine": asdict(facts),
+                "targets": {
+                    "rate": TARGET_RATE,
+                    "ratio": TARGET_RATIO,
+                    "commits_per_message": TARGET_COMMITS,
+                    "idle_rss_mb": TARGET_RSS_MB,
+                },
                 "summary": rows,
                 "verdicts": verdicts,
                 "runs": [asdict(r) for r in runs],
