@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import TextIO
 
+from pushsync.errors import PushsyncError
 from pushsync.listener.config import (
     Action,
     Handler,
@@ -30,6 +31,7 @@ from pushsync.listener.config import (
     load_for_command,
 )
 from pushsync.listener.config import ImapChannel as ImapConfig
+from pushsync.listener.config import MqttChannel as MqttConfig
 from pushsync.listener.connection import KeyRefused, Refused, open_session
 from pushsync.listener.state import LISTENER_LOCK, FolderLock
 from pushsync.wire import protocol
@@ -104,7 +106,21 @@ async def _channels(config: ListenerConfig, secret: bytes) -> list[Result]:
         )
     if channels.imap is not None:
         found.append(await asyncio.to_thread(_imap_login, channels.imap))
+    if channels.mqtt is not None:
+        found.append(await asyncio.to_thread(_mqtt_login, channels.mqtt, config.device))
     return found
+
+
+def _mqtt_login(mqtt: MqttConfig, device: str) -> Result:
+    from pushsync.listener.mqtt import check_broker  # paho-mqtt: only when configured
+
+    who = f" as {mqtt.username}" if mqtt.username else ""
+    what = f"mqtt channel: {mqtt.server}{who}, subscribing to {mqtt.topic_prefix}/{device}/in"
+    try:
+        failure = check_broker(mqtt, device, CHECK_TIMEOUT)
+    except PushsyncError as exc:
+        return Result(what, False, str(exc))
+    return Result(what, failure is None, failure or "")
 
 
 async def _handshake(name: str, server: Address, config: ListenerConfig, secret: bytes) -> Result:

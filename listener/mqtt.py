@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import ssl
 from typing import TYPE_CHECKING, Any
 
@@ -99,13 +100,7 @@ class MqttChannel:
         self._announcing = asyncio.create_task(self._announce_now_and_then())
 
     def _password(self) -> str | None:
-        path = self.config.password_file
-        if path is None:
-            return None
-        try:
-            return path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PushsyncError(f"mqtt channel: cannot read password_file {path}: {exc}") from None
+        return _read_password(self.config)
 
     async def close(self) -> None:
         if self._announcing is not None:
@@ -210,4 +205,68 @@ class MqttChannel:
         client.publish(self.ack_topic, data, qos=1, retain=False)
 
 
-__all__ = ["MqttChannel"]
+def check_broker(config: MqttConfig, device: str, timeout: float) -> str | None:
+    """For ``listen --check``: log in to the broker and subscribe to the device's topic,
+    then leave; None when both worked, else what went wrong. Blocking.
+
+    The check uses a client id of its own (``…-check``) with a clean session, so the
+    device's persistent session, and the messages the broker keeps in it, are untouched.
+    """
+    from paho.mqtt import client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    answers: queue.Queue[tuple[str, Any]] = queue.Queue()
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"{config.client_id or device}-check",
+        clean_session=True,
+        protocol=paho.MQTTv311,
+    )
+    if config.username is not None:
+        client.username_pw_set(config.username, _read_password(config))
+    if config.tls:
+        cafile = None if config.ca_file is None else str(config.ca_file)
+        client.tls_set_context(ssl.create_default_context(cafile=cafile))
+    client.on_connect = lambda _c, _u, _f, reason, _p: answers.put(("connect", reason))
+    client.on_subscribe = lambda _c, _u, _m, reasons, _p: answers.put(("subscribe", reasons))
+    try:
+        client.connect(config.server.host, config.server.port, keepalive=KEEPALIVE)
+    except (OSError, ssl.SSLError) as exc:
+        return str(exc) or type(exc).__name__
+    client.loop_start()
+    try:
+        return _check_answers(
+            client, answers, topics.in_topic(config.topic_prefix, device), timeout
+        )
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _check_answers(
+    client: Any, answers: queue.Queue[tuple[str, Any]], topic: str, timeout: float
+) -> str | None:
+    try:
+        _, reason = answers.get(timeout=timeout)
+        if reason.is_failure:
+            return f"the broker refused the login: {reason}"
+        client.subscribe(topic, qos=1)
+        _, reasons = answers.get(timeout=timeout)
+    except queue.Empty:
+        return f"no answer in {timeout:.0f}s"
+    if any(reason.is_failure for reason in reasons):
+        return f"the broker refused the subscription to {topic}: check its ACL"
+    return None
+
+
+def _read_password(config: MqttConfig) -> str | None:
+    path = config.password_file
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PushsyncError(f"mqtt channel: cannot read password_file {path}: {exc}") from None
+
+
+__all__ = ["MqttChannel", "check_broker"]

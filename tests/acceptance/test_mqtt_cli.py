@@ -113,3 +113,18 @@ def test_a_bad_variable_is_named(pushsync: Run, dsn: str) -> None:
         pushsync("dispatch", "--dsn", dsn, env={"PUSHSYNC_MQTT": "mqtt://:1883"}),
         "pushsync: PUSHSYNC_MQTT: a host is needed: mqtt://[USER@]HOST[:PORT]",
     )
+
+
+def test_listen_check_logs_in_and_subscribes(
+    pushsync: Run, tmp_path: Path, mosquitto: Broker
+) -> None:
+    config = device_config(tmp_path / "device", mosquitto)
+    good = pushsync("listen", str(config), "--check")
+    assert good.returncode == 0, good.stdout + good.stderr
+    line = f"ok  mqtt channel: {mosquitto.server} as {DEVICE}, subscribing to pushsync/{DEVICE}/in"
+    assert line in good.stdout.splitlines()
+    (config.parent / "mqtt.pw").write_text("wrong", encoding="utf-8")
+    bad = pushsync("listen", str(config), "--check")
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert f"FAILED  mqtt channel: {mosquitto.server} as {DEVICE}, subscribing to " in bad.stdout
+    assert "the broker refused the login: Not authorized" in bad.stdout
