@@ -146,8 +146,10 @@ async def open_session(
     tls: bool = False,
     ca_file: Path | None = None,
     timeout: float = CONNECT_TIMEOUT,  # noqa: ASYNC109  bounds the whole handshake; callers pass it
+    local_host: str | None = None,
 ) -> Session:
-    """Connect and authenticate; see the module docstring.
+    """Connect (from ``local_host``, if given: one address of a multi-homed host)
+    and authenticate; see the module docstring.
 
     Raises ``OSError``/``TimeoutError`` for the network, :class:`Refused` when
     the server says BYE (wrong secret, unknown device, server unavailable),
@@ -163,6 +165,7 @@ async def open_session(
             ssl=context,
             server_hostname=server.host if context else None,
             limit=READ_SIZE,
+            local_addr=None if local_host is None else (local_host, 0),
         )
         session = Session(reader, writer, device=device, secret=secret, server=str(server))
         try:

@@ -1,9 +1,13 @@
 """The devices of the benchmark, in a process of their own (so they do not share the
 dispatcher's CPU accounting): ``python -m bench.sync_fanout.devices MODE ...``.
 
-* ``sync HOST PORT COUNT EXPECTED``: open COUNT authenticated SYNC connections
-  (devices ``dev-0`` …, all with the benchmark's secret), print ``ready``, then
-  count MESSAGE frames until EXPECTED arrived; print one JSON line.
+* ``sync HOST PORT FIRST COUNT EXPECTED [SOURCE]``: open COUNT authenticated SYNC
+  connections (devices ``dev-FIRST`` …, all with the benchmark's secret; from the
+  local address SOURCE if given), print ``ready STARTED SECONDS RETRIES CPU`` (the
+  wall-clock time the first connection began, how long opening them all took,
+  how many handshakes were refused and tried again, and this process's CPU
+  seconds so far), then count MESSAGE
+  frames until EXPECTED arrived; print one JSON line.
 * ``udp EXPECTED``: bind a UDP socket on 127.0.0.1, print its port, count
   datagrams (plain blocking socket) until EXPECTED arrived; print one JSON line.
 
@@ -20,7 +24,7 @@ import socket
 import sys
 import time
 
-from pushsync.listener.connection import Session, open_session
+from pushsync.listener.connection import Refused, Session, open_session
 from pushsync.wire.addresses import Address
 from pushsync.wire.protocol import FrameType, encode_frame, encode_subscribe
 
@@ -29,26 +33,46 @@ CONNECT_AT_ONCE = 200
 """Handshakes in flight. All devices here share 127.0.0.1, so the benchmark's dispatcher
 allows that many unauthenticated connections from one address (the default is 32)."""
 TIMEOUT = 60.0
+ATTEMPTS = 5
+"""Handshakes per device before the run fails (a refused one is tried again, as a
+listener would, and counted)."""
 
 
 def device_id(n: int) -> str:
     return f"dev-{n}"
 
 
-async def _sync(host: str, port: int, count: int, expected: int) -> dict[str, float | int]:
+async def _sync(
+    host: str, port: int, first: int, count: int, expected: int, source: str | None
+) -> dict[str, float | int]:
     server = Address(host=host, port=port)
     gate = asyncio.Semaphore(CONNECT_AT_ONCE)
+    retries = 0
 
     async def connect(n: int) -> Session:
+        nonlocal retries
         async with gate:
-            session = await open_session(
-                server, device=device_id(n), secret=SECRET, timeout=TIMEOUT
-            )
-            session.send(encode_subscribe())  # push my messages here
-            return session
+            for attempt in range(ATTEMPTS):
+                try:
+                    session = await open_session(
+                        server,
+                        device=device_id(n),
+                        secret=SECRET,
+                        timeout=TIMEOUT,
+                        local_host=source,
+                    )
+                except (OSError, Refused):
+                    if attempt + 1 == ATTEMPTS:
+                        raise
+                    retries += 1
+                    await asyncio.sleep(0.2 * (attempt + 1))
+                else:
+                    session.send(encode_subscribe())  # push my messages here
+                    return session
+        raise AssertionError("unreachable")
 
     started = time.time()
-    sessions = await asyncio.gather(*(connect(n) for n in range(count)))
+    sessions = await asyncio.gather(*(connect(n) for n in range(first, first + count)))
     connected = time.time() - started
     received = 0
     last = 0.0
@@ -67,7 +91,8 @@ async def _sync(host: str, port: int, count: int, expected: int) -> dict[str, fl
                 session.send(encode_frame(FrameType.PONG, frame.payload))
 
     readers = [asyncio.create_task(read(s)) for s in sessions]
-    print("ready", flush=True)
+    cpu = time.process_time()
+    print(f"ready {started} {connected} {retries} {cpu}", flush=True)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(done.wait(), TIMEOUT)
     for task in readers:
@@ -75,7 +100,7 @@ async def _sync(host: str, port: int, count: int, expected: int) -> dict[str, fl
     await asyncio.gather(*readers, return_exceptions=True)
     for session in sessions:
         session.writer.close()
-    return {"received": received, "last": last, "connect_seconds": connected}
+    return {"received": received, "last": last, "connect_seconds": connected, "retries": retries}
 
 
 def _udp(expected: int) -> dict[str, float | int]:
@@ -99,8 +124,10 @@ def _udp(expected: int) -> dict[str, float | int]:
 def main(argv: list[str]) -> int:
     mode = argv[0]
     if mode == "sync":
-        host, port, count, expected = argv[1], int(argv[2]), int(argv[3]), int(argv[4])
-        result = asyncio.run(_sync(host, port, count, expected))
+        host, port = argv[1], int(argv[2])
+        first, count, expected = int(argv[3]), int(argv[4]), int(argv[5])
+        source = argv[6] if len(argv) > 6 else None
+        result = asyncio.run(_sync(host, port, first, count, expected, source))
     else:
         result = _udp(int(argv[1]))
     print(json.dumps(result), flush=True)

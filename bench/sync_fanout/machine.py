@@ -1,0 +1,111 @@
+"""The machine facts that explain a run of the connection benchmarks.
+
+Printed first, so that figures from two machines can be compared: the CPUs
+(the devices, the dispatchers and PostgreSQL share them), the load when the
+run started, how long an fsync takes where PostgreSQL keeps its data (each
+commit of connection records waits for one unless ``synchronous_commit`` is
+off), and the limits that cap how many connections one process can hold.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+FSYNC_ROUNDS = 50
+FSYNC_BLOCK = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class Machine:
+    cpus: int
+    usable_cpus: int
+    load: tuple[float, float, float]
+    python: str
+    fsync_ms: float
+    """Median of :data:`FSYNC_ROUNDS` rounds of one block written then fsync()ed."""
+    fsync_dir: str
+    nofile_soft: int
+    nofile_hard: int
+    """The file-descriptor limits of this process (the dispatchers and devices inherit them)."""
+    ephemeral_ports: str
+    somaxconn: str
+
+    def lines(self) -> list[str]:
+        load = " ".join(f"{x:.2f}" for x in self.load)
+        return [
+            f"machine: {self.cpus} CPUs ({self.usable_cpus} usable), load average {load}, "
+            f"python {self.python}",
+            f"  fsync {self.fsync_ms:.3f} ms (median of {FSYNC_ROUNDS} {FSYNC_BLOCK}-byte "
+            f"write+fsync in {self.fsync_dir})",
+            f"  open files per process: soft {self.nofile_soft}, hard {self.nofile_hard}; "
+            f"ephemeral ports {self.ephemeral_ports}; somaxconn {self.somaxconn}",
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure(directory: Path | None = None) -> Machine:
+    """This machine's facts; the fsync latency is measured in ``directory`` (default: the
+    temporary directory, where the benchmarks' PostgreSQL keeps its data)."""
+    where = directory or Path(tempfile.gettempdir())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return Machine(
+        cpus=os.cpu_count() or 0,
+        usable_cpus=len(os.sched_getaffinity(0)),
+        load=os.getloadavg(),
+        python=sys.version.split()[0],
+        fsync_ms=statistics.median(_fsync_seconds(where)) * 1000,
+        fsync_dir=str(where),
+        nofile_soft=soft,
+        nofile_hard=hard,
+        ephemeral_ports=_sysctl("net/ipv4/ip_local_port_range").replace("\t", "-"),
+        somaxconn=_sysctl("net/core/somaxconn"),
+    )
+
+
+def _fsync_seconds(directory: Path) -> list[float]:
+    block = b"\0" * FSYNC_BLOCK
+    samples: list[float] = []
+    with tempfile.NamedTemporaryFile(dir=directory, prefix="pushsync-fsync-") as file:
+        fd = file.fileno()
+        for _ in range(FSYNC_ROUNDS):
+            os.write(fd, block)
+            started = time.perf_counter()
+            os.fsync(fd)
+            samples.append(time.perf_counter() - started)
+    return samples
+
+
+def _sysctl(name: str) -> str:
+    try:
+        return Path("/proc/sys", name).read_text().strip()
+    except OSError:
+        return "?"
+
+
+def raise_nofile() -> int:
+    """Raise this process's soft file-descriptor limit to its hard limit (the children
+    started afterwards inherit it); the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+__all__ = ["Machine", "cpu_seconds", "measure", "raise_nofile"]
