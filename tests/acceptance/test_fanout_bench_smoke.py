@@ -27,5 +27,10 @@ def test_fanout_benchmark_smoke_run() -> None:
     figures = json.loads(lines[-1])
     assert figures["udp_received"] == 200
     assert figures["sync_received"] == 200
+    assert figures["recorded_seconds"] >= figures["connect_seconds"] > 0
+    assert figures["baseline_sample"] == 200
     assert any(line.startswith("fan-out over UDP") for line in lines)
     assert any(line.startswith("memory per SYNC connection") for line in lines)
+    assert any(line.startswith("SYNC connections recorded") for line in lines)
+    assert lines[0].startswith("machine: ")
+    assert "fsync" in lines[0]
