@@ -20,8 +20,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,16 +215,19 @@ def test_every_name_in_the_dashboard_and_the_alerts_is_one_a_dispatcher_exposes(
 
         def sent_and_failed() -> bool:
             status, text = http_get(f"{url}/metrics")
+            if status != 200:
+                return False
             body[:] = [text]
-            return (
-                status == 200
-                and re.search(r'^pushsync_sends_total\{gateway="udp"\} 1\.0$', text, re.M)
-                is not None
-                and re.search(
-                    r'^pushsync_send_failures_total\{.*final="true".*\} 1\.0$', text, re.M
-                )
-                is not None
+            samples = {
+                (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+            }
+            sends = samples.get(("pushsync_sends_total", (("gateway", "udp"),)), 0)
+            final = samples.get(
+                ("pushsync_send_failures_total", (("final", "true"), ("gateway", "udp"))), 0
             )
+            return sends >= 1 and final >= 1
 
         until(sent_and_failed, "a send and a final failure in /metrics", logs=[dispatcher.log])
         dispatcher.stop()
@@ -344,3 +348,123 @@ def test_every_dashboard_expression_parses(promtool: str, tmp_path: Path) -> Non
     assert f"SUCCESS: {len(queries)} rules found" in checked.stdout
     broken = check([*queries, ("broken", "sum(rate(pushsync_sends_total[5m])")])
     assert broken.returncode != 0
+
+
+# --------------------------------------------------------------------------- real scrapes
+
+
+def scraped_series(text: str, instance: str, minutes: int) -> list[dict[str, str]]:
+    """The ``pushsync_*`` samples of a scrape as promtool input series, as Prometheus
+    would store them (``job`` and ``instance`` added), each held for ``minutes``."""
+    series = []
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.name.startswith("pushsync_") or sample.name.endswith("_created"):
+                continue
+            labels = {**sample.labels, "job": "pushsync", "instance": instance}
+            inside = ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+            series.append(
+                {"series": f"{sample.name}{{{inside}}}", "values": f"{sample.value:g}x{minutes}"}
+            )
+    series.append(
+        {"series": f'up{{job="pushsync", instance="{instance}"}}', "values": f"1x{minutes}"}
+    )
+    return series
+
+
+def answers(url: str, status: int) -> Callable[[], bool]:
+    return lambda: http_get(url)[0] == status
+
+
+def rendered(alert: str, instance: str) -> dict[str, str]:
+    """The annotations of ``alert`` for a dispatcher ``instance``."""
+    (rule,) = [r for r in alert_rules() if r["alert"] == alert]
+    return {
+        k: v.replace("{{ $labels.instance }}", instance) for k, v in rule["annotations"].items()
+    }
+
+
+def test_the_alerts_judge_real_dispatchers_scrapes(promtool: str, dsn: str, tmp_path: Path) -> None:
+    """Two real dispatchers, one connected and one whose database refuses connections;
+    their scrapes, held for ten minutes, go through the rules: the one cut off is
+    PushsyncDatabaseDown, and PushsyncNoDispatcher fires only when it is alone."""
+    with socket.socket() as probe:  # a port nothing listens on once the probe closes
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    nowhere = f"host=127.0.0.1 port={closed} user=nobody dbname=none connect_timeout=2"
+    healthy = Dispatch(dsn, tmp_path / "healthy.log", "--metrics", "127.0.0.1:0")
+    cut_off = Dispatch(nowhere, tmp_path / "cut-off.log", "--metrics", "127.0.0.1:0")
+    try:
+        scrapes = {}
+        for name, dispatcher, status in (("healthy", healthy, 200), ("cut-off", cut_off, 503)):
+            url = dispatcher.metrics_url()
+            until(answers(f"{url}/healthz", status), f"{name}: /healthz {status}")
+            code, scrapes[name] = http_get(f"{url}/metrics")
+            assert code == 200
+        healthy.stop()
+        cut_off.stop()
+    finally:
+        healthy.close()
+        cut_off.close()
+    assert re.search(r"^pushsync_database_up 1\.0$", scrapes["healthy"], re.M)
+    assert re.search(r"^pushsync_database_up 0\.0$", scrapes["cut-off"], re.M)
+
+    down = {
+        "severity": "critical",
+        "job": "pushsync",
+        "instance": "cut-off:9187",
+    }
+    both = scraped_series(scrapes["healthy"], "healthy:9187", 10) + scraped_series(
+        scrapes["cut-off"], "cut-off:9187", 10
+    )
+    alone = scraped_series(scrapes["cut-off"], "cut-off:9187", 10)
+    cases = {
+        "rule_files": [str(ALERTS)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "name": "a connected dispatcher and one cut off",
+                "interval": "1m",
+                "input_series": both,
+                "alert_rule_test": [
+                    {
+                        "eval_time": "5m",
+                        "alertname": "PushsyncDatabaseDown",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": down,
+                                "exp_annotations": rendered("PushsyncDatabaseDown", "cut-off:9187"),
+                            }
+                        ],
+                    },
+                    {"eval_time": "5m", "alertname": "PushsyncNoDispatcher", "exp_alerts": []},
+                    {
+                        "eval_time": "5m",
+                        "alertname": "PushsyncOutboxOldestUnsent",
+                        "exp_alerts": [],
+                    },
+                ],
+            },
+            {
+                "name": "only the dispatcher cut off",
+                "interval": "1m",
+                "input_series": alone,
+                "alert_rule_test": [
+                    {
+                        "eval_time": "5m",
+                        "alertname": "PushsyncNoDispatcher",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "critical"},
+                                "exp_annotations": rendered("PushsyncNoDispatcher", ""),
+                            }
+                        ],
+                    }
+                ],
+            },
+        ],
+    }
+    path = tmp_path / "scraped.test.yml"
+    path.write_text(yaml.safe_dump(cases), encoding="utf-8")
+    tested = run_promtool(promtool, "test", "rules", path.name, cwd=tmp_path)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
