@@ -8,6 +8,8 @@
   has a case where it fires and one where it stays quiet, and the cases bite:
   with each alert made to never fire, or to always fire, the tests fail.
 * Every panel's expression parses as PromQL (``promtool check rules``).
+* The rules judge real scrapes right: those of a connected dispatcher and of
+  one whose database refuses connections, held ten minutes as promtool input.
 
 promtool comes from ``scripts/ensure-promtool`` (``make test`` runs it). Without
 it the promtool tests fail where that script could have installed it (root
