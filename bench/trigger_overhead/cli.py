@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import psycopg
 
-from bench.trigger_overhead import database, report
+from bench.trigger_overhead import database, machine, report
 from bench.trigger_overhead.database import (
     EXPECTED_SINGLE,
     VARIANTS,
@@ -150,9 +151,11 @@ def measure(
             res.pgbench.setdefault(v.name, []).append(result)
             progress(f"round {number}/{rounds} pgbench {v.name:<9} {result.tps:9.1f} tps")
         for v in VARIANTS:
-            seconds = database.bulk_insert(conn, v, rows)
-            res.bulk.setdefault(v.name, []).append(seconds)
-            progress(f"round {number}/{rounds} bulk    {v.name:<9} {seconds:9.4f} s")
+            bulk = database.bulk_insert(conn, v, rows)
+            res.bulk.setdefault(v.name, []).append(bulk.seconds)
+            if bulk.cpu_seconds is not None:
+                res.bulk_cpu.setdefault(v.name, []).append(bulk.cpu_seconds)
+            progress(f"round {number}/{rounds} bulk    {v.name:<9} {bulk.seconds:9.4f} s")
     return res
 
 
@@ -165,18 +168,21 @@ def main(argv: list[str] | None = None) -> int:
         server.connect() as conn,
         tempfile.TemporaryDirectory(prefix="pushsync-bench-") as scripts,
     ):
+        facts = machine.measure(conn)
         setup = database.prepare(conn, args.override_sql)
         if args.dump_sql is not None:
             args.dump_sql.write_text(setup.rules_sql, "utf-8")
         shown = database.settings(conn)
-        _print_header(server, options, shown, args)
+        _print_header(server, options, shown, args, facts)
         check_setup(conn, setup)
         if args.override_sql is not None:
             print(f"NOTE: {args.override_sql} was applied after the generated migration")
         if args.diagnose:
             from bench.trigger_overhead import diagnose
 
-            diagnose.run(server, conn, rows=args.rows)
+            diagnose.run(
+                server, conn, rows=args.rows, options=options, override_sql=args.override_sql
+            )
             return 0
         pgbench = Pgbench(
             server=server,
@@ -193,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         res, rounds=args.rounds, rows=args.rows, pgbench_command=pgbench.describe()
     )
     print(text)
-    print(f"\n(total wall time {elapsed:.0f} s)")
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\n(total wall time {elapsed:.0f} s; load average at the end {load})")
     if args.json is not None:
         meta = {
             "rounds": args.rounds,
@@ -207,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             "override_sql": str(args.override_sql) if args.override_sql else None,
             "rules_sql_sha256": setup.rules_sha256,
             "wall_seconds": elapsed,
+            "machine": facts.to_json(),
         }
         data = report.to_json(res, meta=meta, settings=shown)
         args.json.write_text(json.dumps(data, indent=2) + "\n", "utf-8")
@@ -215,9 +223,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_header(
-    server: Server, options: dict[str, str], shown: dict[str, str], args: argparse.Namespace
+    server: Server,
+    options: dict[str, str],
+    shown: dict[str, str],
+    args: argparse.Namespace,
+    facts: machine.Facts,
 ) -> None:
     print("pushsync trigger-overhead benchmark")
+    for line in facts.lines():
+        print(line)
     print(f"server: {server.bindir}/postgres on {server.host}:{server.port}")
     print("  started with: " + " ".join(f"{k}={v}" for k, v in options.items()))
     print("  in effect:    " + " ".join(f"{k}={v}" for k, v in shown.items()))

@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 RULES_FILE = HERE / "rules.yaml"
 SCHEMA_FILE = HERE / "schema.sql"
 ROWLEVEL_FILE = HERE / "rowlevel.sql"
+FLOOR_FILE = HERE / "floor.sql"
 DBNAME = "bench"
 
 
@@ -35,7 +36,8 @@ class Variant:
 VARIANTS: tuple[Variant, ...] = (
     Variant("none", "orders_none", "no trigger (baseline)"),
     Variant("nomatch", "orders_nomatch", "generated, 1 rule, `when` false for every row"),
-    Variant("nobody", "orders_nobody", "generated, 1 rule, `when` true, recipients find nobody"),
+    Variant("nobody", "orders_nobody", "generated, 1 rule, no `when`, recipients find nobody"),
+    Variant("floor", "orders_floor", "hand-written statement trigger, `nobody`'s join (its floor)"),
     Variant("match4", "orders_match4", "generated, 1 rule, every row -> 4 devices, coalescing"),
     Variant(
         "rowlevel", "orders_rowlevel", "hand-written FOR EACH ROW, to_jsonb(NEW) -> event table"
@@ -130,13 +132,14 @@ def _run_file(conn: psycopg.Connection, path: Path) -> None:
 
 
 def prepare(conn: psycopg.Connection, override_sql: Path | None) -> Setup:
-    """Base schema, benchmark tables, compiled rules, the row-level trigger."""
+    """Base schema, benchmark tables, compiled rules, the hand-written triggers."""
     schema.migrate(conn)
     _run_file(conn, SCHEMA_FILE)
     rules = generator.load(RULES_FILE)
     rules_sql = generator.compile_rules(rules, "bench/trigger_overhead/rules.yaml")
     schema.migrate(conn, rules_sql)
     _run_file(conn, ROWLEVEL_FILE)
+    _run_file(conn, FLOOR_FILE)
     if override_sql is not None:
         _run_file(conn, override_sql)
     row = conn.execute("SELECT count(DISTINCT account_id) FROM bench.watchers").fetchone()
@@ -177,13 +180,39 @@ def bulk_statement(variant: Variant) -> sql.Composed:
     ).format(_table(variant))
 
 
-def bulk_insert(conn: psycopg.Connection, variant: Variant, rows: int) -> float:
-    """Seconds for one bulk INSERT in its own transaction (autocommit), client-side."""
+def backend_cpu(conn: psycopg.Connection) -> float | None:
+    """Seconds of CPU the server process behind ``conn`` has run so far; None if unknown.
+
+    Read from Linux's /proc/PID/schedstat (nanoseconds on a CPU, world-readable).
+    Unlike wall time it leaves out the time the process waited for a CPU that
+    other processes held, so it stays steady on a busy machine.
+    """
+    pid = conn.info.backend_pid
+    try:
+        text = Path(f"/proc/{pid}/schedstat").read_text("ascii")
+    except OSError:
+        return None
+    return int(text.split()[0]) / 1e9
+
+
+@dataclass(frozen=True, slots=True)
+class BulkResult:
+    seconds: float  # wall time, client-side
+    cpu_seconds: float | None  # the server process's CPU time, if it can be read
+
+
+def bulk_insert(conn: psycopg.Connection, variant: Variant, rows: int) -> BulkResult:
+    """One bulk INSERT in its own transaction (autocommit): wall time and server CPU time."""
     reset(conn, variant)
     statement = bulk_statement(variant)
+    cpu_before = backend_cpu(conn)
     started = time.perf_counter()
     conn.execute(statement, (rows,))
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    cpu_after = backend_cpu(conn)
+    if cpu_before is None or cpu_after is None:
+        return BulkResult(seconds, None)
+    return BulkResult(seconds, cpu_after - cpu_before)
 
 
 def single_row_statement(variant: Variant, account: str, cents: str) -> str:
@@ -319,6 +348,7 @@ EXPECTED_SINGLE = {
     "none": (0, 0),
     "nomatch": (0, 0),
     "nobody": (0, 0),
+    "floor": (0, 0),
     "match4": (4, 0),
     "rowlevel": (0, 1),
     "rules20": (0, 0),

@@ -46,5 +46,16 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
     assert sanity, sanity
     assert all(line.rstrip().endswith(" ok") for line in sanity), sanity
     data = json.loads(results.read_text())
-    assert set(data["bulk"]) == {"none", "nomatch", "nobody", "match4", "rowlevel", "rules20"}
+    variants = {"none", "nomatch", "nobody", "floor", "match4", "rowlevel", "rules20"}
+    assert set(data["bulk"]) == variants
     assert data["bulk"]["none"]["ratio_vs_none"] == 1.0
+    # The generated trigger is judged against the hand-written one doing the same join.
+    formulas = {t["formula"] for t in data["targets"]}
+    assert "time nobody / time floor" in formulas
+    # The machine facts that explain the figures are measured, printed and saved.
+    facts = data["meta"]["machine"]
+    assert facts["cpus"] >= 1
+    assert facts["fsync_ms"] > 0
+    assert facts["commit_ms"] > 0
+    assert any(line.startswith("machine: ") for line in lines), lines[:10]
+    assert any("fsync latency" in line for line in lines), lines[:10]
