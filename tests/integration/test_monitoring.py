@@ -24,6 +24,7 @@ import re
 import shutil
 import socket
 import subprocess
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ import psycopg
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg import sql
+from pytest_postgresql.executors import PostgreSQLExecutor
 
 from tests.support.dispatching import add_device, set_address
 from tests.support.metrics import http_get
@@ -196,46 +199,92 @@ def scraped_names(text: str) -> Scraped:
     return Scraped(metrics, labels)
 
 
-def test_every_name_in_the_dashboard_and_the_alerts_is_one_a_dispatcher_exposes(
-    db: psycopg.Connection, dsn: str, tmp_path: Path
-) -> None:
-    # One message that leaves by UDP and one too large for it (a final failure),
-    # so that the labelled series (gateway, final) are in the scrape.
-    add_device(db, "truck-1")
-    set_address(db, "truck-1", "udp", f"127.0.0.1:{free_udp_port()}")
-    db.execute(
-        "INSERT INTO pushsync.outbox (rule, device_id, subject, content, gateway, coalescing, "
-        "expires_at, resend_every) VALUES "
-        "('r', 'truck-1', 'sync', 'go', 'udp', false, now() + interval '1 hour', '1 hour'), "
-        "('r', 'truck-1', 'sync', repeat('x', 70000), 'udp', false, "
-        "now() + interval '1 hour', '1 hour')"
-    )
-    dispatcher = Dispatch(dsn, tmp_path / "dispatch.log", "--metrics", "127.0.0.1:0")
-    try:
-        url = dispatcher.metrics_url()
-        body: list[str] = []
+def answers(url: str, status: int) -> Callable[[], bool]:
+    return lambda: http_get(url)[0] == status
 
-        def sent_and_failed() -> bool:
-            status, text = http_get(f"{url}/metrics")
-            if status != 200:
-                return False
-            body[:] = [text]
-            samples = {
-                (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-                for family in text_string_to_metric_families(text)
-                for sample in family.samples
-            }
-            sends = samples.get(("pushsync_sends_total", (("gateway", "udp"),)), 0)
-            final = samples.get(
-                ("pushsync_send_failures_total", (("final", "true"), ("gateway", "udp"))), 0
+
+def samples_of(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+@pytest.fixture(scope="module")
+def scrapes(
+    pg_server: PostgreSQLExecutor, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """``/metrics`` of two real ``pushsync dispatch`` processes, run at once: ``healthy``
+    on a database of its own, once it has sent one message by UDP and failed one for good
+    (too large for UDP), so that the labelled series (gateway, final) are there; and
+    ``cut-off``, whose database refuses connections."""
+    where = f"host={pg_server.host} port={pg_server.port} user={pg_server.user}"
+    name = f"monitoring_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(f"{where} dbname=postgres", autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(pg_server.template_dbname)
             )
-            return sends >= 1 and final >= 1
+        )
+    logs = tmp_path_factory.mktemp("scrapes")
+    try:
+        dsn = f"{where} dbname={name}"
+        with psycopg.connect(dsn, autocommit=True) as db:
+            add_device(db, "truck-1")
+            set_address(db, "truck-1", "udp", f"127.0.0.1:{free_udp_port()}")
+            db.execute(
+                "INSERT INTO pushsync.outbox (rule, device_id, subject, content, gateway, "
+                "coalescing, expires_at, resend_every) VALUES "
+                "('r', 'truck-1', 'sync', 'go', 'udp', false, now() + interval '1 hour', "
+                "'1 hour'), ('r', 'truck-1', 'sync', repeat('x', 70000), 'udp', false, "
+                "now() + interval '1 hour', '1 hour')"
+            )
+        with socket.socket() as probe:  # a port nothing listens on once the probe closes
+            probe.bind(("127.0.0.1", 0))
+            closed = probe.getsockname()[1]
+        nowhere = f"host=127.0.0.1 port={closed} user=nobody dbname=none connect_timeout=2"
+        healthy = Dispatch(dsn, logs / "healthy.log", "--metrics", "127.0.0.1:0")
+        cut_off = Dispatch(nowhere, logs / "cut-off.log", "--metrics", "127.0.0.1:0")
+        try:
+            found: dict[str, str] = {}
 
-        until(sent_and_failed, "a send and a final failure in /metrics", logs=[dispatcher.log])
-        dispatcher.stop()
+            def sent_and_failed(url: str) -> Callable[[], bool]:
+                def check() -> bool:
+                    status, text = http_get(f"{url}/metrics")
+                    samples = samples_of(text) if status == 200 else {}
+                    udp = (("gateway", "udp"),)
+                    final = (("final", "true"), ("gateway", "udp"))
+                    if samples.get(("pushsync_sends_total", udp), 0) < 1:
+                        return False
+                    if samples.get(("pushsync_send_failures_total", final), 0) < 1:
+                        return False
+                    found["healthy"] = text
+                    return True
+
+                return check
+
+            url = healthy.metrics_url()
+            until(sent_and_failed(url), "a send and a final failure", logs=[healthy.log])
+            url = cut_off.metrics_url()
+            until(answers(f"{url}/healthz", 503), "/healthz 503", logs=[cut_off.log])
+            status, found["cut-off"] = http_get(f"{url}/metrics")
+            assert status == 200
+            healthy.stop()
+            cut_off.stop()
+        finally:
+            healthy.close()
+            cut_off.close()
+        yield found
     finally:
-        dispatcher.close()
-    scraped = scraped_names(body[0])
+        with psycopg.connect(f"{where} dbname=postgres", autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_every_name_in_the_dashboard_and_the_alerts_is_one_a_dispatcher_exposes(
+    scrapes: dict[str, str],
+) -> None:
+    scraped = scraped_names(scrapes["healthy"])
     labels = scraped.labels | TARGET_LABELS
     assert {"pushsync_outbox_rows", "pushsync_commit_to_send_seconds_bucket"} <= scraped.metrics
 
@@ -374,10 +423,6 @@ def scraped_series(text: str, instance: str, minutes: int) -> list[dict[str, str
     return series
 
 
-def answers(url: str, status: int) -> Callable[[], bool]:
-    return lambda: http_get(url)[0] == status
-
-
 def rendered(alert: str, instance: str) -> dict[str, str]:
     """The annotations of ``alert`` for a dispatcher ``instance``."""
     (rule,) = [r for r in alert_rules() if r["alert"] == alert]
@@ -386,30 +431,14 @@ def rendered(alert: str, instance: str) -> dict[str, str]:
     }
 
 
-def test_the_alerts_judge_real_dispatchers_scrapes(promtool: str, dsn: str, tmp_path: Path) -> None:
-    """Two real dispatchers, one connected and one whose database refuses connections;
-    their scrapes, held for ten minutes, go through the rules: the one cut off is
-    PushsyncDatabaseDown, and PushsyncNoDispatcher fires only when it is alone."""
-    with socket.socket() as probe:  # a port nothing listens on once the probe closes
-        probe.bind(("127.0.0.1", 0))
-        closed = probe.getsockname()[1]
-    nowhere = f"host=127.0.0.1 port={closed} user=nobody dbname=none connect_timeout=2"
-    healthy = Dispatch(dsn, tmp_path / "healthy.log", "--metrics", "127.0.0.1:0")
-    cut_off = Dispatch(nowhere, tmp_path / "cut-off.log", "--metrics", "127.0.0.1:0")
-    try:
-        scrapes = {}
-        for name, dispatcher, status in (("healthy", healthy, 200), ("cut-off", cut_off, 503)):
-            url = dispatcher.metrics_url()
-            until(answers(f"{url}/healthz", status), f"{name}: /healthz {status}")
-            code, scrapes[name] = http_get(f"{url}/metrics")
-            assert code == 200
-        healthy.stop()
-        cut_off.stop()
-    finally:
-        healthy.close()
-        cut_off.close()
-    assert re.search(r"^pushsync_database_up 1\.0$", scrapes["healthy"], re.M)
-    assert re.search(r"^pushsync_database_up 0\.0$", scrapes["cut-off"], re.M)
+def test_the_alerts_judge_real_dispatchers_scrapes(
+    promtool: str, scrapes: dict[str, str], tmp_path: Path
+) -> None:
+    """The scrapes of a connected dispatcher and of one whose database refuses connections,
+    held for ten minutes, go through the rules: the one cut off is PushsyncDatabaseDown,
+    and PushsyncNoDispatcher fires only when it is alone."""
+    assert samples_of(scrapes["healthy"])[("pushsync_database_up", ())] == 1
+    assert samples_of(scrapes["cut-off"])[("pushsync_database_up", ())] == 0
 
     down = {
         "severity": "critical",
