@@ -19,6 +19,7 @@ import json
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +91,11 @@ def _ready(process: subprocess.Popen[str]) -> tuple[float, float, int, float]:
     return float(words[1]), float(words[2]), int(words[3]), float(words[4])
 
 
-def run(devices: int) -> dict[str, Any]:
+def run(devices: int, dsn: str | None = None) -> dict[str, Any]:
     figures: dict[str, Any] = {"devices": devices, "machine": measure().to_json()}
     nofile = raise_nofile()
-    with throwaway_database(DBNAME) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+    database = nullcontext(dsn) if dsn else throwaway_database(DBNAME)
+    with database as dsn, psycopg.connect(dsn, autocommit=True) as conn:
         prepare(conn, devices)
         # every device connects from 127.0.0.1: see devices.CONNECT_AT_ONCE
         per_address = ("--sync-max-handshakes-per-address", str(CONNECT_AT_ONCE))
@@ -248,6 +250,11 @@ def report(figures: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sync_fanout", description=__doc__)
     parser.add_argument("--devices", type=int, default=10_000, help="devices (default 10000)")
+    parser.add_argument(
+        "--dsn",
+        help="a new, empty database to run in (default: a throwaway PostgreSQL server); "
+        "the pushsync schema is migrated into it and two tables created",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = parser.parse_args(argv)
     if args.devices < 1:
@@ -259,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             f"and this machine allows {most + RESERVED_FILES} per process (ulimit -Hn), "
             f"so at most {most} devices"
         )
-    figures = run(args.devices)
+    figures = run(args.devices, args.dsn)
     print(report(figures))
     if args.json:
         print(json.dumps(figures))

@@ -13,9 +13,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_fanout_benchmark_smoke_run() -> None:
+def test_fanout_benchmark_smoke_run(dsn: str) -> None:
+    command = [sys.executable, "-m", "bench.sync_fanout", "--devices", "200", "--dsn", dsn]
     result = subprocess.run(
-        [sys.executable, "-m", "bench.sync_fanout", "--devices", "200", "--json"],
+        [*command, "--json"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -1,0 +1,1 @@
+"""Benchmark: many dispatchers on one database, many SYNC devices, one killed."""
