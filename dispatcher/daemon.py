@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,13 @@ import psycopg
 from pushsync import db, queries
 from pushsync.db import first_line
 from pushsync.dispatcher.connections import ConnectionServer, SyncGateway
-from pushsync.dispatcher.gateways import Gateway, UdpGateway, describe_smtp, smtp_from_url
+from pushsync.dispatcher.gateways import (
+    Gateway,
+    SendResult,
+    UdpGateway,
+    describe_smtp,
+    smtp_from_url,
+)
 from pushsync.dispatcher.metrics import Metrics, MetricsServer, serve_metrics
 from pushsync.dispatcher.mqtt import MqttGateway, start_mqtt
 from pushsync.dispatcher.nodes import PoolStore
@@ -47,6 +53,8 @@ DEVICES_CHANNEL = "pushsync_devices"
 """Device ids that lost access (disabled, new secret, removed): sql/0005_device_changes.sql."""
 BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 5.0
+CONFIRM_BATCH = 1000
+"""Acks recorded in one statement at most."""
 STOP_TIMEOUT = 3.0
 """Seconds the loops get to finish after SIGTERM before they are cancelled."""
 LEAVE_TIMEOUT = 2.0
@@ -78,9 +86,11 @@ def default_owner() -> str:
 class Dispatcher:
     """The outbox relay. ``await run(stop)`` until ``stop`` is set.
 
-    Four loops (send, housekeeping, confirmations, polls) run on three autocommit
-    connections: one claims and records, one only ``LISTEN``s, one runs the polls
-    (each a transaction the others must not join). The SYNC server and UDP acks
+    Four loops (send, housekeeping, confirmations, polls) run on four autocommit
+    connections: one claims and records sends (two statements at a time, in
+    pipeline mode), one records confirmations and does the housekeeping, one
+    only ``LISTEN``s, one runs the polls (each a transaction the others must not
+    join). The SYNC server and UDP acks
     for rows sent before a restart use a small pool
     (:class:`~pushsync.dispatcher.nodes.PoolStore`), so a handshake never waits
     behind a claim. Statements are async (:class:`~pushsync.dispatcher.outbox.OutboxStore`),
@@ -93,7 +103,13 @@ class Dispatcher:
     ) -> None:
         self.settings = settings
         self.dsn = settings.dsn
-        self.gateways: dict[str, Gateway] = dict(gateways or {})
+        self.gateways: dict[str, Gateway] = {}
+        self._orders: dict[tuple[str, bool, bool, bool, bool], tuple[str, ...]] = {}
+        """Gateways to try, by what decides them (:meth:`_order`)."""
+        self._immediate: dict[str, Callable[[Claimed], SendResult | None]] = {}
+        """The ``send_now`` of the gateways that have one (UDP), by name."""
+        for name, gateway in (gateways or {}).items():
+            self._use(name, gateway)
         self.owner = settings.owner or default_owner()
         self._poll_runs: dict[str, float] = {}
         """When each poll last ran here (or was found running elsewhere), ``time.monotonic()``."""
@@ -117,7 +133,16 @@ class Dispatcher:
 
     def add_gateway(self, gateway: Gateway) -> None:
         """Use ``gateway`` under its name (e.g. a UdpGateway bound to this dispatcher's hooks)."""
-        self.gateways[gateway.name] = gateway
+        self._use(gateway.name, gateway)
+
+    def _use(self, name: str, gateway: Gateway) -> None:
+        self.gateways[name] = gateway
+        self._orders.clear()
+        send_now = getattr(gateway, "send_now", None)
+        if send_now is None:
+            self._immediate.pop(name, None)
+        else:
+            self._immediate[name] = send_now
 
     def health(self) -> tuple[bool, str]:
         """For ``/healthz``: healthy while the database connection works."""
@@ -241,36 +266,33 @@ class Dispatcher:
 
     async def _session(self, stop: asyncio.Event) -> bool:
         """One connection's worth of dispatching; True when it ended because of ``stop``."""
-        listen = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-        try:
-            work = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-        except BaseException:
-            await listen.close()
-            raise
-        try:
-            polling = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-        except BaseException:
-            await work.close()
-            await listen.close()
-            raise
-        store = OutboxStore(
-            ConnectionExecutor(work),
-            self.owner,
-            lease=self.settings.lease,
-            alive_for=self.settings.alive_for,
-        )
-        try:
+        async with contextlib.AsyncExitStack() as opened:
+            listen, work, sending, polling = [
+                await self._connect(opened) for _ in ("listen", "work", "send", "polls")
+            ]
+            store = self._store(work)
+            sender = self._store(sending)
             await self._begin(listen, store)
-            await self._loops(store, listen, work, polling, stop)
+            await self._loops(store, sender, listen, work, polling, stop)
             if self._held:
                 released = await store.release(sorted(self._held))
                 logger.info("released %d claimed rows not sent", released)
                 self._held.clear()
             return True
-        finally:
-            await _close(polling)
-            await _close(work)
-            await _close(listen)
+
+    async def _connect(self, opened: contextlib.AsyncExitStack) -> AsyncConn:
+        """A new autocommit connection, closed when ``opened`` closes."""
+        conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        opened.push_async_callback(_close, conn)
+        return conn
+
+    def _store(self, conn: AsyncConn) -> OutboxStore:
+        return OutboxStore(
+            ConnectionExecutor(conn),
+            self.owner,
+            lease=self.settings.lease,
+            alive_for=self.settings.alive_for,
+        )
 
     async def _begin(self, listen: AsyncConn, store: OutboxStore) -> None:
         """LISTEN, then take back what an earlier session left, and announce this dispatcher."""
@@ -294,18 +316,20 @@ class Dispatcher:
     async def _loops(
         self,
         store: OutboxStore,
+        sender: OutboxStore,
         listen: AsyncConn,
         work: AsyncConn,
         polling: AsyncConn,
         stop: asyncio.Event,
     ) -> None:
         """Run the loops until ``stop`` is set and they have returned; the first error of
-        one (the others are cancelled then) is raised."""
+        one (the others are cancelled then) is raised. The send loop has a connection
+        of its own (``sender``'s): it runs two statements at a time in pipeline mode."""
         try:
             async with asyncio.TaskGroup() as loops:
                 listening = loops.create_task(self._listen_loop(listen, stop), name="listen")
                 loops.create_task(self._relay_stop(stop), name="stop relay")
-                loops.create_task(self._send_loop(store, stop), name="send")
+                loops.create_task(self._send_loop(sender, stop), name="send")
                 loops.create_task(self._housekeeping_loop(store, work, stop), name="housekeeping")
                 loops.create_task(self._confirm_loop(store, stop), name="confirm")
                 loops.create_task(self._poll_loop(polling, stop), name="polls")
@@ -365,28 +389,137 @@ class Dispatcher:
             if stop.is_set():
                 return
             self._wake.clear()
-            while not stop.is_set() and await self._send_batch(store, stop) >= self.settings.batch:
-                pass
+            await self._drain(store, stop)
 
-    async def _send_batch(self, store: OutboxStore, stop: asyncio.Event) -> int:
-        """Claim one batch and send it; how many rows were claimed."""
-        items = await store.claim(self.settings.batch)
-        if not items:
-            return 0
-        logger.debug("claimed %d rows", len(items))
-        self._held.update(item.request_id for item in items)
+    async def _drain(self, store: OutboxStore, stop: asyncio.Event) -> None:
+        """Claim and send until a claim comes back short of a full batch.
+
+        While one full batch is being sent, the database records the batch
+        before it and claims the next one (:meth:`OutboxStore.sent_then_claim`,
+        one round trip), so neither waits for the other. A short batch is
+        recorded at once.
+        """
+        batch = self.settings.batch
+        items = self._claimed(await store.claim(batch))
+        owed: list[tuple[Claimed, str]] = []
+        """Sent, not recorded yet."""
+        while items and not stop.is_set():
+            ahead: asyncio.Task[tuple[set[uuid.UUID], list[Claimed]]] | None = None
+            recording: list[tuple[Claimed, str]] = []
+            if len(items) >= batch:
+                recording, owed = owed, []
+                ahead = asyncio.create_task(
+                    store.sent_then_claim([(i.request_id, gw) for i, gw in recording], batch)
+                )
+                await asyncio.sleep(0)  # it writes its statements before the sending starts
+            try:
+                sends, rest = self._send_now(items)
+                self._tally(sends)
+                owed.extend(sends)
+                items = []
+                if rest:
+                    # Slower gateways (SYNC, SMTP, a host name to look up): record what
+                    # went out already, then wait for them as they finish.
+                    if ahead is not None:
+                        items = await self._collect(ahead, recording)
+                        ahead = None
+                    await self._record(store, owed)
+                    owed = []
+                    await self._send_slow(store, rest, stop)
+                if ahead is not None:
+                    items = await self._collect(ahead, recording)
+                    ahead = None
+            except BaseException:
+                if ahead is not None:  # its rows stay leased here: released on reconnect
+                    ahead.cancel()
+                    await asyncio.gather(ahead, return_exceptions=True)
+                raise
+        await self._record(store, owed)
+
+    def _claimed(self, items: list[Claimed]) -> list[Claimed]:
+        """Note rows just claimed: held here (released if not sent), their secrets kept."""
+        if items:
+            logger.debug("claimed %d rows", len(items))
+            self._held.update(item.request_id for item in items)
+            secrets = {item.device_id: item.secret for item in items}
+            for device, secret in secrets.items():
+                self.store.remember_secret(device, secret)
+        return items
+
+    async def _collect(
+        self,
+        ahead: asyncio.Task[tuple[set[uuid.UUID], list[Claimed]]],
+        recording: list[tuple[Claimed, str]],
+    ) -> list[Claimed]:
+        """The result of a :meth:`OutboxStore.sent_then_claim`: the sends it recorded are
+        noted, the rows it claimed returned."""
+        recorded, claimed = await ahead
+        self._recorded(recording, recorded)
+        return self._claimed(claimed)
+
+    def _send_now(self, items: list[Claimed]) -> tuple[list[tuple[Claimed, str]], list[Claimed]]:
+        """Send what can go at once (UDP to an IP address: nothing to wait for); the
+        sends made, and the items left for :meth:`_send_slow`."""
+        sends: list[tuple[Claimed, str]] = []
+        rest: list[Claimed] = []
+        immediate = self._immediate
         for item in items:
-            self.store.remember_secret(item.device_id, item.secret)
+            order = self._order(item)
+            first = immediate.get(order[0]) if order else None
+            try:
+                result = first(item) if first is not None else None
+            except Exception:  # a gateway bug: _deliver tries again and records it
+                result = None
+            if result is not None and result.ok:
+                sends.append((item, result.gateway))
+            else:
+                rest.append(item)
+        return sends, rest
+
+    def _order(self, item: Claimed) -> tuple[str, ...]:
+        """The gateways to try for ``item`` that this dispatcher has, first choice first."""
+        connected = self.connections is not None and self.connections.is_connected(item.device_id)
+        key = (
+            item.gateway,
+            connected,
+            bool(item.udp_address),
+            bool(item.email_address),
+            bool(item.mqtt_address),
+        )
+        order = self._orders.get(key)
+        if order is None:
+            order = self._orders[key] = tuple(
+                name
+                for name in gateway_order(
+                    item.gateway,
+                    connected=connected,
+                    udp=item.udp_address,
+                    email=item.email_address,
+                    mqtt=item.mqtt_address,
+                )
+                if name in self.gateways
+            )
+        return order
+
+    async def _send_slow(
+        self, store: OutboxStore, items: list[Claimed], stop: asyncio.Event
+    ) -> None:
+        """Send ``items`` through gateways that wait (one task each), recording each
+        group of sends as it finishes; returns early when ``stop`` is set."""
         pending = {asyncio.create_task(self._deliver(item)): item for item in items}
         stopping = asyncio.create_task(stop.wait())
-        sent: dict[str, int] = {}
         try:
             while pending:
                 done, _ = await asyncio.wait(
                     [*pending, stopping], return_when=asyncio.FIRST_COMPLETED
                 )
                 finished = [(pending.pop(t), t.result()) for t in list(pending) if t in done]
-                await self._record(store, finished, sent)
+                sends = [(item, out.gateway) for item, out in finished if out.gateway]
+                self._tally(sends)
+                await self._record(store, sends)
+                for item, outcome in finished:
+                    if outcome.gateway is None:
+                        await self._record_failure(store, item, outcome)
                 if stopping in done:
                     break
         finally:
@@ -394,9 +527,6 @@ class Dispatcher:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        if sent:
-            logger.info("sent %s", ", ".join(f"{n} via {gw}" for gw, n in sorted(sent.items())))
-        return len(items)
 
     async def _deliver(self, item: Claimed) -> Outcome:
         """Try the item's gateways in order until one sends it. No database access."""
@@ -436,27 +566,35 @@ class Dispatcher:
         final = all(final for _, final in failures.values())
         return Outcome(None, error, final=final, tried=tuple(failures))
 
-    async def _record(
-        self, store: OutboxStore, finished: list[tuple[Claimed, Outcome]], sent: dict[str, int]
-    ) -> None:
-        """Record what became of ``finished``: the sends in one statement, failures one by one."""
-        sends = [(item, outcome.gateway) for item, outcome in finished if outcome.gateway]
+    async def _record(self, store: OutboxStore, sends: list[tuple[Claimed, str]]) -> None:
+        """Record ``sends`` (item, gateway) in one statement."""
         if sends:
-            now = time.time()
             recorded = await store.sent_many([(item.request_id, gw) for item, gw in sends])
-            for item, gateway in sends:
-                sent[gateway] = sent.get(gateway, 0) + 1
-                self.metrics.sent(gateway)
-                if item.attempts == 1:
-                    self.metrics.latency(now - item.created_at.timestamp())
-                self._held.discard(item.request_id)
-                if item.request_id not in recorded:
-                    logger.warning(
-                        "lost the lease on %s before recording it", short(item.request_id)
-                    )
-        for item, outcome in finished:
-            if outcome.gateway is None:
-                await self._record_failure(store, item, outcome)
+            self._recorded(sends, recorded)
+
+    def _tally(self, sends: list[tuple[Claimed, str]]) -> None:
+        """Metrics for ``sends`` as they are made (recorded in the database later)."""
+        now = time.time()
+        by_gateway: dict[str, int] = {}
+        for item, gateway in sends:
+            by_gateway[gateway] = by_gateway.get(gateway, 0) + 1
+            if item.attempts == 1:
+                self.metrics.latency(now - item.created_at.timestamp())
+        for gateway, n in by_gateway.items():
+            self.metrics.sent(gateway, n)
+
+    def _recorded(self, sends: list[tuple[Claimed, str]], recorded: set[uuid.UUID]) -> None:
+        """``sends`` are written: no longer held here; one log line for them all, and a
+        warning for each whose lease was lost before it could be recorded."""
+        if not sends:
+            return
+        by_gateway: dict[str, int] = {}
+        for item, gateway in sends:
+            by_gateway[gateway] = by_gateway.get(gateway, 0) + 1
+            self._held.discard(item.request_id)
+            if item.request_id not in recorded:
+                logger.warning("lost the lease on %s before recording it", short(item.request_id))
+        logger.info("sent %s", ", ".join(f"{n} via {gw}" for gw, n in sorted(by_gateway.items())))
 
     async def _record_failure(self, store: OutboxStore, item: Claimed, outcome: Outcome) -> None:
         if await self._connected_meanwhile(store, item, outcome):
@@ -539,13 +677,7 @@ class Dispatcher:
     async def _confirm_loop(self, store: OutboxStore, stop: asyncio.Event) -> None:
         while not stop.is_set():
             while self._acks:
-                request_id, device = self._acks[0]
-                if await store.confirm(request_id, device):
-                    self.metrics.confirmed()
-                    logger.info("confirmed %s by %s", short(request_id), device)
-                else:
-                    logger.warning("ack of %s by %s matches no sent row", short(request_id), device)
-                self._acks.popleft()  # only once recorded: a dropped connection keeps it
+                await self._confirm(store, list(self._acks)[:CONFIRM_BATCH])
             self._ack_ready.clear()
             if self._acks:
                 continue
@@ -556,6 +688,23 @@ class Dispatcher:
             await self._ack_ready.wait()
             if stop.is_set():
                 return
+
+    async def _confirm(self, store: OutboxStore, acks: list[tuple[uuid.UUID, str]]) -> None:
+        """Record the oldest queued ``acks`` in one statement, then drop them from the
+        queue (only once recorded: a dropped connection keeps them)."""
+        confirmed = await store.confirm_many(acks)
+        for _ in acks:
+            self._acks.popleft()
+        unmatched = [(rid, device) for rid, device in acks if rid not in confirmed]
+        if len(unmatched) < len(acks):
+            self.metrics.confirmed(len(acks) - len(unmatched))
+            logger.info("confirmed %d rows", len(acks) - len(unmatched))
+        if logger.isEnabledFor(logging.DEBUG):
+            for request_id, device in acks:
+                if request_id in confirmed:
+                    logger.debug("confirmed %s by %s", short(request_id), device)
+        for request_id, device in unmatched:
+            logger.warning("ack of %s by %s matches no sent row", short(request_id), device)
 
     async def _poll_loop(self, conn: AsyncConn, stop: asyncio.Event) -> None:
         polls = await self._load_polls(conn, None)

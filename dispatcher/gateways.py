@@ -40,6 +40,8 @@ from pushsync.wire.limits import MAX_DATAGRAM
 logger = logging.getLogger(__name__)
 
 DEFAULT_SENDER = "pushsync"
+MAX_TARGETS: Final = 100_000
+"""Parsed UDP addresses kept (then forgotten all at once and parsed again)."""
 MAX_LOOKUPS: Final = 64
 """Secret lookups for acks from devices not in the cache that may run at once; acks
 beyond that are dropped (the device acks the resend), so a flood of forged
@@ -164,6 +166,8 @@ class UdpGateway:
         self._on_ack = on_ack
         self._transport: asyncio.DatagramTransport | None = None
         self._lookups: set[asyncio.Task[None]] = set()
+        self._targets: dict[str, tuple[Any, ...]] = {}
+        """Socket addresses of the IP-literal addresses sent to, by address text."""
         self._log = Throttle(logger)
         """Anyone can send datagrams: at most one line per kind of drop and interval."""
 
@@ -212,10 +216,43 @@ class UdpGateway:
         return str(host), int(port)
 
     async def send(self, item: Claimed) -> SendResult:
-        if not item.udp_address:
+        result = self.send_now(item)
+        if result is not None:
+            return result
+        # A host name: resolved through getaddrinfo, in a thread.
+        data = self._encode(item)
+        if isinstance(data, SendResult):
+            return data
+        return await self._send_datagram(data, str(item.udp_address))
+
+    def send_now(self, item: Claimed) -> SendResult | None:
+        """Send at once, without waiting: what :meth:`send` does when the address is an
+        IP literal (the usual case: tracked addresses are). None when the address is a
+        host name that needs a lookup; then :meth:`send` does it."""
+        address = item.udp_address
+        if not address:
             return failed(self.name, "device has no UDP address", final=True)
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return failed(self.name, "UDP socket is closed", final=False)
+        target = self._targets.get(address)
+        if target is None:
+            try:
+                target = self._literal_target(address, transport)
+            except ValueError as exc:
+                return failed(self.name, str(exc), final=True)
+            if target is None:
+                return None
+        data = self._encode(item)
+        if isinstance(data, SendResult):
+            return data
+        transport.sendto(data, target)
+        return sent(self.name)
+
+    def _encode(self, item: Claimed) -> bytes | SendResult:
+        """The signed datagram of ``item``, or the final failure that prevents it."""
         try:
-            data = protocol.encode_message(
+            return protocol.encode_message(
                 to_message(item, self.sender), item.secret, limit=self.limit
             )
         except protocol.Oversized:
@@ -224,7 +261,20 @@ class UdpGateway:
             return failed(self.name, error, final=True)
         except protocol.ProtocolError as exc:
             return failed(self.name, f"cannot encode: {exc}", final=True)
-        return await self._send_datagram(data, item.udp_address)
+
+    def _literal_target(
+        self, address: str, transport: asyncio.DatagramTransport
+    ) -> tuple[Any, ...] | None:
+        """The socket address of ``address`` if it is an IP literal the socket can send
+        to, remembered for the next datagram; None for a host name. ValueError if
+        ``address`` is malformed."""
+        host, port = split_address(address)
+        target = _literal(host, port, transport)
+        if target is not None:
+            if len(self._targets) >= MAX_TARGETS:
+                self._targets.clear()
+            self._targets[address] = target
+        return target
 
     async def _send_datagram(self, data: bytes, address: str) -> SendResult:
         transport = self._transport
@@ -359,6 +409,22 @@ def split_address(address: str, *, lowest_port: int = 1) -> tuple[str, int]:
     return found.host, found.port
 
 
+def _literal(host: str, port: int, transport: asyncio.DatagramTransport) -> tuple[Any, ...] | None:
+    """The socket address of ``host`` if it is an IP literal of the socket's own family
+    (no lookup needed), else None."""
+    sock = transport.get_extra_info("socket")
+    family = sock.family if sock is not None else socket.AF_UNSPEC
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if literal.version == 4 and family == socket.AF_INET:
+        return (host, port)
+    if literal.version == 6 and family == socket.AF_INET6:
+        return (host, port, 0, 0)
+    return None
+
+
 async def _resolve(host: str, port: int, transport: asyncio.DatagramTransport) -> Any:
     """The first address of ``host`` the socket's address family can send to.
 
@@ -366,17 +432,11 @@ async def _resolve(host: str, port: int, transport: asyncio.DatagramTransport) -
     tracked addresses are literals); anything else goes through getaddrinfo,
     which asyncio runs in a thread.
     """
+    target = _literal(host, port, transport)
+    if target is not None:
+        return target
     sock = transport.get_extra_info("socket")
     family = sock.family if sock is not None else socket.AF_UNSPEC
-    try:
-        literal = ipaddress.ip_address(host)
-    except ValueError:
-        literal = None
-    if literal is not None:
-        if literal.version == 4 and family == socket.AF_INET:
-            return (host, port)
-        if literal.version == 6 and family == socket.AF_INET6:
-            return (host, port, 0, 0)
     flags = socket.AI_V4MAPPED if family == socket.AF_INET6 else 0
     infos = await asyncio.get_running_loop().getaddrinfo(
         host, port, family=family, type=socket.SOCK_DGRAM, flags=flags

@@ -130,9 +130,9 @@ class Metrics:
         if process:
             ProcessCollector(registry=registry)
 
-    def sent(self, gateway: str) -> None:
-        """One message handed to ``gateway``."""
-        self._sends.labels(gateway=gateway).inc()
+    def sent(self, gateway: str, n: int = 1) -> None:
+        """``n`` messages handed to ``gateway``."""
+        self._sends.labels(gateway=gateway).inc(n)
 
     def failed(self, gateway: str, final: bool) -> None:
         """One send through ``gateway`` failed; ``final``: retrying cannot help."""

@@ -74,6 +74,15 @@ class Executor(Protocol):
     ) -> list[Row]:
         """Run ``statement``; the rows it returned, made by ``row_factory``."""
 
+    async def fetch_pair(
+        self,
+        first: tuple[str, Params],
+        second: tuple[str, Params],
+        row_factory: AsyncRowFactory[Row],
+    ) -> tuple[list[tuple[Any, ...]], list[Row]]:
+        """Run two statements in one round trip and one transaction (psycopg's pipeline
+        mode): the first's rows as tuples, the second's made by ``row_factory``."""
+
 
 class ConnectionExecutor:
     """:class:`Executor` on one connection, which no other task uses meanwhile."""
@@ -93,6 +102,21 @@ class ConnectionExecutor:
             await cur.execute(statement, params)
             return await cur.fetchall()
 
+    async def fetch_pair(
+        self,
+        first: tuple[str, Params],
+        second: tuple[str, Params],
+        row_factory: AsyncRowFactory[Row],
+    ) -> tuple[list[tuple[Any, ...]], list[Row]]:
+        conn = self.conn
+        one = conn.cursor(row_factory=tuple_row)
+        two = conn.cursor(row_factory=row_factory)
+        async with conn.pipeline():
+            async with conn.transaction():
+                await one.execute(*first)
+                await two.execute(*second)
+            return await one.fetchall(), await two.fetchall()
+
 
 class PoolExecutor:
     """:class:`Executor` on a pool of autocommit connections: each statement on the
@@ -111,6 +135,15 @@ class PoolExecutor:
     ) -> list[Row]:
         async with self.pool.connection(self.timeout) as conn:
             return await ConnectionExecutor(conn).fetch(statement, params, row_factory)
+
+    async def fetch_pair(
+        self,
+        first: tuple[str, Params],
+        second: tuple[str, Params],
+        row_factory: AsyncRowFactory[Row],
+    ) -> tuple[list[tuple[Any, ...]], list[Row]]:
+        async with self.pool.connection(self.timeout) as conn:
+            return await ConnectionExecutor(conn).fetch_pair(first, second, row_factory)
 
 
 class OutboxStore:
@@ -153,13 +186,27 @@ class OutboxStore:
     async def sent_many(self, sends: list[tuple[uuid.UUID, str]]) -> set[uuid.UUID]:
         """Record several sends in one statement; the request ids recorded (this owner
         still held them, or they were confirmed already)."""
-        params = {
+        rows = await self.executor.fetch(query("sent_many"), self._sends(sends), tuple_row)
+        return {row[0] for row in rows}
+
+    async def sent_then_claim(
+        self, sends: list[tuple[uuid.UUID, str]], limit: int
+    ) -> tuple[set[uuid.UUID], list[Claimed]]:
+        """:meth:`sent_many`, then :meth:`claim`, in one round trip and one transaction;
+        the request ids recorded and the rows claimed."""
+        if not sends:
+            return set(), await self.claim(limit)
+        record = (query("sent_many"), self._sends(sends))
+        claim = (query("claim"), {"owner": self.owner, "limit": limit, "lease": self.lease})
+        rows, claimed = await self.executor.fetch_pair(record, claim, _CLAIMED)
+        return {row[0] for row in rows}, claimed
+
+    def _sends(self, sends: list[tuple[uuid.UUID, str]]) -> dict[str, Any]:
+        return {
             "owner": self.owner,
             "request_ids": [request_id for request_id, _ in sends],
             "gateways": [gateway for _, gateway in sends],
         }
-        rows = await self.executor.fetch(query("sent_many"), params, tuple_row)
-        return {row[0] for row in rows}
 
     async def failed(self, request_id: uuid.UUID, error: str, *, final: bool) -> bool:
         """Record a failed send: ``final`` → ``failed``, else retried at the next resend."""
@@ -181,6 +228,16 @@ class OutboxStore:
         params = {"request_id": request_id, "device_id": device_id}
         rows = await self.executor.fetch(query("confirm"), params, tuple_row)
         return bool(rows and rows[0][0])
+
+    async def confirm_many(self, acks: Sequence[tuple[uuid.UUID, str]]) -> set[uuid.UUID]:
+        """:meth:`confirm` for several (request id, device) acks in one statement; the
+        request ids confirmed, now or before."""
+        params = {
+            "request_ids": [request_id for request_id, _ in acks],
+            "device_ids": [device for _, device in acks],
+        }
+        rows = await self.executor.fetch(query("confirm_many"), params, tuple_row)
+        return {row[0] for row in rows}
 
     async def expire(self) -> int:
         """Mark rows past their ``expires_at`` as ``expired``; how many."""

@@ -92,6 +92,17 @@ WHERE o.request_id = %(request_id)s
 -- sent_many --
 -- `sent` for a batch: request_ids[i] went out through gateways[i]. Returns the
 -- rows recorded: those this owner still held, and those already confirmed.
+-- Rows are locked in request_id order, as confirm_many locks them: two
+-- statements that lock many rows each never wait for each other in a circle.
+WITH mine AS (
+    SELECT o.request_id, s.gateway
+    FROM pushsync.outbox AS o
+    JOIN unnest(%(request_ids)s::uuid[], %(gateways)s::text[]) AS s(request_id, gateway)
+      ON s.request_id = o.request_id
+    WHERE (o.state = 'sending' AND o.lease_owner = %(owner)s) OR o.state = 'confirmed'
+    ORDER BY o.request_id
+    FOR UPDATE OF o
+)
 UPDATE pushsync.outbox AS o
 SET state = CASE WHEN o.state = 'confirmed' THEN 'confirmed' ELSE 'sent' END,
     sent_at = CASE WHEN o.state = 'confirmed' THEN coalesce(o.sent_at, now()) ELSE now() END,
@@ -101,9 +112,8 @@ SET state = CASE WHEN o.state = 'confirmed' THEN 'confirmed' ELSE 'sent' END,
                            ELSE now() + o.resend_every END,
     lease_owner = NULL,
     lease_expires_at = NULL
-FROM unnest(%(request_ids)s::uuid[], %(gateways)s::text[]) AS s(request_id, gateway)
+FROM mine AS s
 WHERE o.request_id = s.request_id
-  AND ((o.state = 'sending' AND o.lease_owner = %(owner)s) OR o.state = 'confirmed')
 RETURNING o.request_id
 
 -- mine --
@@ -166,12 +176,14 @@ WHERE request_id = %(request_id)s
 -- confirm --
 -- The device has it. Only the recipient may confirm; a repeated confirmation
 -- (still in the outbox or already archived) is true again and changes nothing.
+-- A row confirmed before its send was recorded (the ack beat sent_many) keeps
+-- its lease until then, so that it is not archived without its send time.
 WITH confirmed AS (
     UPDATE pushsync.outbox
     SET state = 'confirmed',
         confirmed_at = now(),
-        lease_owner = NULL,
-        lease_expires_at = NULL
+        lease_owner = CASE WHEN state = 'sending' THEN lease_owner END,
+        lease_expires_at = CASE WHEN state = 'sending' THEN lease_expires_at END
     WHERE request_id = %(request_id)s
       AND device_id = %(device_id)s
       AND state IN ('sending', 'sent')
@@ -185,6 +197,44 @@ SELECT EXISTS (SELECT 1 FROM confirmed)
                WHERE request_id = %(request_id)s AND device_id = %(device_id)s
                  AND state = 'confirmed')
 
+-- confirm_many --
+-- `confirm` for the acks that arrived together, in one statement: the device
+-- devices[i] has request_ids[i]. Returns the request ids confirmed, now or
+-- before (still in the outbox or archived); an ack naming another device's
+-- row, or a row never sent, is not among them and changes nothing. Rows are
+-- locked in request_id order, as sent_many locks them.
+WITH acks AS (
+    SELECT DISTINCT a.request_id, a.device_id
+    FROM unnest(%(request_ids)s::uuid[], %(device_ids)s::text[]) AS a(request_id, device_id)
+), sent AS (
+    SELECT o.request_id
+    FROM pushsync.outbox AS o
+    JOIN acks AS a ON a.request_id = o.request_id AND a.device_id = o.device_id
+    WHERE o.state IN ('sending', 'sent')
+    ORDER BY o.request_id
+    FOR UPDATE OF o
+), confirmed AS (
+    UPDATE pushsync.outbox AS o
+    SET state = 'confirmed',
+        confirmed_at = now(),
+        lease_owner = CASE WHEN o.state = 'sending' THEN o.lease_owner END,
+        lease_expires_at = CASE WHEN o.state = 'sending' THEN o.lease_expires_at END
+    FROM sent
+    WHERE o.request_id = sent.request_id
+    RETURNING o.request_id
+)
+SELECT request_id FROM confirmed
+UNION
+SELECT o.request_id
+FROM pushsync.outbox AS o
+JOIN acks AS a ON a.request_id = o.request_id AND a.device_id = o.device_id
+WHERE o.state = 'confirmed'
+UNION
+SELECT h.request_id
+FROM pushsync.outbox_history AS h
+JOIN acks AS a ON a.request_id = h.request_id AND a.device_id = h.device_id
+WHERE h.state = 'confirmed'
+
 -- expire --
 -- Past expires_at and not confirmed: never sent again. A row being sent is
 -- left to its dispatcher until its lease runs out.
@@ -197,12 +247,14 @@ WHERE state IN ('pending', 'sending', 'sent')
   AND (state <> 'sending' OR lease_expires_at < now())
 
 -- archive --
--- Move up to `batch` finished rows to outbox_history, in one statement.
+-- Move up to `batch` finished rows to outbox_history, in one statement. A row
+-- confirmed while its send was being recorded waits for that (its lease).
 WITH moved AS (
     DELETE FROM pushsync.outbox
     WHERE request_id IN (
         SELECT request_id FROM pushsync.outbox
         WHERE state IN ('confirmed', 'expired', 'failed')
+          AND (lease_expires_at IS NULL OR lease_expires_at < now())
         LIMIT %(batch)s
         FOR UPDATE SKIP LOCKED)
     RETURNING request_id, rule, device_id, subject, content, priority, gateway, coalesced,

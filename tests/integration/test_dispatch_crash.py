@@ -356,6 +356,17 @@ def test_kill_9_mid_batch_then_restart_loses_nothing(
 # --------------------------------------------------------------------------- PostgreSQL restart
 
 
+def accepts_sessions(dsn: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            psycopg.connect(dsn, connect_timeout=2).close()
+        except psycopg.OperationalError:
+            return False
+        return True
+
+    return check
+
+
 @pytest.fixture
 def own_server() -> Iterator[OwnServer]:
     """A dedicated server with the base schema applied by ``pushsync migrate``."""
@@ -404,6 +415,9 @@ def test_postgres_restart_mid_run_every_row_delivered_and_confirmed(
     own_server.executor.start()  # same port, same data directory
     up = time.monotonic()
 
+    # The executor returns once the port is open, which can be a moment before the
+    # server accepts sessions ("the database system is starting up").
+    until(accepts_sessions(own_server.dsn), "PostgreSQL to accept sessions again")
     db = own_server.connect()
     later = enqueue(db, names, 500, "after")
     inserted = time.monotonic() - up

@@ -15,18 +15,18 @@ from tests.support.waiting import until_async
 
 
 class StoppedWhileConfirming:
-    """An outbox whose ``confirm`` lets the stop request (SIGTERM) in while it runs."""
+    """An outbox whose ``confirm_many`` lets the stop request (SIGTERM) in while it runs."""
 
     def __init__(self, stop: asyncio.Event, relayed: Callable[[], bool]) -> None:
         self.stop = stop
         self.relayed = relayed
         self.confirmed: list[uuid.UUID] = []
 
-    async def confirm(self, request_id: uuid.UUID, device_id: str) -> bool:
+    async def confirm_many(self, acks: list[tuple[uuid.UUID, str]]) -> set[uuid.UUID]:
         self.stop.set()
         await until_async(self.relayed, "the stop relay to wake the loops", 5)
-        self.confirmed.append(request_id)
-        return True
+        self.confirmed.extend(request_id for request_id, _ in acks)
+        return {request_id for request_id, _ in acks}
 
 
 @pytest.mark.asyncio
