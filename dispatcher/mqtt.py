@@ -12,16 +12,21 @@ another device is dropped. A device's signed announcement
 (:data:`~pushsync.wire.mqtt.ANNOUNCEMENT`) records that it has an MQTT
 subscription (``sql/mqtt.sql``), which ``auto`` routing then prefers to UDP.
 
-paho-mqtt runs its network loop in a thread of its own (``loop_start``); what
-it receives is handed to the event loop with ``call_soon_threadsafe``, and a
-publish waits for its PUBACK on an asyncio future. paho is imported when the
-gateway starts, so settings are checked without it. docs/operations.md
-("MQTT") has the broker's side: ACLs, a Mosquitto configuration, EMQX and NATS.
+paho-mqtt's network loop runs on the dispatcher's event loop: its socket is
+watched with ``add_reader``/``add_writer`` (``loop_read``, ``loop_write``), its
+keepalive is a task calling ``loop_misc``, and only the TCP/TLS connect runs in
+a thread. A publish and its PUBACK thus never cross threads (with paho's own
+thread, ``loop_start``, each message cost two thread hand-overs and the GIL
+between them: 10,000 publishes took several times longer). A publish waits
+for its PUBACK on an asyncio future. paho is imported when the gateway
+starts, so settings are checked without it. docs/operations.md ("The MQTT
+gateway") has the broker's side: ACLs, a Mosquitto configuration, EMQX and NATS.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import threading
@@ -64,8 +69,14 @@ SCHEMES: Final = {"mqtt": (False, 1883), "mqtts": (True, 8883)}
 DEFAULT_GROUP: Final = "pushsync"
 PUBLISH_TIMEOUT: Final = 10.0
 """Seconds a publish waits for the broker's PUBACK before it counts as not sent."""
-MAX_INFLIGHT: Final = 1000
-"""QoS 1 publishes awaiting their PUBACK at once (paho's default, 20, throttles a batch)."""
+BACKOFF_FIRST: Final = 1.0
+BACKOFF_MAX: Final = 5.0
+CLOSE_TIMEOUT: Final = 1.0
+"""Seconds :meth:`MqttGateway.close` waits for the DISCONNECT to be written."""
+MAX_INFLIGHT: Final = 0
+"""QoS 1 publishes awaiting their PUBACK at once: no limit in paho (its default, 20,
+throttles a batch, and any limit makes it scan every message in flight at each PUBACK);
+the dispatcher's batch (``--batch``, 500) bounds them."""
 
 
 # --------------------------------------------------------------------------- settings
@@ -191,9 +202,10 @@ class MqttStats:
 class MqttGateway:
     """Publishes to the broker of ``settings``; verifies the acks it hands back.
 
-    :meth:`start` connects in the background (paho reconnects by itself, with
-    backoff); a send while the broker is unreachable fails at once, not final,
-    so ``auto`` routing goes on to UDP or email and the outbox retries.
+    :meth:`start` connects in the background, and again whenever the
+    connection ends (backoff 1 s doubling to 5 s); a send while the broker is
+    unreachable fails at once, not final, so ``auto`` routing goes on to UDP or
+    email and the outbox retries.
     """
 
     name = "mqtt"
@@ -224,19 +236,27 @@ class MqttGateway:
         self._lock = threading.Lock()
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._early: set[int] = set()
-        """PUBACKs that came before their publish was registered (paho's thread is fast)."""
+        """PUBACKs that came before their publish was registered."""
         self._lookups: set[asyncio.Task[None]] = set()
         self._log = Throttle(logger)
         self._refusal: str | None = None
+        self._loop_thread: int | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Future[Any] | None = None
+        self._socket_closed = asyncio.Event()
+        self._gone = asyncio.Event()
+        """Set when the connection ends (or a connection attempt was refused)."""
+        self._established = False
 
     # ----------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        """Connect in the background; paho's loop runs in its own thread."""
+        """Start connecting in the background; a broker that is down is retried, not fatal."""
         from paho.mqtt import client as paho
         from paho.mqtt.enums import CallbackAPIVersion
 
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         settings = self.settings
         client_id = settings.client_id or f"pushsync-dispatch-{uuid.uuid4().hex[:12]}"
         client = paho.Client(
@@ -253,26 +273,114 @@ class MqttGateway:
                 context.load_cert_chain(settings.cert_file, settings.key_file)
             client.tls_set_context(context)
         client.max_inflight_messages_set(MAX_INFLIGHT)
-        client.reconnect_delay_set(min_delay=1, max_delay=5)
         client.on_connect = self._connected
         client.on_disconnect = self._disconnected
         client.on_publish = self._published
         client.on_subscribe = self._granted
         client.on_message = self._message
+        # paho's network loop runs on this event loop: its socket is watched with
+        # add_reader/add_writer, so publishes and PUBACKs never cross threads.
+        client.on_socket_open = self._socket_open
+        client.on_socket_close = self._socket_close
+        client.on_socket_register_write = self._want_write
+        client.on_socket_unregister_write = self._written
         self._client = client
-        client.connect_async(settings.host, settings.port, keepalive=settings.keepalive)
-        client.loop_start()
+        self._supervisor = asyncio.create_task(self._keep_connected(client), name="mqtt")
+
+    async def _keep_connected(self, client: Any) -> None:
+        """Connect, wait until the connection ends, and again, with backoff (1 s to 5 s)."""
+        settings = self.settings
+        delay = BACKOFF_FIRST
+        while True:
+            self._gone.clear()
+            established = False
+            # The TCP (and TLS) handshake blocks: in a thread, so the loop runs on.
+            # Shielded: a cancelled wait leaves the thread running, and close()
+            # waits for it to be done with the socket.
+            self._connecting = asyncio.ensure_future(
+                asyncio.to_thread(client.connect, settings.host, settings.port, settings.keepalive)
+            )
+            try:
+                await asyncio.shield(self._connecting)
+            except (OSError, ValueError) as exc:
+                self._log.warning(
+                    "MQTT: cannot connect to %s:%d: %s; retrying in %.0fs",
+                    settings.host,
+                    settings.port,
+                    exc,
+                    delay,
+                    key="connect",
+                )
+            else:
+                housekeeping = asyncio.create_task(self._misc(client))
+                try:
+                    await self._gone.wait()
+                finally:
+                    housekeeping.cancel()
+                established = self._established
+                self._established = False
+            if established:
+                delay = BACKOFF_FIRST
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _misc(self, client: Any) -> None:
+        """paho's keepalive: PINGREQ when quiet, and a connection that stopped answering
+        is closed (its on_disconnect ends the wait above)."""
+        while True:
+            await asyncio.sleep(1.0)
+            client.loop_misc()
 
     async def close(self) -> None:
-        """Disconnect and stop paho's thread; sends still waiting fail."""
+        """Disconnect (a connection being made is waited for, then closed); sends still
+        waiting fail."""
         client, self._client = self._client, None
         if client is None:
             return
-        client.disconnect()
-        await asyncio.to_thread(client.loop_stop)
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+        if self._connecting is not None:
+            await asyncio.gather(self._connecting, return_exceptions=True)
+        if client.socket() is not None:
+            client.disconnect()  # written by loop_write, then paho closes the socket
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await self._socket_closed.wait()
+        sock = client.socket()
+        if sock is not None:  # the DISCONNECT could not be written: close it here
+            self._on_loop(lambda loop: loop.remove_reader(sock))
+            self._on_loop(lambda loop: loop.remove_writer(sock))
+            sock.close()
         self._fail_pending("the MQTT gateway is closing")
         for task in self._lookups:
             task.cancel()
+
+    # ----------------------------------------------------------------- paho's socket
+
+    def _socket_open(self, client: Any, _userdata: Any, sock: Any) -> None:
+        self._call(self._socket_closed.clear)
+        self._on_loop(lambda loop: loop.add_reader(sock, client.loop_read))
+
+    def _socket_close(self, _client: Any, _userdata: Any, sock: Any) -> None:
+        self._on_loop(lambda loop: loop.remove_reader(sock))
+        self._call(self._socket_closed.set)
+
+    def _want_write(self, client: Any, _userdata: Any, sock: Any) -> None:
+        self._on_loop(lambda loop: loop.add_writer(sock, client.loop_write))
+
+    def _written(self, _client: Any, _userdata: Any, sock: Any) -> None:
+        self._on_loop(lambda loop: loop.remove_writer(sock))
+
+    def _on_loop(self, act: Callable[[asyncio.AbstractEventLoop], object]) -> None:
+        """``act(loop)`` now on the loop's thread, or soon from the connecting thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        if threading.get_ident() == self._loop_thread:
+            _quietly(act, loop)
+        else:
+            loop.call_soon_threadsafe(_quietly, act, loop)
 
     # ----------------------------------------------------------------- sending
 
@@ -314,7 +422,7 @@ class MqttGateway:
             return failed(self.name, str(exc), final=False)
         return sent(self.name)
 
-    # ----------------------------------------------------------------- paho's thread
+    # ----------------------------------------------------------------- paho's callbacks
 
     def _connected(
         self, client: Any, _userdata: Any, _flags: Any, reason: Any, _props: Any
@@ -324,6 +432,7 @@ class MqttGateway:
             self._log.warning("%s", self._refusal, key="refused")
             return
         self._refusal = None
+        self._established = True
         client.subscribe(topics.acks_filter(self.settings.prefix, self.settings.group), qos=1)
         self._call(self.connected.set)
         logger.info("MQTT: connected to %s:%d", self.settings.host, self.settings.port)
@@ -334,6 +443,7 @@ class MqttGateway:
         self._call(self.connected.clear)
         self._call(self.subscribed.clear)
         self._call(self._fail_pending, "the connection to the MQTT broker was lost")
+        self._call(self._gone.set)
         if self._client is not None:
             self._log.warning("MQTT: disconnected from the broker (%s); reconnecting", reason)
 
@@ -364,8 +474,14 @@ class MqttGateway:
         self._call(self.ack_received, str(message.topic), bytes(message.payload))
 
     def _call(self, callback: Callable[..., Any], *args: Any) -> None:
+        """``callback(*args)`` on the loop: now if this is its thread (paho's callbacks
+        run from loop_read and loop_write there), else soon (the connecting thread)."""
         loop = self._loop
-        if loop is not None and not loop.is_closed():
+        if loop is None or loop.is_closed():
+            return
+        if threading.get_ident() == self._loop_thread:
+            callback(*args)
+        else:
             loop.call_soon_threadsafe(callback, *args)
 
     def _fail_pending(self, why: str) -> None:
@@ -455,6 +571,16 @@ class MqttGateway:
             exc,
             key=type(exc).__name__,
         )
+
+
+def _quietly(
+    act: Callable[[asyncio.AbstractEventLoop], object], loop: asyncio.AbstractEventLoop
+) -> None:
+    """A socket watch added or removed; a socket closed meanwhile has nothing to remove."""
+    try:
+        act(loop)
+    except (ValueError, OSError) as exc:
+        logger.debug("MQTT: socket watch: %s", exc)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
