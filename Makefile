@@ -68,6 +68,7 @@ bench: postgres
 	$(BIN)/python -m bench.dispatch_latency
 	$(BIN)/python -m bench.sync_fanout
 	$(BIN)/python -m bench.sync_incremental
+	$(BIN)/python -m bench.monitor_queries
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .coverage .coverage.*

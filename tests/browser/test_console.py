@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -121,8 +122,7 @@ async def picture(db: psycopg.Connection, page: Page, url: str, path: Path) -> N
     """A timeline with a few pushes and synchronizations on it, for the README."""
     for _ in range(3):
         for device in ("truck-2", "truck-3"):
-            request_id = enqueue(db, device, content="route update")
-            await until_async(lambda r=request_id: outbox_row(db, r)[0] == "confirmed", "ack")
+            await confirmed(db, enqueue(db, device, content="route update"))
         await asyncio.sleep(0.8)
     await page.goto(url + "#timeline")
     for _ in range(5):  # 5 min -> 9 s
@@ -205,6 +205,10 @@ async def test_a_browser_without_the_token_gets_401_and_the_token_logs_it_in(
         await expect(page.locator("#live")).not_to_have_class("live off")  # the stream, by cookie
         await expect(page.locator("#pulse-devices")).to_have_text("0")
         await context.close()
+
+
+async def confirmed(db: psycopg.Connection, request_id: uuid.UUID) -> None:
+    await until_async(lambda: outbox_row(db, request_id)[0] == "confirmed", "the confirmation")
 
 
 def ms_since(started: float) -> int:

@@ -10,10 +10,9 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from pushsync.monitor import data
-from tests.integration.test_operations_docs import sql_blocks, statements
 from tests.support.dispatching import SECRET, add_device, enqueue
 from tests.support.http import EventStream, get
-from tests.support.monitor import console, finished, synchronized
+from tests.support.monitor import console, finished, monitoring_role_statements, synchronized
 
 
 @pytest.fixture
@@ -188,9 +187,8 @@ async def test_the_documented_monitoring_role_runs_every_view(
 ) -> None:
     """The role of docs/operations.md, which cannot read secrets, is enough for the console."""
     role = f"pushsync_monitor_{uuid.uuid4().hex[:8]}"
-    block = next(b for b in sql_blocks() if "CREATE ROLE pushsync_monitor" in b)
-    for statement in statements(block):
-        fleet.execute(statement.replace("pushsync_monitor", role))  # our own documentation's SQL
+    for statement in monitoring_role_statements(role):
+        fleet.execute(statement)  # our own documentation's SQL
     request_id = enqueue(fleet, "truck-1")
     try:
         async with console(make_conninfo(dsn, user=role)) as served:

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import psycopg
 
 from pushsync.monitor.server import Console, MonitorSettings
+
+OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+
+
+def monitoring_role_statements(role: str) -> list[str]:
+    """docs/operations.md's block creating the monitoring role, for a role named ``role``."""
+    blocks = re.findall(r"```sql\n(.*?)```", OPERATIONS.read_text(encoding="utf-8"), re.DOTALL)
+    block = next(b for b in blocks if "CREATE ROLE pushsync_monitor" in b)
+    return [s.strip().replace("pushsync_monitor", role) for s in block.split(";") if s.strip()]
 
 
 @asynccontextmanager

@@ -58,6 +58,8 @@ HARNESS_VARIABLES = frozenset(
         "PUSHSYNC_UPDATE_GOLDEN",
         "PUSHSYNC_RELIABILITY_SCALE",
         "PUSHSYNC_RELIABILITY_REPORT",
+        "PUSHSYNC_CHROMIUM",
+        "PUSHSYNC_SCREENSHOT",
     }
 )
 """Variables of the test harness (docs/development.md), not of the CLI."""
