@@ -489,6 +489,97 @@ async def test_confirm_while_sending_wins_over_a_late_sent(
 
 
 @pytest.mark.asyncio
+async def test_a_row_confirmed_before_its_send_is_recorded_is_archived_only_after_it(
+    fleet: psycopg.Connection, store: OutboxStore
+) -> None:
+    rid = enqueue(fleet)
+    await store.claim(1)
+    assert await store.confirm_many([(rid, "truck-1")]) == {rid}  # the ack beat the record
+    row = get(fleet, rid)
+    assert (row["state"], row["lease_owner"]) == ("confirmed", "a")
+    assert await store.archive(10) == 0  # its send is not recorded yet
+    assert await store.sent_many([(rid, "udp")]) == {rid}
+    assert await store.archive(10) == 1
+    (sent_at, gateway) = fleet.execute(
+        "SELECT sent_at, gateway_used FROM pushsync.outbox_history WHERE request_id = %s", (rid,)
+    ).fetchone() or (None, None)
+    assert sent_at is not None
+    assert gateway == "udp"
+
+
+@pytest.mark.asyncio
+async def test_confirm_many_confirms_each_recipients_sent_rows_in_one_statement(
+    fleet: psycopg.Connection, store: OutboxStore, stores: Stores
+) -> None:
+    sent = enqueue(fleet, rule="sent")
+    sending = enqueue(fleet, rule="sending")
+    other = enqueue(fleet, "truck-2", rule="other device")
+    archived = enqueue(fleet, rule="archived")
+    await store.claim(10)
+    assert await store.sent_many([(sent, "udp"), (other, "udp"), (archived, "udp")]) == {
+        sent,
+        other,
+        archived,
+    }
+    assert await store.confirm_many([(archived, "truck-1")]) == {archived}
+    assert await store.archive(10) == 1
+    never = enqueue(fleet, rule="never sent")
+    expired = enqueue(fleet, rule="expired")
+    set_row(fleet, expired, "state = 'expired'")
+
+    def stored(rid: uuid.UUID) -> dict[str, Any]:
+        return {k: v for k, v in get(fleet, rid).items() if k not in ("lease_left", "due_in")}
+
+    before = {rid: stored(rid) for rid in (other, never, expired)}
+
+    acks = [
+        (sent, "truck-1"),
+        (sending, "truck-1"),
+        (sent, "truck-1"),  # the same ack twice
+        (other, "truck-1"),  # another device's row
+        (archived, "truck-1"),  # confirmed before, archived since
+        (never, "truck-1"),
+        (expired, "truck-1"),
+        (uuid.uuid4(), "truck-1"),
+    ]
+    assert await (await stores("b")).confirm_many(acks) == {sent, sending, archived}
+    assert [get(fleet, rid)["state"] for rid in (sent, sending)] == ["confirmed", "confirmed"]
+    assert {rid: stored(rid) for rid in before} == before  # unchanged
+    first = get(fleet, sent)["confirmed_at"]
+    assert await store.confirm_many([(sent, "truck-1")]) == {sent}
+    assert get(fleet, sent)["confirmed_at"] == first
+    assert await store.confirm_many([]) == set()
+
+
+@pytest.mark.asyncio
+async def test_sent_then_claim_records_one_batch_and_claims_the_next_in_one_transaction(
+    fleet: psycopg.Connection, store: OutboxStore, stores: Stores
+) -> None:
+    first = [enqueue(fleet, rule=f"first {i}") for i in range(3)]
+    claimed = await store.claim(3)
+    assert {c.request_id for c in claimed} == set(first)
+    second = [enqueue(fleet, rule=f"second {i}") for i in range(2)]
+    taken = enqueue(fleet, rule="taken")
+    await (await stores("b")).claim(1)  # the oldest of the rest: another dispatcher's now
+    assert get(fleet, second[0])["lease_owner"] == "b"
+
+    recorded, more = await store.sent_then_claim([(rid, "udp") for rid in first], 10)
+    assert recorded == set(first)
+    assert {c.request_id for c in more} == {second[1], taken}
+    assert [get(fleet, rid)["state"] for rid in first] == ["sent"] * 3
+    assert await store.sent_then_claim([], 10) == (set(), [])
+
+    # A failing claim takes the record with it: nothing is half done.
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        await store.executor.fetch_pair(
+            (query("sent_many"), store._sends([(c.request_id, "udp") for c in more])),
+            ("SELECT 1 / 0", {}),
+            dict_row,
+        )
+    assert [get(fleet, c.request_id)["state"] for c in more] == ["sending", "sending"]
+
+
+@pytest.mark.asyncio
 async def test_archive_moves_finished_rows_and_leaves_the_rest(
     fleet: psycopg.Connection, store: OutboxStore
 ) -> None:
