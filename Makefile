@@ -62,11 +62,12 @@ demo: $(STAMP)
 example: postgres
 	$(BIN)/python -m examples.trucking
 
-bench: postgres
+bench: postgres mosquitto
 	$(BIN)/python -m bench.trigger_overhead
 	$(BIN)/python -m bench.dispatch_throughput
 	$(BIN)/python -m bench.dispatch_latency
 	$(BIN)/python -m bench.sync_fanout
+	$(BIN)/python -m bench.mqtt_fanout
 	$(BIN)/python -m bench.sync_incremental
 	$(BIN)/python -m bench.monitor_queries
 
