@@ -134,15 +134,17 @@ async def _commands(devices: Devices) -> None:
 
 async def _main(source: str, first: int, count: int, servers: list[Address]) -> None:
     devices = Devices(servers=servers, source=source)
+    readers: list[asyncio.Task[None]] = []
+
+    async def connect(n: int) -> None:
+        """Connect device ``n`` and read from then on (it answers the server's PINGs
+        while the others connect, as a listener would)."""
+        session = await devices.connect(n, n % len(servers))
+        readers.append(asyncio.create_task(devices.live(n, session)))
+
     started = time.time()
-    sessions = await asyncio.gather(
-        *(devices.connect(n, n % len(servers)) for n in range(first, first + count))
-    )
+    await asyncio.gather(*(connect(n) for n in range(first, first + count)))
     connected = time.time() - started
-    readers = [
-        asyncio.create_task(devices.live(n, s))
-        for n, s in zip(range(first, first + count), sessions, strict=True)
-    ]
     print(f"ready {started} {connected} {devices.retries} {time.process_time()}", flush=True)
     try:
         await _commands(devices)

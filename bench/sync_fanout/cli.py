@@ -154,6 +154,7 @@ def _sync_round(
     committed = _alert(conn)
     results = [_result(client) for client in clients]
     figures["sync_received"] = sum(r["received"] for r in results)
+    figures["sync_dropped"] = sum(r["dropped"] for r in results)
     figures["sync_seconds"] = max(r["last"] for r in results) - committed
 
 
@@ -210,7 +211,8 @@ def report(figures: dict[str, Any]) -> str:
     rows = [
         ("fan-out over UDP", f"{figures['udp_received']}/{n} in {figures['udp_seconds']:.3f} s",
          "udp_seconds", "s"),
-        ("fan-out over SYNC", f"{figures['sync_received']}/{n} in {figures['sync_seconds']:.3f} s",
+        ("fan-out over SYNC", f"{figures['sync_received']}/{n} in {figures['sync_seconds']:.3f} s"
+         + (f" ({figures['sync_dropped']} dropped)" if figures["sync_dropped"] else ""),
          "sync_seconds", "s"),
         ("SYNC connections recorded", f"{n} in {figures['recorded_seconds']:.2f} s",
          "recorded_seconds", "s"),

@@ -6,8 +6,8 @@ dispatcher's CPU accounting): ``python -m bench.sync_fanout.devices MODE ...``.
   local address SOURCE if given), print ``ready STARTED SECONDS RETRIES CPU`` (the
   wall-clock time the first connection began, how long opening them all took,
   how many handshakes were refused and tried again, and this process's CPU
-  seconds so far), then count MESSAGE
-  frames until EXPECTED arrived; print one JSON line.
+  seconds so far), then count MESSAGE frames until EXPECTED arrived; print one
+  JSON line (with how many connections the server closed meanwhile).
 * ``udp EXPECTED``: bind a UDP socket on 127.0.0.1, print its port, count
   datagrams (plain blocking socket) until EXPECTED arrived; print one JSON line.
 
@@ -71,15 +71,15 @@ async def _sync(
                     return session
         raise AssertionError("unreachable")
 
-    started = time.time()
-    sessions = await asyncio.gather(*(connect(n) for n in range(first, first + count)))
-    connected = time.time() - started
     received = 0
+    dropped = 0
     last = 0.0
     done = asyncio.Event()
 
     async def read(session: Session) -> None:
-        nonlocal received, last
+        """From the moment the device is connected, as a listener would: a device that
+        did not answer the server's PINGs while the others connect would be dropped."""
+        nonlocal received, dropped, last
         while (frame := await session.recv()) is not None:
             if frame.type == FrameType.MESSAGE:
                 received += 1
@@ -87,10 +87,19 @@ async def _sync(
                 if received >= expected:
                     done.set()
             elif frame.type == FrameType.PING:
-                # Not within a run (heartbeats are 30 s), but a device answers.
                 session.send(encode_frame(FrameType.PONG, frame.payload))
+        dropped += 1
 
-    readers = [asyncio.create_task(read(s)) for s in sessions]
+    readers: list[asyncio.Task[None]] = []
+
+    async def connect_and_read(n: int) -> Session:
+        session = await connect(n)
+        readers.append(asyncio.create_task(read(session)))
+        return session
+
+    started = time.time()
+    sessions = await asyncio.gather(*(connect_and_read(n) for n in range(first, first + count)))
+    connected = time.time() - started
     cpu = time.process_time()
     print(f"ready {started} {connected} {retries} {cpu}", flush=True)
     with contextlib.suppress(TimeoutError):
@@ -100,7 +109,13 @@ async def _sync(
     await asyncio.gather(*readers, return_exceptions=True)
     for session in sessions:
         session.writer.close()
-    return {"received": received, "last": last, "connect_seconds": connected, "retries": retries}
+    return {
+        "received": received,
+        "last": last,
+        "connect_seconds": connected,
+        "retries": retries,
+        "dropped": dropped,
+    }
 
 
 def _udp(expected: int) -> dict[str, float | int]:
