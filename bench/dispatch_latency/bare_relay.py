@@ -6,9 +6,9 @@ One blocking psycopg connection LISTENs on ``pushsync``, a second does the
 work: on each notification it runs the ``claim`` block of
 ``sql/dispatcher.sql`` (as the dispatcher does), signs each claimed row with
 :func:`pushsync.wire.protocol.encode_message` and sends it with one
-``sendto`` on a plain UDP socket to the row's UDP address, then marks the batch
-sent in one statement. No asyncio, no tasks, no per-row statement, no
-resolver (addresses are ``127.0.0.1:PORT``), no logging. Prints ``ready`` once
+``sendto`` on a plain UDP socket to the row's UDP address, then records the
+batch sent in one statement (the ``sent_many`` block). No asyncio, no tasks, no
+per-row statement, no resolver (addresses are ``127.0.0.1:PORT``), no logging. Prints ``ready`` once
 it listens; exits on SIGTERM.
 """
 
@@ -24,7 +24,6 @@ from types import FrameType
 import psycopg
 from psycopg.rows import class_row
 
-from bench.dispatch_throughput.database import MARK_SENT
 from pushsync.dispatcher.gateways import split_address, to_message
 from pushsync.dispatcher.outbox import Claimed, query
 from pushsync.wire import protocol
@@ -67,7 +66,9 @@ def main(argv: list[str]) -> int:
                             target = targets[item.udp_address] = split_address(item.udp_address)
                         sock.sendto(protocol.encode_message(to_message(item), item.secret), target)
                         sent.append(item.request_id)
-                    work.execute(MARK_SENT, {"request_ids": sent, "owner": OWNER})
+                    gateways = ["udp"] * len(sent)
+                    record = {"request_ids": sent, "gateways": gateways, "owner": OWNER}
+                    work.execute(query("sent_many"), record)
     return 0
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import pstats
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import psycopg
 from pgqueuer.db import SyncPsycopgDriver
 from pgqueuer.queries import SyncQueries
 
-from bench.dispatch_throughput import database, procs
+from bench.dispatch_throughput import database, machine, procs
 from bench.dispatch_throughput.database import now
 from bench.dispatch_throughput.pgqueuer_proc import ENTRYPOINT, driver_available
 from bench.trigger_overhead.database import running_server, server_options, settings
@@ -33,8 +32,7 @@ ACCOUNTS = 1000
 FLOOR_CHANNEL = "bench_floor"
 PATHS = ("floor", "relay", "dispatcher", "pgqueuer")
 
-TARGET_VS_FLOOR = 2.0
-TARGET_P99_MS = 10.0
+TARGET_P99_MS = 5.0
 
 INSERT_ORDER = "INSERT INTO bench.orders (account_id, status) VALUES (%s, 'open') RETURNING id"
 INSERT_FLOOR = (
@@ -408,21 +406,14 @@ Target = tuple[str, float, str, float, bool]
 def verdicts(results: dict[str, PathResult]) -> list[Target]:
     """The targets the measured paths allow.
 
-    The floor's latency from commit returned is about zero (PostgreSQL hands a
-    NOTIFY to listeners at commit, while the commit's reply is on its way to the
-    client), so the ratio to it is taken from the INSERT being sent; the other
-    targets use the latency from commit returned.
+    Both from commit returned: the dispatcher's p50 below pgqueuer's, its p99
+    at most :data:`TARGET_P99_MS`. The floor and the bare relay are printed for
+    reference (README: no relay can come near the floor).
     """
     found: list[Target] = []
     if "dispatcher" not in results:
         return found
     mine = results["dispatcher"].summary()
-    if "floor" in results:
-        ratio = (
-            results["dispatcher"].summary(from_sent=True)["p50"]
-            / results["floor"].summary(from_sent=True)["p50"]
-        )
-        found.append(("p50 dispatcher / floor (sent)", ratio, "<=", TARGET_VS_FLOOR, ratio <= 2.0))
     if "pgqueuer" in results:
         ratio = mine["p50"] / results["pgqueuer"].summary()["p50"]
         found.append(("p50 dispatcher / pgqueuer", ratio, "<", 1.0, ratio < 1.0))
@@ -459,6 +450,12 @@ def print_report(results: dict[str, PathResult], targets: list[Target]) -> None:
     if "dispatcher" in results and "relay" in results:
         ratio = results["dispatcher"].summary()["p50"] / results["relay"].summary()["p50"]
         print(f"{'p50 dispatcher / bare relay':<31} {ratio:7.2f} (for reference, no target)")
+    if "dispatcher" in results and "floor" in results:
+        ratio = (
+            results["dispatcher"].summary(from_sent=True)["p50"]
+            / results["floor"].summary(from_sent=True)["p50"]
+        )
+        print(f"{'p50 dispatcher / floor (sent)':<31} {ratio:7.2f} (for reference, no target)")
     for result in results.values():
         if result.notes:
             notes = result.notes
@@ -490,11 +487,10 @@ def main(argv: list[str] | None = None) -> int:
         dsn = database.dsn(server, "bench")
         prepare(conn, dsn, args.devices)
         shown = settings(conn)
+        found = machine.facts(conn)
         print("pushsync dispatch-latency benchmark")
-        print(
-            f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; server "
-            + " ".join(f"{k}={v}" for k, v in shown.items())
-        )
+        print(f"machine: {machine.describe(found)}; python {sys.version.split()[0]}")
+        print("server: " + " ".join(f"{k}={v}" for k, v in shown.items()))
         print(
             f"run: {args.rate:g} commits/s for {args.seconds:g} s per path in {args.rounds} "
             f"round(s), each after {args.warmup:g} s of warm-up; {args.devices} devices; paths "
@@ -543,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pgqueuer_batch": args.pgqueuer_batch,
                 "pgqueuer_driver": args.pgqueuer_driver,
                 "server": shown,
-                "cpus": os.cpu_count(),
+                "machine": found,
             },
             "results": {
                 name: {

@@ -21,20 +21,6 @@ RULE = "bench_throughput"
 DEVICE_PREFIX = "tp-"
 LEASE = timedelta(seconds=30)
 
-# The `sent` block of sql/dispatcher.sql, for a whole batch in one statement.
-MARK_SENT = """
-UPDATE pushsync.outbox
-SET state = 'sent',
-    sent_at = now(),
-    gateway_used = 'udp',
-    next_attempt_at = now() + resend_every,
-    lease_owner = NULL,
-    lease_expires_at = NULL
-WHERE request_id = ANY(%(request_ids)s)
-  AND state = 'sending'
-  AND lease_owner = %(owner)s
-"""
-
 FILL = """
 INSERT INTO pushsync.outbox
     (rule, device_id, subject, content, coalescing, expires_at, resend_every)
@@ -154,22 +140,26 @@ def enqueue_jobs(dsn_text: str, jobs: int, entrypoint: str) -> float:
 
 
 def floor(conn: psycopg.Connection, batch: int, owner: str) -> int:
-    """Claim (the real ``claim`` block) and mark sent, ``batch`` rows at a time, until none.
+    """Claim ``batch`` rows at a time and record them sent, with the real ``claim`` and
+    ``sent_many`` blocks, until none are left.
 
-    Nothing is sent and nothing is done per row in Python: the least any relay
-    of this outbox must do. Returns the number of rows claimed.
+    As the dispatcher does: each round trip records the batch before and claims
+    the next one (pipeline mode, one transaction); the last batch is recorded
+    alone. Nothing is sent and nothing is done per row in Python: the least
+    any relay of this outbox must do. Returns the number of rows claimed.
     """
     claim = query("claim")
     params: dict[str, Any] = {"owner": owner, "limit": batch, "lease": LEASE}
     done = 0
-    while True:
-        with conn.cursor() as cur:
-            cur.execute(claim, params)
-            ids = [row[0] for row in cur.fetchall()]
-        if not ids:
-            return done
-        conn.execute(MARK_SENT, {"request_ids": ids, "owner": owner})
+    ids = [row[0] for row in conn.execute(claim, params).fetchall()]
+    while ids:
         done += len(ids)
+        sent = {"owner": owner, "request_ids": ids, "gateways": ["udp"] * len(ids)}
+        with conn.pipeline(), conn.transaction():
+            conn.execute(query("sent_many"), sent)
+            cur = conn.execute(claim, params)
+        ids = [row[0] for row in cur.fetchall()]
+    return done
 
 
 def count(conn: psycopg.Connection, sql: str) -> int:

@@ -45,9 +45,11 @@ def test_dispatch_throughput_smoke_run(tmp_path: Path) -> None:
     lines = completed.stdout.splitlines()
     for target in ("floor b=500", "dispatcher b=100", "pgqueuer b=100 c=1"):
         assert any(line.startswith(target) for line in lines), (target, completed.stdout)
-    assert any(line.startswith("dispatcher/floor:") for line in lines), completed.stdout
-    assert any(line.startswith("dispatcher/pgqueuer:") for line in lines), completed.stdout
+    assert any(line.startswith("machine:") and "fsync" in line for line in lines), completed.stdout
+    for label in ("dispatcher/floor ", "dispatcher/pgqueuer ", "dispatcher CPU µs/notif "):
+        assert any(line.startswith(label) for line in lines), (label, completed.stdout)
     data = json.loads(results.read_text())
+    assert data["settings"]["machine"]["fsync_ms"] > 0
     runs = {run["target"]: run for run in data["runs"]}
     assert set(runs) == {"floor b=500", "dispatcher b=100", "pgqueuer b=100 c=1"}
     rows = data["settings"]["rows"]
@@ -57,7 +59,8 @@ def test_dispatch_throughput_smoke_run(tmp_path: Path) -> None:
     assert dispatcher["tracebacks"] == 0, dispatcher
     assert dispatcher["exit_status"] == 0, dispatcher
     assert runs["pgqueuer b=100 c=1"]["notes"]["handled"] == rows
-    assert {"dispatcher_vs_floor", "dispatcher_vs_pgqueuer"} <= set(data["verdicts"])
+    verdicts = {"dispatcher_vs_floor", "dispatcher_vs_pgqueuer", "cpu_us_per_notification"}
+    assert verdicts <= set(data["verdicts"])
 
 
 @pytest.mark.slow
@@ -74,6 +77,7 @@ def test_dispatch_latency_smoke_run(tmp_path: Path) -> None:
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     lines = completed.stdout.splitlines()
+    assert any(line.startswith("machine:") and "fsync" in line for line in lines), completed.stdout
     assert "latency from commit returned (to the inserting client) to arrival:" in lines
     assert "latency from INSERT sent (autocommit: INSERT + commit) to arrival:" in lines
     for path in ("floor", "relay", "dispatcher", "pgqueuer"):
