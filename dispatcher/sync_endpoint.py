@@ -437,23 +437,39 @@ class _Sync:
         async with self.owner.pool.connection(self.owner.timeout) as db, db.transaction():
             snapshot = await sync_store.begin_download(db)
             since = await sync_store.usable_watermark(db, watermark)
+            held = await sync_store.holdings(db, self.device, publication, since)
             for table in tables.values():
-                full = since is None or self.local.get(table.name) != table.shape()
+                full = held.confirmed is None or table.name not in held.known
+                full = full or self.local.get(table.name) != table.shape()
                 full = full or table.name in self.full
-                if since is not None and not full and table.depends_on:
-                    full = await sync_store.changed(db, list(table.depends_on), since)
                 if full:
-                    count = await sync_download.send_full(db, self.conn, table, self.device)
+                    count = await sync_download.send_full(
+                        db, self.conn, table, self.device, held.holder
+                    )
                     sent[table.name] = f"{count} rows (full)"
                     self._downloaded(count)
-                else:
-                    assert since is not None  # noqa: S101  type narrowing; full when since is None
-                    forced = self.forced.get(table.name, [])
-                    ups, dels = await sync_download.send_changes(
-                        db, self.conn, table, self.device, since, forced
-                    )
-                    sent[table.name] = f"{ups} rows, {dels} deletes"
-                    self._downloaded(ups + dels)
+                    continue
+                assert held.confirmed is not None  # noqa: S101  type narrowing; else full
+                forced = self.forced.get(table.name, [])
+                reads = [table.name, *table.depends_on]
+                if not forced and not await sync_store.changed(db, reads, held.confirmed):
+                    continue  # nothing it reads changed: it holds what it would get
+                whole = bool(table.depends_on) and await sync_store.changed(
+                    db, list(table.depends_on), held.confirmed
+                )
+                ups, dels = await sync_download.send_diff(
+                    db,
+                    self.conn,
+                    table,
+                    device=self.device,
+                    holder=held.holder,
+                    since=held.confirmed,
+                    forced=forced,
+                    whole=whole,
+                )
+                sent[table.name] = f"{ups} rows, {dels} deletes"
+                self._downloaded(ups + dels)
+            await sync_store.answered_download(db, held.holder, held.confirmed, snapshot)
         end = wire.SyncEnd(publication=publication, watermark=snapshot)
         self.conn.write(wire.encode_sync_end(end), bulk=True)
         await self.conn.drain()

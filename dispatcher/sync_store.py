@@ -177,10 +177,64 @@ async def changed(db: AsyncConn, tables: list[str], since: str) -> bool:
     return bool(row and row[0])
 
 
-async def changed_keys(db: AsyncConn, table: str, since: str) -> list[str]:
-    """The keys (JSON text) of the rows of ``table`` changed since the watermark ``since``."""
-    cur = await db.execute(query("changed_keys"), {"table": table, "since": since})
-    return [str(key) for (key,) in await cur.fetchall()]
+# --------------------------------------------------------------------------- holdings
+
+
+@dataclass(frozen=True, slots=True)
+class Holdings:
+    """What the server knows of the rows a device holds, at the start of its download."""
+
+    holder: int
+    """The device's and publication's number in ``pushsync.device_rows``."""
+    known: frozenset[str]
+    """The tables whose rows on the device are known (the others are sent in full)."""
+    confirmed: str | None
+    """The watermark those rows belong to: the one the device came with, or None."""
+
+
+async def _run_all(db: AsyncConn, name: str, params: dict[str, Any]) -> None:
+    """The statements of block ``name``, one after the other (one transaction: the caller's)."""
+    for statement in query(name).split(";\n"):
+        await db.execute(statement, params)
+
+
+async def holdings(db: AsyncConn, device: str, publication: str, watermark: str | None) -> Holdings:
+    """Settle the device's holdings by the watermark it came with: the last answer's
+    (it applied it: promoted), the one before (it did not: discarded), or another
+    (nothing known: forgotten, every table in full)."""
+    params: dict[str, Any] = {"device": device, "publication": publication}
+    await db.execute(query("holdings_make"), params)
+    cur = await db.execute(query("holdings_lock"), params)
+    row = await cur.fetchone()
+    if row is None:
+        raise RuntimeError("the device's holdings vanished in their own transaction")
+    holder, confirmed, pending = row
+    params = {"holder": holder}
+    if watermark is not None and watermark == pending:
+        await _run_all(db, "holdings_promote", params)
+    elif watermark is None or watermark != confirmed:
+        await _run_all(db, "holdings_forget", params)
+        watermark = None
+    await _run_all(db, "holdings_discard", params)
+    cur = await db.execute(query("holdings_known"), params)
+    known = frozenset(str(name) for (name,) in await cur.fetchall())
+    return Holdings(holder=int(holder), known=known, confirmed=watermark)
+
+
+async def hold_full(
+    db: AsyncConn, holder: int, table: str, keys: list[bytes], hashes: list[bytes]
+) -> None:
+    """What the device holds of ``table`` once it applied a full download of it."""
+    params = {"holder": holder, "table": table, "keys": keys, "hashes": hashes}
+    await _run_all(db, "holdings_full", params)
+
+
+async def answered_download(
+    db: AsyncConn, holder: int, confirmed: str | None, pending: str
+) -> None:
+    """Record the answer's watermark, in the answer's transaction."""
+    params = {"holder": holder, "confirmed": confirmed, "pending": pending}
+    await db.execute(query("holdings_answered"), params)
 
 
 async def download_frame(
@@ -209,13 +263,16 @@ async def download_frame(
 
 
 __all__ = [
+    "Holdings",
     "SessionRecord",
     "answered",
+    "answered_download",
     "begin_download",
     "changed",
-    "changed_keys",
     "download_frame",
     "granted",
+    "hold_full",
+    "holdings",
     "pin",
     "published",
     "query",

@@ -218,11 +218,17 @@ class _Client:
         return _decoded(decode, await self.receive_frame())
 
     async def receive_frame(self) -> protocol.Frame:
-        """The server's next frame; :class:`SyncFailed` for SYNC_ERROR, or none in time."""
-        try:
-            frame = await self.transport.recv(REPLY_TIMEOUT)
-        except TimeoutError:
-            raise SyncFailed(f"no answer from the server in {REPLY_TIMEOUT:g}s") from None
+        """The server's next frame; :class:`SyncFailed` for SYNC_ERROR, or none in time.
+        A PING (the server heard nothing for a while: a long batch) is answered here."""
+        while True:
+            try:
+                frame = await self.transport.recv(REPLY_TIMEOUT)
+            except TimeoutError:
+                raise SyncFailed(f"no answer from the server in {REPLY_TIMEOUT:g}s") from None
+            if frame is None or frame.type not in (FrameType.PING, FrameType.PONG):
+                break
+            if frame.type == FrameType.PING:
+                self.send(protocol.encode_frame(FrameType.PONG, frame.payload))
         if frame is None:
             raise SyncFailed("the server closed the connection during the synchronization")
         if frame.type == FrameType.SYNC_ERROR:

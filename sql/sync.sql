@@ -64,8 +64,10 @@ VALUES (%(device)s, %(publication)s, %(started_at)s, %(upload_rows)s, %(download
         %(conflicts)s, %(outcome)s, %(error)s)
 
 -- download_begin --
--- One snapshot for the whole download: it becomes the device's watermark.
-SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY
+-- One snapshot for the whole download: it becomes the device's watermark. Not
+-- READ ONLY: the device's holdings (pushsync.device_holdings) are written in
+-- the same transaction, from the same snapshot as the rows sent.
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ
 
 -- download_snapshot --
 SELECT pg_current_snapshot()::text
@@ -85,15 +87,6 @@ SELECT EXISTS (
       AND xid >= pg_snapshot_xmin(%(since)s::pg_snapshot)
       AND NOT pg_visible_in_snapshot(xid, %(since)s::pg_snapshot))
 
--- changed_keys --
--- The keys of the table's rows changed since the watermark (same visibility
--- rule as tables_changed), each once.
-SELECT DISTINCT key::text
-FROM pushsync.changes
-WHERE table_name = %(table)s AND key IS NOT NULL
-  AND xid >= pg_snapshot_xmin(%(since)s::pg_snapshot)
-  AND NOT pg_visible_in_snapshot(xid, %(since)s::pg_snapshot)
-
 -- download_frame --
 -- One DOWNLOAD payload. Rows and keys arrive as PostgreSQL's own JSON text
 -- (to_jsonb(row)::text) and stay that text: json, unlike jsonb, keeps it as
@@ -107,3 +100,72 @@ SELECT json_build_object(
     'upserts', %(upserts)b::json[],
     'deletes', %(deletes)b::json[],
     'more', %(more)s::boolean)::text
+
+-- holdings_make --
+-- The device's holdings of the publication, created empty the first time.
+INSERT INTO pushsync.device_holdings (device_id, publication)
+VALUES (%(device)s, %(publication)s)
+ON CONFLICT (device_id, publication) DO NOTHING
+
+-- holdings_lock --
+-- The lock keeps a second synchronization of the device (another dispatcher)
+-- out until this one commits, and makes it fail rather than answer from stale
+-- holdings.
+SELECT holder, confirmed, pending
+FROM pushsync.device_holdings
+WHERE device_id = %(device)s AND publication = %(publication)s
+FOR UPDATE
+
+-- holdings_promote --
+-- The device came back with the watermark of the last answer: it applied it.
+-- Three statements, run together: tables sent in full replace what was held,
+-- then each pending row replaces (or, NULL, deletes) the held one.
+DELETE FROM pushsync.device_rows AS r
+USING pushsync.device_holdings AS h
+WHERE h.holder = %(holder)s AND r.holder = h.holder AND r.tbl = ANY (h.pending_full);
+DELETE FROM pushsync.device_rows AS r
+USING pushsync.device_rows_pending AS p
+WHERE r.holder = %(holder)s AND p.holder = %(holder)s AND p.tbl = r.tbl AND p.key = r.key;
+INSERT INTO pushsync.device_rows (holder, tbl, key, hash)
+SELECT holder, tbl, key, hash FROM pushsync.device_rows_pending
+WHERE holder = %(holder)s AND hash IS NOT NULL;
+UPDATE pushsync.device_holdings
+SET known = ARRAY(SELECT DISTINCT unnest(known || pending_full)), pending_full = '{}'
+WHERE holder = %(holder)s
+
+-- holdings_forget --
+-- A watermark the server does not know (or none): nothing is known of what the
+-- device holds; every table is sent in full.
+DELETE FROM pushsync.device_rows WHERE holder = %(holder)s;
+UPDATE pushsync.device_holdings SET known = '{}', pending_full = '{}'
+WHERE holder = %(holder)s
+
+-- holdings_discard --
+-- Run after promote or forget, or alone when the device came back with the
+-- watermark before the last answer: it never applied that answer.
+DELETE FROM pushsync.device_rows_pending WHERE holder = %(holder)s;
+UPDATE pushsync.device_holdings SET pending_full = '{}'
+WHERE holder = %(holder)s AND pending_full <> '{}'
+
+-- holdings_known --
+-- The tables whose rows on the device are known.
+SELECT n.oid::regclass::text
+FROM pushsync.device_holdings AS h CROSS JOIN LATERAL unnest(h.known) AS n(oid)
+WHERE h.holder = %(holder)s
+
+-- holdings_full --
+-- After a full download of the table: what the device holds once it applied it.
+-- keys: the rows' keys (JSON text as bytes); hashes: 8 bytes each, in order.
+INSERT INTO pushsync.device_rows_pending (holder, tbl, key, hash)
+SELECT %(holder)s, to_regclass(%(table)s)::oid, k.key, k.hash
+FROM unnest(%(keys)s::bytea[], %(hashes)s::bytea[]) AS k(key, hash);
+UPDATE pushsync.device_holdings
+SET pending_full = pending_full || to_regclass(%(table)s)::oid
+WHERE holder = %(holder)s
+
+-- holdings_answered --
+-- In the transaction of the answer: the device holds `confirmed` (or nothing
+-- known, NULL) until it comes back with `pending`, the answer's watermark.
+UPDATE pushsync.device_holdings
+SET confirmed = %(confirmed)s, pending = %(pending)s
+WHERE holder = %(holder)s

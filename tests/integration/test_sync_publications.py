@@ -66,10 +66,11 @@ async def test_first_sync_downloads_the_devices_rows_then_only_changes(
         fleet.execute("UPDATE public.routes SET route_name = 'south (detour)' WHERE route_id = 20")
         fleet.execute("UPDATE public.routes SET route_name = 'east 2' WHERE route_id = 30")
         second = await sync(truck2)
-        # routes: only the changed row of truck-2 (route 30 is not its). route_stops reads
-        # routes to choose its rows, so a change there sends it in full (one row).
-        assert second.full == ("public.route_stops",)
-        assert second.upserted == 1 + 1
+        # Only the changed row of truck-2 (route 30 is not its); route_stops reads routes to
+        # choose its rows, but none of truck-2's stops entered, changed or left.
+        assert second.full == ()
+        assert second.upserted == 1
+        assert second.deleted == 0
         assert local_routes(truck2) == [(20, "south (detour)", 2)]
 
         third = await sync(truck2)
