@@ -233,10 +233,10 @@ class MqttGateway:
         self._on_announce = on_announce
         self._client: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock = threading.Lock()
         self._pending: dict[int, asyncio.Future[None]] = {}
-        self._early: set[int] = set()
-        """PUBACKs that came before their publish was registered."""
+        """Publishes awaiting their PUBACK, by message id. Only the loop's thread touches
+        it: paho's loop_read (which reads PUBACKs) runs there, and a publish never
+        writes (nor reads) at once, since writing waits for add_writer."""
         self._lookups: set[asyncio.Task[None]] = set()
         self._log = Throttle(logger)
         self._refusal: str | None = None
@@ -404,18 +404,12 @@ class MqttGateway:
         info = client.publish(topic, data, qos=1, retain=False)
         if info.rc != 0:
             return failed(self.name, f"cannot publish: paho error {info.rc}", final=False)
-        with self._lock:
-            if info.mid in self._early:
-                self._early.discard(info.mid)
-                future.set_result(None)
-            else:
-                self._pending[info.mid] = future
+        self._pending[info.mid] = future
         try:
             async with asyncio.timeout(self.settings.publish_timeout):
                 await future
         except TimeoutError:
-            with self._lock:
-                self._pending.pop(info.mid, None)
+            self._pending.pop(info.mid, None)
             error = f"no PUBACK from the broker in {self.settings.publish_timeout:g}s"
             return failed(self.name, error, final=False)
         except ConnectionError as exc:
@@ -463,12 +457,9 @@ class MqttGateway:
         )
 
     def _published(self, _client: Any, _userdata: Any, mid: int, _reason: Any, _props: Any) -> None:
-        with self._lock:
-            future = self._pending.pop(mid, None)
-            if future is None:
-                self._early.add(mid)
-                return
-        self._call(_resolve, future)
+        future = self._pending.pop(mid, None)
+        if future is not None:
+            _resolve(future)
 
     def _message(self, _client: Any, _userdata: Any, message: Any) -> None:
         self._call(self.ack_received, str(message.topic), bytes(message.payload))
@@ -485,8 +476,7 @@ class MqttGateway:
             loop.call_soon_threadsafe(callback, *args)
 
     def _fail_pending(self, why: str) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, {}
+        pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
                 future.set_exception(ConnectionError(why))
