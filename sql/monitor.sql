@@ -26,45 +26,51 @@ SELECT now() AS now,
 
 -- monitor_fleet --
 -- One page of devices in id order (keyset: after the last id of the previous
--- page), matching a search and a filter, with per device: its connection,
--- addresses, last synchronization, unfinished messages (outbox_device) and
--- finished ones since `since` (outbox_history_device). The secret is never
--- selected.
-SELECT d.device_id, d.enabled, d.created_at, d.last_seen_at,
-       c.owner AS dispatcher, c.peer, c.connected_at,
+-- page), matching a search and a filter; the page is chosen first (the
+-- primary key's order, at most `limit` rows), then per device of the page:
+-- its connection, addresses, last synchronization (sync_sessions_device),
+-- unfinished messages (outbox_device) and finished ones since `since`
+-- (outbox_history_device). The secret is never selected.
+WITH page AS MATERIALIZED (
+    SELECT d.device_id, d.enabled, d.created_at, d.last_seen_at,
+           c.owner AS dispatcher, c.peer, c.connected_at
+    FROM pushsync.devices AS d
+    LEFT JOIN pushsync.sync_connections AS c ON c.device_id = d.device_id
+    WHERE d.device_id > %(after)s
+      AND (%(search)s = '' OR strpos(lower(d.device_id), lower(%(search)s)) > 0)
+      AND CASE %(show)s
+              WHEN 'connected' THEN c.device_id IS NOT NULL
+              WHEN 'disconnected' THEN c.device_id IS NULL
+              WHEN 'disabled' THEN NOT d.enabled
+              ELSE true
+          END
+    ORDER BY d.device_id
+    LIMIT %(limit)s
+)
+SELECT p.*,
        (SELECT coalesce(json_agg(json_build_object(
                    'medium', a.medium, 'source', a.source, 'address', a.address,
                    'active', a.active) ORDER BY a.medium, a.source), '[]')
-        FROM pushsync.device_addresses AS a WHERE a.device_id = d.device_id) AS addresses,
+        FROM pushsync.device_addresses AS a WHERE a.device_id = p.device_id) AS addresses,
        (SELECT json_build_object(
                    'finished_at', s.finished_at, 'outcome', s.outcome,
                    'upload_rows', s.upload_rows, 'download_rows', s.download_rows)
-        FROM pushsync.sync_sessions AS s WHERE s.device_id = d.device_id
+        FROM pushsync.sync_sessions AS s WHERE s.device_id = p.device_id
         ORDER BY s.finished_at DESC LIMIT 1) AS last_sync,
        o.pending, o.sent,
        h.confirmed, h.expired, h.failed
-FROM pushsync.devices AS d
-LEFT JOIN pushsync.sync_connections AS c ON c.device_id = d.device_id
+FROM page AS p
 CROSS JOIN LATERAL (
     SELECT count(*) FILTER (WHERE x.state IN ('pending', 'sending')) AS pending,
            count(*) FILTER (WHERE x.state = 'sent') AS sent
-    FROM pushsync.outbox AS x WHERE x.device_id = d.device_id) AS o
+    FROM pushsync.outbox AS x WHERE x.device_id = p.device_id) AS o
 CROSS JOIN LATERAL (
     SELECT count(*) FILTER (WHERE y.state = 'confirmed') AS confirmed,
            count(*) FILTER (WHERE y.state = 'expired') AS expired,
            count(*) FILTER (WHERE y.state = 'failed') AS failed
     FROM pushsync.outbox_history AS y
-    WHERE y.device_id = d.device_id AND y.finished_at >= %(since)s) AS h
-WHERE d.device_id > %(after)s
-  AND (%(search)s = '' OR strpos(lower(d.device_id), lower(%(search)s)) > 0)
-  AND CASE %(show)s
-          WHEN 'connected' THEN c.device_id IS NOT NULL
-          WHEN 'disconnected' THEN c.device_id IS NULL
-          WHEN 'disabled' THEN NOT d.enabled
-          ELSE true
-      END
-ORDER BY d.device_id
-LIMIT %(limit)s
+    WHERE y.device_id = p.device_id AND y.finished_at >= %(since)s) AS h
+ORDER BY p.device_id
 
 -- monitor_flow --
 -- Notifications written, sent (last attempt), confirmed, expired and failed

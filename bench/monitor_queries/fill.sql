@@ -1,7 +1,8 @@
 -- The benchmark's fleet and its past, written by PostgreSQL itself.
 -- Parameters: %(devices)s devices, %(history)s finished notifications spread over
 -- the last 30 days (denser in the last hour, as a live system's are), a fifth as
--- many synchronizations, and a few unfinished rows in the outbox.
+-- many synchronizations, and a few unfinished rows in the outbox. Rows go in
+-- in time order, as the dispatcher archives and records them.
 INSERT INTO pushsync.devices (device_id, secret, last_seen_at)
 SELECT format('truck-%%s', n), decode(md5(n::text), 'hex') || decode(md5(n::text), 'hex'),
        now() - random() * interval '1 day'
@@ -36,20 +37,22 @@ SELECT gen_random_uuid(),
        CASE WHEN n %% 50 = 0 OR n %% 211 = 0 THEN NULL
             ELSE t.created + interval '3 ms' * (1 + n %% 40) + interval '1 ms' * (5 + n %% 200) END,
        t.created + interval '1 second' * (1 + n %% 5)
-FROM generate_series(1, %(history)s) AS n
+FROM generate_series(1::bigint, %(history)s) AS n
 CROSS JOIN LATERAL (
     SELECT now() - CASE WHEN n %% 100 = 0 THEN random() * interval '1 hour'
-                        ELSE random() * interval '30 days' END AS created) AS t;
+                        ELSE random() * interval '30 days' END AS created) AS t
+ORDER BY t.created;
 
 INSERT INTO pushsync.sync_sessions (device_id, publication, started_at, finished_at,
                                     upload_rows, download_rows, conflicts, outcome)
 SELECT format('truck-%%s', 1 + (n * 104729) %% %(devices)s), 'driver', t.started,
        t.started + interval '1 ms' * (20 + n %% 900), n %% 7, n %% 31, (n %% 97 = 0)::int,
        CASE WHEN n %% 400 = 0 THEN 'failed' ELSE 'ok' END
-FROM generate_series(1, %(history)s / 5) AS n
+FROM generate_series(1::bigint, %(history)s / 5) AS n
 CROSS JOIN LATERAL (
     SELECT now() - CASE WHEN n %% 100 = 0 THEN random() * interval '1 hour'
-                        ELSE random() * interval '30 days' END AS started) AS t;
+                        ELSE random() * interval '30 days' END AS started) AS t
+ORDER BY t.started;
 
 INSERT INTO pushsync.outbox (rule, device_id, subject, content, coalescing, created_at,
                              expires_at, resend_every, state, sent_at, attempts)

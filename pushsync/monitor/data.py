@@ -23,7 +23,10 @@ from pushsync.monitor import params
 AsyncConn = psycopg.AsyncConnection[Any]
 Json = Any
 
-READ_ONLY = "-c default_transaction_read_only=on -c statement_timeout=5000"
+READ_ONLY = (
+    "-c default_transaction_read_only=on -c statement_timeout=5000"
+    " -c plan_cache_mode=force_custom_plan"
+)
 """Connection options: every statement of the console is read-only and takes at most 5 s."""
 
 
