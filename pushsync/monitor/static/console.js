@@ -1,6 +1,6 @@
 // pushsync monitor: the console's one script. No framework, no build step.
 // Every value from the server reaches the page as a text node or an attribute
-// set with setAttribute (never through innerHTML), so a device id, a rule name
+// set with setAttribute (never parsed from a string as markup), so a device id, a rule name
 // or a message's content shows as the text it is.
 "use strict";
 
