@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         figures, baseline = asyncio.run(measure(dsn, args.rounds))
         machine = {
             "cpus": os.cpu_count(),
+            "load_average": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
             "fsync_ms": round(fsync_ms(Path(tmp)), 3),
             "python": sys.version.split()[0],
             "postgresql": version[0] if version else "?",
@@ -195,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.history:,} history rows, {args.devices:,} devices, {args.history // 5:,} "
         f"synchronizations (filled in {filled:.1f} s); median of {args.rounds} runs after one "
-        "warm-up, on one read-only connection"
+        "warm-up, on one read-only connection, "
+        "each through the console's own code (query, rows to JSON-ready values)"
     )
     print(
         "machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()),
