@@ -94,8 +94,10 @@ class MqttSettings:
     client_id: str | None = None
     """None: ``pushsync-dispatch-`` and a random tag, new at every start."""
     prefix: str = topics.DEFAULT_PREFIX
-    group: str = DEFAULT_GROUP
-    """The shared subscription's group: dispatchers of one group share the acks."""
+    group: str | None = DEFAULT_GROUP
+    """The shared subscription's group: dispatchers of one group share the acks. None
+    (``?group=none``): a plain subscription, every dispatcher gets every ack (for
+    brokers without shared subscriptions, such as NATS)."""
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
@@ -147,9 +149,11 @@ def mqtt_from_url(
         topics.check_prefix(prefix)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    group = values.get("group", DEFAULT_GROUP)
-    if not group or not set(group) <= _GROUP_CHARS:
-        raise UsageError(f"bad group {group!r}: letters, digits, '_', '.' and '-'")
+    group: str | None = values.get("group", DEFAULT_GROUP)
+    if group == "none":
+        group = None
+    elif not group or not set(group) <= _GROUP_CHARS:
+        raise UsageError(f"bad group {group!r}: letters, digits, '_', '.' and '-', or none")
     username = urllib.parse.unquote(parsed.username) if parsed.username else None
     if password is None and parsed.password is not None:
         password = urllib.parse.unquote(parsed.password)

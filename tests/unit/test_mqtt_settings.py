@@ -71,6 +71,12 @@ def test_bad_urls_say_what_is_wrong_never_the_password(
     assert "secret" not in str(caught.value)
 
 
+def test_group_none_is_a_plain_subscription() -> None:
+    settings = mqtt_from_url("mqtt://b.example?group=none")
+    assert settings.group is None
+    assert describe_mqtt(settings).endswith("acks through pushsync/+/ack")
+
+
 def test_topics() -> None:
     assert topics.in_topic("pushsync", "truck-7") == "pushsync/truck-7/in"
     assert topics.ack_topic("fleet/eu", "truck-7") == "fleet/eu/truck-7/ack"
