@@ -200,15 +200,21 @@ async def _expect(session: Session) -> protocol.Frame:
 
 
 class Backoff:
-    """Capped exponential backoff with jitter: each delay is 50 to 100% of the nominal one."""
+    """Capped exponential backoff with jitter: each delay is 50 to 100% of the nominal one.
+
+    The jitter comes from a generator of its own: drawing from the ``random``
+    module's shared one would move the state that an embedding program (or a
+    test's data generator on another thread) relies on.
+    """
 
     def __init__(self, first: float = 0.5, most: float = 30.0) -> None:
         self.first = first
         self.most = most
         self._nominal = first
+        self._jitter = random.Random()  # noqa: S311  backoff jitter, not a secret
 
     def next(self) -> float:
-        delay = self._nominal * random.uniform(0.5, 1.0)  # noqa: S311  backoff jitter, not a secret
+        delay = self._nominal * self._jitter.uniform(0.5, 1.0)
         self._nominal = min(self._nominal * 2, self.most)
         return delay
 
