@@ -865,6 +865,11 @@ class SyncGateway:
         self.limit = limit
 
     async def send(self, item: Claimed) -> SendResult:
+        return self.send_now(item)
+
+    def send_now(self, item: Claimed) -> SendResult:
+        """Push at once: a MESSAGE frame is queued on the open connection without waiting,
+        so the dispatcher sends a batch inline, with no task per row (as UDP to an IP)."""
         if not self.server.is_connected(item.device_id):
             return failed(self.name, "device has no SYNC connection here", final=False)
         try:

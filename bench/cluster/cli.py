@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 DBNAME = "bench"
 TARGETS = {"fanout_seconds": 3.0, "kib_per_connection": 10.0, "rehome_reach_seconds": 15.0}
 RESERVED_FILES = 64
-RECORD_TIMEOUT = 180.0
+RECORD_TIMEOUT = 600.0
 
 
 class Devices:
