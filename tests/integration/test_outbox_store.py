@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from datetime import timedelta
 from typing import Any
@@ -164,7 +164,36 @@ def test_claim_can_use_the_partial_index(fleet: psycopg.Connection) -> None:
         ).fetchall()
     # Either partial index over unfinished rows will do; finished rows are never read.
     text = "\n".join(r[0] for r in plan)
-    assert "outbox_due" in text or "outbox_expiry" in text, text
+    assert "outbox_claim" in text or "outbox_expiry" in text, text
+
+
+def test_a_claim_reads_one_batch_of_a_backlog_not_all_of_it(fleet: psycopg.Connection) -> None:
+    db = fleet
+    db.execute(
+        "INSERT INTO pushsync.outbox (rule, device_id, priority, coalescing, expires_at, "
+        "resend_every) SELECT 'r' || i, 'truck-' || (1 + i % 2), "
+        "(ARRAY['low', 'normal', 'high'])[1 + i % 3], false, now() + '1 hour', '5 minutes' "
+        "FROM generate_series(1, 5000) AS i"
+    )
+    db.execute("ANALYZE pushsync.outbox")
+    with db.transaction():
+        plan = db.execute(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + query("claim"),
+            {"owner": "a", "limit": 10, "lease": LEASE},
+        ).fetchone()
+        raise psycopg.Rollback  # EXPLAIN ANALYZE ran the claim
+    assert plan is not None
+    scans = list(_nodes(plan[0][0]["Plan"], "Index Scan"))
+    claim = [n for n in scans if n.get("Index Name") == "outbox_claim"]
+    assert claim, plan
+    assert claim[0]["Actual Rows"] <= 10, claim  # in claim order: stops after the batch
+
+
+def _nodes(node: dict[str, Any], kind: str) -> Iterator[dict[str, Any]]:
+    if node.get("Node Type") == kind:
+        yield node
+    for child in node.get("Plans", []):
+        yield from _nodes(child, kind)
 
 
 @pytest.mark.asyncio
