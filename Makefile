@@ -67,6 +67,7 @@ bench: postgres mosquitto
 	$(BIN)/python -m bench.dispatch_throughput
 	$(BIN)/python -m bench.dispatch_latency
 	$(BIN)/python -m bench.sync_fanout
+	$(BIN)/python -m bench.cluster
 	$(BIN)/python -m bench.mqtt_fanout
 	$(BIN)/python -m bench.sync_incremental
 	$(BIN)/python -m bench.monitor_queries
