@@ -137,31 +137,42 @@ user {getpass.getuser()}
         for _ in range(1 if fixed else 5):  # another process may take a free port first
             if not fixed:
                 self.port = free_tcp_port()
+            logged_before = self.log.stat().st_size if self.log.exists() else 0
             self.process = subprocess.Popen(
                 [binary("mosquitto"), "-c", str(self._config())],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            if self._wait_accepting():
+            if self._wait_accepting(logged_before):
                 return
             self.process.kill()
             self.process.wait()
         pytest.fail(f"mosquitto did not start on port {self.port}:\n{self.tail()}")
 
-    def _wait_accepting(self) -> bool:
+    def _wait_accepting(self, logged_before: int) -> bool:
+        """Until this mosquitto says it runs (so it bound the port: nothing else answers
+        there) and accepts a connection; False if it exited or took too long."""
         assert self.process is not None
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 return False
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
-            ):
-                return True
+            if self._said_running(logged_before):
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
+                ):
+                    return True
             time.sleep(0.02)
         return False
+
+    def _said_running(self, logged_before: int) -> bool:
+        if not self.log.exists():
+            return False
+        with self.log.open("rb") as log:
+            log.seek(logged_before)
+            return b" running" in log.read()
 
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
         """Stop the broker (SIGTERM saves its sessions; SIGKILL loses what was not saved)."""
