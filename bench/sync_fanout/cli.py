@@ -42,7 +42,7 @@ PER_PROCESS = 10_000
 """Devices per device process (each holds a socket per device)."""
 RESERVED_FILES = 64
 """Files the dispatcher needs besides one per connection (database, listening sockets)."""
-RECORD_TIMEOUT = 120.0
+RECORD_TIMEOUT = 600.0
 BASELINE_SAMPLE = 1_000
 POOL_SIZE = 4
 """As the dispatcher's pool (``PoolStore``'s default)."""
@@ -161,12 +161,16 @@ def _sync_round(
 def _wait_recorded(conn: psycopg.Connection, devices: int) -> float:
     """Until ``pushsync.sync_connections`` holds every device; the wall-clock time then."""
     deadline = time.monotonic() + RECORD_TIMEOUT
+    recorded = 0
     while time.monotonic() < deadline:
         row = conn.execute("SELECT count(*) FROM pushsync.sync_connections").fetchone()
-        if row is not None and row[0] >= devices:
+        recorded = 0 if row is None else int(row[0])
+        if recorded >= devices:
             return time.time()
         time.sleep(0.02)
-    raise RuntimeError(f"the dispatcher did not record every connection in {RECORD_TIMEOUT:g} s")
+    raise RuntimeError(
+        f"the dispatcher recorded {recorded} of {devices} connections in {RECORD_TIMEOUT:g} s"
+    )
 
 
 async def handshake_baseline(dsn: str, sample: int) -> dict[str, Any]:
