@@ -438,6 +438,9 @@ class _Sync:
             snapshot = await sync_store.begin_download(db)
             since = await sync_store.usable_watermark(db, watermark)
             held = await sync_store.holdings(db, self.device, publication, since)
+            touched: dict[str, tuple[bool, bool]] = {}
+            if held.confirmed is not None:
+                touched = await sync_store.changed_each(db, list(tables.values()), held.confirmed)
             for table in tables.values():
                 full = held.confirmed is None or table.name not in held.known
                 full = full or self.local.get(table.name) != table.shape()
@@ -451,12 +454,9 @@ class _Sync:
                     continue
                 assert held.confirmed is not None  # noqa: S101  type narrowing; else full
                 forced = self.forced.get(table.name, [])
-                reads = [table.name, *table.depends_on]
-                if not forced and not await sync_store.changed(db, reads, held.confirmed):
+                reads_changed, whole = touched.get(table.name, (True, True))
+                if not forced and not reads_changed:
                     continue  # nothing it reads changed: it holds what it would get
-                whole = bool(table.depends_on) and await sync_store.changed(
-                    db, list(table.depends_on), held.confirmed
-                )
                 ups, dels = await sync_download.send_diff(
                     db,
                     self.conn,

@@ -147,11 +147,14 @@ async def record_session(db: AsyncConn, record: SessionRecord) -> None:
 
 
 async def begin_download(db: AsyncConn) -> str:
-    """Make this transaction the download's (one snapshot, pinned); the snapshot as text."""
-    await db.execute(query("download_begin"))
-    await pin(db)
-    cur = await db.execute(query("download_snapshot"))
-    row = await cur.fetchone()
+    """Make this transaction the download's (one snapshot, pinned); the snapshot as text.
+    The statements go in one round trip (a pipeline)."""
+    async with db.pipeline():
+        await db.execute(query("download_begin"))
+        for statement in query("pinned").split(";\n"):
+            await db.execute(statement)
+        cur = await db.execute(query("download_snapshot"))
+        row = await cur.fetchone()
     if row is None:
         raise RuntimeError("a one-row SELECT returned no row")
     return str(row[0])
@@ -170,11 +173,19 @@ async def usable_watermark(db: AsyncConn, watermark: str | None) -> str | None:
     return watermark if row is not None and row[0] else None
 
 
-async def changed(db: AsyncConn, tables: list[str], since: str) -> bool:
-    """Whether any of ``tables`` changed in a transaction the watermark ``since`` did not see."""
-    cur = await db.execute(query("tables_changed"), {"tables": tables, "since": since})
-    row = await cur.fetchone()
-    return bool(row and row[0])
+async def changed_each(
+    db: AsyncConn, tables: list[ServerTable], since: str
+) -> dict[str, tuple[bool, bool]]:
+    """For each table: whether a table its download reads (itself included) changed since
+    the watermark ``since``, and whether one of the others did (one statement)."""
+    described = [
+        {"name": t.name, "reads": [t.name, *t.depends_on], "depends": list(t.depends_on)}
+        for t in tables
+    ]
+    params = {"tables": json.dumps(described), "since": since}
+    cur = await db.execute(query("tables_changed_each"), params)
+    rows = await cur.fetchall()
+    return {str(name): (bool(reads), bool(depends)) for name, reads, depends in rows}
 
 
 # --------------------------------------------------------------------------- holdings
@@ -201,23 +212,22 @@ async def _run_all(db: AsyncConn, name: str, params: dict[str, Any]) -> None:
 async def holdings(db: AsyncConn, device: str, publication: str, watermark: str | None) -> Holdings:
     """Settle the device's holdings by the watermark it came with: the last answer's
     (it applied it: promoted), the one before (it did not: discarded), or another
-    (nothing known: forgotten, every table in full)."""
-    params: dict[str, Any] = {"device": device, "publication": publication}
-    await db.execute(query("holdings_make"), params)
-    cur = await db.execute(query("holdings_lock"), params)
+    (nothing known: forgotten, every table in full). Two round trips."""
+    cur = await db.execute(query("holdings_lock"), {"device": device, "publication": publication})
     row = await cur.fetchone()
     if row is None:
-        raise RuntimeError("the device's holdings vanished in their own transaction")
+        raise RuntimeError("INSERT ... RETURNING returned no row")
     holder, confirmed, pending = row
     params = {"holder": holder}
-    if watermark is not None and watermark == pending:
-        await _run_all(db, "holdings_promote", params)
-    elif watermark is None or watermark != confirmed:
-        await _run_all(db, "holdings_forget", params)
-        watermark = None
-    await _run_all(db, "holdings_discard", params)
-    cur = await db.execute(query("holdings_known"), params)
-    known = frozenset(str(name) for (name,) in await cur.fetchall())
+    async with db.pipeline():
+        if watermark is not None and watermark == pending:
+            await _run_all(db, "holdings_promote", params)
+        elif watermark is None or watermark != confirmed:
+            await _run_all(db, "holdings_forget", params)
+            watermark = None
+        await _run_all(db, "holdings_discard", params)
+        cur = await db.execute(query("holdings_known"), params)
+        known = frozenset(str(name) for (name,) in await cur.fetchall())
     return Holdings(holder=int(holder), known=known, confirmed=watermark)
 
 
@@ -268,7 +278,7 @@ __all__ = [
     "answered",
     "answered_download",
     "begin_download",
-    "changed",
+    "changed_each",
     "download_frame",
     "granted",
     "hold_full",

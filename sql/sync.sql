@@ -78,14 +78,20 @@ SELECT pg_current_snapshot()::text
 SELECT pg_snapshot_xmin(%(watermark)s::pg_snapshot) >= h.pruned_below
 FROM pushsync.changes_horizon AS h
 
--- tables_changed --
--- Whether any of these tables changed in a transaction the watermark did not
--- see (committed after it, or still running then): whatever the commit order.
-SELECT EXISTS (
-    SELECT 1 FROM pushsync.changes
-    WHERE table_name = ANY (%(tables)s)
-      AND xid >= pg_snapshot_xmin(%(since)s::pg_snapshot)
-      AND NOT pg_visible_in_snapshot(xid, %(since)s::pg_snapshot))
+-- tables_changed_each --
+-- For each published table: whether a table it reads (itself or another)
+-- changed since the watermark, and whether one of the others did. One
+-- statement for the whole publication.
+SELECT t.name,
+       EXISTS (SELECT 1 FROM pushsync.changes AS c
+               WHERE c.table_name = ANY (t.reads)
+                 AND c.xid >= pg_snapshot_xmin(%(since)s::pg_snapshot)
+                 AND NOT pg_visible_in_snapshot(c.xid, %(since)s::pg_snapshot)),
+       EXISTS (SELECT 1 FROM pushsync.changes AS c
+               WHERE c.table_name = ANY (t.depends)
+                 AND c.xid >= pg_snapshot_xmin(%(since)s::pg_snapshot)
+                 AND NOT pg_visible_in_snapshot(c.xid, %(since)s::pg_snapshot))
+FROM jsonb_to_recordset(%(tables)s::jsonb) AS t(name text, reads text[], depends text[])
 
 -- download_frame --
 -- One DOWNLOAD payload. Rows and keys arrive as PostgreSQL's own JSON text
@@ -101,20 +107,14 @@ SELECT json_build_object(
     'deletes', %(deletes)b::json[],
     'more', %(more)s::boolean)::text
 
--- holdings_make --
--- The device's holdings of the publication, created empty the first time.
-INSERT INTO pushsync.device_holdings (device_id, publication)
-VALUES (%(device)s, %(publication)s)
-ON CONFLICT (device_id, publication) DO NOTHING
-
 -- holdings_lock --
--- The lock keeps a second synchronization of the device (another dispatcher)
--- out until this one commits, and makes it fail rather than answer from stale
--- holdings.
-SELECT holder, confirmed, pending
-FROM pushsync.device_holdings
-WHERE device_id = %(device)s AND publication = %(publication)s
-FOR UPDATE
+-- The device's holdings of the publication (created empty the first time),
+-- locked: a second synchronization of the device (another dispatcher) waits
+-- until this one commits, then fails rather than answer from stale holdings.
+INSERT INTO pushsync.device_holdings AS h (device_id, publication)
+VALUES (%(device)s, %(publication)s)
+ON CONFLICT (device_id, publication) DO UPDATE SET device_id = excluded.device_id
+RETURNING h.holder, h.confirmed, h.pending
 
 -- holdings_promote --
 -- The device came back with the watermark of the last answer: it applied it.
