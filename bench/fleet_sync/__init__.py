@@ -1,0 +1,1 @@
+"""Fleet synchronization through joins: see ``README.md``."""

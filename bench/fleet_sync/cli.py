@@ -1,0 +1,421 @@
+"""Exact incremental synchronization at fleet scale, on real parts.
+
+A throwaway PostgreSQL with ``rules.yaml`` compiled and applied, ``pushsync
+dispatch`` as a subprocess, and N devices in this process, each with its own
+SQLite database, synchronizing with the real client (``synchronize``) over its
+own authenticated SYNC connection. Devices hold ~100 rows each: their depot
+(shared by N / depots devices), their driver's routes and the routes' stops.
+
+1. **initial** — every device's first synchronization (full): the bytes of a
+   full download per device, the baseline of the same run.
+2. **route reassigned** — one route of driver A goes to driver B (2 devices
+   concerned); both of them and a sample of others synchronize.
+3. **depot renamed** — one depot (N / depots devices) renamed; every device
+   synchronizes: total bytes against full downloads of every device.
+4. **nothing changed** — every device synchronizes once, one after the other:
+   server time per synchronization (``pushsync.sync_sessions``), wall time.
+5. **one change for many at once** — one depot renamed again; its devices all
+   synchronize at once (as many connections): time until every one of their
+   databases holds the new name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench.dispatcher_process import dispatcher_process, throwaway_database
+from pushsync import generator, schema
+from pushsync.listener.connection import Session, open_session
+from pushsync.listener.localdb import LocalDatabase
+from pushsync.listener.sync import SyncResult, synchronize
+from pushsync.wire import protocol
+from pushsync.wire.addresses import Address
+
+HERE = Path(__file__).resolve().parent
+DBNAME = "bench"
+SECRET = bytes(range(32))
+PUBLICATION = "fleet"
+TARGETS = {
+    "bytes_ratio": 100.0,
+    "idle_server_ms_median": 5.0,
+    "idle_total_s_per_10000": 60.0,
+    "many_at_once_s": 5.0,
+}
+
+
+def prepare(conn: psycopg.Connection, devices: int, routes: int, stops: int, depots: int) -> None:
+    schema.migrate(conn)
+    conn.execute(
+        """
+        CREATE TABLE public.depots (depot_id integer PRIMARY KEY, name text NOT NULL);
+        CREATE TABLE public.drivers (driver_id integer PRIMARY KEY, device_id text UNIQUE,
+                                     depot_id integer NOT NULL REFERENCES public.depots);
+        CREATE TABLE public.routes (route_id integer PRIMARY KEY, name text NOT NULL,
+                                    driver_id integer REFERENCES public.drivers);
+        CREATE INDEX routes_driver ON public.routes (driver_id);
+        CREATE TABLE public.stops (route_id integer NOT NULL REFERENCES public.routes,
+                                   seq integer NOT NULL, location text NOT NULL,
+                                   address text NOT NULL, lat numeric(8, 5) NOT NULL,
+                                   lon numeric(8, 5) NOT NULL, arrive_by time NOT NULL,
+                                   PRIMARY KEY (route_id, seq));
+        """
+    )
+    rules_sql = generator.compile_rules(generator.load(HERE / "rules.yaml"), "rules.yaml")
+    schema.migrate(conn, rules_sql)
+    params = {"n": devices, "routes": routes, "stops": stops, "depots": depots, "s": SECRET}
+    conn.execute(
+        "INSERT INTO public.depots SELECT d, 'depot ' || d FROM generate_series(1, %(depots)s) d",
+        params,
+    )
+    conn.execute(
+        "INSERT INTO pushsync.devices (device_id, secret) "
+        "SELECT 'dev-' || n, %(s)s FROM generate_series(1, %(n)s) n",
+        params,
+    )
+    conn.execute(
+        "INSERT INTO pushsync.device_publications (device_id, publication) "
+        "SELECT 'dev-' || n, 'fleet' FROM generate_series(1, %(n)s) n",
+        params,
+    )
+    conn.execute(
+        "INSERT INTO public.drivers SELECT n, 'dev-' || n, 1 + (n - 1) %% %(depots)s "
+        "FROM generate_series(1, %(n)s) n",
+        params,
+    )
+    conn.execute(
+        "INSERT INTO public.routes SELECT r, 'route ' || r, 1 + (r - 1) / %(routes)s "
+        "FROM generate_series(1, %(n)s * %(routes)s) r",
+        params,
+    )
+    conn.execute(
+        "INSERT INTO public.stops SELECT r, s, 'place ' || r || '-' || s, "
+        "'Unit ' || s || ', ' || r || ' Harbour Road, Portsmouth', 50 + r %% 1000 / 1000.0, "
+        "-1 - s / 100.0, time '08:00' + s * interval '20 minutes' "
+        "FROM generate_series(1, %(n)s * %(routes)s) r, generate_series(1, %(stops)s) s",
+        params,
+    )
+    conn.execute("DELETE FROM pushsync.changes")
+    conn.execute("VACUUM ANALYZE")
+
+
+class _Counting:
+    """A SYNC session that counts the bytes of the frames the server sends."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.received = 0
+
+    def send(self, data: bytes) -> bool:
+        return self.session.send(data)
+
+    async def recv(self, timeout: float | None = None) -> protocol.Frame | None:  # noqa: ASYNC109  the Transport interface
+        frame = await self.session.recv(timeout)
+        if frame is not None:
+            self.received += len(frame.payload)
+        return frame
+
+
+@dataclass(slots=True)
+class Device:
+    name: str
+    db: LocalDatabase
+
+    def depot_name(self) -> str:
+        row = self.db.connection.execute("SELECT name FROM depots").fetchone()
+        return "" if row is None else str(row[0])
+
+
+@dataclass(slots=True)
+class Phase:
+    syncs: int = 0
+    rows: int = 0
+    bytes: int = 0
+    seconds: list[float] = field(default_factory=list)
+
+    def add(self, result: SyncResult, received: int) -> None:
+        self.syncs += 1
+        self.rows += result.upserted + result.deleted
+        self.bytes += received
+        self.seconds.append(result.seconds)
+
+
+async def sync(server: Address, device: Device, phase: Phase) -> SyncResult:
+    session = await open_session(server, device=device.name, secret=SECRET)
+    try:
+        counting = _Counting(session)
+        result = await synchronize(counting, device.db, PUBLICATION)
+    finally:
+        await session.close("sync done")
+    phase.add(result, counting.received)
+    return result
+
+
+async def sync_all(server: Address, devices: list[Device], phase: Phase, at_once: int) -> None:
+    gate = asyncio.Semaphore(at_once)
+
+    async def one(device: Device) -> None:
+        async with gate:
+            await sync(server, device, phase)
+
+    await asyncio.gather(*(one(d) for d in devices))
+
+
+def server_ms(conn: psycopg.Connection, since: float) -> list[float]:
+    """Server time of each synchronization recorded since ``since`` (epoch seconds)."""
+    rows = conn.execute(
+        "SELECT extract(epoch FROM finished_at - started_at) * 1000 FROM pushsync.sync_sessions "
+        "WHERE started_at >= to_timestamp(%s) AND outcome = 'ok'",
+        (since,),
+    ).fetchall()
+    return [float(ms) for (ms,) in rows]
+
+
+async def untouched_statements(
+    conn: psycopg.Connection, devices: list[Device]
+) -> tuple[float, float]:
+    """The dispatcher's statements for an untouched download, run here on one connection
+    and rolled back (nothing changes): median milliseconds per device; and the median of
+    a ``SELECT 1`` on the same connection (the machine's round trip, the baseline)."""
+    from pushsync.dispatcher import sync_store
+
+    info = conn.info
+    times = []
+    async with await psycopg.AsyncConnection.connect(info.dsn, password=info.password) as db:
+        tables = await sync_store.published(db, PUBLICATION)
+        await db.rollback()
+        for device in devices:
+            watermark = device.db.watermark(PUBLICATION)
+            started = time.perf_counter()
+            async with db.transaction(force_rollback=True):
+                await sync_store.begin_download(db)
+                since = await sync_store.usable_watermark(db, watermark)
+                held = await sync_store.holdings(db, device.name, PUBLICATION, since)
+                assert held.confirmed is not None
+                touched = await sync_store.changed_each(db, tables, held.confirmed)
+                assert not any(reads for reads, _ in touched.values())
+                await sync_store.answered_download(db, held.holder, held.confirmed, "0:0:")
+            times.append(time.perf_counter() - started)
+        trivial = []
+        for _ in devices:
+            started = time.perf_counter()
+            await db.execute("SELECT 1")
+            trivial.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000, statistics.median(trivial) * 1000
+
+
+def storage(conn: psycopg.Connection) -> dict[str, float]:
+    row = conn.execute(
+        "SELECT pg_total_relation_size('pushsync.device_rows'), "
+        "pg_total_relation_size('pushsync.device_rows_pending'), "
+        "pg_total_relation_size('pushsync.device_holdings'), "
+        "(SELECT count(*) FROM pushsync.device_rows)"
+    ).fetchone()
+    assert row is not None
+    rows_bytes, pending_bytes, holdings_bytes, held = row
+    return {
+        "held_rows": int(held),
+        "held_bytes": int(rows_bytes) + int(pending_bytes) + int(holdings_bytes),
+        "bytes_per_held_row": (int(rows_bytes) + int(pending_bytes) + int(holdings_bytes))
+        / max(1, int(held)),
+    }
+
+
+async def measure(
+    conn: psycopg.Connection, port: int, workdir: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    server = Address(host="127.0.0.1", port=port)
+    devices = []
+    for n in range(1, args.devices + 1):
+        db = LocalDatabase.open(workdir / f"dev-{n}.db")
+        db.claim(f"dev-{n}", PUBLICATION)
+        devices.append(Device(f"dev-{n}", db))
+    figures: dict[str, Any] = {"devices": args.devices, "machine": machine(workdir)}
+    at_once = args.at_once
+
+    initial = Phase()
+    started = time.perf_counter()
+    await sync_all(server, devices, initial, at_once)
+    figures["initial"] = {
+        "seconds": time.perf_counter() - started,
+        "rows_per_device": initial.rows / initial.syncs,
+        "bytes_per_device": initial.bytes / initial.syncs,
+    }
+    await sync_all(server, devices, Phase(), at_once)  # confirm what the first answer sent
+    full_bytes = initial.bytes / initial.syncs
+
+    # 2. One route of dev-1 goes to dev-2's driver.
+    conn.execute("UPDATE public.routes SET driver_id = 2 WHERE route_id = 1")
+    concerned, others = Phase(), Phase()
+    t0 = time.time()
+    for device in devices[:2]:
+        await sync(server, device, concerned)
+    for device in devices[2 : 2 + args.sample]:
+        await sync(server, device, others)
+    times = server_ms(conn, t0)
+    figures["route_reassigned"] = {
+        "concerned_rows": concerned.rows,
+        "concerned_bytes_per_sync": concerned.bytes / concerned.syncs,
+        "others_synced": others.syncs,
+        "others_rows": others.rows,
+        "others_bytes_per_sync": others.bytes / max(1, others.syncs),
+        "server_ms_median": statistics.median(times),
+    }
+    await sync_all(server, devices[2 + args.sample :], Phase(), at_once)
+
+    # 3. Depot 1 renamed: its devices get one row each; the others nothing.
+    conn.execute("UPDATE public.depots SET name = 'depot 1 (renamed)' WHERE depot_id = 1")
+    renamed = Phase()
+    t0 = time.time()
+    await sync_all(server, devices, renamed, at_once)
+    times = server_ms(conn, t0)
+    baseline = full_bytes * len(devices)
+    figures["depot_renamed"] = {
+        "concerned": sum(1 for d in devices if d.depot_name() == "depot 1 (renamed)"),
+        "rows": renamed.rows,
+        "bytes": renamed.bytes,
+        "full_download_bytes": baseline,
+        "bytes_ratio": baseline / max(1, renamed.bytes),
+        "server_ms_median": statistics.median(times),
+    }
+
+    # 4. Nothing changed: every device once, one after the other.
+    idle = Phase()
+    t0 = time.time()
+    started = time.perf_counter()
+    for device in devices:
+        await sync(server, device, idle)
+    wall = time.perf_counter() - started
+    times = server_ms(conn, t0)
+    figures["nothing_changed"] = {
+        "rows": idle.rows,
+        "bytes_per_sync": idle.bytes / idle.syncs,
+        "server_ms_median": statistics.median(times),
+        "server_ms_p99": sorted(times)[int(len(times) * 0.99) - 1],
+        "server_seconds_total": sum(times) / 1000,
+        "wall_seconds": wall,
+        "client_ms_median": statistics.median(idle.seconds) * 1000,
+    }
+    statements, trivial = await untouched_statements(conn, devices[: args.sample])
+    figures["nothing_changed"]["statements_ms_median"] = statements
+    figures["nothing_changed"]["select_1_ms_median"] = trivial
+    figures["storage"] = storage(conn)
+
+    # 5. Depot 2 renamed: all its devices synchronize at once.
+    many = [d for d in devices if (int(d.name[4:]) - 1) % args.depots == 1]
+    conn.execute("UPDATE public.depots SET name = 'depot 2 (renamed)' WHERE depot_id = 2")
+    started = time.perf_counter()
+    await sync_all(server, many, Phase(), len(many))
+    assert all(d.depot_name() == "depot 2 (renamed)" for d in many)
+    figures["many_at_once"] = {"devices": len(many), "seconds": time.perf_counter() - started}
+
+    for device in devices:
+        device.db.close()
+    return figures
+
+
+def machine(workdir: Path) -> dict[str, Any]:
+    """CPUs, load when the run started, and how long an fsync takes (median of 20)."""
+    path = workdir / "fsync-probe"
+    samples = []
+    with path.open("wb") as probe:
+        for _ in range(20):
+            probe.write(b"x")
+            probe.flush()
+            started = time.perf_counter()
+            os.fsync(probe.fileno())
+            samples.append(time.perf_counter() - started)
+    path.unlink()
+    return {
+        "cpus": os.cpu_count(),
+        "load_1min": os.getloadavg()[0],
+        "fsync_ms_median": statistics.median(samples) * 1000,
+    }
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    with throwaway_database(DBNAME) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+        prepare(conn, args.devices, args.routes, args.stops, args.depots)
+        with dispatcher_process(dsn) as node:
+            return asyncio.run(measure(conn, node.sync_port, workdir, args))
+
+
+def _mark(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
+
+
+def report(f: dict[str, Any]) -> str:
+    n = f["devices"]
+    route, depot, idle, many = (
+        f["route_reassigned"],
+        f["depot_renamed"],
+        f["nothing_changed"],
+        f["many_at_once"],
+    )
+    per_10000 = idle["wall_seconds"] * 10_000 / n
+    return "\n".join(
+        [
+            f"machine                   {f['machine']['cpus']} CPUs, load "
+            f"{f['machine']['load_1min']:.1f}, fsync {f['machine']['fsync_ms_median']:.2f} ms",
+            f"initial (full)            {n} devices in {f['initial']['seconds']:.1f} s, "
+            f"{f['initial']['rows_per_device']:.0f} rows and "
+            f"{f['initial']['bytes_per_device']:,.0f} bytes per device",
+            f"route reassigned          the 2 concerned: {route['concerned_rows']} rows, "
+            f"{route['concerned_bytes_per_sync']:,.0f} bytes per sync; "
+            f"{route['others_synced']} others: {route['others_rows']} rows, "
+            f"{route['others_bytes_per_sync']:,.0f} bytes per sync; server "
+            f"{route['server_ms_median']:.1f} ms median",
+            f"depot renamed             {depot['concerned']} concerned, {depot['rows']} rows, "
+            f"{depot['bytes']:,} bytes vs {depot['full_download_bytes']:,.0f} for full "
+            f"downloads: {depot['bytes_ratio']:,.0f}x fewer "
+            f"(target >= {TARGETS['bytes_ratio']:g}x) "
+            f"{_mark(depot['bytes_ratio'] >= TARGETS['bytes_ratio'])}",
+            f"nothing changed           {idle['rows']} rows; server {idle['server_ms_median']:.2f} "
+            f"ms median (target <= {TARGETS['idle_server_ms_median']:g}) "
+            f"{_mark(idle['server_ms_median'] <= TARGETS['idle_server_ms_median'])}, "
+            f"p99 {idle['server_ms_p99']:.2f} ms; {n} sequential syncs in "
+            f"{idle['wall_seconds']:.1f} s = {per_10000:.0f} s per 10,000 (target <= "
+            f"{TARGETS['idle_total_s_per_10000']:g}) "
+            f"{_mark(per_10000 <= TARGETS['idle_total_s_per_10000'])}",
+            f"                          the dispatcher's statements of an untouched sync, "
+            f"run alone: {idle['statements_ms_median']:.2f} ms median = "
+            f"{idle['statements_ms_median'] / idle['select_1_ms_median']:.0f}x a SELECT 1 "
+            f"({idle['select_1_ms_median']:.2f} ms) on the same connection",
+            f"held state                {f['storage']['held_rows']:,} held rows, "
+            f"{f['storage']['bytes_per_held_row']:.0f} bytes per held row",
+            f"one change, many at once  {many['devices']} devices synced in "
+            f"{many['seconds']:.2f} s (target <= {TARGETS['many_at_once_s']:g}) "
+            f"{_mark(many['seconds'] <= TARGETS['many_at_once_s'])}",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog="python -m bench.fleet_sync", description=__doc__)
+    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--routes", type=int, default=9, help="routes per device")
+    parser.add_argument("--stops", type=int, default=10, help="stops per route")
+    parser.add_argument("--depots", type=int, default=10, help="depots, each shared")
+    parser.add_argument("--sample", type=int, default=200, help="others synced after phase 2")
+    parser.add_argument("--at-once", type=int, default=8, help="devices syncing at once")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    args = parser.parse_args(argv)
+    if args.devices < 2 * args.depots or args.depots < 2:
+        parser.error("--devices must be at least twice --depots, and --depots at least 2")
+    with tempfile.TemporaryDirectory(prefix="pushsync-fleet-") as workdir:
+        figures = run(args, Path(workdir))
+    print(report(figures))
+    if args.json:
+        print(json.dumps(figures))
+    return 0
