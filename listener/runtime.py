@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -30,7 +31,13 @@ from pushsync.listener.channels import (
     SyncChannel,
     UdpChannel,
 )
-from pushsync.listener.config import ListenerConfig, load_config, load_for_command, read_secret_file
+from pushsync.listener.config import (
+    Handler,
+    ListenerConfig,
+    load_config,
+    load_for_command,
+    read_secret_file,
+)
 from pushsync.listener.connection import KeyRefused
 from pushsync.listener.dedupe import DedupeError, DedupeStore, GroupCommit
 from pushsync.listener.handlers import match
@@ -115,15 +122,21 @@ class Listener:
         self.counters = Counters()
         self._rejections = Throttle(logger)
         """Anyone can send datagrams and mail: one line per channel, reason and interval."""
+        self._failures = Throttle(logger)
+        """A failing action is logged once per handler and interval, not once per message."""
         self.shutdown_requested = asyncio.Event()
         self.actions = Actions(
             device=config.device, stop=self.shutdown_requested, sync=self._synchronize
         )
         self.dedupe = DedupeStore.in_state_dir(config.state_dir)
         self._remembered = GroupCommit(self.dedupe)
+        self._reported = (time.monotonic(), self._activity())
+        """When the last activity line was logged, and the counts it reached."""
         self.channels: list[Channel] = []
         self.started = asyncio.Event()
         self._tasks: set[asyncio.Task[Status]] = set()
+        self._running: set[uuid.UUID] = set()
+        """Request ids whose actions are running (their duplicates are not acked yet)."""
 
     # ------------------------------------------------------------------ messages
 
@@ -201,16 +214,29 @@ class Listener:
         handlers = match(self.config.handlers, msg)
         if not first:
             self.counters.duplicates += 1
-            acked = any(h.confirm for h in handlers) and self._ack(msg, reply)
+            # The first copy's actions may still be running: its own ack comes after them.
+            running = msg.request_id in self._running
+            acked = not running and any(h.confirm for h in handlers) and self._ack(msg, reply)
             logger.info(
                 "message %s subject %r via %s: duplicate, not run again%s",
                 short(msg.request_id),
                 msg.subject,
                 where,
-                "; acked again" if acked else "",
+                "; acked again"
+                if acked
+                else ("; the first copy is still running" if running else ""),
             )
             return "duplicate"
         self.counters.handled += 1
+        self._running.add(msg.request_id)
+        try:
+            return await self._run_handlers(msg, handlers, reply, where)
+        finally:
+            self._running.discard(msg.request_id)
+
+    async def _run_handlers(
+        self, msg: protocol.Message, handlers: list[Handler], reply: Reply | None, where: str
+    ) -> Status:
         if not handlers:
             self.counters.unmatched += 1
             logger.info(
@@ -222,21 +248,30 @@ class Listener:
             )
             return "unmatched"
         done: list[Performed] = []
+        failed: list[str] = []
         for handler in handlers:
             performed = await perform(handler, msg, self.actions)
             if not performed.ok:
                 self.counters.actions_failed += 1
+                failed.append(performed.handler)
             done.append(performed)
         acked = any(p.confirm for p in done) and self._ack(msg, reply)
-        logger.info(
-            "message %s subject %r via %s: %s; %s%s",
-            short(msg.request_id),
-            msg.subject,
-            where,
-            "; ".join(self._outcome(p) for p in done),
-            "acked" if acked else ("not confirmed" if reply is not None else "no ack channel"),
-            self._content(msg),
-        )
+        if failed or self.log_messages or logger.isEnabledFor(logging.DEBUG):
+            args = (
+                short(msg.request_id),
+                msg.subject,
+                where,
+                "; ".join(self._outcome(p) for p in done),
+                "acked" if acked else ("not confirmed" if reply is not None else "no ack channel"),
+                self._content(msg),
+            )
+            line = "message %s subject %r via %s: %s; %s%s"
+            if self.log_messages:  # every message in full, as asked
+                logger.log(logging.WARNING if failed else logging.INFO, line, *args)
+            elif failed:  # one line per failing handler and interval; the rest at DEBUG
+                self._failures.warning(line, *args, key=tuple(failed))
+            else:
+                logger.debug(line, *args)
         return "handled"
 
     def _ack(self, msg: protocol.Message, reply: Reply | None) -> bool:
@@ -364,6 +399,7 @@ class Listener:
                 await self._forget_expired()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.expire_every)
+                self._log_activity()
             logger.info("stopping")
         finally:
             relay.cancel()
@@ -471,6 +507,34 @@ class Listener:
         await self.actions.aclose()
         self.dedupe.close()
         self._log_totals()
+
+    def _activity(self) -> tuple[int, ...]:
+        counts = self.counters
+        return (
+            counts.received,
+            counts.handled,
+            counts.unmatched,
+            counts.duplicates,
+            counts.rejected.total(),
+            counts.actions_failed,
+            counts.acks_sent,
+            self.dedupe.commits,
+        )
+
+    def _log_activity(self) -> None:
+        """One line per interval in which envelopes arrived: the counts since the last one."""
+        since, before = self._reported
+        now, counts = time.monotonic(), self._activity()
+        self._reported = (now, counts)
+        delta = [a - b for a, b in zip(counts, before, strict=True)]
+        if delta[0] == 0:
+            return
+        logger.info(
+            "in the last %.0fs: received %d, handled %d (unmatched %d), duplicates %d, "
+            "rejected %d, actions failed %d, acks sent %d, dedupe commits %d",
+            now - since,
+            *delta,
+        )
 
     def _log_totals(self) -> None:
         """One line at stop: what arrived and what became of it, and the dedupe store's syncs."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -102,12 +103,12 @@ def claimed(address: tuple[str, int], **changes: Any) -> Claimed:
 
 
 @asynccontextmanager
-async def listening(config_path: Path) -> AsyncIterator[Listener]:
+async def listening(config_path: Path, **options: Any) -> AsyncIterator[Listener]:
     """A listener on ``config_path``, its UDP channel on a free port of 127.0.0.1."""
     config = load_config(config_path)
     udp = UdpConfig(bind=Address(host="127.0.0.1", port=0))
     config = replace(config, channels=replace(config.channels, udp=udp))
-    listener = Listener(config, maildir_poll=0.05)
+    listener = Listener(config, maildir_poll=0.05, **options)
     stop = asyncio.Event()
     task = asyncio.create_task(listener.run(stop))
     started = asyncio.create_task(listener.started.wait())
@@ -309,6 +310,119 @@ async def test_dedupe_survives_a_restart(tmp_path: Path) -> None:
 
 
 IN_FLIGHT = 64
+
+
+CHEAP_FAILING = f"""\
+device: {DEVICE}
+secret_file: truck-1.key
+state_dir: state
+channels:
+  udp: {{bind: "127.0.0.1:9"}}
+handlers:
+  - name: cheap
+    subject: sync
+    action: sync
+"""
+
+
+@pytest.mark.asyncio
+async def test_messages_are_logged_at_debug_failures_once_per_interval_counts_at_info(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A busy listener does not write a line per message at INFO: the messages go to
+    DEBUG, a failing handler gets one WARNING per interval, and each interval in which
+    envelopes arrived gets one INFO line of counts."""
+    write_key(tmp_path / "truck-1.key", SECRET)
+    config_path = tmp_path / "listener.yaml"
+    config_path.write_text(CHEAP_FAILING, encoding="utf-8")
+    caplog.set_level("DEBUG", logger="pushsync.listener.runtime")
+    async with server() as srv, listening(config_path, expire_every=0.2) as listener:
+        items = [claimed(listener.udp_address) for _ in range(3)]
+        for item in items:
+            assert (await srv.gateway.send(item)).ok
+            assert await srv.ack() == item.request_id
+        send_raw(listener.udp_address, b"not an envelope")
+        await until_async(lambda: reported(caplog)[0] == 4, "the counts of all 4 envelopes")
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    per_message = [(level, text) for level, text in lines if text.startswith("message ")]
+    assert [level for level, _ in per_message] == ["WARNING", "DEBUG", "DEBUG"], lines
+    assert all("handler cheap: failed (sync failed: " in text for _, text in per_message)
+    # received, handled, unmatched, duplicates, rejected, actions failed, acks, commits
+    assert reported(caplog) == [4, 3, 0, 0, 1, 3, 3, 3], lines
+
+
+@pytest.mark.asyncio
+async def test_message_log_logs_every_message_in_full(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--message-log``: every message gets its line at the default level, content and all."""
+    write_key(tmp_path / "truck-1.key", SECRET)
+    config_path = tmp_path / "listener.yaml"
+    config_path.write_text(CHEAP_FAILING, encoding="utf-8")
+    caplog.set_level("INFO", logger="pushsync.listener.runtime")
+    async with server() as srv, listening(config_path, log_messages=True) as listener:
+        items = [claimed(listener.udp_address) for _ in range(2)]
+        for item in items:
+            assert (await srv.gateway.send(item)).ok
+            assert await srv.ack() == item.request_id
+    per_message = [r for r in caplog.records if r.getMessage().startswith("message ")]
+    assert [r.levelname for r in per_message] == ["WARNING", "WARNING"]
+    assert all(f"content {NASTY!r}" in r.getMessage() for r in per_message)
+
+
+@pytest.mark.asyncio
+async def test_a_copy_that_arrives_while_the_first_runs_is_not_acked_before_it(
+    tmp_path: Path,
+) -> None:
+    """The server resends a message whose action is slow: the copy is a duplicate, and its
+    ack would claim an action that has not finished. Only the first copy's ack, after the
+    action, goes out; a copy arriving after that is acked again."""
+    answer: asyncio.Queue[asyncio.StreamWriter] = asyncio.Queue()
+    sink = await asyncio.start_server(lambda _r, w: answer.put_nowait(w), "127.0.0.1", 0)
+    port = sink.sockets[0].getsockname()[1]
+    write_key(tmp_path / "truck-1.key", SECRET)
+    config_path = tmp_path / "listener.yaml"
+    config_path.write_text(
+        CHEAP_FAILING.replace(
+            "action: sync",
+            f'action: {{socket: {{host: 127.0.0.1, port: {port}, send: "$request_id", '
+            "reply: true}}",
+        ),
+        encoding="utf-8",
+    )
+    async with sink, server() as srv, listening(config_path) as listener:
+        item = claimed(listener.udp_address)
+        assert (await srv.gateway.send(item)).ok
+        action = await asyncio.wait_for(answer.get(), WAIT)  # the action waits for its answer
+        assert (await srv.gateway.send(replace(item, attempts=2))).ok
+        await until_async(lambda: listener.counters.duplicates == 1, "the copy taken")
+        await asyncio.sleep(0.05)
+        assert srv.acks.empty()
+        assert listener.counters.acks_sent == 0
+        action.write(b"done\n")
+        await action.drain()
+        assert await srv.ack() == item.request_id
+        assert (await srv.gateway.send(replace(item, attempts=3))).ok
+        assert await srv.ack() == item.request_id
+        assert listener.counters.acks_sent == 2
+        assert listener.counters.handled == 1
+        action.close()
+
+
+ACTIVITY = re.compile(
+    r"in the last \d+s: received (\d+), handled (\d+) \(unmatched (\d+)\), duplicates (\d+), "
+    r"rejected (\d+), actions failed (\d+), acks sent (\d+), dedupe commits (\d+)$"
+)
+
+
+def reported(caplog: pytest.LogCaptureFixture) -> list[int]:
+    """The counts of the INFO activity lines so far, added up."""
+    total = [0] * 8
+    for record in caplog.records:
+        found = ACTIVITY.fullmatch(record.getMessage())
+        if found and record.levelname == "INFO":
+            total = [a + int(b) for a, b in zip(total, found.groups(), strict=True)]
+    return total
 
 
 @pytest.mark.asyncio
