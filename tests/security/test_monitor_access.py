@@ -9,11 +9,13 @@ nothing a request sends becomes SQL (docs/monitor.md, "Access").
 from __future__ import annotations
 
 import ast
+import ssl
 import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
+import trustme
 
 import pushsync.monitor
 from tests.support.cli import Run
@@ -217,3 +219,34 @@ def _quoted(text: str) -> str:
     from urllib.parse import quote
 
     return quote(text, safe="")
+
+
+@pytest.mark.asyncio
+async def test_with_client_certificates_only_their_holders_get_in(dsn: str, tmp_path: Path) -> None:
+    ca, other_ca = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    server.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    server.private_key_pem.write_to_path(tmp_path / "key.pem")
+    ca.cert_pem.write_to_path(tmp_path / "clients-ca.pem")
+
+    def client(issuer: trustme.CA | None) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        if issuer is not None:
+            issuer.issue_cert("operator@example.org").configure_cert(context)
+        return context
+
+    async with console(
+        dsn,
+        tls_cert=str(tmp_path / "cert.pem"),
+        tls_key=str(tmp_path / "key.pem"),
+        tls_client_ca=str(tmp_path / "clients-ca.pem"),
+    ) as served:
+        assert served.url.startswith("https://")
+        holder = await get(served.address, "/api/pulse", tls=client(ca), host="monitor.example")
+        for context in (client(None), client(other_ca)):
+            # TLS 1.3: the refusal may come at the handshake or on the first read
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                await get(served.address, "/api/pulse", tls=context)
+    assert holder.status == 200
+    assert holder.json()["devices"] == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl as ssl_
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,14 +49,17 @@ async def get(
     headers: dict[str, str] | None = None,
     *,
     host: str | None = None,
+    tls: ssl_.SSLContext | None = None,
 ) -> Answer:
-    """``GET path``; the whole answer (the server closes after it)."""
-    reader, writer = await asyncio.open_connection(*address)
+    """``GET path`` (inside TLS with ``tls``); the whole answer (the server closes after it)."""
+    reader, writer = await asyncio.open_connection(*address, ssl=tls)
     try:
         writer.write(_request(path, host or f"{address[0]}:{address[1]}", headers))
         raw = await asyncio.wait_for(reader.read(), WAIT)
     finally:
         writer.close()
+    if not raw:
+        raise ConnectionError("the server closed the connection without an answer")
     head, _, body = raw.partition(b"\r\n\r\n")
     status, found = _head(head)
     if found.get("transfer-encoding") == "chunked":

@@ -24,10 +24,27 @@ def monitoring_role_statements(role: str) -> list[str]:
 
 
 @asynccontextmanager
-async def console(dsn: str, *, token: str | None = None, listen: str = "127.0.0.1:0",
-                  pulse_every: float = 0.1) -> AsyncIterator[Console]:  # fmt: skip
+async def console(
+    dsn: str,
+    *,
+    token: str | None = None,
+    listen: str = "127.0.0.1:0",
+    pulse_every: float = 0.1,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_client_ca: str | None = None,
+) -> AsyncIterator[Console]:
     """A :class:`~pushsync.monitor.server.Console` serving for the block."""
-    served = Console(MonitorSettings(dsn=dsn, listen=listen, token=token, pulse_every=pulse_every))
+    settings = MonitorSettings(
+        dsn=dsn,
+        listen=listen,
+        token=token,
+        pulse_every=pulse_every,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
+    )
+    served = Console(settings)
     await served.start()
     try:
         yield served
