@@ -57,11 +57,15 @@ def require_current(conn: psycopg.Connection) -> None:
     needed = {m.version for m in migrations()}
     if not done:
         raise SchemaError("the pushsync schema is missing: run `pushsync migrate`")
-    if needed - done:
+    missing = sorted(needed - done)
+    if missing and missing[0] > max(done):
         raise SchemaError(
             f"the pushsync schema is at version {max(done)}, this pushsync needs "
             f"{max(needed)}: run `pushsync migrate`"
         )
+    if missing:
+        names = ", ".join(str(version) for version in missing)
+        raise SchemaError(f"the pushsync schema lacks migration {names}: run `pushsync migrate`")
 
 
 def migrate(conn: psycopg.Connection, rules_sql: str | None = None) -> list[Migration]:

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from pushsync import generator, schema
+from pushsync.errors import SchemaError
 from tests.integration import trucking
 from tests.support.postgres import wrapper_info
 
@@ -153,3 +154,12 @@ def test_concurrent_migrations_are_serialised(pg_server: Any, postgresql: Any) -
     assert applied == versions  # one session applied them, the other found them done
     with psycopg.connect(dsn) as conn:
         assert schema.applied_versions(conn) == set(versions)
+
+
+def test_a_missing_middle_migration_is_named(db: psycopg.Connection) -> None:
+    """A schema lacking a migration below its newest says which, not 'at version N, needs N'."""
+    schema.require_current(db)
+    db.execute("DELETE FROM pushsync.schema_version WHERE version = 2")
+    with pytest.raises(SchemaError) as refused:
+        schema.require_current(db)
+    assert str(refused.value) == "the pushsync schema lacks migration 2: run `pushsync migrate`"
