@@ -158,14 +158,19 @@ def run(devices: int, dispatchers: int, processes: int, dsn: str | None) -> dict
         "machine": measure().to_json(),
     }
     nofile = raise_nofile()
-    per_address = ("--sync-max-handshakes-per-address", str(CONNECT_AT_ONCE))
+    # Each device process has CONNECT_AT_ONCE handshakes in flight, and after the kill
+    # they may all be at one dispatcher: it must not close them as too many.
+    handshakes = (
+        "--sync-max-handshakes", str(max(256, processes * CONNECT_AT_ONCE)),
+        "--sync-max-handshakes-per-address", str(CONNECT_AT_ONCE),
+    )  # fmt: skip
     with (
         nullcontext(dsn) if dsn else throwaway_database(DBNAME) as dsn,
         psycopg.connect(dsn, autocommit=True) as conn,
         ExitStack() as stack,
     ):
         prepare(conn, devices)
-        nodes = _start(stack, dsn, dispatchers, *per_address, nofile=nofile)
+        nodes = _start(stack, dsn, dispatchers, *handshakes, nofile=nofile)
         owners = [_owner(conn, node) for node in nodes]
         servers = [f"127.0.0.1:{node.sync_port}" for node in nodes]
         before = sum(node.rss_kib() for node in nodes)
