@@ -1,7 +1,7 @@
--- pushsync base schema, migration 0010: what each device holds, for exact incremental downloads.
+-- pushsync base schema, migration 0009: what each device holds, for exact incremental downloads.
 --
 -- Applied by `pushsync migrate --dsn DSN` after 0009, or by hand:
---     psql -v ON_ERROR_STOP=1 -1 -f sql/0010_device_rows.sql
+--     psql -v ON_ERROR_STOP=1 -1 -f sql/0009_device_rows.sql
 -- Running it again changes nothing. docs/sync.md ("How a download knows what
 -- changed") explains the design and its costs.
 
@@ -46,5 +46,5 @@ CREATE TABLE IF NOT EXISTS pushsync.device_rows_pending (
     PRIMARY KEY (holder, tbl, key)
 );
 
-INSERT INTO pushsync.schema_version (version, name) VALUES (10, 'device_rows')
+INSERT INTO pushsync.schema_version (version, name) VALUES (9, 'device_rows')
 ON CONFLICT (version) DO NOTHING;
