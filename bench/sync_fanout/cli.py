@@ -97,9 +97,13 @@ def run(devices: int, dsn: str | None = None) -> dict[str, Any]:
     database = nullcontext(dsn) if dsn else throwaway_database(DBNAME)
     with database as dsn, psycopg.connect(dsn, autocommit=True) as conn:
         prepare(conn, devices)
-        # every device connects from 127.0.0.1: see devices.CONNECT_AT_ONCE
-        per_address = ("--sync-max-handshakes-per-address", str(CONNECT_AT_ONCE))
-        with dispatcher_process(dsn, *per_address, nofile=nofile) as node:
+        # each device process has CONNECT_AT_ONCE handshakes in flight, all from 127.0.0.1
+        in_flight = -(-devices // PER_PROCESS) * CONNECT_AT_ONCE
+        handshakes = (
+            "--sync-max-handshakes", str(max(256, in_flight)),
+            "--sync-max-handshakes-per-address", str(in_flight),
+        )  # fmt: skip
+        with dispatcher_process(dsn, *handshakes, nofile=nofile) as node:
             _udp_round(conn, node, devices, figures)
             # Nothing of the UDP round may be resent over the new connections.
             conn.execute("UPDATE pushsync.outbox SET state = 'confirmed'")
