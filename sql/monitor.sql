@@ -204,3 +204,54 @@ FROM pushsync.sync_sessions AS s
 WHERE s.device_id = %(device)s AND s.finished_at >= %(since)s
 ORDER BY s.finished_at
 LIMIT 10
+
+-- monitor_flow_minutes --
+-- monitor_flow for windows longer than 15 minutes, per bucket of `seconds`
+-- (60 or a multiple: at most 360 buckets a window): the finished
+-- notifications' counts from the roll-up pushsync.flow_minutes (a few rows per
+-- minute, its primary key's range from the minute of `since`, which counts
+-- whole), the unfinished ones from the outbox as in monitor_flow.
+SELECT date_bin(make_interval(secs => %(seconds)s), c.bucket, timestamptz '2000-01-01 00:00Z')
+           AS bucket,
+       c.rule, c.gateway, c.kind, sum(c.n)::bigint AS n
+FROM (
+    SELECT f.minute AS bucket, f.rule, f.gateway, f.kind, f.n
+    FROM pushsync.flow_minutes AS f
+    WHERE f.minute >= date_trunc('minute', %(since)s::timestamptz) AND f.n > 0
+    UNION ALL
+    SELECT date_trunc('minute', e.at), o.rule, coalesce(o.gateway_used, o.gateway), e.kind, 1
+    FROM pushsync.outbox AS o
+    CROSS JOIN LATERAL (VALUES
+        ('written', o.created_at),
+        ('sent', o.sent_at),
+        ('confirmed', o.confirmed_at),
+        ('expired', CASE WHEN o.state = 'expired' THEN o.expires_at END),
+        ('failed', CASE WHEN o.state = 'failed' THEN coalesce(o.sent_at, o.created_at) END))
+        AS e(kind, at)
+    WHERE e.at >= %(since)s
+) AS c
+GROUP BY 1, 2, 3, 4
+ORDER BY 1, 2, 3, 4
+
+-- monitor_latency_minutes --
+-- monitor_latency for windows longer than 15 minutes: per series, the counts
+-- in pushsync.latency_bucket's log-scale buckets since the minute of `since`,
+-- from the roll-up pushsync.latency_minutes (finished notifications and
+-- synchronizations) and from the outbox's rows (unfinished ones). The
+-- percentiles are estimated from them (pushsync.monitor.data).
+SELECT c.series, c.bucket, sum(c.n)::bigint AS n
+FROM (
+    SELECT l.series, l.bucket, l.n
+    FROM pushsync.latency_minutes AS l
+    WHERE l.minute >= date_trunc('minute', %(since)s::timestamptz) AND l.n > 0
+    UNION ALL
+    SELECT e.series, pushsync.latency_bucket(extract(epoch FROM e.took)::float8 * 1000), 1
+    FROM pushsync.outbox AS o
+    CROSS JOIN LATERAL (VALUES
+        ('written_to_sent', CASE WHEN o.attempts = 1 THEN o.sent_at END, o.sent_at - o.created_at),
+        ('sent_to_confirmed', CASE WHEN o.sent_at IS NOT NULL THEN o.confirmed_at END,
+         o.confirmed_at - o.sent_at)) AS e(series, at, took)
+    WHERE e.at >= %(since)s
+) AS c
+GROUP BY 1, 2
+ORDER BY 1, 2

@@ -8,6 +8,8 @@ parameters are bound.
 
 from __future__ import annotations
 
+import bisect
+import math
 import uuid
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -95,12 +97,72 @@ async def fleet(db: AsyncConn, q: params.FleetQuery) -> dict[str, Json]:
 
 
 async def flow(db: AsyncConn, w: params.Window) -> dict[str, Json]:
-    rows = await _json_rows(db, "monitor_flow", {"since": w.since, "step": w.step})
-    return {"since": jsonable(w.since), "step": w.step, "buckets": rows}
+    """Per second from the history's rows up to 15 minutes; beyond, per minute (or
+    per several minutes: at most :data:`params.FLOW_BARS` buckets) from the roll-up
+    ``flow_minutes``."""
+    if w.step == "minute":
+        args = {"since": w.since, "seconds": w.bucket_seconds}
+        rows = await _json_rows(db, "monitor_flow_minutes", args)
+    else:
+        rows = await _json_rows(db, "monitor_flow", {"since": w.since, "step": w.step})
+    return {
+        "since": jsonable(w.since),
+        "step": w.step,
+        "step_seconds": w.bucket_seconds,
+        "buckets": rows,
+    }
+
+
+def bucket_bounds(bucket: int) -> tuple[float, float]:
+    """Milliseconds ``[low, high)`` of a bucket of ``pushsync.latency_bucket`` (sql/0011)."""
+    if bucket <= 0:
+        return 0.0, 1.0
+    return 2 ** ((bucket - 1) / 4), 2 ** (bucket / 4)
+
+
+def bucket_middle(bucket: int) -> float:
+    """The value a bucket stands for: its geometric middle (within 10 % of any value in it)."""
+    return 0.5 if bucket <= 0 else 2 ** ((bucket - 0.5) / 4)
+
+
+def estimate(counts: dict[int, int], bounds: list[float]) -> dict[str, Json]:
+    """A latency series from its log-scale bucket counts: how many, estimated
+    p50/p95/p99, at most the upper edge of the highest bucket, and the histogram
+    over the console's ``bounds`` (each bucket counted where its middle falls)."""
+    n = sum(counts.values())
+    order = sorted(b for b, k in counts.items() if k > 0)
+    pct: list[float] = []
+    for p in (0.5, 0.95, 0.99):
+        rank, seen = max(1, math.ceil(p * n)), 0
+        for b in order:
+            seen += counts[b]
+            if seen >= rank:
+                pct.append(round(bucket_middle(b), 3))
+                break
+    histogram = [0] * len(bounds)
+    for b in order:
+        histogram[max(bisect.bisect_right(bounds, bucket_middle(b)) - 1, 0)] += counts[b]
+    return {
+        "n": n,
+        "p50": pct[0],
+        "p95": pct[1],
+        "p99": pct[2],
+        "max": round(bucket_bounds(order[-1])[1], 3),
+        "histogram": histogram,
+        "estimated": True,
+    }
 
 
 async def latency(db: AsyncConn, w: params.Window) -> dict[str, Json]:
+    """Exact percentiles from the rows up to 15 minutes; beyond, estimated from the
+    roll-up ``latency_minutes`` (within 10 %, ``"estimated": true``)."""
     bounds = list(params.LATENCY_BOUNDS_MS)
+    if w.step == "minute":
+        counts: dict[str, dict[int, int]] = {}
+        for row in await _rows(db, "monitor_latency_minutes", {"since": w.since}):
+            counts.setdefault(row["series"], {})[int(row["bucket"])] = int(row["n"])
+        series = {name: estimate(c, bounds) for name, c in counts.items()}
+        return {"since": jsonable(w.since), "bounds_ms": bounds, "series": series}
     rows = await _rows(db, "monitor_latency", {"since": w.since, "bounds": bounds})
     series = {}
     for row in rows:
@@ -115,6 +177,7 @@ async def latency(db: AsyncConn, w: params.Window) -> dict[str, Json]:
             "p99": p99,
             "max": row["most"],
             "histogram": histogram,
+            "estimated": False,
         }
     return {"since": jsonable(w.since), "bounds_ms": bounds, "series": series}
 
@@ -128,6 +191,7 @@ async def timeline(db: AsyncConn, q: params.TimelineQuery) -> dict[str, Json]:
         "until": jsonable(q.until),
         "pushes": pushes,
         "syncs": syncs,
+        "limit": q.limit,
         "truncated": len(pushes) >= q.limit or len(syncs) >= q.limit,
     }
 
@@ -145,6 +209,9 @@ async def request(db: AsyncConn, request_id: uuid.UUID) -> dict[str, Json] | Non
 
 __all__ = [
     "READ_ONLY",
+    "bucket_bounds",
+    "bucket_middle",
+    "estimate",
     "fleet",
     "flow",
     "jsonable",

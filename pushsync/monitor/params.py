@@ -23,11 +23,19 @@ WINDOWS: Final = {
 }
 """The periods the flow, latency and fleet views offer."""
 PER_SECOND_UP_TO: Final = timedelta(minutes=15)
-"""Flow buckets are seconds for windows up to this, minutes beyond."""
+"""Flow buckets are seconds for windows up to this, minutes beyond (read from the
+per-minute roll-ups); latency percentiles are exact up to this, estimated beyond."""
+FLOW_BARS: Final = 360
+"""Most buckets of one flow chart over a window longer than 15 minutes (per second
+up to 15 minutes: 900); beyond 6 hours a bucket spans several minutes."""
+BUCKET_MINUTES: Final = (1, 2, 5, 10, 15, 30, 60)
 MAX_TIMELINE: Final = timedelta(hours=24)
 """The widest timeline one request may ask for."""
 TIMELINE_LIMIT: Final = 2_000
-"""Most pushes, and most synchronizations, one timeline shows."""
+"""Most pushes, and most synchronizations, one timeline of up to 15 minutes shows."""
+LONG_TIMELINE_LIMIT: Final = 500
+"""Most pushes, and most synchronizations, a longer timeline shows (the latest): bars
+narrower than a pixel or two tell nothing, and the query stays a few milliseconds."""
 FLEET_PAGE: Final = 200
 """Devices per page of the fleet view."""
 MAX_SEARCH: Final = 64
@@ -57,6 +65,9 @@ class Window:
     since: datetime
     step: str
     """``second`` or ``minute``: the flow's buckets."""
+    bucket_seconds: int = 60
+    """The width of one flow bucket: 1 for ``second``; 60 or a multiple for ``minute``,
+    so that a window has at most :data:`FLOW_BARS` of them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +83,12 @@ def window(args: Mapping[str, str], now: datetime, default: str = "5m") -> Windo
     if name not in WINDOWS:
         raise BadRequest(f"window: expected one of {', '.join(WINDOWS)}, not {name[:20]!r}")
     span = WINDOWS[name]
-    return Window(since=now - span, step="second" if span <= PER_SECOND_UP_TO else "minute")
+    if span <= PER_SECOND_UP_TO:
+        return Window(since=now - span, step="second", bucket_seconds=1)
+    minutes = next(
+        (m for m in BUCKET_MINUTES if span / timedelta(minutes=m) <= FLOW_BARS), BUCKET_MINUTES[-1]
+    )
+    return Window(since=now - span, step="minute", bucket_seconds=60 * minutes)
 
 
 def search(args: Mapping[str, str]) -> str:
@@ -105,7 +121,8 @@ def timeline(args: Mapping[str, str], now: datetime) -> TimelineQuery:
         raise BadRequest("since must be before until")
     if until - since > MAX_TIMELINE:
         raise BadRequest("since and until: at most 24 hours apart")
-    return TimelineQuery(since=since, until=until, search=search(args), limit=TIMELINE_LIMIT)
+    limit = TIMELINE_LIMIT if until - since <= PER_SECOND_UP_TO else LONG_TIMELINE_LIMIT
+    return TimelineQuery(since=since, until=until, search=search(args), limit=limit)
 
 
 def request_id(text: str) -> uuid.UUID:
@@ -129,8 +146,11 @@ def _instant(args: Mapping[str, str], name: str) -> datetime | None:
 
 
 __all__ = [
+    "BUCKET_MINUTES",
     "FLEET_PAGE",
+    "FLOW_BARS",
     "LATENCY_BOUNDS_MS",
+    "LONG_TIMELINE_LIMIT",
     "MAX_TIMELINE",
     "SHOW",
     "TIMELINE_LIMIT",

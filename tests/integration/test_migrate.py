@@ -98,7 +98,12 @@ def test_removing_a_rule_removes_its_trigger_and_function(db: psycopg.Connection
         "capture",
         "capture_changes",
         "device_access_changed",
+        "flow_events",
         "key_join",
+        "latency_bucket",
+        "latency_events",
+        "outbox_history_rollup",
+        "sync_sessions_rollup",
         "uncapture_except",
     ]
     assert [r[0] for r in snapshot(db)["functions"]] == base_functions

@@ -229,7 +229,9 @@ async function drawFlow() {
   const rule = $("flow-rule").value;
   const gateway = $("flow-gateway").value;
   const rows = body.buckets.filter((b) => (!rule || b.rule === rule) && (!gateway || b.gateway === gateway));
-  const step = body.step === "second" ? 1000 : 60000;
+  const seconds = body.step_seconds || (body.step === "second" ? 1 : 60);
+  const step = seconds * 1000;
+  const unit = seconds === 1 ? "second" : seconds === 60 ? "minute" : seconds / 60 + " minutes";
   const end = Math.floor((state.pulse ? new Date(state.pulse.now).getTime() : Date.now()) / step) * step;
   const start = Math.floor(new Date(body.since).getTime() / step) * step;
   const count = Math.max(1, Math.round((end - start) / step) + 1);
@@ -244,7 +246,7 @@ async function drawFlow() {
     if (!perPair.has(key)) perPair.set(key, Object.fromEntries(KINDS.map((k) => [k, 0])));
     perPair.get(key)[b.kind] += b.n;
   }
-  lineChart($("flow-chart"), series, start, step, body.step);
+  lineChart($("flow-chart"), series, start, step, unit);
   const legend = clear($("flow-legend"));
   for (const kind of KINDS) {
     legend.append(el("li", { "data-kind": kind }, el("i", { class: "sw " + kind }), kind + " ",
@@ -350,7 +352,7 @@ async function drawTimeline() {
   const params = { since: Math.round(start), until: Math.round(end), search: $("timeline-search").value.trim() };
   const body = await getJSON("/api/timeline" + query(params));
   $("tl-range").textContent = when(new Date(start).toISOString()) + " – " + when(new Date(end).toISOString()) +
-    (t.end === null ? " (following now)" : "") + (body.truncated ? " · showing the latest only" : "");
+    (t.end === null ? " (following now)" : "") + (body.truncated ? " · showing the latest " + body.limit + " pushes and " + body.limit + " synchronizations only" : "");
   const lanes = [...new Set([...body.pushes, ...body.syncs].map((e) => e.device_id))].sort();
   const box = $("timeline-chart");
   const width = Math.max(box.clientWidth || 900, 400);
