@@ -10,6 +10,7 @@ becomes of an uploaded row is ``conflicts`` (decisions) and ``sync_apply``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Iterator, Mapping
@@ -58,6 +59,28 @@ class SyncLimits:
     forced_keys: int = 10_000
     """Keys of refused rows one session remembers to send back; beyond, the table is
     downloaded in full."""
+    atomic_rows: int = 20_000
+    """Rows one upload of an ``upload: atomic`` publication may hold, over all its batches
+    (applied in one transaction, held open until its last batch)."""
+    atomic_bytes: int = 4 * MAX_UPLOAD_BYTES
+    """Bytes of UPLOAD frames one atomic upload may take, over all its batches."""
+    atomic_seconds: float = 60.0
+    """Seconds one atomic upload may keep its transaction (and the row locks it took)
+    open, from its first batch to its last."""
+
+
+@dataclass(slots=True)
+class _Held:
+    """The open transaction of an atomic upload, between its first batch and its last."""
+
+    stack: contextlib.AsyncExitStack
+    db: AsyncConn
+    deadline: float
+    """The event loop's time by which the last batch must have been applied."""
+    batches: list[tuple[str, list[int]]] = field(default_factory=list)
+    """Each batch applied in it so far, with the seqs of its changes."""
+    rows: int = 0
+    bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -274,6 +297,10 @@ class _Sync:
         self.forced_count = 0
         self.full: set[str] = set()
         """Tables to download in full: more refused keys than a session remembers."""
+        self.atomic = False
+        """Whether the publication's uploads are all or nothing (``upload: atomic``)."""
+        self.held: _Held | None = None
+        """The atomic upload under way: its transaction is open."""
 
     async def run(self, begin: protocol.Frame) -> None:
         request = wire.decode_sync_begin(begin)
@@ -281,6 +308,14 @@ class _Sync:
         publication, tables = await self._tables(request.publication)
         if self.session.record is not None:
             self.session.record.publication = publication
+        try:
+            await self._exchange(publication, tables, request.watermark)
+        finally:
+            await self._release(commit=False)  # an atomic upload cut short: nothing of it
+
+    async def _exchange(
+        self, publication: str, tables: dict[str, ServerTable], watermark: str | None
+    ) -> None:
         uploaded = 0
         while True:
             frame = await self._next()
@@ -289,7 +324,11 @@ class _Sync:
             elif frame.type == FrameType.DOWNLOAD:
                 if frame.payload:
                     raise SyncRefused("DOWNLOAD from the device carries no payload")
-                sent = await self._download(publication, tables, request.watermark)
+                if self.held is not None:
+                    raise SyncRefused(
+                        "the atomic upload ended without its last batch; nothing of it was applied"
+                    )
+                sent = await self._download(publication, tables, watermark)
                 logger.info(
                     "sync: %s %s: %d row%s uploaded, %s",
                     self.device,
@@ -303,9 +342,14 @@ class _Sync:
                 raise SyncRefused(f"{frame.type.name} during a synchronization")
 
     async def _next(self) -> protocol.Frame:
+        wait = IDLE_TIMEOUT
+        if self.held is not None:
+            wait = min(wait, max(0.0, self.held.deadline - asyncio.get_running_loop().time()))
         try:
-            frame = await asyncio.wait_for(self.session.frames.get(), IDLE_TIMEOUT)
+            frame = await asyncio.wait_for(self.session.frames.get(), wait)
         except TimeoutError:
+            if self.held is not None and wait < IDLE_TIMEOUT:
+                raise self._held_too_long() from None
             raise SyncRefused("the device went quiet during the synchronization") from None
         self.session.queued -= len(frame.payload)
         return frame
@@ -328,6 +372,7 @@ class _Sync:
             tables = await sync_store.published(db, publication)
             if not tables:
                 raise SyncRefused(f"there is no publication {publication!r}")
+            self.atomic = await sync_store.atomic(db, publication)
             return publication, {table.name: table for table in tables}
 
     # ----------------------------------------------------------------- upload
@@ -353,21 +398,118 @@ class _Sync:
                         raise _too_large()
                 if self.session.kept > MAX_UPLOAD_BYTES:
                     raise _too_large()
-                more = upload.more
+                more, follows = upload.more, upload.follows
                 del upload
                 if not more:
                     break
                 frame = await self._next()
             assert batch is not None  # noqa: S101  type narrowing; the loop ran once at least
-            answer = await self._apply(batch, frames, tables)
+            if self.atomic:
+                size = sum(len(f.payload) for f in frames)
+                answer, applied = await self._apply_atomic(
+                    batch, frames, tables, follows=bool(follows), rows=rows, size=size
+                )
+            else:
+                answer = await self._apply(batch, frames, tables)
+                applied = len(answer.applied)
         finally:
             self.session.kept -= sum(len(f.payload) for f in frames)
             frames.clear()
         self.conn.write(wire.encode_uploaded(_fitted(answer)))
         if self.session.record is not None:
-            self.session.record.upload_rows += len(answer.applied)
+            self.session.record.upload_rows += applied
             self.session.record.conflicts += len(answer.rejected)
-        return len(answer.applied)
+        return applied
+
+    # ----------------------------------------------------------------- atomic uploads
+
+    async def _apply_atomic(
+        self,
+        batch: str,
+        frames: list[protocol.Frame],
+        tables: dict[str, ServerTable],
+        *,
+        follows: bool,
+        rows: int,
+        size: int,
+    ) -> tuple[wire.Uploaded, int]:
+        """Apply a batch in the upload's transaction: held while more batches follow,
+        committed with the last, rolled back whole at the first refused change. Returns
+        the answer and how many changes it applied (all of the upload's, with the last)."""
+        held = self.held
+        if held is None:
+            async with self.owner.pool.connection(self.owner.timeout) as db:
+                known = await sync_store.answered(db, self.device, batch)
+            if known is not None:
+                logger.info("sync: %s sent batch %s again; answered as before", self.device, batch)
+                return known, 0
+            held = await self._hold()
+        elif any(done == batch for done, _ in held.batches):
+            raise SyncRefused(f"batch {batch} was sent twice in one upload")
+        limits = self.owner.limits
+        held.rows += rows
+        held.bytes += size
+        if held.rows > limits.atomic_rows or held.bytes > limits.atomic_bytes:
+            raise SyncRefused(
+                f"atomic upload too large: at most {limits.atomic_rows:,} rows and "
+                f"{limits.atomic_bytes // (1024 * 1024)} MiB over all its batches; "
+                "nothing of it was applied"
+            )
+        seqs: list[int] = []
+        for change in _changes(frames):
+            reason = await self._apply_one(held.db, change, tables, force=False)
+            if reason is not None:
+                await self._release(commit=False)
+                refused = (
+                    f"nothing of the upload was applied: change {change.seq} "
+                    f"({change.table}) was refused: {reason}"
+                )
+                return wire.Uploaded(batch=batch, applied=[], rejected={}, refused=refused), 0
+            seqs.append(change.seq)
+        held.batches.append((batch, seqs))
+        if asyncio.get_running_loop().time() > held.deadline:
+            raise self._held_too_long()
+        if follows:
+            return wire.Uploaded(batch=batch, applied=[], rejected={}, held=True), 0
+        for done, applied in held.batches:
+            answer = wire.Uploaded(batch=done, applied=applied, rejected={})
+            await sync_store.record(held.db, self.device, answer)
+        total = sum(len(applied) for _, applied in held.batches)
+        await self._release(commit=True)
+        return wire.Uploaded(batch=batch, applied=seqs, rejected={}), total
+
+    async def _hold(self) -> _Held:
+        """Open the transaction of an atomic upload (it locks the device's row: a
+        ``device disable`` waits for it, at most ``atomic_seconds``)."""
+        stack = contextlib.AsyncExitStack()
+        try:
+            db = await stack.enter_async_context(self.owner.pool.connection(self.owner.timeout))
+            await stack.enter_async_context(db.transaction())
+            await sync_store.pin(db)
+            await sync_store.still_enabled(db, self.device)
+        except BaseException as exc:
+            await stack.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        deadline = asyncio.get_running_loop().time() + self.owner.limits.atomic_seconds
+        self.held = _Held(stack=stack, db=db, deadline=deadline)
+        return self.held
+
+    async def _release(self, *, commit: bool) -> None:
+        """End the atomic upload's transaction: commit it, or roll everything back."""
+        held, self.held = self.held, None
+        if held is None:
+            return
+        if commit:
+            await held.stack.aclose()
+            return
+        rollback = psycopg.Rollback()
+        await held.stack.__aexit__(psycopg.Rollback, rollback, None)
+
+    def _held_too_long(self) -> SyncRefused:
+        return SyncRefused(
+            f"the atomic upload took more than {self.owner.limits.atomic_seconds:g} s; "
+            "nothing of it was applied"
+        )
 
     async def _apply(
         self, batch: str, frames: list[protocol.Frame], tables: dict[str, ServerTable]
@@ -392,7 +534,12 @@ class _Sync:
             return answer
 
     async def _apply_one(
-        self, db: AsyncConn, change: wire.Change, tables: dict[str, ServerTable]
+        self,
+        db: AsyncConn,
+        change: wire.Change,
+        tables: dict[str, ServerTable],
+        *,
+        force: bool = True,
     ) -> str | None:
         """Apply one uploaded change; the reason it was refused, or None."""
         table = tables.get(change.table)
@@ -407,6 +554,8 @@ class _Sync:
                 reason = str(exc)
             except psycopg.Error as exc:
                 reason = _pg_reason(exc)
+        if not force:
+            return reason
         if reason is not None and change.op != "insert" and set(table.key) <= set(change.key):
             self._force(table, change.key)  # the next download brings the server's row
         return reason

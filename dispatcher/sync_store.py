@@ -62,6 +62,13 @@ async def published(db: AsyncConn, publication: str) -> list[ServerTable]:
     return tables
 
 
+async def atomic(db: AsyncConn, publication: str) -> bool:
+    """Whether ``publication`` applies each upload in one transaction, or nothing of it."""
+    cur = await db.execute(query("publication_atomic"), {"publication": publication})
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
 async def _shape(db: AsyncConn, table: str, key: tuple[str, ...]) -> TableShape:
     """The table's columns, and ``key`` or else its primary key."""
     cur = await db.execute(query("table_columns"), {"table": table})
@@ -277,6 +284,7 @@ __all__ = [
     "SessionRecord",
     "answered",
     "answered_download",
+    "atomic",
     "begin_download",
     "changed_each",
     "download_frame",

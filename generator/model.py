@@ -162,11 +162,18 @@ class PublishedTable:
         return self.field_locations.get(key, self.location)
 
 
+UploadMode = Literal["rows", "atomic"]
+UPLOAD_MODES: tuple[UploadMode, ...] = ("rows", "atomic")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Publication:
     name: str
     location: Location
     tables: tuple[PublishedTable, ...]
+    upload: UploadMode = "rows"
+    """``rows``: each uploaded row applied or refused alone; ``atomic``: every batch of one
+    upload applied in one transaction, or nothing of it."""
 
     @property
     def label(self) -> str:

@@ -470,6 +470,8 @@ class PublishedPlan:
     depends_on: tuple[TableName, ...]
     check_function: str | None = None
     """The function deciding ``upload_check``, if the table has one."""
+    upload_mode: str = "rows"
+    """The publication's ``upload:`` (``rows`` or ``atomic``)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -534,6 +536,7 @@ def plan(rules: RuleSet) -> Plan:
                         "pub", publication.name, table.table.schema, table.table.name
                     ),
                     depends_on=depends,
+                    upload_mode=publication.upload,
                     check_function=None
                     if table.upload_check is None
                     else _object_name(

@@ -20,6 +20,7 @@ from pushsync.generator.model import (
     EVENTS,
     GATEWAYS,
     PRIORITIES,
+    UPLOAD_MODES,
     Conflict,
     Delivery,
     Event,
@@ -35,6 +36,7 @@ from pushsync.generator.model import (
     TableName,
     Template,
     Trusted,
+    UploadMode,
 )
 
 NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
@@ -64,7 +66,7 @@ RULE_KEYS = (
     *DELIVERY_KEYS,
 )
 POLL_KEYS = ("name", "every", "query", *DELIVERY_KEYS)
-PUBLICATION_KEYS = ("name", "tables")
+PUBLICATION_KEYS = ("name", "upload", "tables")
 PUBLISHED_TABLE_KEYS = ("table", "download", "upload", "upload_check", "conflict", "key")
 
 T = TypeVar("T")
@@ -331,6 +333,17 @@ def _publication(reader: _Reader, node: source.Node) -> Publication | None:
     name = reader.name(name_node) if name_node else None
     reader.context = f"publication {name}" if name else reader.context
     reader.mapping(node, PUBLICATION_KEYS, "a publication")
+    upload: UploadMode | None = "rows"
+    if (upload_node := node.value.get("upload")) is not None:
+        if isinstance(upload_node.value, list | dict):
+            reader.fail(
+                upload_node.location,
+                "upload of a publication must be rows or atomic; "
+                "the operations a device may upload are each table's upload: [insert, …]",
+            )
+            upload = None
+        else:
+            upload = reader.choice(upload_node, "upload", UPLOAD_MODES)
     tables: list[PublishedTable] = []
     tables_node = reader.require(node, "tables")
     if tables_node is not None:
@@ -343,7 +356,8 @@ def _publication(reader: _Reader, node: source.Node) -> Publication | None:
     if len(reader.problems) > before:
         return None
     assert name is not None  # noqa: S101  type narrowing; a missing field was reported above
-    return Publication(name=name, location=node.location, tables=tuple(tables))
+    assert upload is not None  # noqa: S101  type narrowing; a bad value was reported above
+    return Publication(name=name, location=node.location, tables=tuple(tables), upload=upload)
 
 
 def _published_table(reader: _Reader, node: source.Node) -> PublishedTable | None:

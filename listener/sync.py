@@ -72,13 +72,16 @@ class SyncResult:
     full: tuple[str, ...]
     """Tables downloaded in full."""
     seconds: float
+    refused: str | None = None
+    """Why the server refused the whole upload (``upload: atomic``); its changes are kept."""
 
     def describe(self) -> str:
         full = f"; full download of {', '.join(self.full)}" if self.full else ""
+        refused = f"; upload refused, every change kept: {self.refused}" if self.refused else ""
         return (
             f"synchronized {self.publication} in {self.seconds * 1000:.0f} ms: "
             f"{_count(self.uploaded, 'change')} up ({self.rejected} rejected), "
-            f"{_count(self.upserted, 'row')} down, {self.deleted} removed{full}"
+            f"{_count(self.upserted, 'row')} down, {self.deleted} removed{full}{refused}"
         )
 
 
@@ -119,8 +122,23 @@ async def synchronize(
     )
     client.send(wire.encode_sync_begin(begin))
     uploaded = rejected = 0
-    while (batch := _next_batch(db)) is not None:
-        done, refused = await client.upload(*batch)
+    held: list[int] = []
+    """Seqs of the batches the server holds, unapplied, until the upload's last one."""
+    after: int | None = None
+    whole_refused: str | None = None
+    while (batch := _next_batch(db, after, len(held))) is not None:
+        name, changes, follows = batch
+        answer, done, refused = await client.upload(name, changes, follows=follows, held=held)
+        if answer.refused is not None:
+            whole_refused = answer.refused
+            _forget_batch(db)
+            logger.warning("sync: the server refused the whole upload: %s", answer.refused)
+            break
+        if answer.held:
+            held += [c.seq for c in changes]
+            after = changes[-1].seq
+            continue
+        held, after = [], None
         uploaded += done
         rejected += refused
     transport.send(protocol.encode_frame(FrameType.DOWNLOAD))
@@ -134,6 +152,7 @@ async def synchronize(
         deleted=stats.deleted,
         full=tuple(d.schema.name for d in downloads if d.full),
         seconds=time.monotonic() - started,
+        refused=whole_refused,
     )
 
 
@@ -162,25 +181,40 @@ def _state(db: LocalDatabase) -> Any:
     return row
 
 
-def _next_batch(db: LocalDatabase) -> tuple[str, list[Change]] | None:
-    """The batch to send: the one sent before and not answered, else the next changes."""
+def _next_batch(
+    db: LocalDatabase, after: int | None = None, skip: int = 0
+) -> tuple[str, list[Change], bool] | None:
+    """The batch to send, and whether more changes follow it; ``after``: the last seq of
+    the batches the server holds unapplied (``skip`` changes), whose upload this continues.
+
+    A batch's id names its seq range. The batch written down (before it is sent, until
+    it is answered) is sent again when the upload reaches its first change; the others
+    are cut the same way again from the same changes, so they get the same ids: an
+    atomic upload tried again (its first batch, or its last) sends the same batches,
+    and the server answers those it applied from its record.
+    """
     instance, batch, first, last = _state(db)
-    if batch is not None:
-        changes = [c for c in db.pending(BATCH_ROWS * 2) if first <= c.seq <= last]
-        if changes:
-            return batch, changes
-    changes = _cut(db.pending(BATCH_ROWS))
-    if not changes:
+    candidates = [c for c in db.pending(skip + BATCH_ROWS + 1) if after is None or c.seq > after]
+    if not candidates:
         _forget_batch(db)
         return None
-    batch = f"{instance}:{changes[0].seq}-{changes[-1].seq}"
+    if batch is not None and after is None and first < candidates[0].seq:
+        batch = None  # its changes were answered: stale
+    if batch is not None and candidates[0].seq == first:
+        changes = [c for c in candidates if c.seq <= last]
+        return batch, changes, any(c.seq > last for c in candidates)
+    changes = _cut(candidates[:BATCH_ROWS])
+    follows = len(candidates) > len(changes)
+    name = f"{instance}:{changes[0].seq}-{changes[-1].seq}"
+    if batch is not None and follows:
+        return name, changes, follows  # the last batch of an earlier try stays written down
     conn = db.connection
     conn.execute(
         "UPDATE _pushsync_upload SET batch = ?, first_seq = ?, last_seq = ?",
-        (batch, changes[0].seq, changes[-1].seq),
+        (name, changes[0].seq, changes[-1].seq),
     )
     conn.commit()
-    return batch, changes
+    return name, changes, follows
 
 
 def _cut(changes: list[Change]) -> list[Change]:
@@ -199,9 +233,14 @@ def _shape(schema: TableSchema) -> wire.TableShape:
     )
 
 
-def _forget_batch(db: LocalDatabase) -> None:
+def _forget_batch(db: LocalDatabase, batch: str | None = None) -> None:
+    """Forget the batch written down (only if it is ``batch``, when given)."""
     conn = db.connection
-    conn.execute("UPDATE _pushsync_upload SET batch = NULL, first_seq = NULL, last_seq = NULL")
+    forget = "UPDATE _pushsync_upload SET batch = NULL, first_seq = NULL, last_seq = NULL"
+    if batch is None:
+        conn.execute(forget)
+    else:
+        conn.execute(f"{forget} WHERE batch = ?", (batch,))
     conn.commit()
 
 
@@ -236,30 +275,40 @@ class _Client:
             raise SyncFailed(f"the server refused: {error[:300]}")
         return frame
 
-    async def upload(self, batch: str, changes: list[Change]) -> tuple[int, int]:
+    async def upload(
+        self, batch: str, changes: list[Change], *, follows: bool, held: list[int]
+    ) -> tuple[wire.Uploaded, int, int]:
+        """Send a batch; the answer, and how many changes it applied and refused (with an
+        upload's last batch: also those of the batches the server ``held``)."""
         chunk: list[wire.Change] = []
         size = 0
         for change in changes:
             row = json.dumps(change.to_json(), separators=(",", ":"), ensure_ascii=False)
             encoded = len(row.encode())
             if chunk and size + encoded > CHUNK_BYTES:
-                self.send(wire.encode_upload(wire.Upload(batch=batch, rows=chunk, more=True)))
+                upload = wire.Upload(batch=batch, rows=chunk, more=True, follows=follows)
+                self.send(wire.encode_upload(upload))
                 chunk, size = [], 0
             chunk.append(change)
             size += encoded + 1
-        self.send(wire.encode_upload(wire.Upload(batch=batch, rows=chunk, more=False)))
+        last = wire.Upload(batch=batch, rows=chunk, more=False, follows=follows)
+        self.send(wire.encode_upload(last))
         answer = await self.receive(wire.decode_uploaded)
         if answer.batch != batch:
             raise SyncFailed("the server answered another upload batch")
+        if answer.held or answer.refused is not None:
+            if answer.applied or answer.rejected or (answer.held and not follows):
+                raise SyncFailed("the server's answer does not fit the batch it was sent")
+            return answer, 0, 0
         applied, refused = list(answer.applied), dict(answer.rejected)
         expected = {c.seq for c in changes}
         if set(applied) | set(refused) != expected:
             raise SyncFailed("the server's answer does not cover the batch it was sent")
-        await asyncio.to_thread(self.db.uploaded, applied, refused)
-        _forget_batch(self.db)
+        await asyncio.to_thread(self.db.uploaded, [*held, *applied], refused)
+        _forget_batch(self.db, batch)
         for seq, reason in sorted(refused.items()):
             logger.warning("sync: local change %d refused by the server: %s", seq, reason)
-        return len(applied), len(refused)
+        return answer, len(held) + len(applied), len(refused)
 
     async def download(self) -> tuple[list[TableDownload], wire.SyncEnd]:
         tables: dict[str, _Accumulated] = {}

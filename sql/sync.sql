@@ -33,6 +33,12 @@ FROM pushsync.publication_tables
 WHERE publication = %(publication)s
 ORDER BY position
 
+-- publication_atomic --
+-- Whether the publication's uploads are all or nothing (`upload: atomic`).
+SELECT coalesce(bool_or(upload_mode = 'atomic'), false)
+FROM pushsync.publication_tables
+WHERE publication = %(publication)s
+
 -- table_columns --
 -- Name and format_type() of each column, in the table's order: what a device's
 -- local table is created from, and compared with.

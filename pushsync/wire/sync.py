@@ -111,6 +111,11 @@ class Upload:
     rows: Sequence[Change]
     more: bool
     """Whether more frames of the same batch follow."""
+    follows: bool | None = None
+    """Whether more batches of the same upload follow (sent with the batch's frames);
+    ``None``: not said (a device that does not say it), each batch stands alone. A
+    publication with ``upload: atomic`` holds the batches until the one that says
+    ``False`` and applies them together."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +126,11 @@ class Uploaded:
     applied: Sequence[int]
     rejected: Mapping[int, str]
     """The seq of each refused change, with the reason."""
+    held: bool = False
+    """The batch is held, not applied: the answer to the upload's last batch covers it."""
+    refused: str | None = None
+    """Why the whole upload was refused (``upload: atomic``): nothing of it was applied
+    and the device keeps every row of it to upload again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,18 +171,25 @@ def encode_sync_begin(begin: SyncBegin) -> bytes:
 
 def encode_upload(upload: Upload) -> bytes:
     rows = [change.to_json() for change in upload.rows]
-    return encode_json_frame(
-        FrameType.UPLOAD, {"batch": upload.batch, "rows": rows, "more": upload.more}
-    )
+    payload: dict[str, Any] = {"batch": upload.batch, "rows": rows, "more": upload.more}
+    if upload.follows is not None:
+        payload["follows"] = upload.follows
+    return encode_json_frame(FrameType.UPLOAD, payload)
 
 
 def uploaded_json(uploaded: Uploaded) -> dict[str, Any]:
-    """The UPLOADED payload as JSON has it (seqs of the rejected as text: JSON's keys)."""
-    return {
+    """The UPLOADED payload as JSON has it (seqs of the rejected as text: JSON's keys);
+    ``held`` and ``refused`` only when set."""
+    payload: dict[str, Any] = {
         "batch": uploaded.batch,
         "applied": list(uploaded.applied),
         "rejected": {str(seq): reason for seq, reason in uploaded.rejected.items()},
     }
+    if uploaded.held:
+        payload["held"] = True
+    if uploaded.refused is not None:
+        payload["refused"] = uploaded.refused
+    return payload
 
 
 def encode_uploaded(uploaded: Uploaded) -> bytes:
@@ -225,7 +242,10 @@ def decode_upload(frame: Frame, first: int = 0) -> Upload:
     if not isinstance(rows, list):
         raise Malformed("rows must be a list")
     changes = [decode_change(row, first + n) for n, row in enumerate(rows)]
-    return Upload(batch=batch, rows=changes, more=bool(payload.get("more")))
+    follows = payload.get("follows")
+    if follows is not None and not isinstance(follows, bool):
+        raise Malformed("follows must be true or false")
+    return Upload(batch=batch, rows=changes, more=bool(payload.get("more")), follows=follows)
 
 
 def decode_change(row: Any, index: int) -> Change:
@@ -254,7 +274,19 @@ def decode_uploaded(frame: Frame) -> Uploaded:
     applied = payload.get("applied")
     if not isinstance(applied, list) or not all(_whole(seq) for seq in applied):
         raise Malformed("UPLOADED applied must be a list of whole numbers")
-    return Uploaded(batch=batch, applied=applied, rejected=_reasons(payload.get("rejected")))
+    held = payload.get("held", False)
+    if not isinstance(held, bool):
+        raise Malformed("UPLOADED held must be true or false")
+    refused = payload.get("refused")
+    if refused is not None:
+        refused = _text(refused, "UPLOADED refused must be text")
+    return Uploaded(
+        batch=batch,
+        applied=applied,
+        rejected=_reasons(payload.get("rejected")),
+        held=held,
+        refused=refused,
+    )
 
 
 def decode_download(frame: Frame) -> Download:

@@ -77,6 +77,6 @@ def test_it_compiles_to_a_security_definer_function_kept_by_the_migration() -> N
     ) in sql
     body = sql[sql.index(f"FUNCTION pushsync.{name}") :]
     assert "SECURITY DEFINER\nSET search_path = pg_catalog, pg_temp\n" in body
-    assert "'pub__driver__public__disruption_reports__upload_check')" in sql  # registered
+    assert "'pub__driver__public__disruption_reports__upload_check', 'rows')" in sql  # registered
     keep = next(line for line in sql.splitlines() if "keep text[]" in line)
     assert "'pub__driver__public__disruption_reports__upload_check'" in keep

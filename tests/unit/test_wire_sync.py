@@ -93,6 +93,27 @@ def test_uploaded_round_trips_with_seqs_as_json_keys() -> None:
     )
 
 
+def test_an_upload_says_whether_batches_follow_only_when_it_knows() -> None:
+    said = w.Upload(batch="b", rows=[CHANGE], more=False, follows=True)
+    data = w.encode_upload(said)
+    assert payload(data)["follows"] is True
+    assert w.decode_upload(frame(data)) == said
+    unsaid = w.Upload(batch="b", rows=[CHANGE], more=False)
+    assert "follows" not in payload(w.encode_upload(unsaid))
+    assert w.decode_upload(frame(w.encode_upload(unsaid))).follows is None
+
+
+def test_held_and_refused_answers_round_trip_and_stay_out_of_plain_ones() -> None:
+    held = w.Uploaded(batch="b", applied=[], rejected={}, held=True)
+    refused = w.Uploaded(batch="b", applied=[], rejected={}, refused="row 3: no")
+    for answer in (held, refused):
+        assert w.decode_uploaded(frame(w.encode_uploaded(answer))) == answer
+    assert payload(w.encode_uploaded(held))["held"] is True
+    assert payload(w.encode_uploaded(refused))["refused"] == "row 3: no"
+    plain = payload(w.encode_uploaded(w.Uploaded(batch="b", applied=[1], rejected={})))
+    assert set(plain) == {"batch", "applied", "rejected"}
+
+
 def test_download_and_sync_end_round_trip() -> None:
     download = w.Download(
         table="public.routes",
@@ -164,6 +185,8 @@ BAD_UPLOADS = [
         {"batch": "b", "rows": [{**ROW, "new": {str(n): n for n in range(1601)}}]},
         "upload row 3: new names 1601 columns; a table has at most 1600",
     ),
+    ({"batch": "b", "rows": [], "follows": 1}, "follows must be true or false"),
+    ({"batch": "b", "rows": [], "follows": "no"}, "follows must be true or false"),
 ]
 
 
@@ -175,6 +198,16 @@ def test_a_malformed_upload_is_refused_naming_the_row(fields: dict[str, Any], me
 
 
 BAD_ANSWERS = [
+    (
+        FrameType.UPLOADED,
+        {"batch": "b", "applied": [], "rejected": {}, "held": 1},
+        "UPLOADED held must be true or false",
+    ),
+    (
+        FrameType.UPLOADED,
+        {"batch": "b", "applied": [], "rejected": {}, "refused": ["x"]},
+        "UPLOADED refused must be text",
+    ),
     (FrameType.UPLOADED, {"applied": [], "rejected": {}}, "UPLOADED batch must be text"),
     (
         FrameType.UPLOADED,
