@@ -184,9 +184,15 @@ async def test_access_lost_while_the_dispatcher_was_not_listening(
         pushed = await session(dispatcher)
         kept.append(pushed)
         await until_async(lambda: dispatcher_connected(db, dispatcher), "the dispatcher connected")
-        db.execute("ALTER TABLE pushsync.devices DISABLE TRIGGER device_access_revoked")
-        db.execute(*LOST[change])  # as if its NOTIFY were lost
-        db.execute("ALTER TABLE pushsync.devices ENABLE TRIGGER device_access_revoked")
+
+        def lose_the_notification() -> None:
+            db.execute("ALTER TABLE pushsync.devices DISABLE TRIGGER device_access_revoked")
+            db.execute(*LOST[change])  # as if its NOTIFY were lost
+            db.execute("ALTER TABLE pushsync.devices ENABLE TRIGGER device_access_revoked")
+
+        # In a thread: ALTER TABLE waits for every transaction on devices, and the
+        # dispatcher (on this event loop) may be in one, recording the connection.
+        await asyncio.to_thread(lose_the_notification)
         assert not await closed(pushed, 0.5)  # nothing told the dispatcher yet
         db.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
