@@ -248,7 +248,10 @@ WHERE state IN ('pending', 'sending', 'sent')
 
 -- archive --
 -- Move up to `batch` finished rows to outbox_history, in one statement. A row
--- confirmed while its send was being recorded waits for that (its lease).
+-- confirmed while its send was being recorded waits for that (its lease). The
+-- console's per-minute roll-ups (flow_minutes, latency_minutes) take the
+-- batch's counts in this same statement, by the history's statement trigger
+-- (sql/0011_flow_minutes.sql).
 WITH moved AS (
     DELETE FROM pushsync.outbox
     WHERE request_id IN (

@@ -27,5 +27,7 @@ def test_monitor_queries_benchmark_smoke_run(dsn: str) -> None:
     assert len(figures["queries"]) == 15
     assert all(f["median_ms"] > 0 for f in figures["queries"].values())
     assert figures["machine"]["cpus"] >= 1
+    assert figures["rollups"]["agree"] is True  # the fill's history is in the roll-ups
+    assert figures["rollups"]["flow_rows"] > 0
     assert any(line.startswith("fleet: first page") for line in lines)
     assert any(line.startswith("baseline: count(*)") for line in lines)
