@@ -113,3 +113,39 @@ async def test_an_upload_larger_than_one_may_hold_is_refused_whole(
         finally:
             await session.close()
     assert fleet.execute(REPORTS).fetchone() == (0,)
+
+
+@pytest.mark.asyncio
+async def test_an_upload_ended_before_its_last_batch_applies_nothing(
+    fleet: psycopg.Connection, dsn: str
+) -> None:
+    async with dispatching(dsn) as dispatcher:
+        session = await open_session(server_address(dispatcher), device="truck-1", secret=SECRET)
+        try:
+            session.send(
+                wire.encode_sync_begin(wire.SyncBegin(publication="driver", watermark=None))
+            )
+            session.send(upload("b1", [report(1, str(uuid.uuid4()))], follows=True))
+            assert wire.decode_uploaded(await answer(session)).held
+            session.send(protocol.encode_frame(protocol.FrameType.DOWNLOAD))
+            error = wire.decode_sync_error(await answer(session))
+            assert error == (
+                "the atomic upload ended without its last batch; nothing of it was applied"
+            )
+            assert fleet.execute(REPORTS).fetchone() == (0,)
+            # A device that does not say whether batches follow: each batch is a whole upload.
+            session.send(
+                wire.encode_sync_begin(wire.SyncBegin(publication="driver", watermark=None))
+            )
+            rows = [report(1, str(uuid.uuid4())), report(2, str(uuid.uuid4()))]
+            plain = {"batch": "b2", "rows": rows, "more": False}
+            session.send(protocol.encode_json_frame(protocol.FrameType.UPLOAD, plain))
+            answered = wire.decode_uploaded(await answer(session))
+            assert (answered.held, answered.refused, list(answered.applied)) == (
+                False,
+                None,
+                [1, 2],
+            )
+        finally:
+            await session.close()
+    assert fleet.execute(REPORTS).fetchone() == (2,)
