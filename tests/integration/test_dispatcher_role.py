@@ -74,6 +74,9 @@ async def test_the_documented_dispatcher_role_is_enough(db: psycopg.Connection, 
                 await until_async(lambda: outbox_row(db, expired)[0] == "expired", "expired")
                 archived = "SELECT count(*) FROM pushsync.outbox_history"
                 await until_async(lambda: db.execute(archived).fetchone() == (2,), "archived")
+                # archiving, with no right on the console's roll-ups, counted its rows there
+                written = "SELECT sum(n) FROM pushsync.flow_minutes WHERE kind = 'written'"
+                assert db.execute(written).fetchone() == (2,)
                 tracked = db.execute(
                     "SELECT address FROM pushsync.device_addresses WHERE source = 'tracking'"
                 ).fetchone()

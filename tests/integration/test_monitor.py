@@ -197,12 +197,19 @@ async def test_the_documented_monitoring_role_runs_every_view(
     request_id = enqueue(fleet, "truck-1")
     try:
         async with console(make_conninfo(dsn, user=role)) as served:
-            paths = ["/api/pulse", "/api/fleet", "/api/flow", "/api/latency", "/api/timeline"]
+            paths = ["/api/pulse", "/api/fleet", "/api/flow", "/api/flow?window=24h",
+                     "/api/latency?window=5m", "/api/latency?window=24h",
+                     "/api/timeline"]  # fmt: skip
             answers = [
                 await get(served.address, path) for path in [*paths, f"/api/request/{request_id}"]
             ]
-        assert [a.status for a in answers] == [200] * 6
+        assert [a.status for a in answers] == [200] * 8
         assert answers[1].json()["devices"][0]["device_id"] == "truck-1"
+        # it reads the roll-ups and cannot change them, even on a writable connection
+        with psycopg.connect(make_conninfo(dsn, user=role), autocommit=True) as own:
+            for table in ("flow_minutes", "latency_minutes"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    own.execute(f"DELETE FROM pushsync.{table}")
     finally:
         fleet.execute(f'DROP OWNED BY "{role}"')
         fleet.execute(f'DROP ROLE "{role}"')
