@@ -506,7 +506,8 @@ class Listener:
                 await asyncio.gather(*pending, return_exceptions=True)
         await self.actions.aclose()
         self.dedupe.close()
-        self._log_totals()
+        if self.started.is_set():  # a listener that never started has nothing to count
+            self._log_totals()
 
     def _activity(self) -> tuple[int, ...]:
         counts = self.counters

@@ -175,7 +175,7 @@ def test_set_address_pins_and_drops_manual_addresses(
 
     before = devices(db)
     mistakes = {
-        ("truck-1",): "pushsync: device set-address: give --udp and/or --email",
+        ("truck-1",): "pushsync: device set-address: give --udp, --email or --mqtt",
         ("truck-1", "--udp", "nope"): "pushsync: --udp: bad UDP address 'nope'",
         ("truck-1", "--email", "t1@", "--udp", "192.0.2.1:1"): "pushsync: --email: bad email",
         ("truck-9", "--udp", "192.0.2.1:1"): "pushsync: there is no device truck-9",

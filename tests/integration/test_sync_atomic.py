@@ -19,14 +19,10 @@ from pushsync.listener.localdb import LocalDatabase
 from pushsync.wire import protocol
 from pushsync.wire import sync as wire
 from tests.integration import trucking
-from tests.integration.test_sync_publications import sync_cut
 from tests.support.dispatching import SECRET, dispatching
-from tests.support.publications import device_config, sync, write_locally
+from tests.support.publications import ATOMIC, device_config, sync, sync_cut, write_locally
 from tests.support.waiting import until_async
 
-ATOMIC = trucking.RULES.read_text().replace(
-    "  - name: driver\n", "  - name: driver\n    upload: atomic\n", 1
-)
 REPORTS = "SELECT count(*) FROM public.disruption_reports"
 
 

@@ -21,7 +21,6 @@ from pushsync.dispatcher.sync_endpoint import MAX_UPLOAD_ROWS
 from pushsync.listener.config import ListenerConfig
 from pushsync.listener.connection import open_session
 from pushsync.listener.localdb import LocalDatabase
-from pushsync.listener.sync import SyncFailed, Transport, sync_once
 from pushsync.wire import protocol
 from tests.integration import trucking
 from tests.support.dispatching import SECRET, dispatching, server_address
@@ -32,6 +31,7 @@ from tests.support.publications import (
     local_routes,
     local_stops,
     sync,
+    sync_cut,
     write_locally,
 )
 from tests.support.waiting import until_async
@@ -203,35 +203,6 @@ async def test_refused_uploads_are_reported_kept_and_the_server_row_comes_back(
         assert (await sync(truck2)).uploaded == 1
         name = fleet.execute("SELECT route_name FROM public.routes WHERE route_id = 20")
         assert name.fetchone() == ("south again",)
-
-
-class Cut:
-    """A transport that loses the connection when ``cut`` says so."""
-
-    def __init__(self, inner: Transport, cut: Any) -> None:
-        self.inner = inner
-        self.cut = cut
-        self.seen: list[protocol.FrameType] = []
-
-    def send(self, data: bytes) -> bool:
-        return self.inner.send(data)
-
-    async def recv(self, timeout: float | None = None) -> protocol.Frame | None:  # noqa: ASYNC109  the wrapped connection's own signature
-        frame = await self.inner.recv(timeout)
-        if frame is not None:
-            self.seen.append(frame.type)
-            if self.cut(frame, self.seen):
-                return None
-        return frame
-
-
-async def sync_cut(config: ListenerConfig, dispatcher: Dispatcher, cut: Any) -> None:
-    session = await open_session(server_address(dispatcher), device=config.device, secret=SECRET)
-    try:
-        with pytest.raises(SyncFailed):
-            await sync_once(config, SECRET, Cut(session, cut))
-    finally:
-        await session.close()
 
 
 @pytest.mark.asyncio

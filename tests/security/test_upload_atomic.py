@@ -21,8 +21,8 @@ from pushsync.listener.connection import Session, open_session
 from pushsync.wire import protocol
 from pushsync.wire import sync as wire
 from tests.integration import trucking
-from tests.integration.test_sync_atomic import ATOMIC
 from tests.support.dispatching import SECRET, dispatching, server_address
+from tests.support.publications import ATOMIC
 
 REPORTS = "SELECT count(*) FROM public.disruption_reports"
 

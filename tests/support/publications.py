@@ -12,9 +12,14 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from pushsync.dispatcher.daemon import Dispatcher
 from pushsync.listener.config import ListenerConfig, load_config
-from pushsync.listener.sync import SyncResult, local_database, sync_once
+from pushsync.listener.connection import open_session
+from pushsync.listener.sync import SyncFailed, SyncResult, Transport, local_database, sync_once
+from pushsync.wire import protocol
+from tests.integration.trucking import RULES
 from tests.support.dispatching import SECRET, server_address
 from tests.support.keys import write_key
 
@@ -69,3 +74,39 @@ def write_locally(config: ListenerConfig, sql: str, *params: Any) -> None:
         db.connection.execute(sql, params)
     finally:
         db.close()
+
+
+class Cut:
+    """A transport that loses the connection when ``cut`` says so."""
+
+    def __init__(self, inner: Transport, cut: Any) -> None:
+        self.inner = inner
+        self.cut = cut
+        self.seen: list[protocol.FrameType] = []
+
+    def send(self, data: bytes) -> bool:
+        return self.inner.send(data)
+
+    async def recv(self, timeout: float | None = None) -> protocol.Frame | None:  # noqa: ASYNC109  the wrapped connection's own signature
+        frame = await self.inner.recv(timeout)
+        if frame is not None:
+            self.seen.append(frame.type)
+            if self.cut(frame, self.seen):
+                return None
+        return frame
+
+
+async def sync_cut(config: ListenerConfig, dispatcher: Dispatcher, cut: Any) -> None:
+    """Synchronize ``config``'s device through a :class:`Cut` connection: it must fail."""
+    session = await open_session(server_address(dispatcher), device=config.device, secret=SECRET)
+    try:
+        with pytest.raises(SyncFailed):
+            await sync_once(config, SECRET, Cut(session, cut))
+    finally:
+        await session.close()
+
+
+ATOMIC = RULES.read_text().replace(
+    "  - name: driver\n", "  - name: driver\n    upload: atomic\n", 1
+)
+"""The trucking example's rules with its ``driver`` publication's upload atomic."""
