@@ -23,12 +23,14 @@ CLI's stderr next to the located problems.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import random
 import re
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -390,8 +392,12 @@ def mutate(rng: random.Random, text: str) -> tuple[str, list[str]]:
 LOCATED = re.compile(r"^rules\.yaml:(\d+):(\d+): \S")
 
 
-def refusal(text: str) -> tuple[list[str], float]:
-    """The problems ``loads`` reports for ``text`` and the seconds it took; fails otherwise."""
+def refused(text: str) -> tuple[list[str], float]:
+    """The problems ``loads`` reports for ``text`` and the seconds it took.
+
+    Raises AssertionError, with what is wrong, if ``loads`` accepts the text or a
+    problem is not located inside the file.
+    """
     started = time.monotonic()
     try:
         generator.loads(text, "rules.yaml")
@@ -407,7 +413,24 @@ def refusal(text: str) -> tuple[list[str], float]:
             assert 1 <= line <= lines, f"outside the file: {problem[:300]}"
             assert column >= 1, f"outside the file: {problem[:300]}"
         return problems, took
-    pytest.fail("accepted")
+    raise AssertionError("accepted")
+
+
+def refusal(text: str) -> tuple[list[str], float]:
+    """As ``refused``, as a test's failure."""
+    try:
+        return refused(text)
+    except AssertionError as exc:
+        pytest.fail(str(exc))
+
+
+def judged(text: str) -> tuple[float, str | None]:
+    """In a worker process: the seconds ``loads`` took to refuse ``text``, or what went wrong."""
+    try:
+        _, took = refused(text)
+    except Exception as exc:  # reported with its file; the test fails once, for all
+        return 0.0, f"{type(exc).__name__}: {exc}"
+    return took, None
 
 
 def snapshot(db: psycopg.Connection) -> dict[str, list[Any]]:
@@ -450,22 +473,23 @@ def test_mutated_rules_are_refused_located_and_migrate_changes_nothing(
     slowest = (0.0, "")
     failures: list[str] = []
     texts: list[tuple[str, list[str]]] = []
+    mutated = [mutate(rng, example) for _ in range(count)]
     started = time.monotonic()
-    for index in range(count):
-        text, done = mutate(rng, example)
-        kinds.update(done)
-        try:
-            _, took = refusal(text)
-        except BaseException as exc:  # collect them all, with the file, then fail once
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            kept = tmp_path / f"refused-not-{index}.yaml"
-            kept.write_text(text, encoding="utf-8")
-            failures.append(f"{kept} ({', '.join(done)}): {type(exc).__name__}: {exc}"[:600])
-            continue
-        if took > slowest[0]:
-            slowest = (took, ", ".join(done))
-        texts.append((text, done))
+    # loads is pure Python (YAML, sqlglot): the files are judged in worker processes, one
+    # a CPU, which the test process's coverage tracer does not slow down.
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=spawn) as pool:
+        verdicts = pool.map(judged, [text for text, _ in mutated], chunksize=10)
+        for index, ((text, done), (took, wrong)) in enumerate(zip(mutated, verdicts, strict=True)):
+            kinds.update(done)
+            if wrong is not None:
+                kept = tmp_path / f"refused-not-{index}.yaml"
+                kept.write_text(text, encoding="utf-8")
+                failures.append(f"{kept} ({', '.join(done)}): {wrong}"[:600])
+                continue
+            if took > slowest[0]:
+                slowest = (took, ", ".join(done))
+            texts.append((text, done))
     loads_seconds = time.monotonic() - started
     assert failures == [], "\n".join(failures[:20])
 
