@@ -24,12 +24,17 @@ import smtplib
 import socket
 import ssl
 import urllib.parse
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
 from typing import Any, Final, Protocol, cast
 
+from pushsync.dispatcher.acks import (
+    AckHandler,
+    AckVerifier,
+    SecretFetch,
+    SecretLookup,
+)
 from pushsync.dispatcher.outbox import Claimed
 from pushsync.errors import UsageError
 from pushsync.logs import Throttle
@@ -42,10 +47,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_SENDER = "pushsync"
 MAX_TARGETS: Final = 100_000
 """Parsed UDP addresses kept (then forgotten all at once and parsed again)."""
-MAX_LOOKUPS: Final = 64
-"""Secret lookups for acks from devices not in the cache that may run at once; acks
-beyond that are dropped (the device acks the resend), so a flood of forged
-acks cannot queue unbounded work for the database."""
 
 
 # --------------------------------------------------------------------------- interface
@@ -107,28 +108,6 @@ def _seconds(moment: datetime, what: str) -> float:
 # --------------------------------------------------------------------------- UDP
 
 
-class SecretLookup(Protocol):
-    """The secret of ``device``, or None if there is no such device."""
-
-    def __call__(self, device: str, /) -> bytes | None: ...
-
-
-class SecretFetch(Protocol):
-    """The secret of ``device`` from the database, or None if there is no such device."""
-
-    def __call__(self, device: str, /) -> Awaitable[bytes | None]: ...
-
-
-class AckHandler(Protocol):
-    """Called with every verified ack and the ``host:port`` it came from."""
-
-    def __call__(self, ack: protocol.Ack, peer: str, /) -> None: ...
-
-
-class UnknownDevice(protocol.ProtocolError):
-    """The ack names a device that has no secret here."""
-
-
 @dataclass(slots=True)
 class AckStats:
     """Counters of the datagrams that arrived on the UDP gateway's socket."""
@@ -161,11 +140,16 @@ class UdpGateway:
         self.sender = sender
         self.limit = limit
         self.stats = AckStats()
-        self._secret_for = secret_for
-        self._fetch_secret = fetch_secret
         self._on_ack = on_ack
+        self._acks = AckVerifier(
+            secret_for=secret_for,
+            fetch_secret=fetch_secret,
+            accept=self._accept,
+            drop=self._drop,
+            stats=self.stats,
+            limit=limit,
+        )
         self._transport: asyncio.DatagramTransport | None = None
-        self._lookups: set[asyncio.Task[None]] = set()
         self._targets: dict[str, tuple[Any, ...]] = {}
         """Socket addresses of the IP-literal addresses sent to, by address text."""
         self._log = Throttle(logger)
@@ -187,7 +171,7 @@ class UdpGateway:
 
         Acks are verified with ``secret_for`` (no I/O); when it does not know the
         device, ``fetch_secret`` (if given) asks the database, at most
-        :data:`MAX_LOOKUPS` at a time.
+        :data:`~pushsync.dispatcher.acks.MAX_LOOKUPS` at a time.
         """
         gateway = cls(
             secret_for=secret_for,
@@ -294,55 +278,13 @@ class UdpGateway:
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
-        for task in self._lookups:
-            task.cancel()
+        self._acks.close()
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         """Verify an ack and hand it on; drop anything else. Never raises."""
-        peer = format_peer(addr)
-        try:
-            device = protocol.peek_device(data, limit=self.limit)
-            secret = self._secret_for(device)
-        except protocol.ProtocolError as exc:
-            self._drop(peer, exc)
-            return
-        except Exception:
-            self.stats.dropped += 1
-            logger.exception("dropped UDP datagram from %s: secret lookup failed", peer)
-            return
-        if secret is not None:
-            self._accept(data, secret, peer)
-        elif self._fetch_secret is None:
-            self._drop(peer, UnknownDevice("ack from an unknown device"))
-        elif len(self._lookups) >= MAX_LOOKUPS:
-            self._drop(peer, UnknownDevice("too many acks from devices not looked up yet"))
-        else:
-            task = asyncio.get_running_loop().create_task(
-                self._fetch_then_accept(data, device, peer)
-            )
-            self._lookups.add(task)
-            task.add_done_callback(self._lookups.discard)
+        self._acks.verify(data, format_peer(addr))
 
-    async def _fetch_then_accept(self, data: bytes, device: str, peer: str) -> None:
-        assert self._fetch_secret is not None  # noqa: S101  type narrowing; started only when set
-        self.stats.lookups += 1
-        try:
-            secret = await self._fetch_secret(device)
-        except Exception as exc:
-            self.stats.dropped += 1
-            self._log.warning("dropped UDP ack from %s: cannot look up its device: %s", peer, exc)
-            return
-        if secret is None:
-            self._drop(peer, UnknownDevice("ack from an unknown device"))
-        else:
-            self._accept(data, secret, peer)
-
-    def _accept(self, data: bytes, secret: bytes, peer: str) -> None:
-        try:
-            ack = protocol.decode_ack(data, secret, limit=self.limit)
-        except protocol.ProtocolError as exc:
-            self._drop(peer, exc)
-            return
+    def _accept(self, ack: protocol.Ack, peer: str) -> None:
         self.stats.accepted += 1
         try:
             self._on_ack(ack, peer)

@@ -38,17 +38,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from pushsync import queries
-from pushsync.dispatcher.gateways import (
-    DEFAULT_SENDER,
-    MAX_LOOKUPS,
-    AckHandler,
-    SecretFetch,
-    SecretLookup,
-    SendResult,
-    failed,
-    sent,
-    to_message,
-)
+from pushsync.dispatcher.acks import MAX_LOOKUPS, AckHandler, AckVerifier, SecretFetch, SecretLookup
+from pushsync.dispatcher.gateways import DEFAULT_SENDER, SendResult, failed, sent, to_message
 from pushsync.dispatcher.outbox import Claimed
 from pushsync.errors import UsageError
 from pushsync.logs import Throttle
@@ -231,8 +222,14 @@ class MqttGateway:
         """Set while the broker has accepted this gateway's connection."""
         self.subscribed = asyncio.Event()
         """Set once the broker has granted the acks' subscription (tests wait on it)."""
-        self._secret_for = secret_for
-        self._fetch_secret = fetch_secret
+        self._acks = AckVerifier(
+            secret_for=secret_for,
+            fetch_secret=fetch_secret,
+            accept=self._accept,
+            drop=self._drop,
+            stats=self.stats,
+            limit=MAX_DATAGRAM,
+        )
         self._on_ack = on_ack
         self._on_announce = on_announce
         self._client: Any = None
@@ -241,7 +238,6 @@ class MqttGateway:
         """Publishes awaiting their PUBACK, by message id. Only the loop's thread touches
         it: paho's loop_read (which reads PUBACKs) runs there, and a publish never
         writes (nor reads) at once, since writing waits for add_writer."""
-        self._lookups: set[asyncio.Task[None]] = set()
         self._log = Throttle(logger)
         self._refusal: str | None = None
         self._loop_thread: int | None = None
@@ -357,8 +353,7 @@ class MqttGateway:
             self._on_loop(lambda loop: loop.remove_writer(sock))
             sock.close()
         self._fail_pending("the MQTT gateway is closing")
-        for task in self._lookups:
-            task.cancel()
+        self._acks.close()
 
     # ----------------------------------------------------------------- paho's socket
 
@@ -497,48 +492,9 @@ class MqttGateway:
         if owner is None:
             self._drop(topic, protocol.Malformed("not an ack topic"))
             return
-        try:
-            device = protocol.peek_device(data, limit=MAX_DATAGRAM)
-        except protocol.ProtocolError as exc:
-            self._drop(topic, exc)
-            return
-        if device != owner:
-            self._drop(topic, protocol.Malformed(f"an ack of device {device!r}"))
-            return
-        secret = self._secret_for(device)
-        if secret is not None:
-            self._accept(data, secret, topic)
-        elif self._fetch_secret is None or len(self._lookups) >= MAX_LOOKUPS:
-            self._drop(topic, protocol.ProtocolError("unknown device, or too many lookups"))
-        else:
-            task = asyncio.get_running_loop().create_task(
-                self._fetch_then_accept(data, device, topic)
-            )
-            self._lookups.add(task)
-            task.add_done_callback(self._lookups.discard)
+        self._acks.verify(data, topic, device=owner)
 
-    async def _fetch_then_accept(self, data: bytes, device: str, topic: str) -> None:
-        assert self._fetch_secret is not None  # noqa: S101  type narrowing; started only when set
-        self.stats.lookups += 1
-        try:
-            secret = await self._fetch_secret(device)
-        except Exception as exc:
-            self.stats.dropped += 1
-            self._log.warning(
-                "MQTT: dropped an ack on %s: cannot look up its device: %s", topic, exc
-            )
-            return
-        if secret is None:
-            self._drop(topic, protocol.ProtocolError("ack from an unknown or disabled device"))
-        else:
-            self._accept(data, secret, topic)
-
-    def _accept(self, data: bytes, secret: bytes, topic: str) -> None:
-        try:
-            ack = protocol.decode_ack(data, secret, limit=MAX_DATAGRAM)
-        except protocol.ProtocolError as exc:
-            self._drop(topic, exc)
-            return
+    def _accept(self, ack: protocol.Ack, topic: str) -> None:
         if ack.request_id == topics.ANNOUNCEMENT:
             self._announced(ack, topic)
             return
