@@ -31,13 +31,14 @@ from pushsync.listener.config import load_config
 from pushsync.listener.runtime import Listener
 from pushsync.wire import protocol
 from tests.support.event_loop import LoopThread
+from tests.support.fuzz import examples
 from tests.support.keys import write_key
 from tests.support.waiting import until, until_async
 
 SECRET = bytes(range(32))
 WRONG = bytes(range(1, 33))
 DEVICE = "truck-1"
-EXAMPLES = 1500
+EXAMPLES = examples(1500)
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from pushsync.errors import UsageError
 from pushsync.wire import protocol as p
 from pushsync.wire.limits import ENVELOPE_BUDGET, MAX_DATAGRAM, MAX_MESSAGE_TEXT
+from tests.support.fuzz import examples
 
 SECRET = bytes(range(32))
 OTHER = bytes(range(1, 33))
@@ -898,7 +899,7 @@ DATAGRAMS = st.one_of(
 )
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(600), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(DATAGRAMS)
 @example(b"PS\x01M" + bytes(200))
 @example(b"PS\x01A" + bytes(60))
@@ -907,7 +908,7 @@ def test_random_bytes_never_escape(data: bytes) -> None:
     outcome(data)
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(600), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data(), messages(), st.integers(0, p.MAX_TIME_MS))
 def test_envelopes_round_trip_and_mutations_never_decode(
     data: st.DataObject, msg: p.Message, confirmed: int
@@ -957,7 +958,7 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(600), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data(), st.lists(VALID_FRAMES, max_size=6), st.lists(st.integers(0, 10**6)))
 def test_frame_streams(data: st.DataObject, frames: list[bytes], cuts: list[int]) -> None:
     stream = b"".join(frames)
