@@ -18,11 +18,10 @@ seconds; anything malformed gets a 4xx or a closed connection.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import h11
@@ -35,6 +34,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from pushsync.dispatcher.http import HttpServer
 from pushsync.dispatcher.sockets import listening
 from pushsync.logs import Throttle
 
@@ -284,29 +284,13 @@ _TIMED_OUT = (
 )
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server, leaving signals to the dispatcher and saying when it listens."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.listening = asyncio.Event()
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        self.listening.set()
-
-
 class MetricsServer:
     """``/metrics`` and ``/healthz`` over HTTP; create with :func:`serve_metrics`."""
 
     def __init__(self, metrics: Metrics, health: Health) -> None:
         self.metrics = metrics
         self.health = health
-        self._server: _Server | None = None
+        self._server: HttpServer | None = None
         self._serving: asyncio.Task[None] | None = None
         self._sockets: list[socket.socket] = []
 
@@ -324,22 +308,14 @@ class MetricsServer:
             timeout_graceful_shutdown=1,
             h11_max_incomplete_event_size=MAX_REQUEST_HEAD,
         )
-        server = _Server(config)
+        server = HttpServer(config)
         sockets = await listening(host, port)
-        serving = asyncio.create_task(server.serve(sockets), name="metrics-http")
-        started = asyncio.create_task(server.listening.wait())
         try:
-            await asyncio.wait((serving, started), return_when=asyncio.FIRST_COMPLETED)
-            if not server.listening.is_set():
-                serving.result()  # raises what stopped it
-                raise RuntimeError("the metrics server stopped while starting")
+            serving = await server.start(sockets, name="metrics-http")
         except BaseException:
-            serving.cancel()
             for sock in sockets:
                 sock.close()
             raise
-        finally:
-            started.cancel()
         self._server, self._serving, self._sockets = server, serving, sockets
 
     @property

@@ -12,11 +12,11 @@ import logging
 import signal
 import socket
 import ssl
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import uvicorn
 
+from pushsync.dispatcher.http import HttpServer
 from pushsync.dispatcher.sockets import listening
 from pushsync.errors import UsageError
 from pushsync.monitor import data
@@ -65,22 +65,6 @@ def exposure_problem(settings: MonitorSettings) -> str | None:
     )
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server, leaving signals to whoever runs the loop, saying when it listens."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.listening = asyncio.Event()
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        self.listening.set()
-
-
 class Console:
     """The console serving on its address; :meth:`start`, then :meth:`close`."""
 
@@ -94,7 +78,7 @@ class Console:
         self.app: Guard = build_app(
             self.pool, policy, secure=settings.secure, pulse_every=settings.pulse_every
         )
-        self._server: _Server | None = None
+        self._server: HttpServer | None = None
         self._serving: asyncio.Task[None] | None = None
         self._sockets: list[socket.socket] = []
 
@@ -104,16 +88,8 @@ class Console:
         await self.pool.open()
         try:
             self._sockets = await listening(address.host, address.port)
-            self._server = _Server(self._config())
-            self._serving = asyncio.create_task(
-                self._server.serve(self._sockets), name="pushsync monitor http"
-            )
-            started = asyncio.create_task(self._server.listening.wait())
-            await asyncio.wait((self._serving, started), return_when=asyncio.FIRST_COMPLETED)
-            started.cancel()
-            if not self._server.listening.is_set():
-                self._serving.result()
-                raise RuntimeError("the console stopped while starting")
+            self._server = HttpServer(self._config())
+            self._serving = await self._server.start(self._sockets, name="pushsync monitor http")
         except BaseException:
             await self.close()
             raise
