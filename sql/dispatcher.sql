@@ -77,6 +77,9 @@ ORDER BY CASE c.priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END,
 -- taken over by another dispatcher still counts: nobody else is sending it).
 -- A row the device confirmed before the send was recorded (its ack beat this
 -- statement) stays confirmed and gets its send time and gateway.
+-- The attempt joins attempt_log (sql/0012_attempt_log.sql) in this statement:
+-- the gateway, and where it sent to ('connection' for SYNC, else whether the
+-- device's address for that medium was the manual or the tracked one).
 UPDATE pushsync.outbox AS o
 SET state = CASE WHEN o.state = 'confirmed' THEN 'confirmed' ELSE 'sent' END,
     sent_at = CASE WHEN o.state = 'confirmed' THEN coalesce(o.sent_at, now()) ELSE now() END,
@@ -84,6 +87,14 @@ SET state = CASE WHEN o.state = 'confirmed' THEN 'confirmed' ELSE 'sent' END,
                         ELSE %(gateway)s END,
     next_attempt_at = CASE WHEN o.state = 'confirmed' THEN o.next_attempt_at
                            ELSE now() + o.resend_every END,
+    attempt_log = pushsync.attempt_logged(o.attempt_log, jsonb_build_object(
+        'at', now(), 'gateway', %(gateway)s::text, 'outcome', 'sent',
+        'address', CASE WHEN %(gateway)s = 'sync' THEN 'connection' ELSE (
+            SELECT a.source FROM pushsync.device_addresses AS a
+            WHERE a.device_id = o.device_id
+              AND a.medium = CASE WHEN %(gateway)s = 'smtp' THEN 'email' ELSE %(gateway)s END
+            ORDER BY a.source = 'manual' DESC
+            LIMIT 1) END)),
     lease_owner = NULL,
     lease_expires_at = NULL
 WHERE o.request_id = %(request_id)s
@@ -92,6 +103,7 @@ WHERE o.request_id = %(request_id)s
 -- sent_many --
 -- `sent` for a batch: request_ids[i] went out through gateways[i]. Returns the
 -- rows recorded: those this owner still held, and those already confirmed.
+-- Each row's attempt joins its attempt_log, as in `sent`.
 -- Rows are locked in request_id order, as confirm_many locks them: two
 -- statements that lock many rows each never wait for each other in a circle.
 WITH mine AS (
@@ -110,6 +122,14 @@ SET state = CASE WHEN o.state = 'confirmed' THEN 'confirmed' ELSE 'sent' END,
                         ELSE s.gateway END,
     next_attempt_at = CASE WHEN o.state = 'confirmed' THEN o.next_attempt_at
                            ELSE now() + o.resend_every END,
+    attempt_log = pushsync.attempt_logged(o.attempt_log, jsonb_build_object(
+        'at', now(), 'gateway', s.gateway, 'outcome', 'sent',
+        'address', CASE WHEN s.gateway = 'sync' THEN 'connection' ELSE (
+            SELECT a.source FROM pushsync.device_addresses AS a
+            WHERE a.device_id = o.device_id
+              AND a.medium = CASE WHEN s.gateway = 'smtp' THEN 'email' ELSE s.gateway END
+            ORDER BY a.source = 'manual' DESC
+            LIMIT 1) END)),
     lease_owner = NULL,
     lease_expires_at = NULL
 FROM mine AS s
@@ -161,12 +181,16 @@ WHERE o.request_id = d.request_id
 
 -- failed --
 -- final: cannot be delivered, ever. Otherwise retried at the next resend, as
--- a sent row is (sent_at stays NULL if it never went out).
+-- a sent row is (sent_at stays NULL if it never went out). The attempt joins
+-- attempt_log with its error, which names each gateway tried.
 UPDATE pushsync.outbox
 SET state = CASE WHEN %(final)s THEN 'failed' ELSE 'sent' END,
     next_attempt_at = CASE WHEN %(final)s THEN next_attempt_at
                            ELSE now() + resend_every END,
     last_error = %(error)s,
+    attempt_log = pushsync.attempt_logged(attempt_log, jsonb_build_object(
+        'at', now(), 'outcome', CASE WHEN %(final)s THEN 'failed' ELSE 'retry' END,
+        'error', %(error)s::text)),
     lease_owner = NULL,
     lease_expires_at = NULL
 WHERE request_id = %(request_id)s
@@ -251,7 +275,7 @@ WHERE state IN ('pending', 'sending', 'sent')
 -- confirmed while its send was being recorded waits for that (its lease). The
 -- console's per-minute roll-ups (flow_minutes, latency_minutes) take the
 -- batch's counts in this same statement, by the history's statement trigger
--- (sql/0011_flow_minutes.sql).
+-- (sql/0011_flow_minutes.sql). Each row keeps its attempt_log.
 WITH moved AS (
     DELETE FROM pushsync.outbox
     WHERE request_id IN (
@@ -262,13 +286,15 @@ WITH moved AS (
         FOR UPDATE SKIP LOCKED)
     RETURNING request_id, rule, device_id, subject, content, priority, gateway, coalesced,
               created_at, expires_at, attempts, state, sent_at, gateway_used,
-              confirmed_at, last_error
+              confirmed_at, last_error, attempt_log
 )
 INSERT INTO pushsync.outbox_history (
     request_id, rule, device_id, subject, content, priority, gateway, coalesced,
-    created_at, expires_at, attempts, state, sent_at, gateway_used, confirmed_at, last_error)
+    created_at, expires_at, attempts, state, sent_at, gateway_used, confirmed_at, last_error,
+    attempt_log)
 SELECT request_id, rule, device_id, subject, content, priority, gateway, coalesced,
-       created_at, expires_at, attempts, state, sent_at, gateway_used, confirmed_at, last_error
+       created_at, expires_at, attempts, state, sent_at, gateway_used, confirmed_at, last_error,
+       attempt_log
 FROM moved
 
 -- list_polls --

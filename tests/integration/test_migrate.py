@@ -95,6 +95,7 @@ def test_removing_a_rule_removes_its_trigger_and_function(db: psycopg.Connection
     trucking.apply_rules(db, "version: 1\n")
     assert snapshot(db)["triggers"] == []
     base_functions = [
+        "attempt_logged",
         "capture",
         "capture_changes",
         "device_access_changed",
