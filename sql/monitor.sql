@@ -176,20 +176,23 @@ ORDER BY s.finished_at DESC
 LIMIT %(limit)s
 
 -- monitor_request --
--- One request, in the outbox or its history (primary keys), with its rule.
+-- One request, in the outbox or its history (primary keys), with its rule and
+-- its last attempts (attempt_log: at most 16, oldest first; `attempts` counts
+-- them all, including any whose outcome was never recorded).
 SELECT m.*, r.kind AS rule_kind, r.table_name AS rule_table, r.events AS rule_events,
        r.ttl AS rule_ttl, r.resend_every AS rule_resend_every, r.source AS rule_source
 FROM (
     SELECT 'outbox' AS place, o.request_id, o.rule, o.device_id, o.subject, o.content,
            o.priority, o.gateway, o.coalesced, o.created_at, o.expires_at, o.attempts,
            o.state, o.sent_at, o.gateway_used, o.confirmed_at, o.last_error,
-           o.next_attempt_at, o.lease_owner, NULL::timestamptz AS finished_at
+           o.next_attempt_at, o.lease_owner, NULL::timestamptz AS finished_at,
+           o.attempt_log
     FROM pushsync.outbox AS o WHERE o.request_id = %(request_id)s
     UNION ALL
     SELECT 'history', h.request_id, h.rule, h.device_id, h.subject, h.content,
            h.priority, h.gateway, h.coalesced, h.created_at, h.expires_at, h.attempts,
            h.state, h.sent_at, h.gateway_used, h.confirmed_at, h.last_error,
-           NULL, NULL, h.finished_at
+           NULL, NULL, h.finished_at, h.attempt_log
     FROM pushsync.outbox_history AS h WHERE h.request_id = %(request_id)s
 ) AS m
 LEFT JOIN pushsync.rules AS r ON r.name = m.rule

@@ -2,8 +2,10 @@
 
 Pushes made during a test reach the open Flow and Timeline views within 2 s
 without a reload; a listener that stops shows as disconnected; the request
-view shows the confirmation; markup in a rule name or a message's content
-shows as text; a console with a token answers 401 to a browser without it.
+view shows each attempt (gateway, kind of address, outcome or error) and the
+confirmation, also for a push resent when its device came back; markup in a
+rule name or a message's content shows as text; a console with a token
+answers 401 to a browser without it.
 With ``PUSHSYNC_SCREENSHOT=PATH`` the first test also saves a screenshot of
 the timeline there (the README's ``docs/monitor.png``).
 """
@@ -110,6 +112,12 @@ async def test_a_push_shows_live_in_flow_and_timeline_and_its_request_is_confirm
         await expect(request.locator("[data-field='content']")).to_have_text(
             "detour via the harbour"
         )
+        attempt = request.locator("[data-testid=attempts] tbody tr")
+        await expect(attempt).to_have_count(1)
+        await expect(attempt).to_have_attribute("data-outcome", "sent")
+        await expect(attempt.locator("td").nth(3)).to_have_text("sync")
+        await expect(attempt.locator("td").nth(4)).to_have_text("the device's SYNC connection")
+        await expect(request.locator("[data-testid=attempts-note]")).to_have_text("1 attempt(s)")
         await expect(request.locator("[data-testid=request-syncs] tbody tr")).not_to_have_count(0)
 
         if screenshot := os.environ.get("PUSHSYNC_SCREENSHOT"):
@@ -134,7 +142,7 @@ async def picture(db: psycopg.Connection, page: Page, url: str, path: Path) -> N
     await page.screenshot(path=str(path))
 
 
-async def test_a_listener_that_stops_shows_as_disconnected(
+async def test_a_listener_that_stops_shows_as_disconnected_and_a_push_meanwhile_is_resent(
     browser: Browser, db: psycopg.Connection, dsn: str, tmp_path: Path
 ) -> None:
     async with running_fleet(db, dsn, tmp_path) as fleet:
@@ -151,6 +159,22 @@ async def test_a_listener_that_stops_shows_as_disconnected(
         await expect(row).to_have_text("disconnected")
         await expect(other).to_have_class("connected")
         await expect(page.locator("#pulse-connected")).to_have_text("1")
+
+        # A push while truck-3 is away cannot go out; it does when truck-3 is back.
+        request_id = enqueue(db, "truck-3", content="resent when back")
+        await until_async(lambda: len(attempt_log(db, request_id)) == 1, "the failed attempt")
+        async with listening(tmp_path / "truck-3" / "listener.yaml"):
+            await confirmed(db, request_id)
+        await page.goto(fleet.console.url + f"#request/{request_id}")
+        request = page.locator("[data-testid=request]")
+        attempts = request.locator("[data-testid=attempts] tbody tr")
+        await expect(attempts).to_have_count(2)
+        await expect(attempts.nth(0)).to_have_attribute("data-outcome", "retry")
+        await expect(attempts.nth(0)).to_contain_text("no gateway can reach device truck-3")
+        await expect(attempts.nth(1)).to_have_attribute("data-outcome", "sent")
+        await expect(attempts.nth(1)).to_contain_text("the device's SYNC connection")
+        await expect(request.locator("[data-testid=attempts-note]")).to_have_text("2 attempt(s)")
+        await expect(request.locator("[data-testid=confirmation]")).to_contain_text("confirmed")
         await page.close()
 
 
@@ -209,6 +233,16 @@ async def test_a_browser_without_the_token_gets_401_and_the_token_logs_it_in(
 
 async def confirmed(db: psycopg.Connection, request_id: uuid.UUID) -> None:
     await until_async(lambda: outbox_row(db, request_id)[0] == "confirmed", "the confirmation")
+
+
+def attempt_log(db: psycopg.Connection, request_id: uuid.UUID) -> list[dict[str, object]]:
+    """The request's recorded attempts, in the outbox or, once finished, its history."""
+    row = db.execute(
+        "SELECT attempt_log FROM pushsync.outbox WHERE request_id = %s "
+        "UNION ALL SELECT attempt_log FROM pushsync.outbox_history WHERE request_id = %s",
+        (request_id, request_id),
+    ).fetchone()
+    return list(row[0]) if row else []
 
 
 def ms_since(started: float) -> int:

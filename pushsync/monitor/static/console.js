@@ -469,7 +469,63 @@ async function drawRequest() {
       el("td", { class: "n" }, s.upload_rows), el("td", { class: "n" }, s.download_rows),
       el("td", { class: "n" }, s.conflicts), el("td", {}, s.outcome + (s.error ? ": " + s.error : ""))))
       : el("tr", {}, el("td", { colspan: 7, class: "empty" }, "no synchronization of the device since"))));
-  clear(box).append(dl, el("h3", {}, "What happened"), steps, el("h3", {}, "Synchronizations of the device since"), syncs);
+  clear(box).append(dl, el("h3", {}, "What happened"), steps,
+    el("h3", {}, "Attempts"), attemptsNote(r), attemptsTable(r),
+    el("h3", {}, "Synchronizations of the device since"), syncs);
+}
+
+const KEPT_ATTEMPTS = 16;  // sql/0012_attempt_log.sql keeps the last 16
+const MEDIUM = { udp: "UDP", smtp: "email", mqtt: "MQTT", sync: "SYNC" };
+
+// Each recorded attempt: when its outcome was recorded, through which gateway,
+// to which kind of address, and what came of it.
+function attemptsTable(r) {
+  const log = r.attempt_log || [];
+  const rows = log.map((a, i) => el("tr", { "data-outcome": a.outcome },
+    el("td", { class: "n" }, i + 1),
+    el("td", {}, when(a.at)),
+    el("td", { class: "n" }, ms(new Date(a.at) - new Date(r.created_at))),
+    el("td", {}, a.gateway || "–"),
+    el("td", {}, addressKind(a)),
+    el("td", {}, outcome(a))));
+  return el("table", { "data-testid": "attempts" },
+    el("thead", {}, el("tr", {}, ["#", "at", "after writing", "gateway", "address", "outcome"].map((h) => el("th", {}, h)))),
+    el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: 6, class: "empty" }, "no attempt recorded"))));
+}
+
+function addressKind(a) {
+  if (!a.gateway) return "–";
+  if (a.address === "connection") return "the device's SYNC connection";
+  const medium = MEDIUM[a.gateway] || a.gateway;
+  if (a.address === "manual") return "manual " + medium + " address";
+  if (a.address === "tracking") return "tracked " + medium + " address";
+  return medium;
+}
+
+function outcome(a) {
+  if (a.outcome === "sent") return "sent";
+  if (a.outcome === "retry") return "not sent, retried at the next resend: " + (a.error || "");
+  if (a.outcome === "failed") return "failed for good: " + (a.error || "");
+  return a.outcome + (a.error ? ": " + a.error : "");
+}
+
+// What `attempts` counts beyond the recorded ones: older attempts no longer
+// kept, one under way, or claims whose dispatcher stopped before recording.
+function attemptsNote(r) {
+  const recorded = (r.attempt_log || []).length;
+  let missing = r.attempts - recorded;
+  const notes = [];
+  if (r.state === "sending" && missing > 0) {
+    notes.push("one attempt under way (" + (r.lease_owner || "a dispatcher") + ")");
+    missing -= 1;
+  }
+  if (missing > 0) {
+    notes.push(recorded >= KEPT_ATTEMPTS
+      ? missing + " earlier attempt(s) not kept (the last " + KEPT_ATTEMPTS + " are)"
+      : missing + " attempt(s) with no recorded outcome (the dispatcher stopped or lost its lease before recording it)");
+  }
+  return el("p", { class: "sub", "data-testid": "attempts-note" },
+    r.attempts + " attempt(s)" + (notes.length ? "; " + notes.join("; ") : ""));
 }
 
 // ---------------------------------------------------------------- wiring
