@@ -15,20 +15,15 @@ import sys
 import time
 from pathlib import Path
 
+from bench.machine import cpu_seconds
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RECEIVER = HERE / "receiver.py"
-_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("PUSHSYNC_", "PGQUEUER_"))}
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far (``/proc/PID/stat``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 class Proc:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench.listener_throughput import fsyncs, machine, profiling, sender
+from bench.machine import cpu_seconds
 from pushsync.wire import protocol
 
 DEVICE = "bench-1"
@@ -268,9 +269,9 @@ def run_baseline(messages: int, window: int) -> Run:
         time.sleep(1.0)
         idle = rss_mb(peer.process.pid)
         datagrams = sender.make_datagrams(messages, device=DEVICE, secret=SECRET)
-        cpu = machine.cpu_seconds(peer.process.pid)
+        cpu = cpu_seconds(peer.process.pid)
         result = asyncio.run(sender.send_all(datagrams, peer.port, window=window))
-        cpu = machine.cpu_seconds(peer.process.pid) - cpu
+        cpu = cpu_seconds(peer.process.pid) - cpu
         after = rss_mb(peer.process.pid)
     finally:
         out = peer.stop()
@@ -308,9 +309,9 @@ def run_listener(
                 datagrams = sender.make_datagrams(messages, device=DEVICE, secret=SECRET)
                 if count_fsyncs:
                     counter = fsyncs.FsyncCounter(listener.pid, Path(tmp) / "strace.txt")
-                cpu = machine.cpu_seconds(listener.pid)
+                cpu = cpu_seconds(listener.pid)
                 result = asyncio.run(sender.send_all(datagrams, listener.port, window=window))
-                cpu = machine.cpu_seconds(listener.pid) - cpu
+                cpu = cpu_seconds(listener.pid) - cpu
                 if counter is not None:
                     synced = counter.stop()
                 after = rss_mb(listener.pid)

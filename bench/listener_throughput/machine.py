@@ -8,13 +8,11 @@ the commits per message it measured.
 
 from __future__ import annotations
 
-import os
 import statistics
-import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench import machine
 
 FSYNC_SAMPLES = 50
 FSYNC_BLOCK = 4096
@@ -43,30 +41,16 @@ class Machine:
 
 def measure(directory: Path) -> Machine:
     """The facts of this machine, the fsync latency measured in ``directory``."""
-    samples = fsync_latencies(directory, FSYNC_SAMPLES)
+    samples = machine.fsync_seconds(directory, FSYNC_SAMPLES, FSYNC_BLOCK)
     deciles = statistics.quantiles(samples, n=10)
     return Machine(
-        cpus=os.cpu_count() or 0,
-        load=os.getloadavg(),
-        python=sys.version.split()[0],
+        cpus=machine.cpus(),
+        load=machine.load(),
+        python=machine.python(),
         filesystem=fs_type(directory),
         fsync_ms=statistics.median(samples) * 1000,
         fsync_p90_ms=deciles[-1] * 1000,
     )
-
-
-def fsync_latencies(directory: Path, rounds: int) -> list[float]:
-    """Seconds each of ``rounds`` (write one block, fsync) took, in a new file in ``directory``."""
-    block = os.urandom(FSYNC_BLOCK)
-    samples: list[float] = []
-    with tempfile.NamedTemporaryFile(dir=directory, prefix="fsync-") as file:
-        fd = file.fileno()
-        for _ in range(rounds):
-            os.write(fd, block)
-            started = time.perf_counter()
-            os.fsync(fd)
-            samples.append(time.perf_counter() - started)
-    return samples
 
 
 def fs_type(path: Path) -> str:
@@ -88,7 +72,4 @@ def fs_type(path: Path) -> str:
     return kind
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process ``pid`` (all its threads) so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+__all__ = ["Machine", "fs_type", "measure"]

@@ -34,11 +34,15 @@ from typing import Any
 import psycopg
 
 from bench.dispatcher_process import throwaway_database
+from bench.machine import fsync_ms
 from pushsync import schema
 from pushsync.monitor import data, params
 
 HERE = Path(__file__).resolve().parent
 TARGET_MS = 50.0
+FSYNC_ROUNDS = 50
+FSYNC_BLOCK = 4096
+"""The fsync probe printed with the figures: median of 50 rounds of a 4 KiB write + fsync."""
 
 Query = Callable[[data.AsyncConn], Awaitable[Any]]
 
@@ -83,21 +87,6 @@ def rollups(conn: psycopg.Connection) -> dict[str, Any]:
     ).fetchone()
     assert row is not None
     return {"flow_rows": row[0], "latency_rows": row[1], "agree": bool(row[2] and row[3])}
-
-
-def fsync_ms(directory: Path, writes: int = 50) -> float:
-    """Median milliseconds of one 4 KiB write + fsync in ``directory``."""
-    times = []
-    path = directory / "fsync-probe"
-    with path.open("wb") as file:
-        for _ in range(writes):
-            started = time.perf_counter()
-            file.write(b"x" * 4096)
-            file.flush()
-            os.fsync(file.fileno())
-            times.append(time.perf_counter() - started)
-    path.unlink()
-    return statistics.median(times) * 1000
 
 
 def queries(samples: dict[str, Any]) -> dict[str, Query]:
@@ -204,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         machine = {
             "cpus": os.cpu_count(),
             "load_average": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
-            "fsync_ms": round(fsync_ms(Path(tmp)), 3),
+            "fsync_ms": round(fsync_ms(Path(tmp), FSYNC_ROUNDS, FSYNC_BLOCK), 3),
             "python": sys.version.split()[0],
             "postgresql": version[0] if version else "?",
             "platform": platform.platform(),

@@ -26,8 +26,9 @@ from typing import Any
 import psycopg
 
 from bench.dispatcher_process import DispatcherProcess, dispatcher_process, throwaway_database
+from bench.machine import cpu_seconds
 from bench.sync_fanout.devices import CONNECT_AT_ONCE, SECRET, device_id
-from bench.sync_fanout.machine import cpu_seconds, measure, raise_nofile
+from bench.sync_fanout.machine import measure, raise_nofile
 from pushsync import generator, schema
 
 HERE = Path(__file__).resolve().parent

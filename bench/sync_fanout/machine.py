@@ -9,18 +9,16 @@ off), and the limits that cap how many connections one process can hold.
 
 from __future__ import annotations
 
-import os
 import resource
-import statistics
-import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import machine
+from bench.machine import FSYNC_BLOCK
+
 FSYNC_ROUNDS = 50
-FSYNC_BLOCK = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,30 +57,17 @@ def measure(directory: Path | None = None) -> Machine:
     where = directory or Path(tempfile.gettempdir())
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return Machine(
-        cpus=os.cpu_count() or 0,
-        usable_cpus=len(os.sched_getaffinity(0)),
-        load=os.getloadavg(),
-        python=sys.version.split()[0],
-        fsync_ms=statistics.median(_fsync_seconds(where)) * 1000,
+        cpus=machine.cpus(),
+        usable_cpus=machine.usable_cpus(),
+        load=machine.load(),
+        python=machine.python(),
+        fsync_ms=machine.fsync_ms(where, FSYNC_ROUNDS),
         fsync_dir=str(where),
         nofile_soft=soft,
         nofile_hard=hard,
         ephemeral_ports=_sysctl("net/ipv4/ip_local_port_range").replace("\t", "-"),
         somaxconn=_sysctl("net/core/somaxconn"),
     )
-
-
-def _fsync_seconds(directory: Path) -> list[float]:
-    block = b"\0" * FSYNC_BLOCK
-    samples: list[float] = []
-    with tempfile.NamedTemporaryFile(dir=directory, prefix="pushsync-fsync-") as file:
-        fd = file.fileno()
-        for _ in range(FSYNC_ROUNDS):
-            os.write(fd, block)
-            started = time.perf_counter()
-            os.fsync(fd)
-            samples.append(time.perf_counter() - started)
-    return samples
 
 
 def _sysctl(name: str) -> str:
@@ -102,10 +87,4 @@ def raise_nofile() -> int:
     return soft
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process ``pid`` so far (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-__all__ = ["Machine", "cpu_seconds", "measure", "raise_nofile"]
+__all__ = ["Machine", "measure", "raise_nofile"]

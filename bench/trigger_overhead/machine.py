@@ -6,17 +6,17 @@ the results: a ratio read without them cannot be compared with another machine's
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import psycopg
 
+from bench import machine
+from bench.machine import FSYNC_BLOCK
+
 FSYNC_WRITES = 100
-FSYNC_BLOCK = 8192
 COMMITS = 100
 
 
@@ -44,24 +44,6 @@ class Facts:
         return asdict(self)
 
 
-def fsync_latency(directory: Path, writes: int = FSYNC_WRITES) -> float:
-    """Median milliseconds of one block written at the end of a file, then fsync()ed."""
-    path = directory / f"pushsync-fsync-probe-{os.getpid()}"
-    block = b"\0" * FSYNC_BLOCK
-    times = []
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        for _ in range(writes):
-            os.write(fd, block)
-            started = time.perf_counter()
-            os.fsync(fd)
-            times.append(time.perf_counter() - started)
-    finally:
-        os.close(fd)
-        path.unlink()
-    return statistics.median(times) * 1e3
-
-
 def commit_latency(conn: psycopg.Connection, commits: int = COMMITS) -> float:
     """Median milliseconds of a one-row transaction whose commit waits for its WAL flush."""
     conn.execute("CREATE TABLE IF NOT EXISTS public.pushsync_commit_probe (n integer)")
@@ -80,15 +62,13 @@ def commit_latency(conn: psycopg.Connection, commits: int = COMMITS) -> float:
 
 def measure(conn: psycopg.Connection) -> Facts:
     """Facts of this machine and of the server behind ``conn`` (autocommit, superuser)."""
-    row = conn.execute("SELECT current_setting('data_directory')").fetchone()
-    assert row is not None
     # Next to the data directory: the same file system as the server's WAL.
-    directory = Path(str(row[0])).parent
+    directory = machine.data_directory(conn).parent
     return Facts(
-        cpus=os.cpu_count() or 0,
-        usable_cpus=len(os.sched_getaffinity(0)),
-        load_average=os.getloadavg(),
-        fsync_ms=fsync_latency(directory),
+        cpus=machine.cpus(),
+        usable_cpus=machine.usable_cpus(),
+        load_average=machine.load(),
+        fsync_ms=machine.fsync_ms(directory, FSYNC_WRITES),
         fsync_dir=str(directory),
         commit_ms=commit_latency(conn),
     )
