@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, nullcontext
 from typing import TYPE_CHECKING, Any, LiteralString
 
+from bench import fanout
 from bench.dispatcher_process import DispatcherProcess, dispatcher_process, throwaway_database
 from bench.sync_fanout.devices import CONNECT_AT_ONCE
 from bench.sync_fanout.machine import measure, raise_nofile
@@ -81,11 +82,6 @@ class Devices:
             except (OSError, subprocess.TimeoutExpired):
                 self.process.kill()
                 self.process.wait(10)
-
-
-def _alert(conn: psycopg.Connection) -> float:
-    conn.execute("INSERT INTO public.alerts (note) VALUES ('bench')")
-    return time.time()
 
 
 def _owner(conn: psycopg.Connection, node: DispatcherProcess) -> str:
@@ -149,8 +145,6 @@ def _start(
 def run(devices: int, dispatchers: int, processes: int, dsn: str | None) -> dict[str, Any]:
     import psycopg  # here: a mistake in the arguments is said without loading the server side
 
-    from bench.sync_fanout.cli import prepare
-
     figures: dict[str, Any] = {
         "devices": devices,
         "dispatchers": dispatchers,
@@ -169,7 +163,7 @@ def run(devices: int, dispatchers: int, processes: int, dsn: str | None) -> dict
         psycopg.connect(dsn, autocommit=True) as conn,
         ExitStack() as stack,
     ):
-        prepare(conn, devices)
+        fanout.prepare(conn, devices)
         nodes = _start(stack, dsn, dispatchers, *handshakes, nofile=nofile)
         owners = [_owner(conn, node) for node in nodes]
         servers = [f"127.0.0.1:{node.sync_port}" for node in nodes]
@@ -196,7 +190,7 @@ def run(devices: int, dispatchers: int, processes: int, dsn: str | None) -> dict
 
         # One INSERT, every device.
         _count(clients)
-        committed = _alert(conn)
+        committed = fanout.alert(conn)
         got, last = _received(clients)
         figures["fanout_received"] = got
         figures["fanout_seconds"] = last - committed
@@ -210,7 +204,7 @@ def run(devices: int, dispatchers: int, processes: int, dsn: str | None) -> dict
         _count(clients)
         killed = time.time()
         nodes[victim].process.kill()
-        committed = _alert(conn)
+        committed = fanout.alert(conn)
         recorded = _wait(
             conn,
             "SELECT count(*) FILTER (WHERE owner = %s) = 0 AND count(*) >= %s "

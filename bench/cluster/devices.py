@@ -29,7 +29,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from bench.sync_fanout.devices import CONNECT_AT_ONCE, SECRET, device_id
+from bench.fanout import SECRET, device_id
+from bench.sync_fanout.devices import CONNECT_AT_ONCE
 from pushsync.listener.connection import Backoff, Refused, Session, open_session
 from pushsync.wire.addresses import Address
 from pushsync.wire.protocol import FrameType, encode_frame, encode_subscribe

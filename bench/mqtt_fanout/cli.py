@@ -1,6 +1,7 @@
 """Fan-out over MQTT: one INSERT for N devices through a real Mosquitto, against UDP.
 
-Everything is real: a throwaway PostgreSQL, the compiled rule of ``rules.yaml``,
+Everything is real: a throwaway PostgreSQL, the compiled rule of
+``bench/sync_fanout/rules.yaml`` (:mod:`bench.fanout`),
 ``pushsync dispatch --mqtt`` as a subprocess, a Mosquitto broker with the ACL of
 docs/operations.md (``tests/support/mosquitto.py``), and the devices in another
 process (``receivers.py``). Both rounds run in this one run, UDP first: times
@@ -15,54 +16,26 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
+from bench import fanout
 from bench.dispatcher_process import dispatcher_process, throwaway_database
-from bench.mqtt_fanout.receivers import device_id
-from pushsync import generator, schema
 from tests.support.mosquitto import DISPATCHER_PASSWORD, Broker
 
-HERE = Path(__file__).resolve().parent
 DBNAME = "bench"
-SECRET = bytes(range(32))
 RECEIVER = ("bench-devices", "bench-devices-pw")
 TARGETS = {"mqtt_seconds": 2.0}
 
 
-def prepare(conn: psycopg.Connection, devices: int) -> None:
-    schema.migrate(conn)
-    conn.execute("CREATE TABLE public.fleet (device_id text PRIMARY KEY)")
-    conn.execute("CREATE TABLE public.alerts (id bigserial PRIMARY KEY, note text)")
-    rules_sql = generator.compile_rules(generator.load(HERE / "rules.yaml"), "rules.yaml")
-    schema.migrate(conn, rules_sql)
-    ids = [device_id(n) for n in range(devices)]
-    with conn.transaction():
-        conn.execute(
-            "INSERT INTO pushsync.devices (device_id, secret) "
-            "SELECT id, %s FROM unnest(%s::text[]) AS id",
-            (SECRET, ids),
-        )
-        conn.execute("INSERT INTO public.fleet SELECT unnest(%s::text[])", (ids,))
+def _command(*args: object) -> list[str]:
+    return [sys.executable, "-m", "bench.mqtt_fanout.receivers", *map(str, args)]
 
 
 def _receiver(*args: object) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "bench.mqtt_fanout.receivers", *map(str, args)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-
-
-def _result(process: subprocess.Popen[str]) -> dict[str, Any]:
-    out, _ = process.communicate(timeout=120)
-    return dict(json.loads(out.strip().splitlines()[-1]))
-
-
-def _alert(conn: psycopg.Connection) -> float:
-    """Insert one alert (autocommit); the wall-clock time its commit returned."""
-    conn.execute("INSERT INTO public.alerts (note) VALUES ('bench')")
-    return time.time()
+    return subprocess.Popen(_command(*args), stdout=subprocess.PIPE, text=True)
 
 
 def run(devices: int, clients: int) -> dict[str, Any]:
@@ -72,7 +45,7 @@ def run(devices: int, clients: int) -> dict[str, Any]:
         throwaway_database(DBNAME) as dsn,
         psycopg.connect(dsn, autocommit=True) as conn,
     ):
-        prepare(conn, devices)
+        fanout.prepare(conn, devices)
         broker = Broker(
             Path(folder) / "broker",
             [],
@@ -86,18 +59,8 @@ def run(devices: int, clients: int) -> dict[str, Any]:
             options = ("--mqtt", broker.url, "--mqtt-password-file", str(password))
             with dispatcher_process(dsn, *options):
                 # UDP: every device's manual address is one receiving socket.
-                receiver = _receiver("udp", devices)
-                assert receiver.stdout is not None
-                port = int(receiver.stdout.readline())
-                conn.execute(
-                    "INSERT INTO pushsync.device_addresses (device_id, medium, source, address) "
-                    "SELECT device_id, 'udp', 'manual', %s FROM pushsync.devices",
-                    (f"127.0.0.1:{port}",),
-                )
-                committed = _alert(conn)
-                udp = _result(receiver)
-                figures["udp_received"] = udp["received"]
-                figures["udp_seconds"] = udp["last"] - committed
+                received, seconds = fanout.udp_round(conn, _command("udp", devices))
+                figures["udp_received"], figures["udp_seconds"] = received, seconds
                 conn.execute("UPDATE pushsync.outbox SET state = 'confirmed'")
                 # MQTT: every device has a subscription on record, so auto routing
                 # publishes to the broker; the receivers hold the N subscriptions.
@@ -109,8 +72,8 @@ def run(devices: int, clients: int) -> dict[str, Any]:
                     "INSERT INTO pushsync.device_addresses (device_id, medium, source, address) "
                     "SELECT device_id, 'mqtt', 'manual', 'on' FROM pushsync.devices"
                 )
-                committed = _alert(conn)
-                mqtt = _result(receiver)
+                committed = fanout.alert(conn)
+                mqtt = fanout.result(receiver)
                 figures["mqtt_received"] = mqtt["received"]
                 figures["mqtt_seconds"] = mqtt["last"] - committed
         finally:

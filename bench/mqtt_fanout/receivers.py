@@ -16,7 +16,6 @@ measures the dispatcher and the broker, not this process.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import threading
 import time
@@ -25,15 +24,12 @@ from typing import Any
 from paho.mqtt import client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bench.fanout import device_id, receive_udp
 from pushsync.wire import mqtt as topics
 
 TIMEOUT = 60.0
 SUBSCRIBE_AT_ONCE = 500
 """Topics per SUBSCRIBE packet."""
-
-
-def device_id(n: int) -> str:
-    return f"dev-{n}"
 
 
 class Counter:
@@ -86,29 +82,12 @@ def mqtt(port: int, user: str, password: str, count: int, clients: int) -> dict[
     return {"received": counter.received, "last": counter.last}
 
 
-def udp(count: int) -> dict[str, Any]:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024 * 1024)
-        sock.bind(("127.0.0.1", 0))
-        sock.settimeout(TIMEOUT)
-        print(sock.getsockname()[1], flush=True)
-        received, last = 0, 0.0
-        try:
-            while received < count:
-                sock.recv(2048)
-                received += 1
-                last = time.time()
-        except TimeoutError:
-            pass
-    return {"received": received, "last": last}
-
-
 def main(argv: list[str]) -> int:
     if argv[0] == "mqtt":
         port, user, password, count, clients = argv[1:6]
         result = mqtt(int(port), user, password, int(count), int(clients))
     elif argv[0] == "udp":
-        result = udp(int(argv[1]))
+        result = receive_udp(int(argv[1]))
     else:
         raise SystemExit(f"unknown mode {argv[0]!r}")
     print(json.dumps(result), flush=True)

@@ -20,18 +20,17 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import psycopg
 
+from bench import fanout
 from bench.dispatcher_process import DispatcherProcess, dispatcher_process, throwaway_database
+from bench.fanout import device_id
 from bench.machine import cpu_seconds
-from bench.sync_fanout.devices import CONNECT_AT_ONCE, SECRET, device_id
+from bench.sync_fanout.devices import CONNECT_AT_ONCE
 from bench.sync_fanout.machine import measure, raise_nofile
-from pushsync import generator, schema
 
-HERE = Path(__file__).resolve().parent
 DBNAME = "bench"
 TARGETS = {
     "udp_seconds": 1.0,
@@ -49,37 +48,12 @@ POOL_SIZE = 4
 """As the dispatcher's pool (``PoolStore``'s default)."""
 
 
-def prepare(conn: psycopg.Connection, devices: int) -> None:
-    schema.migrate(conn)
-    conn.execute("CREATE TABLE public.fleet (device_id text PRIMARY KEY)")
-    conn.execute("CREATE TABLE public.alerts (id bigserial PRIMARY KEY, note text)")
-    rules_sql = generator.compile_rules(generator.load(HERE / "rules.yaml"), "rules.yaml")
-    schema.migrate(conn, rules_sql)
-    ids = [device_id(n) for n in range(devices)]
-    with conn.transaction():
-        conn.execute(
-            "INSERT INTO pushsync.devices (device_id, secret) "
-            "SELECT id, %s FROM unnest(%s::text[]) AS id",
-            (SECRET, ids),
-        )
-        conn.execute("INSERT INTO public.fleet SELECT unnest(%s::text[])", (ids,))
+def _command(*args: object) -> list[str]:
+    return [sys.executable, "-m", "bench.sync_fanout.devices", *map(str, args)]
 
 
 def _devices(*args: object) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "bench.sync_fanout.devices", *map(str, args)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-
-
-def _result(process: subprocess.Popen[str]) -> dict[str, Any]:
-    assert process.stdout is not None
-    out, _ = process.communicate(timeout=120)
-    return dict(json.loads(out.strip().splitlines()[-1]))
-
-
-def _alert(conn: psycopg.Connection) -> float:
-    """Insert one alert (autocommit); the wall-clock time its commit returned."""
-    conn.execute("INSERT INTO public.alerts (note) VALUES ('bench')")
-    return time.time()
+    return subprocess.Popen(_command(*args), stdout=subprocess.PIPE, text=True)
 
 
 def _ready(process: subprocess.Popen[str]) -> tuple[float, float, int, float]:
@@ -97,7 +71,7 @@ def run(devices: int, dsn: str | None = None) -> dict[str, Any]:
     nofile = raise_nofile()
     database = nullcontext(dsn) if dsn else throwaway_database(DBNAME)
     with database as dsn, psycopg.connect(dsn, autocommit=True) as conn:
-        prepare(conn, devices)
+        fanout.prepare(conn, devices)
         # each device process has CONNECT_AT_ONCE handshakes in flight, all from 127.0.0.1
         in_flight = -(-devices // PER_PROCESS) * CONNECT_AT_ONCE
         handshakes = (
@@ -105,31 +79,14 @@ def run(devices: int, dsn: str | None = None) -> dict[str, Any]:
             "--sync-max-handshakes-per-address", str(in_flight),
         )  # fmt: skip
         with dispatcher_process(dsn, *handshakes, nofile=nofile) as node:
-            _udp_round(conn, node, devices, figures)
+            received, seconds = fanout.udp_round(conn, _command("udp", devices))
+            figures["udp_received"], figures["udp_seconds"] = received, seconds
             # Nothing of the UDP round may be resent over the new connections.
             conn.execute("UPDATE pushsync.outbox SET state = 'confirmed'")
             time.sleep(1.0)
             _sync_round(conn, node, devices, figures)
         figures.update(asyncio.run(handshake_baseline(dsn, min(BASELINE_SAMPLE, devices))))
     return figures
-
-
-def _udp_round(
-    conn: psycopg.Connection, node: DispatcherProcess, devices: int, figures: dict[str, Any]
-) -> None:
-    """Every device's manual UDP address is one receiving socket in another process."""
-    receiver = _devices("udp", devices)
-    assert receiver.stdout is not None
-    port = int(receiver.stdout.readline())
-    conn.execute(
-        "INSERT INTO pushsync.device_addresses (device_id, medium, source, address) "
-        "SELECT device_id, 'udp', 'manual', %s FROM pushsync.devices",
-        (f"127.0.0.1:{port}",),
-    )
-    committed = _alert(conn)
-    udp = _result(receiver)
-    figures["udp_received"] = udp["received"]
-    figures["udp_seconds"] = udp["last"] - committed
 
 
 def _sync_round(
@@ -156,8 +113,8 @@ def _sync_round(
     figures["rss_before_kib"] = before
     figures["rss_after_kib"] = after
     figures["kib_per_connection"] = (after - before) / devices
-    committed = _alert(conn)
-    results = [_result(client) for client in clients]
+    committed = fanout.alert(conn)
+    results = [fanout.result(client) for client in clients]
     figures["sync_received"] = sum(r["received"] for r in results)
     figures["sync_dropped"] = sum(r["dropped"] for r in results)
     figures["sync_seconds"] = max(r["last"] for r in results) - committed

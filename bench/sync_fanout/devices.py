@@ -20,15 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import sys
 import time
 
+from bench.fanout import SECRET, device_id, receive_udp
 from pushsync.listener.connection import Refused, Session, open_session
 from pushsync.wire.addresses import Address
 from pushsync.wire.protocol import FrameType, encode_frame, encode_subscribe
 
-SECRET = bytes(range(32))
 CONNECT_AT_ONCE = 200
 """Handshakes in flight. All devices here share 127.0.0.1, so the benchmark's dispatcher
 allows that many unauthenticated connections from one address (the default is 32)."""
@@ -36,10 +35,6 @@ TIMEOUT = 60.0
 ATTEMPTS = 5
 """Handshakes per device before the run fails (a refused one is tried again, as a
 listener would, and counted)."""
-
-
-def device_id(n: int) -> str:
-    return f"dev-{n}"
 
 
 async def _sync(
@@ -118,24 +113,6 @@ async def _sync(
     }
 
 
-def _udp(expected: int) -> dict[str, float | int]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024 * 1024)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(TIMEOUT)
-    print(sock.getsockname()[1], flush=True)
-    received = 0
-    last = 0.0
-    try:
-        while received < expected:
-            sock.recv(2048)
-            received += 1
-            last = time.time()
-    except TimeoutError:
-        pass
-    return {"received": received, "last": last}
-
-
 def main(argv: list[str]) -> int:
     mode = argv[0]
     if mode == "sync":
@@ -144,7 +121,7 @@ def main(argv: list[str]) -> int:
         source = argv[6] if len(argv) > 6 else None
         result = asyncio.run(_sync(host, port, first, count, expected, source))
     else:
-        result = _udp(int(argv[1]))
+        result = receive_udp(int(argv[1]))
     print(json.dumps(result), flush=True)
     return 0
 
