@@ -513,6 +513,22 @@ def install_jobs(
     assert migrated.returncode == 0, migrated.stderr
 
 
+def job_notifications(db: psycopg.Connection) -> dict[uuid.UUID, tuple[str, str]]:
+    """Every notification of the jobs rule, in the outbox or archived: request id ->
+    (device, state)."""
+    rows = db.execute(
+        "SELECT request_id, device_id, state FROM pushsync.outbox WHERE rule = 'job_posted' "
+        "UNION ALL SELECT request_id, device_id, state FROM pushsync.outbox_history "
+        "WHERE rule = 'job_posted'"
+    ).fetchall()
+    return {uuid.UUID(str(r[0])): (str(r[1]), str(r[2])) for r in rows}
+
+
+def of_device(found: dict[uuid.UUID, tuple[str, str]], device: str) -> set[uuid.UUID]:
+    """The request ids of ``device`` among :func:`job_notifications`."""
+    return {request_id for request_id, (d, _) in found.items() if d == device}
+
+
 class JobWriter(threading.Thread):
     """The application: inserts jobs in transactions of ``batch`` rows at ``rate`` rows/s.
 

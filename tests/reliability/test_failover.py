@@ -39,11 +39,9 @@ import os
 import pwd
 import shutil
 import signal
-import socketserver
 import sqlite3
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -53,7 +51,6 @@ from pathlib import Path
 import port_for
 import psycopg
 import pytest
-from mirakuru.exceptions import ProcessFinishedWithError
 from psycopg import sql
 from pytest_postgresql.executors import PostgreSQLExecutor
 
@@ -67,11 +64,20 @@ from tests.reliability.harness import (
     Processes,
     Report,
     exactly_once,
+    job_notifications,
+    of_device,
 )
-from tests.support.cli import executable
+from tests.support.cli import clean_env, start
+from tests.support.collector import Collector, collecting
 from tests.support.keys import write_key
 from tests.support.metrics import http_get, scrape
-from tests.support.postgres import pg_ctl_path, prepare_datadir, start_postgres, wrapper_info
+from tests.support.postgres import (
+    crash,
+    pg_ctl_path,
+    prepare_datadir,
+    start_postgres,
+    wrapper_info,
+)
 from tests.support.waiting import until
 
 ROWS = 400
@@ -179,28 +185,6 @@ def standby_of(primary: PostgreSQLExecutor, port: int) -> Iterator[Standby]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def kill(executor: PostgreSQLExecutor) -> None:
-    """``pg_ctl stop -m immediate``: the server quits at once, as in a crash."""
-    subprocess.run(
-        [executor.executable, "stop", "-D", executor.datadir, "-m", "immediate", "-w"],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    with contextlib.suppress(ProcessFinishedWithError):
-        super(PostgreSQLExecutor, executor).stop()
-
-
-def outbox_rows(db: psycopg.Connection) -> dict[uuid.UUID, tuple[str, str]]:
-    """Every notification of the jobs rule: request id -> (device, state)."""
-    rows = db.execute(
-        "SELECT request_id, device_id, state FROM pushsync.outbox WHERE rule = 'job_posted' "
-        "UNION ALL SELECT request_id, device_id, state FROM pushsync.outbox_history "
-        "WHERE rule = 'job_posted'"
-    ).fetchall()
-    return {uuid.UUID(str(r[0])): (str(r[1]), str(r[2])) for r in rows}
-
-
 def first_after(db: psycopg.Connection, column: str, since: float) -> float | None:
     """Epoch seconds of the earliest ``column`` (sent_at, confirmed_at) after ``since``."""
     query = sql.SQL(
@@ -209,74 +193,6 @@ def first_after(db: psycopg.Connection, column: str, since: float) -> float | No
     ).format(c=sql.Identifier(column))
     row = db.execute(query, (since,)).fetchone()
     return None if row is None or row[0] is None else float(row[0])
-
-
-class Collector(socketserver.ThreadingTCPServer):
-    """The devices' ``socket`` actions send ``DEVICE REQUEST_ID`` here; each is noted with
-    the wall-clock time it arrived."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 1024
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Take)
-        self.lock = threading.Lock()
-        self.received: list[tuple[str, str, float]] = []
-
-    def take(self, text: str) -> None:
-        device, _, request_id = text.strip().partition(" ")
-        with self.lock:
-            self.received.append((device, request_id, time.time()))
-
-    def ran(self, device: str) -> list[str]:
-        with self.lock:
-            return [r for d, r, _ in self.received if d == device]
-
-    def count(self) -> int:
-        with self.lock:
-            return len(self.received)
-
-    def first(self, request_ids: set[uuid.UUID] | None = None, after: float = 0.0) -> float | None:
-        """When the first action (of ``request_ids``, if given) after ``after`` ran."""
-        wanted = None if request_ids is None else {str(i) for i in request_ids}
-        with self.lock:
-            times = [
-                at for _, r, at in self.received if at > after and (wanted is None or r in wanted)
-            ]
-        return min(times, default=None)
-
-
-class _Take(socketserver.StreamRequestHandler):
-    def handle(self) -> None:
-        assert isinstance(self.server, Collector)
-        self.server.take(self.rfile.read(4096).decode("ascii", errors="replace"))
-
-
-@contextlib.contextmanager
-def collecting() -> Iterator[Collector]:
-    server = Collector()
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-
-
-def pushsync(*args: str, cwd: Path) -> subprocess.Popen[str]:
-    """A ``pushsync`` command, started; ``communicate()`` gives its output."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSHSYNC_", "PG"))}
-    return subprocess.Popen(
-        [*executable(), *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def finished(process: subprocess.Popen[str]) -> str:
@@ -370,7 +286,7 @@ def test_failover_to_a_synchronous_standby_loses_nothing(
         install(dsn, devices)
         # The dispatcher and the UDP device start while the standby is being made.
         dispatcher = processes.dispatcher(dsn, "--metrics", "127.0.0.1:0")
-        action = ("127.0.0.1", collector.server_address[1])
+        action = collector.address
         send = "$device $request_id"
         devices[0].write_config(udp=True, socket_action=action, send=send)
         listeners = [processes.listener(devices[0])]
@@ -402,8 +318,8 @@ def test_failover_to_a_synchronous_standby_loses_nothing(
             failover = Failover(dsn, primary, standby, collector, rows, patience, logs, url)
             failover.run(report)
             after, status = (
-                pushsync("sync", str(config), cwd=office),
-                pushsync("status", "--dsn", dsn, cwd=tmp_path),
+                start("sync", str(config), cwd=office, env=clean_env()),
+                start("status", "--dsn", dsn, cwd=tmp_path, env=clean_env()),
             )
             synchronized, listed = finished(after), finished(status)
             report.add(sync_after=synchronized.strip())
@@ -450,7 +366,7 @@ class Failover:
     crew_zero: tuple[int, ...] | None = None
 
     def per_device(self, device: str) -> set[uuid.UUID]:
-        return {request_id for request_id, (d, _) in self.found.items() if d == device}
+        return of_device(self.found, device)
 
     def run(self, report: Report) -> None:
         url, patience, logs = self.url, self.patience, self.logs
@@ -462,7 +378,7 @@ class Failover:
             )
             committed_at_kill = writer.committed
             killed = time.time()
-            kill(self.primary)
+            crash(self.primary)
             dead = time.time()  # a transaction begun after this can only be on the standby
             self.standby.pg_ctl("promote", "-w", "-t", "60")
             promoted = time.time()
@@ -487,7 +403,7 @@ class Failover:
             assert jobs == (self.rows,), (jobs, self.rows)
 
             def all_confirmed() -> bool:
-                found = outbox_rows(db)
+                found = job_notifications(db)
                 return len(found) >= self.rows and all(s == "confirmed" for _, s in found.values())
 
             until(all_confirmed, "every notification confirmed", patience, logs=logs)
@@ -495,7 +411,7 @@ class Failover:
             until(lambda: self.collector.count() >= self.rows, "every action", patience)
             first_confirmation = first_after(db, "confirmed_at", promoted)
             fresh = written_after(db, dead)
-            self.found = outbox_rows(db)
+            self.found = job_notifications(db)
             self.crew_zero = db.execute(
                 "SELECT count(*) FROM public.jobs WHERE crew = 0"
             ).fetchone()

@@ -20,17 +20,12 @@ outage, the writer's failed attempts, and after the restart how long until
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from mirakuru.exceptions import ProcessFinishedWithError
-from pytest_postgresql.executors import PostgreSQLExecutor
 
 from tests.reliability.harness import (
     Device,
@@ -40,11 +35,13 @@ from tests.reliability.harness import (
     Report,
     exactly_once,
     install_jobs,
+    job_notifications,
+    of_device,
     quiet,
 )
 from tests.support.cli import run_cli
 from tests.support.metrics import http_get, scrape
-from tests.support.postgres import OwnServer, start_postgres
+from tests.support.postgres import OwnServer, crash, start_postgres
 from tests.support.waiting import until
 
 ROWS = 1500
@@ -73,29 +70,6 @@ def own_server() -> Iterator[OwnServer]:
         migrated = run_cli("migrate", "--dsn", server.dsn)
         assert migrated.returncode == 0, migrated.stderr
         yield server
-
-
-def crash(executor: PostgreSQLExecutor) -> None:
-    """``pg_ctl stop -m immediate``: the server quits at once, without a checkpoint."""
-    subprocess.run(
-        [executor.executable, "stop", "-D", executor.datadir, "-m", "immediate", "-w"],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    # The executor still holds its launcher process: clear it so that start() starts again.
-    with contextlib.suppress(ProcessFinishedWithError):
-        super(PostgreSQLExecutor, executor).stop()
-
-
-def outbox_rows(db: psycopg.Connection) -> dict[uuid.UUID, tuple[str, str]]:
-    """Every notification of the rule: request id -> (device, state)."""
-    rows = db.execute(
-        "SELECT request_id, device_id, state FROM pushsync.outbox WHERE rule = 'job_posted' "
-        "UNION ALL SELECT request_id, device_id, state FROM pushsync.outbox_history "
-        "WHERE rule = 'job_posted'"
-    ).fetchall()
-    return {uuid.UUID(str(r[0])): (str(r[1]), str(r[2])) for r in rows}
 
 
 def test_postgres_crash_mid_burst_loses_nothing_and_recovers(
@@ -149,7 +123,7 @@ def test_postgres_crash_mid_burst_loses_nothing_and_recovers(
     assert jobs == (rows,), (jobs, rows)
 
     def all_confirmed() -> bool:
-        found = outbox_rows(db)
+        found = job_notifications(db)
         return len(found) >= rows and all(state == "confirmed" for _, state in found.values())
 
     until(all_confirmed, "every notification confirmed", patience, logs=logs)
@@ -173,11 +147,8 @@ def test_postgres_crash_mid_burst_loses_nothing_and_recovers(
     text = dispatcher.stop()
     stopped = time.monotonic() - stopping
 
-    found = outbox_rows(db)
-    per_device: dict[str, set[uuid.UUID]] = {d.name: set() for d in devices}
-    for request_id, (device_id, _) in found.items():
-        per_device[device_id].add(request_id)
-    problems = {d.name: exactly_once(d.ran(), per_device[d.name]) for d in devices}
+    found = job_notifications(db)
+    problems = {d.name: exactly_once(d.ran(), of_device(found, d.name)) for d in devices}
     duplicates = sum(listener.output().count("duplicate, not run again") for listener in listeners)
     reconnects = text.count("database connection to")
     db.close()

@@ -19,10 +19,7 @@ every notification is confirmed and each ran its action exactly once.
 
 from __future__ import annotations
 
-import socketserver
-import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,9 +37,12 @@ from tests.reliability.harness import (
     Sampler,
     exactly_once,
     install_jobs,
+    job_notifications,
     missing_runs,
+    of_device,
     percentile,
 )
+from tests.support.collector import Collector, collecting
 from tests.support.waiting import until
 
 SECONDS = 30.0
@@ -59,53 +59,10 @@ DEPTH_SECONDS = 3.0
 RSS_GROWTH = 1.10
 
 
-class Collector(socketserver.ThreadingTCPServer):
-    """Records what the listeners' socket actions send: ``DEVICE REQUEST_ID``."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 1024
-    """Bursts of actions connect at once; the default backlog (5) would lose some of them."""
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Take)
-        self.lock = threading.Lock()
-        self.received: list[tuple[str, str]] = []
-
-    def take(self, text: str) -> None:
-        device, _, request_id = text.strip().partition(" ")
-        with self.lock:
-            self.received.append((device, request_id))
-
-    def by_device(self) -> dict[str, list[str]]:
-        with self.lock:
-            found: dict[str, list[str]] = {}
-            for device, request_id in self.received:
-                found.setdefault(device, []).append(request_id)
-            return found
-
-    def count(self) -> int:
-        with self.lock:
-            return len(self.received)
-
-
-class _Take(socketserver.StreamRequestHandler):
-    def handle(self) -> None:
-        assert isinstance(self.server, Collector)
-        self.server.take(self.rfile.read(4096).decode("ascii", errors="replace"))
-
-
 @pytest.fixture
 def collector() -> Iterator[Collector]:
-    server = Collector()
-    thread = threading.Thread(target=server.serve_forever, args=(0.1,), daemon=True)
-    thread.start()
-    try:
+    with collecting() as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
 
 
 def unfinished(db: psycopg.Connection) -> int:
@@ -122,18 +79,6 @@ def written(db: psycopg.Connection) -> int:
         "+ (SELECT count(*) FROM pushsync.outbox_history WHERE rule = 'job_posted')"
     ).fetchone()
     return int(row[0]) if row else 0
-
-
-def notifications(db: psycopg.Connection) -> dict[str, dict[uuid.UUID, str]]:
-    """Device -> request id -> state, for every notification of the rule."""
-    found: dict[str, dict[uuid.UUID, str]] = {}
-    for request_id, device, state in db.execute(
-        "SELECT request_id, device_id, state FROM pushsync.outbox WHERE rule = 'job_posted' "
-        "UNION ALL SELECT request_id, device_id, state FROM pushsync.outbox_history "
-        "WHERE rule = 'job_posted'"
-    ).fetchall():
-        found.setdefault(str(device), {})[uuid.UUID(str(request_id))] = str(state)
-    return found
 
 
 def test_soak_listeners_come_and_go_depth_and_memory_stay_flat(
@@ -153,7 +98,7 @@ def test_soak_listeners_come_and_go_depth_and_memory_stay_flat(
     dispatcher = processes.dispatcher(dsn)
     sync = dispatcher.wait_address("SYNC")
     dispatcher.wait_connected()
-    action = ("127.0.0.1", collector.server_address[1])
+    action = collector.address
     for device in devices:
         over_sync = device.name.startswith("sync")
         device.register(dsn, udp=not over_sync)
@@ -206,8 +151,8 @@ def test_soak_listeners_come_and_go_depth_and_memory_stay_flat(
         "every action",
         knobs.patience(30),
         explain=lambda: missing_runs(
-            {i for rows in notifications(db).values() for i in rows},
-            (i for _, i in collector.received),
+            set(job_notifications(db)),
+            collector.request_ids(),
             [p.log for p in processes.listeners],
         ),
     )
@@ -215,12 +160,11 @@ def test_soak_listeners_come_and_go_depth_and_memory_stay_flat(
         listener.stop()
     dispatcher.stop()
 
-    found = notifications(db)
+    found = job_notifications(db)
     problems = {
-        d.name: exactly_once(collector.by_device().get(d.name, []), set(found.get(d.name, {})))
-        for d in devices
+        d.name: exactly_once(collector.ran(d.name), of_device(found, d.name)) for d in devices
     }
-    states = Counter(state for rows in found.values() for state in rows.values())
+    states = Counter(state for _, state in found.values())
     depths = depth.values()
     warm_at = seconds / 3
     warm = [value for at, value in rss.samples if at >= warm_at]
@@ -247,7 +191,7 @@ def test_soak_listeners_come_and_go_depth_and_memory_stay_flat(
         duplicates_dropped_by_listeners=duplicates,
         sampling_errors=depth.errors[:3] + rss.errors[:3],
     )
-    assert sum(len(rows) for rows in found.values()) == total
+    assert len(found) == total
     assert states == {"confirmed": total}, states
     assert all(not p for p in problems.values()), problems
     assert max(depths, default=0.0) <= bound, depths

@@ -34,13 +34,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import port_for
 import psycopg
+from mirakuru.exceptions import ProcessFinishedWithError
 from pytest_postgresql.executors import PostgreSQLExecutor
 from pytest_postgresql.janitor import DatabaseJanitor
 
@@ -48,6 +49,7 @@ __all__ = [
     "DEFAULT_POSTGRES_OPTIONS",
     "OwnServer",
     "WrapperInfo",
+    "crash",
     "pg_ctl_path",
     "prepare_datadir",
     "start_postgres",
@@ -288,6 +290,20 @@ def _wait_accepting(executor: PostgreSQLExecutor, timeout: float) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def crash(executor: PostgreSQLExecutor) -> None:
+    """``pg_ctl stop -m immediate``: the server quits at once, without a checkpoint, as in
+    a crash (the next start replays the WAL)."""
+    subprocess.run(
+        [executor.executable, "stop", "-D", executor.datadir, "-m", "immediate", "-w"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    # The executor still holds its launcher process: clear it so that start() starts again.
+    with suppress(ProcessFinishedWithError):
+        super(PostgreSQLExecutor, executor).stop()
 
 
 def _stop_quietly(executor: PostgreSQLExecutor) -> None:
