@@ -7,37 +7,18 @@ read (bench/trigger_overhead/README.md), not for assertions.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.bench import run_bench
 
 
 @pytest.mark.slow
 def test_benchmark_smoke_run(tmp_path: Path) -> None:
     results = tmp_path / "results.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.trigger_overhead",
-            "--rounds",
-            "1",
-            "--seconds",
-            "1",
-            "--rows",
-            "2000",
-            "--json",
-            str(results),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    completed = run_bench(
+        "trigger_overhead", "--rounds", 1, "--seconds", 1, "--rows", 2000, "--json", results
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     lines = completed.stdout.splitlines()

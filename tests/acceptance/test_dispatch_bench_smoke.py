@@ -8,38 +8,18 @@ bench/dispatch_latency/README.md), not for assertions.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+from tests.support.bench import run_bench
 
 
 @pytest.mark.slow
 def test_dispatch_throughput_smoke_run(tmp_path: Path) -> None:
     results = tmp_path / "results.json"
-    completed = _run(
-        "bench.dispatch_throughput",
-        "--quick",
-        "--batches",
-        "100",
-        "--pgqueuer",
-        "100x1",
-        "--json",
-        str(results),
+    completed = run_bench(
+        "dispatch_throughput", "--quick", "--batches", 100, "--pgqueuer", "100x1", "--json", results
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     lines = completed.stdout.splitlines()
@@ -66,15 +46,7 @@ def test_dispatch_throughput_smoke_run(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_dispatch_latency_smoke_run(tmp_path: Path) -> None:
     results = tmp_path / "results.json"
-    completed = _run(
-        "bench.dispatch_latency",
-        "--seconds",
-        "1",
-        "--warmup",
-        "0.2",
-        "--json",
-        str(results),
-    )
+    completed = run_bench("dispatch_latency", "--seconds", 1, "--warmup", 0.2, "--json", results)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     lines = completed.stdout.splitlines()
     assert any(line.startswith("machine:") and "fsync" in line for line in lines), completed.stdout

@@ -8,41 +8,23 @@ message was acked, and that the dedupe commits and the machine facts were measur
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.bench import run_bench
+
 MESSAGES = 400
 
 
 @pytest.mark.slow
 def test_listener_benchmark_smoke_run(tmp_path: Path) -> None:
     results = tmp_path / "results.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.listener_throughput",
-            "--variants",
-            "sync",
-            "--rounds",
-            "1",
-            "--messages",
-            str(MESSAGES),
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--json",
-            str(results),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    options = ["--variants", "sync", "--rounds", 1, "--messages", MESSAGES]
+    completed = run_bench(
+        "listener_throughput", *options, "--state-dir", tmp_path / "state", "--json", results,
         timeout=120,
-        check=False,
-    )
+    )  # fmt: skip
     assert completed.returncode == 0, completed.stdout + completed.stderr
     lines = completed.stdout.splitlines()
     assert lines[0].startswith("machine: "), lines[:3]

@@ -6,27 +6,15 @@ every device got its message over each gateway.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.bench import figures, run_bench
 
 
 @pytest.mark.slow
 def test_mqtt_fanout_smoke_run() -> None:
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench.mqtt_fanout", "--devices", "50", "--clients", "2", "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    completed = run_bench("mqtt_fanout", "--devices", 50, "--clients", 2, "--json")
     assert completed.returncode == 0, completed.stdout + completed.stderr
-    figures = json.loads(completed.stdout.splitlines()[-1])
-    assert (figures["udp_received"], figures["mqtt_received"]) == (50, 50)
+    found = figures(completed)
+    assert (found["udp_received"], found["mqtt_received"]) == (50, 50)
     assert "fan-out over MQTT  50/50 in" in completed.stdout
