@@ -530,18 +530,7 @@ class Dispatcher:
 
     async def _deliver(self, item: Claimed) -> Outcome:
         """Try the item's gateways in order until one sends it. No database access."""
-        connected = self.connections is not None and self.connections.is_connected(item.device_id)
-        order = [
-            name
-            for name in gateway_order(
-                item.gateway,
-                connected=connected,
-                udp=item.udp_address,
-                email=item.email_address,
-                mqtt=item.mqtt_address,
-            )
-            if name in self.gateways
-        ]
+        order = self._order(item)
         if not order:
             return Outcome(None, f"no gateway can reach device {item.device_id}", final=False)
         failures: dict[str, tuple[str, bool]] = {}
