@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, LiteralString
 from bench import fanout
 from bench.dispatcher_process import DispatcherProcess, dispatcher_process, throwaway_database
 from bench.sync_fanout.devices import CONNECT_AT_ONCE
-from bench.sync_fanout.machine import measure, raise_nofile
+from bench.sync_fanout.machine import measure, raise_nofile, summary
 
 if TYPE_CHECKING:
     import psycopg
@@ -226,13 +226,9 @@ def run(devices: int, dispatchers: int, processes: int, dsn: str | None) -> dict
 
 def report(figures: dict[str, Any]) -> str:
     n, d = figures["devices"], figures["dispatchers"]
-    m = figures["machine"]
-    load = " ".join(f"{x:.2f}" for x in m["load"])
     moved = figures["rehomed_devices"]
     lines = [
-        f"machine: {m['cpus']} CPUs ({m['usable_cpus']} usable), load average {load}; "
-        f"fsync {m['fsync_ms']:.3f} ms in {m['fsync_dir']}; "
-        f"open files per process {m['nofile_soft']} (hard {m['nofile_hard']})",
+        summary(figures["machine"]),
         f"{d} dispatchers, {n} SYNC devices in {figures['device_processes']} processes "
         f"(one loopback address each): connected in {figures['connect_seconds']:.2f} s, "
         f"recorded in {figures['recorded_seconds']:.2f} s "

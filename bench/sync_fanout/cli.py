@@ -29,7 +29,7 @@ from bench.dispatcher_process import DispatcherProcess, dispatcher_process, thro
 from bench.fanout import device_id
 from bench.machine import cpu_seconds
 from bench.sync_fanout.devices import CONNECT_AT_ONCE
-from bench.sync_fanout.machine import measure, raise_nofile
+from bench.sync_fanout.machine import measure, raise_nofile, summary
 
 DBNAME = "bench"
 TARGETS = {
@@ -173,7 +173,6 @@ async def handshake_baseline(dsn: str, sample: int) -> dict[str, Any]:
 
 def report(figures: dict[str, Any]) -> str:
     n = figures["devices"]
-    m = figures["machine"]
     rows = [
         ("fan-out over UDP", f"{figures['udp_received']}/{n} in {figures['udp_seconds']:.3f} s",
          "udp_seconds", "s"),
@@ -185,11 +184,8 @@ def report(figures: dict[str, Any]) -> str:
         ("memory per SYNC connection", f"{figures['kib_per_connection']:.1f} KiB",
          "kib_per_connection", "KiB"),
     ]  # fmt: skip
-    load = " ".join(f"{x:.2f}" for x in m["load"])
     lines = [
-        f"machine: {m['cpus']} CPUs ({m['usable_cpus']} usable), load average {load}; "
-        f"fsync {m['fsync_ms']:.3f} ms in {m['fsync_dir']}; "
-        f"open files per process {m['nofile_soft']} (hard {m['nofile_hard']})",
+        summary(figures["machine"]),
         f"devices: {n}; SYNC connections opened in {figures['connect_seconds']:.2f} s "
         f"({figures['handshake_retries']} handshakes refused and retried), "
         f"dispatcher CPU {figures['dispatcher_cpu_connecting']:.2f} s "

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from bench import machine
-from bench.machine import FSYNC_BLOCK
 
 FSYNC_ROUNDS = 50
 
@@ -36,19 +35,18 @@ class Machine:
     ephemeral_ports: str
     somaxconn: str
 
-    def lines(self) -> list[str]:
-        load = " ".join(f"{x:.2f}" for x in self.load)
-        return [
-            f"machine: {self.cpus} CPUs ({self.usable_cpus} usable), load average {load}, "
-            f"python {self.python}",
-            f"  fsync {self.fsync_ms:.3f} ms (median of {FSYNC_ROUNDS} {FSYNC_BLOCK}-byte "
-            f"write+fsync in {self.fsync_dir})",
-            f"  open files per process: soft {self.nofile_soft}, hard {self.nofile_hard}; "
-            f"ephemeral ports {self.ephemeral_ports}; somaxconn {self.somaxconn}",
-        ]
-
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def summary(facts: dict[str, Any]) -> str:
+    """The machine line of a report, from :meth:`Machine.to_json`."""
+    load = " ".join(f"{x:.2f}" for x in facts["load"])
+    return (
+        f"machine: {facts['cpus']} CPUs ({facts['usable_cpus']} usable), load average {load}; "
+        f"fsync {facts['fsync_ms']:.3f} ms in {facts['fsync_dir']}; "
+        f"open files per process {facts['nofile_soft']} (hard {facts['nofile_hard']})"
+    )
 
 
 def measure(directory: Path | None = None) -> Machine:
@@ -87,4 +85,4 @@ def raise_nofile() -> int:
     return soft
 
 
-__all__ = ["Machine", "measure", "raise_nofile"]
+__all__ = ["Machine", "measure", "raise_nofile", "summary"]
