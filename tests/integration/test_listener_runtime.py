@@ -323,6 +323,16 @@ handlers:
     subject: sync
     action: sync
 """
+"""A listener whose action fails at once (no local database to synchronize)."""
+
+
+def cheap_failing(directory: Path, text: str = CHEAP_FAILING) -> Path:
+    """The listener config ``text`` (:data:`CHEAP_FAILING`) in ``directory``, its key
+    beside it; its path."""
+    write_key(directory / "truck-1.key", SECRET)
+    path = directory / "listener.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 @pytest.mark.asyncio
@@ -332,9 +342,7 @@ async def test_messages_are_logged_at_debug_failures_once_per_interval_counts_at
     """A busy listener does not write a line per message at INFO: the messages go to
     DEBUG, a failing handler gets one WARNING per interval, and each interval in which
     envelopes arrived gets one INFO line of counts."""
-    write_key(tmp_path / "truck-1.key", SECRET)
-    config_path = tmp_path / "listener.yaml"
-    config_path.write_text(CHEAP_FAILING, encoding="utf-8")
+    config_path = cheap_failing(tmp_path)
     caplog.set_level("DEBUG", logger="pushsync.listener.runtime")
     async with server() as srv, listening(config_path, expire_every=0.2) as listener:
         items = [claimed(listener.udp_address) for _ in range(3)]
@@ -356,9 +364,7 @@ async def test_message_log_logs_every_message_in_full(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``--message-log``: every message gets its line at the default level, content and all."""
-    write_key(tmp_path / "truck-1.key", SECRET)
-    config_path = tmp_path / "listener.yaml"
-    config_path.write_text(CHEAP_FAILING, encoding="utf-8")
+    config_path = cheap_failing(tmp_path)
     caplog.set_level("INFO", logger="pushsync.listener.runtime")
     async with server() as srv, listening(config_path, log_messages=True) as listener:
         items = [claimed(listener.udp_address) for _ in range(2)]
@@ -380,16 +386,10 @@ async def test_a_copy_that_arrives_while_the_first_runs_is_not_acked_before_it(
     answer: asyncio.Queue[asyncio.StreamWriter] = asyncio.Queue()
     sink = await asyncio.start_server(lambda _r, w: answer.put_nowait(w), "127.0.0.1", 0)
     port = sink.sockets[0].getsockname()[1]
-    write_key(tmp_path / "truck-1.key", SECRET)
-    config_path = tmp_path / "listener.yaml"
-    config_path.write_text(
-        CHEAP_FAILING.replace(
-            "action: sync",
-            f'action: {{socket: {{host: 127.0.0.1, port: {port}, send: "$request_id", '
-            "reply: true}}",
-        ),
-        encoding="utf-8",
+    socket_action = (
+        f'action: {{socket: {{host: 127.0.0.1, port: {port}, send: "$request_id", reply: true}}}}'
     )
+    config_path = cheap_failing(tmp_path, CHEAP_FAILING.replace("action: sync", socket_action))
     async with sink, server() as srv, listening(config_path) as listener:
         item = claimed(listener.udp_address)
         assert (await srv.gateway.send(item)).ok
@@ -432,22 +432,7 @@ async def test_messages_in_flight_share_one_dedupe_commit_and_are_acked_only_aft
     """64 datagrams arrive while another connection holds the dedupe file's write lock (a
     slow disk, drawn out): all 64 are read and verified, none is acked; once the lock goes,
     one commit (one sync to disk) records all 64, then each is acked once."""
-    write_key(tmp_path / "truck-1.key", SECRET)
-    config_path = tmp_path / "listener.yaml"
-    config_path.write_text(
-        f"""\
-device: {DEVICE}
-secret_file: truck-1.key
-state_dir: state
-channels:
-  udp: {{bind: "127.0.0.1:9"}}
-handlers:
-  - name: cheap
-    subject: sync
-    action: sync
-""",
-        encoding="utf-8",
-    )
+    config_path = cheap_failing(tmp_path)
     caplog.set_level("INFO", logger="pushsync.listener.runtime")
     async with server() as srv, listening(config_path) as listener:
         blocker = sqlite3.connect(listener.dedupe.path, isolation_level=None)
