@@ -8,9 +8,9 @@ SELECT pg_advisory_xact_lock(hashtextextended('pushsync.migrate', 0));
 
 -- The last attempts of a notification, oldest first, one JSON object each:
 --   at       when the outcome was recorded
---   gateway  the gateway that sent it (sync, mqtt, udp, smtp); null when none did
---   address  where it went: 'connection' (sync), else the source of the
---            device's address for that medium, 'manual' or 'tracking'
+--   gateway  the gateway that sent it (sync, mqtt, udp, smtp), which says the
+--            kind of address: the SYNC connection, the MQTT subscription, the
+--            UDP address, the email address; absent when none sent it
 --   outcome  'sent', 'retry' (not sent, tried again at the next resend) or
 --            'failed' (cannot be delivered, ever)
 --   error    why not (the gateways tried, each with its error), for retry and failed
@@ -26,9 +26,11 @@ ALTER TABLE pushsync.outbox_history
 
 -- `log` with `attempt` appended, keeping at most the last 16: a row resent
 -- every minute for a day stays a few kilobytes. A plain SQL expression, which
--- the planner inlines into the recording statements.
+-- the planner inlines into the recording statements: STABLE, not IMMUTABLE,
+-- because the attempt it is given holds now(), and an IMMUTABLE function
+-- whose arguments are not immutable is called instead (a call per row).
 CREATE OR REPLACE FUNCTION pushsync.attempt_logged(log jsonb, attempt jsonb) RETURNS jsonb
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE sql STABLE PARALLEL SAFE
 RETURN CASE WHEN jsonb_array_length(log) >= 16 THEN log - 0 ELSE log END
        || jsonb_build_array(attempt);
 

@@ -475,10 +475,13 @@ async function drawRequest() {
 }
 
 const KEPT_ATTEMPTS = 16;  // sql/0012_attempt_log.sql keeps the last 16
-const MEDIUM = { udp: "UDP", smtp: "email", mqtt: "MQTT", sync: "SYNC" };
+const ADDRESS = {
+  sync: "the device's SYNC connection", mqtt: "the device's MQTT subscription",
+  udp: "the device's UDP address", smtp: "the device's email address",
+};
 
-// Each recorded attempt: when its outcome was recorded, through which gateway,
-// to which kind of address, and what came of it.
+// Each recorded attempt: when its outcome was recorded, through which gateway
+// (which says the kind of address), and what came of it.
 function attemptsTable(r) {
   const log = r.attempt_log || [];
   const rows = log.map((a, i) => el("tr", { "data-outcome": a.outcome },
@@ -486,20 +489,11 @@ function attemptsTable(r) {
     el("td", {}, when(a.at)),
     el("td", { class: "n" }, ms(new Date(a.at) - new Date(r.created_at))),
     el("td", {}, a.gateway || "–"),
-    el("td", {}, addressKind(a)),
+    el("td", {}, a.gateway ? ADDRESS[a.gateway] || a.gateway : "–"),
     el("td", {}, outcome(a))));
   return el("table", { "data-testid": "attempts" },
     el("thead", {}, el("tr", {}, ["#", "at", "after writing", "gateway", "address", "outcome"].map((h) => el("th", {}, h)))),
     el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: 6, class: "empty" }, "no attempt recorded"))));
-}
-
-function addressKind(a) {
-  if (!a.gateway) return "–";
-  if (a.address === "connection") return "the device's SYNC connection";
-  const medium = MEDIUM[a.gateway] || a.gateway;
-  if (a.address === "manual") return "manual " + medium + " address";
-  if (a.address === "tracking") return "tracked " + medium + " address";
-  return medium;
 }
 
 function outcome(a) {
