@@ -178,6 +178,11 @@ class Synchronizer:
         self._devices[device] = session
         session.task = asyncio.create_task(self._run(session, frame), name="pushsync sync")
 
+    def answered(self, session: _Session) -> None:
+        """``session``'s device has its answer: what remains (its record) is not cancelled
+        when its connection closes, and the device may synchronize again."""
+        self._forget(session)
+
     def _forget(self, session: _Session) -> None:
         if self._sessions.get(session.conn) is session:
             del self._sessions[session.conn]
@@ -305,22 +310,26 @@ class _Sync:
     async def run(self, begin: protocol.Frame) -> None:
         request = wire.decode_sync_begin(begin)
         self.local = request.tables
-        publication, tables = await self._tables(request.publication)
-        if self.session.record is not None:
-            self.session.record.publication = publication
         try:
-            await self._exchange(publication, tables, request.watermark)
+            await self._exchange(request.publication, request.watermark)
         finally:
             await self._release(commit=False)  # an atomic upload cut short: nothing of it
 
-    async def _exchange(
-        self, publication: str, tables: dict[str, ServerTable], watermark: str | None
-    ) -> None:
+    async def _exchange(self, requested: str | None, watermark: str | None) -> None:
+        """The device's frames until its DOWNLOAD. A device with nothing to upload sends
+        DOWNLOAD with SYNC_BEGIN: the publication is then read with the download (one
+        round trip less); else at once, so that SYNC_BEGIN alone is answered."""
+        publication: sync_store.Publication | None = None
+        frame = self._ready()
+        if frame is None or frame.type != FrameType.DOWNLOAD:
+            publication = await self._publication(requested)
         uploaded = 0
         while True:
-            frame = await self._next()
+            if frame is None:
+                frame = await self._next()
             if frame.type == FrameType.UPLOAD:
-                uploaded += await self._upload(frame, tables)
+                assert publication is not None  # noqa: S101  read unless DOWNLOAD came first
+                uploaded += await self._upload(frame, publication.tables)
             elif frame.type == FrameType.DOWNLOAD:
                 if frame.payload:
                     raise SyncRefused("DOWNLOAD from the device carries no payload")
@@ -328,11 +337,11 @@ class _Sync:
                     raise SyncRefused(
                         "the atomic upload ended without its last batch; nothing of it was applied"
                     )
-                sent = await self._download(publication, tables, watermark)
+                name, sent = await self._download(requested, publication, watermark)
                 logger.info(
                     "sync: %s %s: %d row%s uploaded, %s",
                     self.device,
-                    publication,
+                    name,
                     uploaded,
                     "" if uploaded == 1 else "s",
                     ", ".join(f"{t} {n}" for t, n in sent.items()) or "nothing to download",
@@ -340,6 +349,16 @@ class _Sync:
                 return
             else:
                 raise SyncRefused(f"{frame.type.name} during a synchronization")
+            frame = None
+
+    def _ready(self) -> protocol.Frame | None:
+        """The device's next frame if it has arrived already."""
+        try:
+            frame = self.session.frames.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        self.session.queued -= len(frame.payload)
+        return frame
 
     async def _next(self) -> protocol.Frame:
         wait = IDLE_TIMEOUT
@@ -356,24 +375,16 @@ class _Sync:
 
     # ----------------------------------------------------------------- the publication
 
-    async def _tables(self, publication: str | None) -> tuple[str, dict[str, ServerTable]]:
+    async def _publication(self, requested: str | None) -> sync_store.Publication:
         async with self.owner.pool.connection(self.owner.timeout) as db:
-            granted = await sync_store.granted(db, self.device)
-            if publication is None:
-                if len(granted) != 1:
-                    raise SyncRefused(
-                        "name the publication to synchronize (`publication:` in the listener "
-                        f"config): this device may synchronize {', '.join(granted) or 'none'}"
-                    )
-                publication = granted[0]
-            if publication not in granted:
-                # Not granted or not defined: the same answer, so nothing is learnt.
-                raise SyncRefused(f"there is no publication {publication!r}")
-            tables = await sync_store.published(db, publication)
-            if not tables:
-                raise SyncRefused(f"there is no publication {publication!r}")
-            self.atomic = await sync_store.atomic(db, publication)
-            return publication, {table.name: table for table in tables}
+            publication = await sync_store.publication(db, self.device, requested)
+        self._chosen(publication)
+        return publication
+
+    def _chosen(self, publication: sync_store.Publication) -> None:
+        self.atomic = publication.atomic
+        if self.session.record is not None:
+            self.session.record.publication = publication.name
 
     # ----------------------------------------------------------------- upload
 
@@ -580,49 +591,117 @@ class _Sync:
     # ----------------------------------------------------------------- download
 
     async def _download(
-        self, publication: str, tables: dict[str, ServerTable], watermark: str | None
-    ) -> dict[str, str]:
+        self,
+        requested: str | None,
+        publication: sync_store.Publication | None,
+        watermark: str | None,
+    ) -> tuple[str, dict[str, str]]:
+        """Answer the DOWNLOAD in one transaction (one snapshot, the answer's watermark);
+        then record the synchronization on the same connection. Nothing changed for the
+        device: two round trips (docs/sync.md, "An untouched download")."""
+        async with self.owner.pool.connection(self.owner.timeout) as db:
+            try:
+                name, sent = await self._answer(db, requested, publication, watermark)
+            except BaseException:
+                await sync_store.abandon(db)
+                raise
+            await self.conn.drain()
+            # The device has its answer: closing its connection no longer cancels this
+            # task (a cancelled statement would cost the pool its connection).
+            self.owner.answered(self.session)
+            await self._record(db)
+        return name, sent
+
+    async def _answer(
+        self,
+        db: AsyncConn,
+        requested: str | None,
+        publication: sync_store.Publication | None,
+        watermark: str | None,
+    ) -> tuple[str, dict[str, str]]:
+        opened = await sync_store.open_download(
+            db,
+            self.device,
+            requested if publication is None else publication.name,
+            watermark,
+            tables=publication is None,
+        )
+        if publication is None:
+            assert opened.publication is not None  # noqa: S101  asked for: read, or refused
+            publication = opened.publication
+            self._chosen(publication)
+        held = opened.holdings
+        if held is None:
+            raise RuntimeError("the holdings of a granted publication were not found")
+        if held.confirmed is None and watermark is not None:
+            await sync_store.valid_watermark(db, watermark)  # refused if no snapshot at all
+        plan = self._plan(publication.tables, held)
+        async with db.pipeline():
+            await sync_store.settle(db, held, opened.snapshot)
+            if not plan:  # nothing to send: the answer commits in the same round trip
+                await sync_store.commit(db)
         sent: dict[str, str] = {}
-        async with self.owner.pool.connection(self.owner.timeout) as db, db.transaction():
-            snapshot = await sync_store.begin_download(db)
-            since = await sync_store.usable_watermark(db, watermark)
-            held = await sync_store.holdings(db, self.device, publication, since)
-            touched: dict[str, tuple[bool, bool]] = {}
-            if held.confirmed is not None:
-                touched = await sync_store.changed_each(db, list(tables.values()), held.confirmed)
-            for table in tables.values():
-                full = held.confirmed is None or table.name not in held.known
-                full = full or self.local.get(table.name) != table.shape()
-                full = full or table.name in self.full
-                if full:
-                    count = await sync_download.send_full(
-                        db, self.conn, table, self.device, held.holder
-                    )
-                    sent[table.name] = f"{count} rows (full)"
-                    self._downloaded(count)
-                    continue
-                assert held.confirmed is not None  # noqa: S101  type narrowing; else full
-                forced = self.forced.get(table.name, [])
-                reads_changed, whole = touched.get(table.name, (True, True))
-                if not forced and not reads_changed:
-                    continue  # nothing it reads changed: it holds what it would get
-                ups, dels = await sync_download.send_diff(
-                    db,
-                    self.conn,
-                    table,
-                    device=self.device,
-                    holder=held.holder,
-                    since=held.confirmed,
-                    forced=forced,
-                    whole=whole,
-                )
-                sent[table.name] = f"{ups} rows, {dels} deletes"
-                self._downloaded(ups + dels)
-            await sync_store.answered_download(db, held.holder, held.confirmed, snapshot)
-        end = wire.SyncEnd(publication=publication, watermark=snapshot)
+        for table, whole in plan:
+            sent[table.name] = await self._send(db, table, held, whole)
+        if plan:
+            await sync_store.commit(db)
+        end = wire.SyncEnd(publication=publication.name, watermark=opened.snapshot)
         self.conn.write(wire.encode_sync_end(end), bulk=True)
-        await self.conn.drain()
-        return sent
+        return publication.name, sent
+
+    def _plan(
+        self, tables: dict[str, ServerTable], held: sync_store.Holdings
+    ) -> list[tuple[ServerTable, bool | None]]:
+        """The tables to send, in download order: each in full (None), or what differs
+        from the device's (True: its whole download compared; False: only changed keys).
+        A table that nothing it reads changed, with nothing forced, is not evaluated."""
+        plan: list[tuple[ServerTable, bool | None]] = []
+        for table in tables.values():
+            full = held.confirmed is None or table.name not in held.known
+            full = full or self.local.get(table.name) != table.shape()
+            full = full or table.name in self.full
+            if full:
+                plan.append((table, None))
+                continue
+            reads_changed, whole = held.reads_changed(table)
+            if reads_changed or self.forced.get(table.name):
+                plan.append((table, whole))
+        return plan
+
+    async def _send(
+        self, db: AsyncConn, table: ServerTable, held: sync_store.Holdings, whole: bool | None
+    ) -> str:
+        if whole is None:
+            count = await sync_download.send_full(db, self.conn, table, self.device, held.holder)
+            self._downloaded(count)
+            return f"{count} rows (full)"
+        assert held.confirmed is not None  # noqa: S101  type narrowing; else full
+        ups, dels = await sync_download.send_diff(
+            db,
+            self.conn,
+            table,
+            device=self.device,
+            holder=held.holder,
+            since=held.confirmed,
+            forced=self.forced.get(table.name, []),
+            whole=whole,
+        )
+        self._downloaded(ups + dels)
+        return f"{ups} rows, {dels} deletes"
+
+    async def _record(self, db: AsyncConn) -> None:
+        """The synchronization's row, on the download's connection once the answer is
+        written (its own transaction); ``_run`` then has nothing left to record."""
+        record, self.session.record = self.session.record, None
+        if record is None:
+            return
+        try:
+            async with asyncio.timeout(self.owner.timeout):
+                await sync_store.record_session(db, record)
+        except Exception as exc:  # the record is a report: the synchronization is done
+            logger.warning(
+                "sync: %s: the synchronization was not recorded: %s", self.device, first_line(exc)
+            )
 
     def _downloaded(self, rows: int) -> None:
         if self.session.record is not None:

@@ -6,17 +6,19 @@ What is composed per published table (its name, its key, its functions) is in
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
 
 from pushsync import queries
 from pushsync.dispatcher.sync_errors import SyncRefused
 from pushsync.dispatcher.sync_tables import ServerTable
-from pushsync.wire.sync import TableShape, Uploaded
+from pushsync.wire.sync import Uploaded
 
 AsyncConn = psycopg.AsyncConnection[Any]
 
@@ -34,53 +36,60 @@ async def pin(db: AsyncConn) -> None:
 # --------------------------------------------------------------------------- the publication
 
 
-async def granted(db: AsyncConn, device: str) -> list[str]:
-    """The publications ``device`` may synchronize that the rules define."""
-    cur = await db.execute(query("publications_granted"), {"device": device})
-    return [str(name) for (name,) in await cur.fetchall()]
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """The publication a synchronization is for, as the server has it now."""
+
+    name: str
+    tables: dict[str, ServerTable]
+    """In download order."""
+    atomic: bool
+    """Whether its uploads are all or nothing (``upload: atomic``)."""
 
 
-async def published(db: AsyncConn, publication: str) -> list[ServerTable]:
-    """The tables of ``publication``, in download order, as the server has them now."""
-    cur = await db.execute(query("publication_tables"), {"publication": publication})
-    tables = []
-    for name, key, upload, conflict, newest, function, depends, check in await cur.fetchall():
-        shape = await _shape(db, name, tuple(key))
-        tables.append(
-            ServerTable(
-                name=name,
-                columns=shape.columns,
-                key=shape.key,
-                upload=tuple(upload),
-                conflict=conflict,
-                newest=newest,
-                function=function,
-                depends_on=tuple(depends),
-                check_function=check,
-            )
+async def publication(db: AsyncConn, device: str, requested: str | None) -> Publication:
+    """The publication ``device`` asked for (None: its only one), with its tables; refused
+    if the device may not synchronize it. One statement."""
+    params = {"device": device, "publication": requested}
+    cur = await db.execute(query("publication_granted"), params)
+    return _accepted(requested, await cur.fetchall())
+
+
+def _accepted(requested: str | None, rows: list[Any]) -> Publication:
+    """The publication of ``publication_granted``'s rows, or the refusal."""
+    granted: list[str] = list(rows[0][0]) if rows else []
+    if requested is None and len(granted) != 1:
+        raise SyncRefused(
+            "name the publication to synchronize (`publication:` in the listener "
+            f"config): this device may synchronize {', '.join(granted) or 'none'}"
         )
-    return tables
+    chosen = rows[0][1] if rows else None
+    if chosen is None or chosen not in granted or rows[0][2] is None:
+        # Not granted or not defined: the same answer, so nothing is learnt.
+        raise SyncRefused(f"there is no publication {chosen or requested!r}")
+    tables = [_table(row[2:]) for row in rows]
+    atomic = any(bool(row[10]) for row in rows)
+    return Publication(name=str(chosen), tables={t.name: t for t in tables}, atomic=atomic)
 
 
-async def atomic(db: AsyncConn, publication: str) -> bool:
-    """Whether ``publication`` applies each upload in one transaction, or nothing of it."""
-    cur = await db.execute(query("publication_atomic"), {"publication": publication})
-    row = await cur.fetchone()
-    return bool(row and row[0])
-
-
-async def _shape(db: AsyncConn, table: str, key: tuple[str, ...]) -> TableShape:
-    """The table's columns, and ``key`` or else its primary key."""
-    cur = await db.execute(query("table_columns"), {"table": table})
-    columns = tuple((str(n), str(t)) for n, t in await cur.fetchall())
-    if not columns:
-        raise SyncRefused(f"published table {table} does not exist on the server")
+def _table(row: Any) -> ServerTable:
+    name, key, upload, conflict, newest, function, depends, check, _, names, types, pk = row
+    if not names:
+        raise SyncRefused(f"published table {name} does not exist on the server")
+    key = tuple(key) or tuple(pk)
     if not key:
-        cur = await db.execute(queries.get("primary_key"), {"table": table})
-        key = tuple(str(n) for (n,) in await cur.fetchall())
-    if not key:
-        raise SyncRefused(f"published table {table} has no primary key on the server")
-    return TableShape(columns=columns, key=key)
+        raise SyncRefused(f"published table {name} has no primary key on the server")
+    return ServerTable(
+        name=name,
+        columns=tuple(zip(names, types, strict=True)),
+        key=key,
+        upload=tuple(upload),
+        conflict=conflict,
+        newest=newest,
+        function=function,
+        depends_on=tuple(depends),
+        check_function=check,
+    )
 
 
 # --------------------------------------------------------------------------- uploads
@@ -153,61 +162,131 @@ async def record_session(db: AsyncConn, record: SessionRecord) -> None:
 # --------------------------------------------------------------------------- downloads
 
 
-async def begin_download(db: AsyncConn) -> str:
-    """Make this transaction the download's (one snapshot, pinned); the snapshot as text.
-    The statements go in one round trip (a pipeline)."""
-    async with db.pipeline():
-        await db.execute(query("download_begin"))
-        for statement in query("pinned").split(";\n"):
-            await db.execute(statement)
-        cur = await db.execute(query("download_snapshot"))
-        row = await cur.fetchone()
-    if row is None:
-        raise RuntimeError("a one-row SELECT returned no row")
-    return str(row[0])
-
-
-async def usable_watermark(db: AsyncConn, watermark: str | None) -> str | None:
-    """The watermark, if the change log still covers everything since it; else None."""
-    if watermark is None:
-        return None
-    try:
-        async with db.transaction():
-            cur = await db.execute(query("watermark_usable"), {"watermark": watermark})
-            row = await cur.fetchone()
-    except psycopg.errors.InvalidTextRepresentation:
-        raise SyncRefused("the watermark is not a snapshot this server made") from None
-    return watermark if row is not None and row[0] else None
-
-
-async def changed_each(
-    db: AsyncConn, tables: list[ServerTable], since: str
-) -> dict[str, tuple[bool, bool]]:
-    """For each table: whether a table its download reads (itself included) changed since
-    the watermark ``since``, and whether one of the others did (one statement)."""
-    described = [
-        {"name": t.name, "reads": [t.name, *t.depends_on], "depends": list(t.depends_on)}
-        for t in tables
-    ]
-    params = {"tables": json.dumps(described), "since": since}
-    cur = await db.execute(query("tables_changed_each"), params)
-    rows = await cur.fetchall()
-    return {str(name): (bool(reads), bool(depends)) for name, reads, depends in rows}
-
-
-# --------------------------------------------------------------------------- holdings
-
-
 @dataclass(frozen=True, slots=True)
 class Holdings:
     """What the server knows of the rows a device holds, at the start of its download."""
 
     holder: int
     """The device's and publication's number in ``pushsync.device_rows``."""
-    known: frozenset[str]
-    """The tables whose rows on the device are known (the others are sent in full)."""
     confirmed: str | None
-    """The watermark those rows belong to: the one the device came with, or None."""
+    """The watermark the device's rows belong to once settled: the one it came with (the
+    last answer's or the one before), or None (nothing known: every table in full)."""
+    known: frozenset[str]
+    """The tables whose rows on the device are known once settled (the others: in full)."""
+    changed: frozenset[str]
+    """The tables the publication's downloads read with a change since ``confirmed``."""
+    settle: tuple[str, ...]
+    """The blocks that settle them (promote, forget, discard): none if nothing changes."""
+
+    def reads_changed(self, table: ServerTable) -> tuple[bool, bool]:
+        """Whether a table ``table``'s download reads (itself included) changed since the
+        watermark, and whether one of the others did."""
+        others = not self.changed.isdisjoint(table.depends_on)
+        return others or table.name in self.changed, others
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A download's transaction, once its first round trip is back."""
+
+    snapshot: str
+    """The download's snapshot: the answer's watermark."""
+    publication: Publication | None
+    """The publication, if it was asked for."""
+    holdings: Holdings | None
+    """None if the publication is refused (the caller raises and rolls back)."""
+
+
+async def open_download(
+    db: AsyncConn,
+    device: str,
+    requested: str | None,
+    watermark: str | None,
+    *,
+    tables: bool,
+) -> Opened:
+    """Begin the download's transaction (one snapshot, pinned), read the publication (if
+    ``tables``: it was not read for the uploads) and lock and read the device's holdings
+    with what changed since ``watermark`` (compared in SQL with the holdings' own
+    watermarks, never cast): one round trip (a pipeline). The caller ends
+    the transaction (:func:`commit`, or :func:`abandon` on every other way out)."""
+    params = {"device": device, "publication": requested, "watermark": watermark}
+    async with db.pipeline():
+        await db.execute(query("download_begin"))
+        for statement in query("pinned").split(";\n"):
+            await db.execute(statement)
+        snap = await db.execute(query("download_snapshot"))
+        pub = await db.execute(query("publication_granted"), params) if tables else None
+        held = await db.execute(query("holdings_open"), params)
+        row = await snap.fetchone()
+        pub_rows = await pub.fetchall() if pub is not None else None
+        held_rows = await held.fetchall()
+    if row is None:
+        raise RuntimeError("a one-row SELECT returned no row")
+    chosen = _accepted(requested, pub_rows) if pub_rows is not None else None
+    name = chosen.name if chosen is not None else requested
+    mine = [r for r in held_rows if name is None or r[1] == name]
+    return Opened(
+        snapshot=str(row[0]),
+        publication=chosen,
+        holdings=_settled(mine[0]) if len(mine) == 1 else None,
+    )
+
+
+def _settled(row: Any) -> Holdings:
+    """The holdings once settled by the watermark the device came with: the last answer's
+    (it applied it: promoted), the one before (it did not: discarded), or another
+    (nothing known: forgotten, every table in full)."""
+    holder, _, confirmed, pending, since, known, pending_full, pending_rows, changed = row
+    anything_pending = bool(pending_rows) or bool(pending_full)
+    blocks: list[str] = []
+    if since is not None and since == pending:
+        if anything_pending:
+            blocks.append("holdings_promote")
+        known = [*known, *pending_full]
+    elif since is None or since != confirmed:
+        blocks.append("holdings_forget")
+        known, since = [], None
+    if anything_pending:
+        blocks.append("holdings_discard")
+    return Holdings(
+        holder=int(holder),
+        confirmed=since,
+        known=frozenset(str(t) for t in known),
+        changed=frozenset(str(t) for t in changed) if since is not None else frozenset(),
+        settle=tuple(blocks),
+    )
+
+
+async def valid_watermark(db: AsyncConn, watermark: str) -> None:
+    """Refuse a watermark that is no snapshot (one neither of the device's last two)."""
+    try:
+        await db.execute(query("watermark_valid"), {"watermark": watermark})
+    except psycopg.errors.InvalidTextRepresentation:
+        raise SyncRefused("the watermark is not a snapshot this server made") from None
+
+
+async def settle(db: AsyncConn, held: Holdings, snapshot: str) -> None:
+    """Settle the holdings and record the answer's watermark (the device holds
+    ``confirmed`` until it comes back with ``snapshot``). Queued in the caller's
+    pipeline: nothing is read back."""
+    params = {"holder": held.holder}
+    for block in held.settle:
+        await _run_all(db, block, params)
+    answered = {"holder": held.holder, "confirmed": held.confirmed, "pending": snapshot}
+    await db.execute(query("holdings_answered"), answered)
+
+
+async def commit(db: AsyncConn) -> None:
+    await db.execute("COMMIT")
+
+
+async def abandon(db: AsyncConn) -> None:
+    """Roll back the download's transaction if it is still open (whatever ended it)."""
+    status = db.info.transaction_status
+    if status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+        with contextlib.suppress(psycopg.Error):
+            await db.execute("ROLLBACK")
 
 
 async def _run_all(db: AsyncConn, name: str, params: dict[str, Any]) -> None:
@@ -216,42 +295,12 @@ async def _run_all(db: AsyncConn, name: str, params: dict[str, Any]) -> None:
         await db.execute(statement, params)
 
 
-async def holdings(db: AsyncConn, device: str, publication: str, watermark: str | None) -> Holdings:
-    """Settle the device's holdings by the watermark it came with: the last answer's
-    (it applied it: promoted), the one before (it did not: discarded), or another
-    (nothing known: forgotten, every table in full). Two round trips."""
-    cur = await db.execute(query("holdings_lock"), {"device": device, "publication": publication})
-    row = await cur.fetchone()
-    if row is None:
-        raise RuntimeError("INSERT ... RETURNING returned no row")
-    holder, confirmed, pending = row
-    params = {"holder": holder}
-    async with db.pipeline():
-        if watermark is not None and watermark == pending:
-            await _run_all(db, "holdings_promote", params)
-        elif watermark is None or watermark != confirmed:
-            await _run_all(db, "holdings_forget", params)
-            watermark = None
-        await _run_all(db, "holdings_discard", params)
-        cur = await db.execute(query("holdings_known"), params)
-        known = frozenset(str(name) for (name,) in await cur.fetchall())
-    return Holdings(holder=int(holder), known=known, confirmed=watermark)
-
-
 async def hold_full(
     db: AsyncConn, holder: int, table: str, keys: list[bytes], hashes: list[bytes]
 ) -> None:
     """What the device holds of ``table`` once it applied a full download of it."""
     params = {"holder": holder, "table": table, "keys": keys, "hashes": hashes}
     await _run_all(db, "holdings_full", params)
-
-
-async def answered_download(
-    db: AsyncConn, holder: int, confirmed: str | None, pending: str
-) -> None:
-    """Record the answer's watermark, in the answer's transaction."""
-    params = {"holder": holder, "confirmed": confirmed, "pending": pending}
-    await db.execute(query("holdings_answered"), params)
 
 
 async def download_frame(
@@ -281,21 +330,21 @@ async def download_frame(
 
 __all__ = [
     "Holdings",
+    "Opened",
+    "Publication",
     "SessionRecord",
+    "abandon",
     "answered",
-    "answered_download",
-    "atomic",
-    "begin_download",
-    "changed_each",
+    "commit",
     "download_frame",
-    "granted",
     "hold_full",
-    "holdings",
+    "open_download",
     "pin",
-    "published",
+    "publication",
     "query",
     "record",
     "record_session",
+    "settle",
     "still_enabled",
-    "usable_watermark",
+    "valid_watermark",
 ]

@@ -120,13 +120,19 @@ async def synchronize(
     begin = wire.SyncBegin(
         publication=publication, watermark=db.watermark(local_key), tables=tables
     )
-    client.send(wire.encode_sync_begin(begin))
     uploaded = rejected = 0
     held: list[int] = []
     """Seqs of the batches the server holds, unapplied, until the upload's last one."""
     after: int | None = None
     whole_refused: str | None = None
-    while (batch := _next_batch(db, after, len(held))) is not None:
+    first = _next_batch(db, after, 0)
+    download = protocol.encode_frame(FrameType.DOWNLOAD)
+    if first is None:  # nothing to upload: one write, so the server reads both at once
+        client.send(wire.encode_sync_begin(begin) + download)
+    else:
+        client.send(wire.encode_sync_begin(begin))
+    batch = first
+    while batch is not None:
         name, changes, follows = batch
         answer, done, refused = await client.upload(name, changes, follows=follows, held=held)
         if answer.refused is not None:
@@ -137,11 +143,13 @@ async def synchronize(
         if answer.held:
             held += [c.seq for c in changes]
             after = changes[-1].seq
-            continue
-        held, after = [], None
-        uploaded += done
-        rejected += refused
-    transport.send(protocol.encode_frame(FrameType.DOWNLOAD))
+        else:
+            held, after = [], None
+            uploaded += done
+            rejected += refused
+        batch = _next_batch(db, after, len(held))
+    if first is not None:
+        client.send(download)
     downloads, end = await client.download()
     stats = await asyncio.to_thread(db.apply, local_key, downloads, end.watermark)
     return SyncResult(

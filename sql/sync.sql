@@ -14,38 +14,45 @@ SET LOCAL search_path = pg_catalog, pg_temp;
 SET LOCAL standard_conforming_strings = on;
 SET LOCAL jit = off
 
--- publications_granted --
--- The device's publications that the applied rules define. A publication
--- neither granted nor defined is refused with one answer for both, so a
--- device learns nothing about what else the server publishes.
-SELECT g.publication
-FROM pushsync.device_publications AS g
-WHERE g.device_id = %(device)s
-  AND EXISTS (SELECT 1 FROM pushsync.publication_tables AS p
-              WHERE p.publication = g.publication)
-ORDER BY 1
-
--- publication_tables --
--- In download order.
-SELECT table_name, key_columns, upload, conflict, newest_column,
-       download_function, depends_on, upload_check_function
-FROM pushsync.publication_tables
-WHERE publication = %(publication)s
-ORDER BY position
-
--- publication_atomic --
--- Whether the publication's uploads are all or nothing (`upload: atomic`).
-SELECT coalesce(bool_or(upload_mode = 'atomic'), false)
-FROM pushsync.publication_tables
-WHERE publication = %(publication)s
-
--- table_columns --
--- Name and format_type() of each column, in the table's order: what a device's
--- local table is created from, and compared with.
-SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
-FROM pg_attribute AS a
-WHERE a.attrelid = to_regclass(%(table)s) AND a.attnum > 0 AND NOT a.attisdropped
-ORDER BY a.attnum
+-- publication_granted --
+-- The publication the device asked for (or, naming none, the only one it may
+-- synchronize), one row per table in download order, with each table's
+-- columns (name and format_type(), in the table's order: what a device's
+-- local table is created from and compared with) and primary key as the
+-- catalog has them now. `granted`, in every row, lists the device's
+-- publications that the applied rules define. A publication neither granted
+-- nor defined gives one row without a table: refused with one answer for
+-- both, so a device learns nothing about what else the server publishes.
+-- One statement, one round trip, whatever the number of tables.
+WITH granted AS (
+    SELECT g.publication
+    FROM pushsync.device_publications AS g
+    WHERE g.device_id = %(device)s
+      AND EXISTS (SELECT 1 FROM pushsync.publication_tables AS p
+                  WHERE p.publication = g.publication)),
+chosen AS (
+    SELECT coalesce(%(publication)s::text,
+                    (SELECT min(publication) FROM granted HAVING count(*) = 1)) AS publication)
+SELECT ARRAY(SELECT publication FROM granted ORDER BY 1) AS granted,
+       c.publication, t.table_name, t.key_columns, t.upload, t.conflict, t.newest_column,
+       t.download_function, t.depends_on, t.upload_check_function,
+       t.upload_mode = 'atomic' AS atomic,
+       ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute AS a
+             WHERE a.attrelid = to_regclass(t.table_name) AND a.attnum > 0
+               AND NOT a.attisdropped ORDER BY a.attnum) AS column_names,
+       ARRAY(SELECT format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute AS a
+             WHERE a.attrelid = to_regclass(t.table_name) AND a.attnum > 0
+               AND NOT a.attisdropped ORDER BY a.attnum) AS column_types,
+       ARRAY(SELECT a.attname::text
+             FROM pg_catalog.pg_index AS i
+             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+             JOIN pg_catalog.pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indrelid = to_regclass(t.table_name) AND i.indisprimary
+             ORDER BY k.ord) AS primary_key
+FROM chosen AS c
+LEFT JOIN pushsync.publication_tables AS t
+       ON t.publication = c.publication AND c.publication IN (SELECT publication FROM granted)
+ORDER BY t.position
 
 -- device_enabled --
 -- The row lock makes a concurrent `device disable` wait for the batch being
@@ -72,32 +79,18 @@ VALUES (%(device)s, %(publication)s, %(started_at)s, %(upload_rows)s, %(download
 -- download_begin --
 -- One snapshot for the whole download: it becomes the device's watermark. Not
 -- READ ONLY: the device's holdings (pushsync.device_holdings) are written in
--- the same transaction, from the same snapshot as the rows sent.
-SET TRANSACTION ISOLATION LEVEL REPEATABLE READ
+-- the same transaction, from the same snapshot as the rows sent. Sent first in
+-- the download's first round trip (a pipeline), then `pinned`, then:
+BEGIN ISOLATION LEVEL REPEATABLE READ
 
 -- download_snapshot --
+-- The first statement to read: the transaction's snapshot is taken here.
 SELECT pg_current_snapshot()::text
 
--- watermark_usable --
--- Whether the change log still holds every change since the watermark; if not,
--- every table is downloaded in full.
-SELECT pg_snapshot_xmin(%(watermark)s::pg_snapshot) >= h.pruned_below
-FROM pushsync.changes_horizon AS h
-
--- tables_changed_each --
--- For each published table: whether a table it reads (itself or another)
--- changed since the watermark, and whether one of the others did. One
--- statement for the whole publication.
-SELECT t.name,
-       EXISTS (SELECT 1 FROM pushsync.changes AS c
-               WHERE c.table_name = ANY (t.reads)
-                 AND c.xid >= pg_snapshot_xmin(%(since)s::pg_snapshot)
-                 AND NOT pg_visible_in_snapshot(c.xid, %(since)s::pg_snapshot)),
-       EXISTS (SELECT 1 FROM pushsync.changes AS c
-               WHERE c.table_name = ANY (t.depends)
-                 AND c.xid >= pg_snapshot_xmin(%(since)s::pg_snapshot)
-                 AND NOT pg_visible_in_snapshot(c.xid, %(since)s::pg_snapshot))
-FROM jsonb_to_recordset(%(tables)s::jsonb) AS t(name text, reads text[], depends text[])
+-- watermark_valid --
+-- Only for a watermark that is neither of the device's last two: whether it is
+-- a snapshot at all (an error if not; the synchronization is then refused).
+SELECT %(watermark)s::pg_snapshot IS NOT NULL
 
 -- download_frame --
 -- One DOWNLOAD payload. Rows and keys arrive as PostgreSQL's own JSON text
@@ -113,14 +106,66 @@ SELECT json_build_object(
     'deletes', %(deletes)b::json[],
     'more', %(more)s::boolean)::text
 
--- holdings_lock --
+-- holdings_open --
 -- The device's holdings of the publication (created empty the first time),
 -- locked: a second synchronization of the device (another dispatcher) waits
 -- until this one commits, then fails rather than answer from stale holdings.
-INSERT INTO pushsync.device_holdings AS h (device_id, publication)
-VALUES (%(device)s, %(publication)s)
-ON CONFLICT (device_id, publication) DO UPDATE SET device_id = excluded.device_id
-RETURNING h.holder, h.confirmed, h.pending
+-- (A device that names no publication may have one only, else it is refused
+-- and this is rolled back; so is a publication it may not synchronize.)
+--
+-- With them, in the same statement, what the download needs to decide whether
+-- there is anything to send at all:
+--   since     the watermark the device came with if it is the last answer's
+--             (`pending`) or the one before (`confirmed`), and the change log
+--             still holds every change since it; else NULL (every table in
+--             full). Taken from the row, never cast from what the device sent.
+--   changed   the tables the publication's downloads read (the published ones
+--             and the ones they join) with a change since `since` that this
+--             download's snapshot sees: a change committed after `since` was
+--             taken, or by a transaction in flight then (pg_visible_in_snapshot
+--             is false for both). One probe of changes_by_table per table read
+--             (a scalar subquery with LIMIT 1: never a scan of the whole log);
+--             a table not in the list changed nothing any download reads, and
+--             no download function runs for it.
+--   known, pending_full (as table names), pending_rows: what promote and
+--             discard would change; when nothing, they are not run.
+WITH h AS (
+    INSERT INTO pushsync.device_holdings AS h (device_id, publication)
+    SELECT g.device_id, g.publication
+    FROM pushsync.device_publications AS g
+    WHERE g.device_id = %(device)s
+      AND g.publication = coalesce(%(publication)s::text, g.publication)
+      AND EXISTS (SELECT 1 FROM pushsync.publication_tables AS p
+                  WHERE p.publication = g.publication)
+    ON CONFLICT (device_id, publication) DO UPDATE SET device_id = excluded.device_id
+    RETURNING h.*),
+s AS MATERIALIZED (
+    SELECT h.*,
+           (CASE %(watermark)s::text WHEN h.pending THEN h.pending
+                                     WHEN h.confirmed THEN h.confirmed END)::pg_snapshot AS since
+    FROM h),
+u AS MATERIALIZED (
+    SELECT s.*,
+           CASE WHEN pg_snapshot_xmin(s.since) >= (SELECT pruned_below
+                                                   FROM pushsync.changes_horizon)
+                THEN s.since END AS usable
+    FROM s)
+SELECT u.holder, u.publication, u.confirmed, u.pending, u.usable::text AS since,
+       ARRAY(SELECT n::regclass::text FROM unnest(u.known) AS n) AS known,
+       ARRAY(SELECT n::regclass::text FROM unnest(u.pending_full) AS n) AS pending_full,
+       EXISTS (SELECT 1 FROM pushsync.device_rows_pending AS p
+               WHERE p.holder = u.holder) AS pending_rows,
+       ARRAY(SELECT r.name
+             FROM (SELECT DISTINCT unnest(t.table_name || t.depends_on)
+                   FROM pushsync.publication_tables AS t
+                   WHERE t.publication = u.publication) AS r(name)
+             WHERE (SELECT true FROM pushsync.changes AS c
+                    WHERE c.table_name = r.name
+                      AND c.xid >= pg_snapshot_xmin(u.usable)
+                      AND NOT pg_visible_in_snapshot(c.xid, u.usable)
+                    LIMIT 1)
+             ORDER BY 1) AS changed
+FROM u
 
 -- holdings_promote --
 -- The device came back with the watermark of the last answer: it applied it.
@@ -148,16 +193,11 @@ WHERE holder = %(holder)s
 
 -- holdings_discard --
 -- Run after promote or forget, or alone when the device came back with the
--- watermark before the last answer: it never applied that answer.
+-- watermark before the last answer: it never applied that answer. Not run
+-- when there is nothing pending (holdings_open says).
 DELETE FROM pushsync.device_rows_pending WHERE holder = %(holder)s;
 UPDATE pushsync.device_holdings SET pending_full = '{}'
 WHERE holder = %(holder)s AND pending_full <> '{}'
-
--- holdings_known --
--- The tables whose rows on the device are known.
-SELECT n.oid::regclass::text
-FROM pushsync.device_holdings AS h CROSS JOIN LATERAL unnest(h.known) AS n(oid)
-WHERE h.holder = %(holder)s
 
 -- holdings_full --
 -- After a full download of the table: what the device holds once it applied it.

@@ -183,27 +183,30 @@ def server_ms(conn: psycopg.Connection, since: float) -> list[float]:
 async def untouched_statements(
     conn: psycopg.Connection, devices: list[Device]
 ) -> tuple[float, float]:
-    """The dispatcher's statements for an untouched download, run here on one connection
-    and rolled back (nothing changes): median milliseconds per device; and the median of
-    a ``SELECT 1`` on the same connection (the machine's round trip, the baseline)."""
+    """The dispatcher's statements for an untouched download (``sync_store``'s, as the
+    dispatcher runs them: two round trips), run here on one connection and rolled back
+    (nothing changes): median milliseconds per device; and the median of a ``SELECT 1`` on
+    the same connection (the machine's round trip, the baseline)."""
     from pushsync.dispatcher import sync_store
 
     info = conn.info
     times = []
-    async with await psycopg.AsyncConnection.connect(info.dsn, password=info.password) as db:
-        tables = await sync_store.published(db, PUBLICATION)
-        await db.rollback()
+    async with await psycopg.AsyncConnection.connect(
+        info.dsn, password=info.password, autocommit=True
+    ) as db:
         for device in devices:
             watermark = device.db.watermark(PUBLICATION)
             started = time.perf_counter()
-            async with db.transaction(force_rollback=True):
-                await sync_store.begin_download(db)
-                since = await sync_store.usable_watermark(db, watermark)
-                held = await sync_store.holdings(db, device.name, PUBLICATION, since)
-                assert held.confirmed is not None
-                touched = await sync_store.changed_each(db, tables, held.confirmed)
-                assert not any(reads for reads, _ in touched.values())
-                await sync_store.answered_download(db, held.holder, held.confirmed, "0:0:")
+            opened = await sync_store.open_download(
+                db, device.name, PUBLICATION, watermark, tables=True
+            )
+            held = opened.holdings
+            assert held is not None
+            assert held.confirmed is not None
+            assert not held.changed
+            async with db.pipeline():
+                await sync_store.settle(db, held, opened.snapshot)
+                await db.execute("ROLLBACK")  # where the dispatcher commits
             times.append(time.perf_counter() - started)
         trivial = []
         for _ in devices:

@@ -288,3 +288,52 @@ async def test_a_device_cannot_obtain_rows_outside_its_set_through_the_diff(
         assert fleet.execute(
             "SELECT route_name FROM public.routes WHERE route_id = 30"
         ).fetchall() == [("east 2",)]
+
+
+@pytest.mark.asyncio
+async def test_an_untouched_sync_reads_no_published_table(
+    fleet: psycopg.Connection, dsn: str, tmp_path: Path
+) -> None:
+    """Nothing a download reads changed: the answer comes from the change log and the
+    device's holdings alone. Every published table is locked against reading meanwhile;
+    a download function run for any of them would wait, and the sync with it."""
+    async with dispatching(dsn) as dispatcher:
+        (truck2,) = await synced(dispatcher, tmp_path, "truck-2")
+        await sync(truck2)
+        with psycopg.connect(dsn) as locker:
+            locker.execute(
+                "LOCK TABLE public.drivers, public.routes, public.route_stops "
+                "IN ACCESS EXCLUSIVE MODE"
+            )
+            untouched = await asyncio.wait_for(sync(truck2), 30)
+            assert (untouched.full, untouched.upserted, untouched.deleted) == ((), 0, 0)
+            locker.rollback()
+        fleet.execute("UPDATE public.route_stops SET location_id = 102 WHERE route_id = 20")
+        got = await sync(truck2)
+        assert (got.full, got.upserted, got.deleted) == ((), 1, 0)
+        holds_what_the_server_sends(fleet, truck2)
+
+
+@pytest.mark.asyncio
+async def test_a_change_in_flight_during_an_untouched_sync_comes_with_the_next(
+    fleet: psycopg.Connection, dsn: str, tmp_path: Path
+) -> None:
+    """The untouched sync's watermark is its snapshot: a transaction in flight then (here
+    through a joined table only: drivers, read by the routes and stops downloads) is
+    neither in its answer nor skipped by the next."""
+    async with dispatching(dsn) as dispatcher:
+        (truck2,) = await synced(dispatcher, tmp_path, "truck-2")
+        await sync(truck2)
+        with psycopg.connect(dsn) as slow:  # started before the sync, commits after it
+            slow.execute("UPDATE public.drivers SET name = 'off duty' WHERE driver_id = 2")
+            during = await sync(truck2)
+            assert (during.full, during.upserted, during.deleted) == ((), 0, 0)
+            slow.commit()
+        after = await sync(truck2)
+        # its drivers row changed; route 20 and its stop left through the join
+        assert (after.full, after.upserted, after.deleted) == ((), 1, 2)
+        assert local_routes(truck2) == []
+        assert local_stops(truck2) == []
+        holds_what_the_server_sends(fleet, truck2)
+        again = await sync(truck2)
+        assert (again.upserted, again.deleted) == (0, 0)
