@@ -23,7 +23,6 @@ import re
 import smtplib
 import socket
 import ssl
-import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
@@ -36,6 +35,7 @@ from pushsync.dispatcher.acks import (
     SecretLookup,
 )
 from pushsync.dispatcher.outbox import Claimed
+from pushsync.dispatcher.urls import parse_server_url
 from pushsync.errors import UsageError
 from pushsync.logs import Throttle
 from pushsync.wire import protocol
@@ -560,37 +560,26 @@ def smtp_from_url(url: str, *, password: str | None = None) -> SmtpGateway:
     visible to other users, from the URL. UsageError naming what is wrong;
     the message never repeats the password.
     """
-    parsed = urllib.parse.urlsplit(url)
-    scheme = parsed.scheme.lower()
-    if scheme not in SMTP_SCHEMES:
-        raise UsageError(f"--smtp must start with smtp:// or smtp+starttls://, not {scheme!r}")
     try:
-        host, port = parsed.hostname, parsed.port
-    except ValueError:
-        raise UsageError("--smtp has a bad port") from None
-    if not host:
-        raise UsageError("--smtp needs a host: smtp://HOST[:PORT]")
-    if parsed.path not in ("", "/") or parsed.fragment:
-        raise UsageError("--smtp takes no path: smtp://[USER@]HOST[:PORT][?from=ADDRESS]")
-    options = urllib.parse.parse_qs(parsed.query, keep_blank_values=True, strict_parsing=False)
-    unknown = sorted(set(options) - {"from"})
-    if unknown:
-        raise UsageError(f"--smtp: unknown option {unknown[0]!r} (known: from)")
-    sender = options.get("from", [f"pushsync@{host}"])[-1]
+        found = parse_server_url(
+            url,
+            schemes=SMTP_SCHEMES,
+            options=("from",),
+            form="smtp://[USER@]HOST[:PORT][?from=ADDRESS]",
+            password=password,
+        )
+    except UsageError as exc:
+        raise UsageError(f"--smtp: {exc}") from None
+    sender = found.options.get("from", f"pushsync@{found.host}")
     if "@" not in email.utils.parseaddr(sender)[1]:
         raise UsageError(f"--smtp: from={sender!r} is not an email address")
-    username = urllib.parse.unquote(parsed.username) if parsed.username else None
-    if password is None and parsed.password is not None:
-        password = urllib.parse.unquote(parsed.password)
-    if password is not None and username is None:
-        raise UsageError("--smtp: a password needs a user: smtp://USER@HOST")
-    starttls = SMTP_SCHEMES[scheme]
+    starttls = SMTP_SCHEMES[found.scheme]
     return SmtpGateway(
-        host=host,
-        port=port or (587 if starttls else 25),
+        host=found.host,
+        port=found.port or (587 if starttls else 25),
         starttls=starttls,
-        username=username,
-        password=password,
+        username=found.username,
+        password=found.password,
         sender_address=sender,
     )
 

@@ -31,7 +31,6 @@ import logging
 import ssl
 import threading
 import time
-import urllib.parse
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from pushsync import queries
 from pushsync.dispatcher.acks import MAX_LOOKUPS, AckHandler, AckVerifier, SecretFetch, SecretLookup
 from pushsync.dispatcher.gateways import DEFAULT_SENDER, SendResult, failed, sent, to_message
 from pushsync.dispatcher.outbox import Claimed
+from pushsync.dispatcher.urls import parse_server_url
 from pushsync.errors import UsageError
 from pushsync.logs import Throttle
 from pushsync.wire import mqtt as topics
@@ -115,24 +115,14 @@ def mqtt_from_url(
     ``password`` (``--mqtt-password-file``) or, visible to other users on the
     command line, from the URL. UsageError naming what is wrong, never the password.
     """
-    parsed = urllib.parse.urlsplit(url)
-    scheme = parsed.scheme.lower()
-    if scheme not in SCHEMES:
-        raise UsageError(f"expected mqtt://… or mqtts://…, not {scheme!r}")
-    try:
-        host, port = parsed.hostname, parsed.port
-    except ValueError:
-        raise UsageError("bad port") from None
-    if not host:
-        raise UsageError("a host is needed: mqtt://[USER@]HOST[:PORT]")
-    if parsed.path not in ("", "/") or parsed.fragment:
-        raise UsageError("no path: mqtt[s]://[USER@]HOST[:PORT][?client_id=ID]")
-    options = urllib.parse.parse_qs(parsed.query, keep_blank_values=True)
-    known = ("client_id", "prefix", "group")
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise UsageError(f"unknown option {unknown[0]!r} (known: {', '.join(known)})")
-    values = {key: options[key][-1] for key in known if key in options}
+    found = parse_server_url(
+        url,
+        schemes=SCHEMES,
+        options=("client_id", "prefix", "group"),
+        form="mqtt://[USER@]HOST[:PORT]",
+        password=password,
+    )
+    values = found.options
     if "client_id" in values and not values["client_id"]:
         raise UsageError("client_id must not be empty")
     prefix = values.get("prefix", topics.DEFAULT_PREFIX)
@@ -145,22 +135,17 @@ def mqtt_from_url(
         group = None
     elif not group or not set(group) <= _GROUP_CHARS:
         raise UsageError(f"bad group {group!r}: letters, digits, '_', '.' and '-', or none")
-    username = urllib.parse.unquote(parsed.username) if parsed.username else None
-    if password is None and parsed.password is not None:
-        password = urllib.parse.unquote(parsed.password)
-    if password is not None and username is None:
-        raise UsageError("a password needs a user: mqtt://USER@HOST")
-    tls, default_port = SCHEMES[scheme]
+    tls, default_port = SCHEMES[found.scheme]
     if (ca_file or cert_file or key_file) and not tls:
         raise UsageError("--mqtt-ca-file, --mqtt-cert and --mqtt-key need an mqtts:// broker")
     if bool(cert_file) != bool(key_file):
         raise UsageError("--mqtt-cert and --mqtt-key go together")
     return MqttSettings(
-        host=host,
-        port=port or default_port,
+        host=found.host,
+        port=found.port or default_port,
         tls=tls,
-        username=username,
-        password=password,
+        username=found.username,
+        password=found.password,
         client_id=values.get("client_id"),
         prefix=prefix,
         group=group,

@@ -238,3 +238,46 @@ def test_smtp_repr_hides_password() -> None:
         host="localhost", sender_address="p@example.org", username="u", password="hunter2"
     )
     assert "hunter2" not in repr(gateway)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("smtp://mail.example", ("mail.example", 25, False, None, "pushsync@mail.example")),
+        (
+            "smtp+starttls://bot%40x@mail.example?from=Bot%20%3Cbot@x.example%3E",
+            ("mail.example", 587, True, "bot@x", "Bot <bot@x.example>"),
+        ),
+        ("SMTP://mail.example:2525/", ("mail.example", 2525, False, None, "pushsync@mail.example")),
+    ],
+)
+def test_smtp_url(url: str, expected: tuple[object, ...]) -> None:
+    gateway = g.smtp_from_url(url)
+    found = (gateway.host, gateway.port, gateway.starttls, gateway.username)
+    assert (*found, gateway.sender_address) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("http://mail.example", "--smtp: expected smtp://… or smtp+starttls://…, not 'http'"),
+        ("smtp://mail.example:99999", "--smtp: bad port"),
+        ("smtp://:25", "--smtp: a host is needed"),
+        ("smtp://mail.example/inbox", "--smtp: no path"),
+        ("smtp://mail.example?to=x@y.example", "--smtp: unknown option 'to' (known: from)"),
+        ("smtp://mail.example?from=nobody", "--smtp: from='nobody' is not an email address"),
+        ("smtp://:secret@mail.example", "--smtp: a password needs a user: smtp://USER@HOST"),
+    ],
+)
+def test_bad_smtp_urls_say_what_is_wrong_never_the_password(url: str, says: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        g.smtp_from_url(url)
+    assert str(caught.value).startswith(says)
+    assert "secret" not in str(caught.value)
+
+
+def test_an_smtp_password_file_wins_over_the_url() -> None:
+    gateway = g.smtp_from_url("smtp://bot:in-url@mail.example", password="from-file")
+    assert gateway.password == "from-file"
+    assert "from-file" not in repr(gateway)
+    assert "in-url" not in repr(gateway)
