@@ -12,6 +12,7 @@ from pushsync.dispatcher.mqtt import MqttGateway, describe_mqtt, mqtt_from_url
 from pushsync.errors import UsageError
 from pushsync.wire import mqtt as topics
 from pushsync.wire import protocol
+from tests.support.waiting import until_async
 
 SECRET = bytes(range(32))
 OTHER = bytes(range(1, 33))
@@ -144,3 +145,50 @@ async def test_an_announcement_is_recorded_only_when_fresh() -> None:
     received.gateway.ack_received("pushsync/truck-2/ack", fresh)
     assert received.announced == ["truck-2"]
     assert received.acks == []  # an announcement confirms nothing
+
+
+@pytest.mark.asyncio
+async def test_a_failing_secret_lookup_drops_the_ack_and_raises_nothing() -> None:
+    """paho calls ack_received from its network loop: an exception there would end it."""
+
+    def broken(device: str) -> bytes | None:
+        raise KeyError(device)
+
+    acks: list[protocol.Ack] = []
+    gateway = MqttGateway(
+        mqtt_from_url("mqtt://b.example"),
+        secret_for=broken,
+        on_ack=lambda ack, _peer: acks.append(ack),
+    )
+    gateway.ack_received("pushsync/truck-1/ack", envelope("truck-1", SECRET, uuid.uuid4()))
+    assert acks == []
+    assert gateway.stats.dropped == 1
+
+
+@pytest.mark.asyncio
+async def test_acks_from_unknown_devices_are_looked_up_at_most_64_at_a_time() -> None:
+    started: list[str] = []
+    release = asyncio.Event()
+
+    async def fetch(device: str) -> bytes | None:
+        started.append(device)
+        await release.wait()
+        return SECRET
+
+    acks: list[str] = []
+    gateway = MqttGateway(
+        mqtt_from_url("mqtt://b.example"),
+        secret_for=lambda _device: None,
+        fetch_secret=fetch,
+        on_ack=lambda ack, _peer: acks.append(ack.device),
+    )
+    for n in range(70):
+        device = f"truck-{n}"
+        gateway.ack_received(f"pushsync/{device}/ack", envelope(device, SECRET, uuid.uuid4()))
+    await asyncio.sleep(0)
+    assert len(started) == 64
+    assert gateway.stats.dropped == 6
+    release.set()
+    await until_async(lambda: len(acks) == 64, "the looked-up acks")
+    assert sorted(acks) == sorted(started)
+    assert gateway.stats.lookups == 64
