@@ -17,6 +17,12 @@ own authenticated SYNC connection. Devices hold ~100 rows each: their depot
 5. **one change for many at once** — one depot renamed again; its devices all
    synchronize at once (as many connections): time until every one of their
    databases holds the new name.
+6. **push -> synced** — the N / depots devices of another depot run their real
+   listeners (``listeners.py``, in a few processes), each on its own SYNC
+   connection; the depot is renamed, the rule of ``rules.yaml`` pushes ``sync``
+   to each of them, and each listener's ``sync`` action synchronizes over its
+   connection: time from the commit until every one of their databases holds
+   the new name.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +45,12 @@ from bench.dispatcher_process import dispatcher_process, throwaway_database
 from pushsync import generator, schema
 from pushsync.listener.connection import Session, open_session
 from pushsync.listener.localdb import LocalDatabase
-from pushsync.listener.sync import SyncResult, synchronize
+from pushsync.listener.sync import LOCAL_DB, SyncResult, synchronize
 from pushsync.wire import protocol
 from pushsync.wire.addresses import Address
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 DBNAME = "bench"
 SECRET = bytes(range(32))
 PUBLICATION = "fleet"
@@ -50,7 +59,10 @@ TARGETS = {
     "idle_server_ms_median": 5.0,
     "idle_total_s_per_10000": 60.0,
     "many_at_once_s": 5.0,
+    "push_synced_s": 5.0,
 }
+PUSH_TIMEOUT = 300.0
+"""Seconds the push -> synced phase waits for its devices before it fails."""
 
 
 def prepare(conn: psycopg.Connection, devices: int, routes: int, stops: int, depots: int) -> None:
@@ -239,9 +251,7 @@ async def measure(
     server = Address(host="127.0.0.1", port=port)
     devices = []
     for n in range(1, args.devices + 1):
-        db = LocalDatabase.open(workdir / f"dev-{n}.db")
-        db.claim(f"dev-{n}", PUBLICATION)
-        devices.append(Device(f"dev-{n}", db))
+        devices.append(Device(f"dev-{n}", open_local(workdir, f"dev-{n}")))
     figures: dict[str, Any] = {"devices": args.devices, "machine": machine(workdir)}
     at_once = args.at_once
 
@@ -325,9 +335,139 @@ async def measure(
         "seconds": time.perf_counter() - started,
     }
 
+    # 6. Depot 3 renamed with the marker of rules.yaml: a push to each of its devices,
+    # whose listeners synchronize on it.
+    pushed = [d for d in devices if (int(d.name[4:]) - 1) % args.depots == 2]
+    for device in pushed:
+        device.db.close()
+    figures["push_synced"] = push_synced(conn, port, workdir, pushed, args.listener_processes)
+
     for device in devices:
         device.db.close()
     return figures
+
+
+def open_local(workdir: Path, name: str) -> LocalDatabase:
+    """The device's local database where its listener keeps it (``state_dir``)."""
+    state = workdir / name / "state"
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    db = LocalDatabase.open(state / LOCAL_DB)
+    db.claim(name, PUBLICATION)
+    return db
+
+
+def listener_config(workdir: Path, name: str, port: int) -> Path:
+    """The device's listener config: its SYNC channel, and ``sync`` on the message ``sync``."""
+    directory = workdir / name
+    key = directory / "device.key"
+    key.write_text(protocol.format_secret(SECRET), encoding="ascii")
+    key.chmod(0o600)
+    path = directory / "listener.yaml"
+    path.write_text(
+        f"""\
+device: {name}
+secret_file: device.key
+state_dir: state
+publication: {PUBLICATION}
+channels:
+  sync: {{server: "127.0.0.1:{port}"}}
+handlers:
+  - name: sync
+    subject: sync
+    action: sync
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def push_synced(
+    conn: psycopg.Connection, port: int, workdir: Path, devices: list[Device], processes: int
+) -> dict[str, Any]:
+    """Start the devices' listeners, rename their depot (the rule pushes ``sync`` to each);
+    the time from the commit until every device's database holds the new name."""
+    depot = 3
+    configs = [listener_config(workdir, d.name, port) for d in devices]
+    lists = []
+    for n in range(min(processes, len(configs))):
+        path = workdir / f"listeners-{n}.txt"
+        path.write_text("".join(f"{c}\n" for c in configs[n::processes]), encoding="utf-8")
+        lists.append(path)
+    command = [sys.executable, "-m", "bench.fleet_sync.listeners"]
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [*command, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for path in lists
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if not line.startswith("ready"):
+                raise RuntimeError(f"a listener process did not start: {line!r}")
+        connected = time.perf_counter() - started
+        name = f"depot {depot} (pushed)"
+        committing = time.time()
+        conn.execute("UPDATE public.depots SET name = %s WHERE depot_id = %s", (name, depot))
+        committed = time.time()
+        synced = _synced(procs, len(devices))
+    finally:
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.close()
+        for proc in procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+    held = 0
+    for device in devices:
+        device.db = open_local(workdir, device.name)
+        held += device.depot_name() == name
+    assert held == len(devices), f"{len(devices) - held} devices lack the new name"
+    after = sorted(t - committing for t in synced.values())
+    return {
+        "devices": len(devices),
+        "listener_processes": len(procs),
+        "connect_seconds": connected,
+        "commit_seconds": committed - committing,
+        "seconds": after[-1],
+        "median_seconds": statistics.median(after),
+        "p90_seconds": after[int(len(after) * 0.9) - 1] if len(after) >= 10 else after[-1],
+    }
+
+
+def _synced(procs: list[subprocess.Popen[str]], expected: int) -> dict[str, float]:
+    """When each device's ``sync`` action ended (epoch seconds), as its listener says;
+    RuntimeError if one failed or they did not all end within PUSH_TIMEOUT."""
+    import selectors
+
+    synced: dict[str, float] = {}
+    deadline = time.monotonic() + PUSH_TIMEOUT
+    with selectors.DefaultSelector() as selector:
+        for proc in procs:
+            assert proc.stdout is not None
+            selector.register(proc.stdout, selectors.EVENT_READ)
+        while len(synced) < expected:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"{expected - len(synced)} devices did not synchronize")
+            for key, _ in selector.select(left):
+                line = key.fileobj.readline()  # type: ignore[union-attr]
+                if not line:
+                    raise RuntimeError("a listener process ended")
+                _, device, at, ok = line.split()
+                if ok != "1":
+                    raise RuntimeError(f"{device}: its sync action failed")
+                synced.setdefault(device, float(at))
+    return synced
 
 
 def machine(workdir: Path) -> dict[str, Any]:
@@ -352,7 +492,10 @@ def machine(workdir: Path) -> dict[str, Any]:
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     with throwaway_database(DBNAME) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
         prepare(conn, args.devices, args.routes, args.stops, args.depots)
-        with dispatcher_process(dsn) as node:
+        # Every listener of the push phase connects at once, all from 127.0.0.1.
+        admit = str(max(256, args.devices // args.depots))
+        limits = ("--sync-max-handshakes", admit, "--sync-max-handshakes-per-address", admit)
+        with dispatcher_process(dsn, *limits) as node:
             return asyncio.run(measure(conn, node.sync_port, workdir, args))
 
 
@@ -362,11 +505,12 @@ def _mark(ok: bool) -> str:
 
 def report(f: dict[str, Any]) -> str:
     n = f["devices"]
-    route, depot, idle, many = (
+    route, depot, idle, many, push = (
         f["route_reassigned"],
         f["depot_renamed"],
         f["nothing_changed"],
         f["many_at_once"],
+        f["push_synced"],
     )
     per_10000 = idle["wall_seconds"] * 10_000 / n
     return "\n".join(
@@ -403,6 +547,11 @@ def report(f: dict[str, Any]) -> str:
             f"connecting at once) synced in "
             f"{many['seconds']:.2f} s (target <= {TARGETS['many_at_once_s']:g}) "
             f"{_mark(many['seconds'] <= TARGETS['many_at_once_s'])}",
+            f"push -> synced            {push['devices']} listeners ({push['listener_processes']} "
+            f"processes, connected in {push['connect_seconds']:.1f} s): the last database held "
+            f"the new name {push['seconds']:.2f} s after the commit (target <= "
+            f"{TARGETS['push_synced_s']:g}) {_mark(push['seconds'] <= TARGETS['push_synced_s'])}; "
+            f"median {push['median_seconds']:.2f} s, p90 {push['p90_seconds']:.2f} s",
         ]
     )
 
@@ -424,10 +573,16 @@ def main(argv: list[str] | None = None) -> int:
         help="devices connecting at once in the last phase (the dispatcher refuses more "
         "handshakes at once than it allows)",
     )
+    parser.add_argument(
+        "--listener-processes",
+        type=int,
+        default=2,
+        help="processes the listeners of the push -> synced phase run in",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = parser.parse_args(argv)
-    if args.devices < 2 * args.depots or args.depots < 2:
-        parser.error("--devices must be at least twice --depots, and --depots at least 2")
+    if args.devices < 2 * args.depots or args.depots < 3:
+        parser.error("--devices must be at least twice --depots, and --depots at least 3")
     with tempfile.TemporaryDirectory(prefix="pushsync-fleet-") as workdir:
         figures = run(args, Path(workdir))
     print(report(figures))

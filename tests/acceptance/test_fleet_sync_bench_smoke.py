@@ -3,7 +3,9 @@
 Timings are not asserted (they belong to the benchmark's report); what the
 exact incremental downloads promise is: the two devices a reassigned route
 concerns get its rows, no other device gets any, a renamed depot reaches
-exactly its devices, and nothing changed sends nothing.
+exactly its devices, and nothing changed sends nothing; and the push of the
+rule reaches the listeners of the pushed depot, whose sync actions bring the
+new name to each of them (the benchmark fails if one lacks it).
 """
 
 from __future__ import annotations
@@ -51,4 +53,7 @@ def test_fleet_sync_benchmark_smoke_run() -> None:
     assert figures["nothing_changed"]["rows"] == 0
     assert figures["storage"]["held_rows"] == 6 * 100
     assert figures["many_at_once"]["devices"] == 2
+    push = figures["push_synced"]
+    assert (push["devices"], push["listener_processes"]) == (2, 2)
+    assert 0 < push["median_seconds"] <= push["seconds"]
     assert any(line.startswith("depot renamed") for line in lines)
