@@ -24,6 +24,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from playwright.async_api import Browser, Page, expect
+from psycopg.types.json import Jsonb
 
 from pushsync.dispatcher.daemon import Dispatcher
 from pushsync.listener.runtime import Listener
@@ -184,11 +185,13 @@ async def test_markup_in_a_rule_name_or_content_shows_as_text(
     trucking.setup(db)
     rule = '<img src=x onerror="window.pwned=1">'
     content = "<script>window.pwned=2</script><b>bold</b>"
+    error = 'smtp: 550 <svg onload="window.pwned=3"><u>no</u></svg>'  # a server's answer
+    attempt = Jsonb([{"at": "2026-01-01T00:00:00+00:00", "outcome": "retry", "error": error}])
     row = db.execute(
         "INSERT INTO pushsync.outbox (rule, device_id, subject, content, coalescing, expires_at,"
-        " resend_every) VALUES (%s, 'truck-1', '<i>sync</i>', %s, false,"
-        " now() + interval '1 hour', '1 hour') RETURNING request_id",
-        (rule, content),
+        " resend_every, attempts, attempt_log) VALUES (%s, 'truck-1', '<i>sync</i>', %s, false,"
+        " now() + interval '1 hour', '1 hour', 1, %s) RETURNING request_id",
+        (rule, content, attempt),
     ).fetchone()
     assert row is not None
     async with console(dsn) as served:
@@ -199,9 +202,19 @@ async def test_markup_in_a_rule_name_or_content_shows_as_text(
         await expect(body.locator("[data-field='content']")).to_have_text(content)
         await expect(body.locator("[data-field='rule']")).to_have_text(rule)
         await expect(body.locator("[data-field='subject']")).to_have_text("<i>sync</i>")
+        await expect(body.locator("[data-testid=attempts] tbody td").last).to_have_text(
+            "not sent, retried at the next resend: " + error
+        )
         await page.goto(served.url + "#timeline")
         await expect(page.locator(f'a[data-request="{row[0]}"] title')).to_contain_text(content)
-        for markup in ("img", "script:not([src])", 'b:text-is("bold")', 'i:text-is("sync")'):
+        for markup in (
+            "img",
+            "script:not([src])",
+            'b:text-is("bold")',
+            'i:text-is("sync")',
+            "svg[onload]",
+            'u:text-is("no")',
+        ):
             assert await page.locator(markup).count() == 0, markup
         assert await page.evaluate("window.pwned") is None
         await page.close()
