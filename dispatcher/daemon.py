@@ -517,9 +517,9 @@ class Dispatcher:
                 sends = [(item, out.gateway) for item, out in finished if out.gateway]
                 self._tally(sends)
                 await self._record(store, sends)
-                for item, outcome in finished:
-                    if outcome.gateway is None:
-                        await self._record_failure(store, item, outcome)
+                failures = [(item, out) for item, out in finished if out.gateway is None]
+                if failures:
+                    await self._record_failures(store, failures)
                 if stopping in done:
                     break
         finally:
@@ -585,22 +585,31 @@ class Dispatcher:
                 logger.warning("lost the lease on %s before recording it", short(item.request_id))
         logger.info("sent %s", ", ".join(f"{n} via {gw}" for gw, n in sorted(by_gateway.items())))
 
-    async def _record_failure(self, store: OutboxStore, item: Claimed, outcome: Outcome) -> None:
-        if await self._connected_meanwhile(store, item, outcome):
+    async def _record_failures(
+        self, store: OutboxStore, failures: list[tuple[Claimed, Outcome]]
+    ) -> None:
+        """Record the failed sends of a group in one statement (a thousand rows no gateway
+        can reach are one round trip, not a thousand), and log them in one line."""
+        kept = [
+            (item, outcome)
+            for item, outcome in failures
+            if not await self._connected_meanwhile(store, item, outcome)
+        ]
+        if not kept:
             return
-        ok = await store.failed(item.request_id, outcome.error, final=outcome.final)
-        for gateway in outcome.tried:
-            self.metrics.failed(gateway, outcome.final)
-        logger.warning(
-            "%s to %s %s: %s",
-            item.request_id,
-            item.device_id,
-            "failed for good" if outcome.final else "not sent, will retry",
-            outcome.error,
+        recorded = await store.failed_many(
+            [(item.request_id, outcome.error, outcome.final) for item, outcome in kept]
         )
-        self._held.discard(item.request_id)
-        if not ok:
-            logger.warning("lost the lease on %s before recording it", short(item.request_id))
+        for item, outcome in kept:
+            for gateway in outcome.tried:
+                self.metrics.failed(gateway, outcome.final)
+            self._held.discard(item.request_id)
+            if item.request_id not in recorded:
+                logger.warning("lost the lease on %s before recording it", short(item.request_id))
+        for final in (True, False):
+            group = [(item, outcome) for item, outcome in kept if outcome.final == final]
+            if group:
+                _log_failures(group, "failed for good" if final else "not sent, will retry")
 
     async def _connected_meanwhile(
         self, store: OutboxStore, item: Claimed, outcome: Outcome
@@ -1017,6 +1026,27 @@ def _exit_at_the_latest(seconds: float) -> None:
     timer = threading.Timer(seconds, force)
     timer.daemon = True
     timer.start()
+
+
+FAILURES_SHOWN = 3
+"""Failed sends named in the one warning for a group; the others are logged at DEBUG."""
+
+
+def _log_failures(group: list[tuple[Claimed, Outcome]], what: str) -> None:
+    """One warning for a group of failed sends: each, if few; else the first few and a count."""
+    if len(group) == 1:
+        item, outcome = group[0]
+        logger.warning("%s to %s %s: %s", item.request_id, item.device_id, what, outcome.error)
+        return
+    shown = "; ".join(
+        f"{short(item.request_id)} to {item.device_id}: {outcome.error}"
+        for item, outcome in group[:FAILURES_SHOWN]
+    )
+    more = len(group) - FAILURES_SHOWN
+    rest = f"; and {more} more" if more > 0 else ""
+    logger.warning("%d notifications %s: %s%s", len(group), what, shown, rest)
+    for item, outcome in group[FAILURES_SHOWN:]:
+        logger.debug("%s to %s %s: %s", item.request_id, item.device_id, what, outcome.error)
 
 
 __all__ = [

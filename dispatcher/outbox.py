@@ -242,8 +242,19 @@ class OutboxStore:
 
     async def failed(self, request_id: uuid.UUID, error: str, *, final: bool) -> bool:
         """Record a failed send: ``final`` → ``failed``, else retried at the next resend."""
-        params = {"owner": self.owner, "request_id": request_id, "error": error, "final": final}
-        return await self.executor.execute(query("failed"), params) == 1
+        return request_id in await self.failed_many([(request_id, error, final)])
+
+    async def failed_many(self, failures: Sequence[tuple[uuid.UUID, str, bool]]) -> set[uuid.UUID]:
+        """:meth:`failed` for several (request id, error, final) in one statement; the
+        request ids recorded (those this owner still held)."""
+        params = {
+            "owner": self.owner,
+            "request_ids": [request_id for request_id, _, _ in failures],
+            "errors": [error for _, error, _ in failures],
+            "finals": [final for _, _, final in failures],
+        }
+        rows = await self.executor.fetch(query("failed_many"), params, tuple_row)
+        return {row[0] for row in rows}
 
     async def mine(self) -> set[uuid.UUID]:
         """The rows leased to this owner (after a reconnect: also claims whose result was lost)."""

@@ -167,23 +167,36 @@ SET state = CASE WHEN d.was_sent THEN 'sent' ELSE 'pending' END,
 FROM decided AS d
 WHERE o.request_id = d.request_id
 
--- failed --
--- final: cannot be delivered, ever. Otherwise retried at the next resend, as
--- a sent row is (sent_at stays NULL if it never went out). The attempt joins
--- attempt_log with its error, which names each gateway tried.
-UPDATE pushsync.outbox
-SET state = CASE WHEN %(final)s THEN 'failed' ELSE 'sent' END,
-    next_attempt_at = CASE WHEN %(final)s THEN next_attempt_at
-                           ELSE now() + resend_every END,
-    last_error = %(error)s,
-    attempt_log = pushsync.attempt_logged(attempt_log, jsonb_build_object(
-        'at', now(), 'outcome', CASE WHEN %(final)s THEN 'failed' ELSE 'retry' END,
-        'error', %(error)s::text)),
+-- failed_many --
+-- Sends that failed: request_ids[i] could not go out (errors[i], which names
+-- each gateway tried). finals[i]: cannot be delivered, ever (the row becomes
+-- 'failed'); otherwise retried at the next resend, as a sent row is (sent_at
+-- stays NULL if it never went out). Only while this owner still holds the row;
+-- returns the rows recorded. Each attempt joins attempt_log with its error.
+-- Rows are locked in request_id order, as sent_many and confirm_many lock them.
+WITH mine AS (
+    SELECT o.request_id, f.error, f.final
+    FROM pushsync.outbox AS o
+    JOIN unnest(%(request_ids)s::uuid[], %(errors)s::text[], %(finals)s::boolean[])
+         AS f(request_id, error, final)
+      ON f.request_id = o.request_id
+    WHERE o.state = 'sending' AND o.lease_owner = %(owner)s
+    ORDER BY o.request_id
+    FOR UPDATE OF o
+)
+UPDATE pushsync.outbox AS o
+SET state = CASE WHEN f.final THEN 'failed' ELSE 'sent' END,
+    next_attempt_at = CASE WHEN f.final THEN o.next_attempt_at
+                           ELSE now() + o.resend_every END,
+    last_error = f.error,
+    attempt_log = pushsync.attempt_logged(o.attempt_log, jsonb_build_object(
+        'at', now(), 'outcome', CASE WHEN f.final THEN 'failed' ELSE 'retry' END,
+        'error', f.error)),
     lease_owner = NULL,
     lease_expires_at = NULL
-WHERE request_id = %(request_id)s
-  AND state = 'sending'
-  AND lease_owner = %(owner)s
+FROM mine AS f
+WHERE o.request_id = f.request_id
+RETURNING o.request_id
 
 -- confirm --
 -- The device has it. Only the recipient may confirm; a repeated confirmation

@@ -87,7 +87,7 @@ def test_the_recording_statements_append_without_a_function_call_per_row(
 ) -> None:
     """pushsync.attempt_logged is inlined: declared IMMUTABLE, or given an argument the
     planner does not inline, it would be called once per row of each batch."""
-    for name in ("sent", "sent_many", "failed"):
+    for name in ("sent", "sent_many", "failed_many"):
         plan = db.execute(
             f"EXPLAIN VERBOSE {query(name)}",
             {
@@ -96,8 +96,8 @@ def test_the_recording_statements_append_without_a_function_call_per_row(
                 "request_ids": [uuid.uuid4()],
                 "gateway": "udp",
                 "gateways": ["udp"],
-                "error": "e",
-                "final": False,
+                "errors": ["e"],
+                "finals": [False],
             },
         ).fetchall()
         text = "\n".join(row[0] for row in plan)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from typing import Any
@@ -212,6 +213,34 @@ async def test_unreachable_device_is_retried_not_lost(db: psycopg.Connection, ds
         assert row["sent_at"] is None
         assert row["lease_owner"] is None
         assert row["last_error"] == f"no gateway can reach device {row['device_id']}"
+
+
+@pytest.mark.asyncio
+async def test_many_unreachable_rows_are_recorded_together_and_logged_in_one_line(
+    db: psycopg.Connection, dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fleet no gateway reaches (its SYNC dispatcher died, say) costs one statement and
+    one warning per group of failures, not one of each per row."""
+    devices = [f"far-{n}" for n in range(40)]
+    trucking.add_devices(db, *devices)
+    for device in devices:
+        enqueue(db, device)
+    udp = RecordingGateway("udp")
+    caplog.set_level(logging.INFO, logger="pushsync.dispatcher.daemon")
+    async with running(Dispatcher(DispatcherSettings(dsn=dsn, poll_interval=0.1), {"udp": udp})):
+        await until_async(lambda: all(r["last_error"] for r in rows(db)), "every failure recorded")
+    assert {(r["state"], r["lease_owner"]) for r in rows(db)} == {("sent", None)}
+    retries = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "not sent, will retry" in r.getMessage()
+    ]
+
+    def counted(line: str) -> int:  # "N notifications not sent, …" or one row's own line
+        return int(line.split()[0]) if "notifications not sent" in line else 1
+
+    assert sum(map(counted, retries)) == len(devices), retries
+    assert len(retries) < len(devices) / 4, retries
 
 
 @pytest.mark.asyncio
