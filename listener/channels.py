@@ -26,7 +26,6 @@ from pushsync.listener.connection import Backoff, KeyRefused, Session, open_sess
 from pushsync.logs import Throttle, plain
 from pushsync.wire import protocol
 from pushsync.wire.addresses import Address, format_peer
-from pushsync.wire.limits import MAX_DATAGRAM
 from pushsync.wire.protocol import FrameType
 
 if TYPE_CHECKING:
@@ -89,13 +88,7 @@ class UdpChannel(asyncio.DatagramProtocol):
         """Verify one datagram and hand its message on. Never raises."""
         peer = format_peer(addr)
         listener = self.listener
-        msg = listener.verify(
-            lambda: protocol.decode_message(
-                data, listener.secret, listener.clock(), limit=MAX_DATAGRAM
-            ),
-            channel=self.name,
-            peer=peer,
-        )
+        msg = listener.verify_envelope(data, channel=self.name, peer=peer)
         if msg is not None:
             listener.spawn(msg, reply=self._replier(addr, peer), channel=self.name, peer=peer)
 
@@ -392,13 +385,7 @@ class _Lent:
 
 def _take_message(listener: Listener, session: Session, payload: bytes, channel: str) -> None:
     """Verify a MESSAGE frame's envelope and hand it on; acks go back on ``session``."""
-    msg = listener.verify(
-        lambda: protocol.decode_message(
-            payload, listener.secret, listener.clock(), limit=MAX_DATAGRAM
-        ),
-        channel=channel,
-        peer=session.server,
-    )
+    msg = listener.verify_envelope(payload, channel=channel, peer=session.server)
     if msg is not None:
         listener.spawn(msg, reply=_ack_on(session), channel=channel, peer=session.server)
 
@@ -491,13 +478,7 @@ class PollChannel:
 
     def _handle(self, session: Session, payload: bytes) -> asyncio.Task[Any]:
         listener = self.listener
-        msg = listener.verify(
-            lambda: protocol.decode_message(
-                payload, listener.secret, listener.clock(), limit=MAX_DATAGRAM
-            ),
-            channel=self.name,
-            peer=session.server,
-        )
+        msg = listener.verify_envelope(payload, channel=self.name, peer=session.server)
         if msg is None:
             return asyncio.ensure_future(asyncio.sleep(0))
         return listener.spawn(msg, reply=_ack_on(session), channel=self.name, peer=session.server)

@@ -30,7 +30,6 @@ from pushsync.listener.config import MqttChannel as MqttConfig
 from pushsync.logs import Throttle
 from pushsync.wire import mqtt as topics
 from pushsync.wire import protocol
-from pushsync.wire.limits import MAX_DATAGRAM
 
 if TYPE_CHECKING:
     from pushsync.listener.runtime import Listener
@@ -187,13 +186,7 @@ class MqttChannel:
     def received(self, topic: str, data: bytes) -> None:
         """Verify one envelope from the broker and hand its message on. Never raises."""
         listener = self.listener
-        msg = listener.verify(
-            lambda: protocol.decode_message(
-                data, listener.secret, listener.clock(), limit=MAX_DATAGRAM
-            ),
-            channel=self.name,
-            peer=topic,
-        )
+        msg = listener.verify_envelope(data, channel=self.name, peer=topic)
         if msg is not None:
             listener.spawn(msg, reply=self._publish, channel=self.name, peer=self.server)
 

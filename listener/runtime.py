@@ -47,6 +47,7 @@ from pushsync.listener.state import StateInUse, hold_for_listener
 from pushsync.listener.sync import NO_SYNC_ROUTE, SyncFailed, sync_once
 from pushsync.logs import Throttle, plain, short
 from pushsync.wire import protocol
+from pushsync.wire.limits import MAX_DATAGRAM
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,14 @@ class Listener:
             logger.exception("%s: cannot decode an envelope from %s", channel, peer)
             self._reject("internal error", type(exc).__name__, channel=channel, peer=peer)
         return None
+
+    def verify_envelope(self, data: bytes, *, channel: str, peer: str) -> protocol.Message | None:
+        """:meth:`verify` a signed envelope as UDP, SYNC and MQTT carry it."""
+        return self.verify(
+            lambda: protocol.decode_message(data, self.secret, self.clock(), limit=MAX_DATAGRAM),
+            channel=channel,
+            peer=peer,
+        )
 
     def spawn(
         self, msg: protocol.Message, *, reply: Reply | None, channel: str, peer: str
