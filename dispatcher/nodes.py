@@ -118,8 +118,14 @@ class PoolStore(OutboxStore):
             return {str(device): bytes(secret) for device, secret in await cur.fetchall()}
 
     async def _write_records(self, batch: Pending) -> None:
-        """One transaction: connections, then UDP endpoints, then disconnections."""
-        async with self.pool.connection(self.timeout) as conn, conn.transaction():
+        """One transaction and one round trip (pipeline mode): connections, then UDP
+        endpoints, then disconnections. On a dispatcher whose loop serves thousands of
+        connections each round trip waits its turn, so a batch makes just one."""
+        async with (
+            self.pool.connection(self.timeout) as conn,
+            conn.pipeline(),
+            conn.transaction(),
+        ):
             if batch.connects:
                 devices = sorted(batch.connects)
                 params = {
