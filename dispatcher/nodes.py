@@ -120,7 +120,9 @@ class PoolStore(OutboxStore):
     async def _write_records(self, batch: Pending) -> None:
         """One transaction and one round trip (pipeline mode): connections, then UDP
         endpoints, then disconnections. On a dispatcher whose loop serves thousands of
-        connections each round trip waits its turn, so a batch makes just one."""
+        connections each round trip waits its turn, so a batch makes just one. Each
+        statement is planned for its batch (unprepared): a generic plan guesses ten
+        devices and may join thousands by scanning one side per row of the other."""
         async with (
             self.pool.connection(self.timeout) as conn,
             conn.pipeline(),
@@ -134,12 +136,14 @@ class PoolStore(OutboxStore):
                     "peers": [batch.connects[d].peer for d in devices],
                     "since": [batch.connects[d].since for d in devices],
                 }
-                await conn.execute(_query("connected"), params)
+                await conn.execute(_query("connected"), params, prepare=False)
             if batch.tracks:
                 devices = sorted(batch.tracks)
                 addresses = [batch.tracks[d] for d in devices]
                 await conn.execute(
-                    _query("tracked"), {"device_ids": devices, "addresses": addresses}
+                    _query("tracked"),
+                    {"device_ids": devices, "addresses": addresses},
+                    prepare=False,
                 )
             if batch.disconnects:
                 pairs = batch.disconnect_pairs()
@@ -148,7 +152,7 @@ class PoolStore(OutboxStore):
                     "device_ids": [d for d, _ in pairs],
                     "peers": [p for _, p in pairs],
                 }
-                await conn.execute(_query("disconnected"), params)
+                await conn.execute(_query("disconnected"), params, prepare=False)
 
     # ----------------------------------------------------------------- secrets
 

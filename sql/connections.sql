@@ -22,6 +22,14 @@ WHERE device_id = ANY(%(device_ids)s::text[]) AND enabled
 -- makes what a recorded device has not confirmed due now, to go down the new
 -- connection. Registers this dispatcher too if its first heartbeat has not run
 -- yet, so that the others leave these devices' rows to it from this moment.
+-- The last step reads the batch's devices from the array, not from `conn`: a
+-- join of the outbox with a CTE can be planned as a nested loop that scans the
+-- CTE once per outbox row (seconds, at thousands of devices and sent rows),
+-- where `= ANY(array)` is an index condition or a hashed filter. (A device whose
+-- record stays elsewhere gets its unconfirmed rows resent a little early, by
+-- the dispatcher holding it; the device drops the copies by request id.) Run
+-- unprepared (pushsync.dispatcher.nodes), so that each batch is planned with
+-- its array's size.
 WITH node AS (
     INSERT INTO pushsync.dispatchers (owner, host, pid, alive_until)
     VALUES (%(owner)s, %(host)s, %(pid)s, now() + %(alive_for)s::interval)
@@ -39,11 +47,10 @@ WITH node AS (
     ON CONFLICT (device_id) DO UPDATE
     SET owner = excluded.owner, peer = excluded.peer, connected_at = excluded.connected_at
     WHERE c.owner = excluded.owner OR c.connected_at <= excluded.connected_at
-    RETURNING device_id
 )
 UPDATE pushsync.outbox
 SET next_attempt_at = now()
-WHERE device_id IN (SELECT device_id FROM conn)
+WHERE device_id = ANY(%(device_ids)s::text[])
   AND state = 'sent'
   AND next_attempt_at > now()
 
