@@ -637,7 +637,7 @@ class _Sync:
             await sync_store.valid_watermark(db, watermark)  # refused if no snapshot at all
         plan = self._plan(publication.tables, held)
         async with db.pipeline():
-            await sync_store.settle(db, held, opened.snapshot)
+            await sync_store.settle(db, held, opened.snapshot, sending=bool(plan))
             if not plan:  # nothing to send: the answer commits in the same round trip
                 await sync_store.commit(db)
         sent: dict[str, str] = {}

@@ -215,6 +215,7 @@ async def open_download(
         await db.execute(query("download_begin"))
         for statement in query("pinned").split(";\n"):
             await db.execute(statement)
+        await db.execute(query("download_generic"))
         snap = await db.execute(query("download_snapshot"))
         pub = await db.execute(query("publication_granted"), params) if tables else None
         held = await db.execute(query("holdings_open"), params)
@@ -266,15 +267,18 @@ async def valid_watermark(db: AsyncConn, watermark: str) -> None:
         raise SyncRefused("the watermark is not a snapshot this server made") from None
 
 
-async def settle(db: AsyncConn, held: Holdings, snapshot: str) -> None:
+async def settle(db: AsyncConn, held: Holdings, snapshot: str, *, sending: bool) -> None:
     """Settle the holdings and record the answer's watermark (the device holds
-    ``confirmed`` until it comes back with ``snapshot``). Queued in the caller's
-    pipeline: nothing is read back."""
+    ``confirmed`` until it comes back with ``snapshot``); if tables are to be ``sending``,
+    plan their statements as usual again. Queued in the caller's pipeline: nothing is
+    read back."""
     params = {"holder": held.holder}
     for block in held.settle:
         await _run_all(db, block, params)
     answered = {"holder": held.holder, "confirmed": held.confirmed, "pending": snapshot}
     await db.execute(query("holdings_answered"), answered)
+    if sending:
+        await db.execute(query("download_planned"))
 
 
 async def commit(db: AsyncConn) -> None:

@@ -83,6 +83,16 @@ VALUES (%(device)s, %(publication)s, %(started_at)s, %(upload_rows)s, %(download
 -- the download's first round trip (a pipeline), then `pinned`, then:
 BEGIN ISOLATION LEVEL REPEATABLE READ
 
+-- download_generic --
+-- The statements of the download's first two round trips are the same text
+-- each time: planned once per connection (psycopg prepares them), not at each
+-- synchronization. Reset before a table is sent (download functions are
+-- planned for their device, as usual).
+SET LOCAL plan_cache_mode = force_generic_plan
+
+-- download_planned --
+RESET plan_cache_mode
+
 -- download_snapshot --
 -- The first statement to read: the transaction's snapshot is taken here.
 SELECT pg_current_snapshot()::text

@@ -12,8 +12,10 @@ own authenticated SYNC connection. Devices hold ~100 rows each: their depot
    concerned); both of them and a sample of others synchronize.
 3. **depot renamed** — one depot (N / depots devices) renamed; every device
    synchronizes: total bytes against full downloads of every device.
-4. **nothing changed** — every device synchronizes once, one after the other:
-   server time per synchronization (``pushsync.sync_sessions``), wall time.
+4. **nothing changed** — every device synchronizes once, one after the other,
+   each over a connection opened while the ones before synchronized (as a
+   listener holds its own): server time per synchronization
+   (``pushsync.sync_sessions``), wall time.
 5. **one change for many at once** — one depot renamed again; its devices all
    synchronize at once (as many connections): time until every one of their
    databases holds the new name.
@@ -61,6 +63,8 @@ TARGETS = {
     "many_at_once_s": 5.0,
     "push_synced_s": 5.0,
 }
+OPEN_AHEAD = 4
+"""Connections the nothing-changed phase opens ahead of the device synchronizing."""
 PUSH_TIMEOUT = 300.0
 """Seconds the push -> synced phase waits for its devices before it fails."""
 
@@ -139,12 +143,29 @@ class _Counting:
 
 @dataclass(slots=True)
 class Device:
+    """A device's local database, opened for each use (as its listener's ``sync`` action
+    does: 10,000 held open would take 30,000 files)."""
+
     name: str
-    db: LocalDatabase
+    workdir: Path
+
+    def open(self) -> LocalDatabase:
+        return open_local(self.workdir, self.name)
 
     def depot_name(self) -> str:
-        row = self.db.connection.execute("SELECT name FROM depots").fetchone()
+        db = self.open()
+        try:
+            row = db.connection.execute("SELECT name FROM depots").fetchone()
+        finally:
+            db.close()
         return "" if row is None else str(row[0])
+
+    def watermark(self) -> str | None:
+        db = self.open()
+        try:
+            return db.watermark(PUBLICATION)
+        finally:
+            db.close()
 
 
 @dataclass(slots=True)
@@ -165,11 +186,42 @@ async def sync(server: Address, device: Device, phase: Phase) -> SyncResult:
     session = await open_session(server, device=device.name, secret=SECRET)
     try:
         counting = _Counting(session)
-        result = await synchronize(counting, device.db, PUBLICATION)
+        db = device.open()
+        try:
+            result = await synchronize(counting, db, PUBLICATION)
+        finally:
+            db.close()
     finally:
         await session.close("sync done")
     phase.add(result, counting.received)
     return result
+
+
+async def sync_one_by_one(server: Address, devices: list[Device], phase: Phase) -> None:
+    """Each device synchronizes after the one before, over a connection opened while the
+    ones before synchronized (a listener holds its connection: opening one is not part
+    of a synchronization); closed behind it."""
+
+    async def connect(device: Device) -> Session:
+        return await open_session(server, device=device.name, secret=SECRET)
+
+    opening = [asyncio.create_task(connect(d)) for d in devices[:OPEN_AHEAD]]
+    closing: list[asyncio.Task[None]] = []
+    for n, device in enumerate(devices):
+        session = await opening[n]
+        if n + OPEN_AHEAD < len(devices):
+            opening.append(asyncio.create_task(connect(devices[n + OPEN_AHEAD])))
+        try:
+            counting = _Counting(session)
+            db = device.open()
+            try:
+                result = await synchronize(counting, db, PUBLICATION)
+            finally:
+                db.close()
+        finally:
+            closing.append(asyncio.create_task(session.close("sync done")))
+        phase.add(result, counting.received)
+    await asyncio.gather(*closing)
 
 
 async def sync_all(server: Address, devices: list[Device], phase: Phase, at_once: int) -> None:
@@ -207,7 +259,7 @@ async def untouched_statements(
         info.dsn, password=info.password, autocommit=True
     ) as db:
         for device in devices:
-            watermark = device.db.watermark(PUBLICATION)
+            watermark = device.watermark()
             started = time.perf_counter()
             opened = await sync_store.open_download(
                 db, device.name, PUBLICATION, watermark, tables=True
@@ -217,7 +269,7 @@ async def untouched_statements(
             assert held.confirmed is not None
             assert not held.changed
             async with db.pipeline():
-                await sync_store.settle(db, held, opened.snapshot)
+                await sync_store.settle(db, held, opened.snapshot, sending=False)
                 await db.execute("ROLLBACK")  # where the dispatcher commits
             times.append(time.perf_counter() - started)
         trivial = []
@@ -251,7 +303,8 @@ async def measure(
     server = Address(host="127.0.0.1", port=port)
     devices = []
     for n in range(1, args.devices + 1):
-        devices.append(Device(f"dev-{n}", open_local(workdir, f"dev-{n}")))
+        open_local(workdir, f"dev-{n}").close()
+        devices.append(Device(f"dev-{n}", workdir))
     figures: dict[str, Any] = {"devices": args.devices, "machine": machine(workdir)}
     at_once = args.at_once
 
@@ -263,6 +316,7 @@ async def measure(
         "rows_per_device": initial.rows / initial.syncs,
         "bytes_per_device": initial.bytes / initial.syncs,
     }
+    progress(figures, "initial")
     await sync_all(server, devices, Phase(), at_once)  # confirm what the first answer sent
     full_bytes = initial.bytes / initial.syncs
 
@@ -283,6 +337,7 @@ async def measure(
         "others_bytes_per_sync": others.bytes / max(1, others.syncs),
         "server_ms_median": statistics.median(times),
     }
+    progress(figures, "route_reassigned")
     await sync_all(server, devices[2 + args.sample :], Phase(), at_once)
 
     # 3. Depot 1 renamed: its devices get one row each; the others nothing.
@@ -300,13 +355,13 @@ async def measure(
         "bytes_ratio": baseline / max(1, renamed.bytes),
         "server_ms_median": statistics.median(times),
     }
+    progress(figures, "depot_renamed")
 
     # 4. Nothing changed: every device once, one after the other.
     idle = Phase()
     t0 = time.time()
     started = time.perf_counter()
-    for device in devices:
-        await sync(server, device, idle)
+    await sync_one_by_one(server, devices, idle)
     wall = time.perf_counter() - started
     times = server_ms(conn, t0)
     figures["nothing_changed"] = {
@@ -322,6 +377,8 @@ async def measure(
     figures["nothing_changed"]["statements_ms_median"] = statements
     figures["nothing_changed"]["select_1_ms_median"] = trivial
     figures["storage"] = storage(conn)
+    progress(figures, "nothing_changed")
+    progress(figures, "storage")
 
     # 5. Depot 2 renamed: all its devices synchronize at once.
     many = [d for d in devices if (int(d.name[4:]) - 1) % args.depots == 1]
@@ -334,17 +391,19 @@ async def measure(
         "connecting": min(len(many), args.connecting),
         "seconds": time.perf_counter() - started,
     }
+    progress(figures, "many_at_once")
 
     # 6. Depot 3 renamed with the marker of rules.yaml: a push to each of its devices,
     # whose listeners synchronize on it.
     pushed = [d for d in devices if (int(d.name[4:]) - 1) % args.depots == 2]
-    for device in pushed:
-        device.db.close()
     figures["push_synced"] = push_synced(conn, port, workdir, pushed, args.listener_processes)
-
-    for device in devices:
-        device.db.close()
+    progress(figures, "push_synced")
     return figures
+
+
+def progress(figures: dict[str, Any], phase: str) -> None:
+    """A phase's figures on stderr as soon as they are known (a long run keeps them)."""
+    print(json.dumps({phase: figures[phase]}), file=sys.stderr, flush=True)
 
 
 def open_local(workdir: Path, name: str) -> LocalDatabase:
@@ -394,6 +453,7 @@ def push_synced(
         path.write_text("".join(f"{c}\n" for c in configs[n::processes]), encoding="utf-8")
         lists.append(path)
     command = [sys.executable, "-m", "bench.fleet_sync.listeners"]
+    since = time.time()
     started = time.perf_counter()
     procs = [
         subprocess.Popen(
@@ -411,6 +471,7 @@ def push_synced(
             line = proc.stdout.readline()
             if not line.startswith("ready"):
                 raise RuntimeError(f"a listener process did not start: {line!r}")
+        _recorded(conn, [d.name for d in devices], since)
         connected = time.perf_counter() - started
         name = f"depot {depot} (pushed)"
         committing = time.time()
@@ -429,7 +490,6 @@ def push_synced(
                 proc.wait(10)
     held = 0
     for device in devices:
-        device.db = open_local(workdir, device.name)
         held += device.depot_name() == name
     assert held == len(devices), f"{len(devices) - held} devices lack the new name"
     after = sorted(t - committing for t in synced.values())
@@ -442,6 +502,22 @@ def push_synced(
         "median_seconds": statistics.median(after),
         "p90_seconds": after[int(len(after) * 0.9) - 1] if len(after) >= 10 else after[-1],
     }
+
+
+def _recorded(conn: psycopg.Connection, names: list[str], since: float) -> None:
+    """Wait until the dispatcher has recorded every listener's connection, as it has long
+    done in a fleet whose listeners stay connected (the change comes after)."""
+    deadline = time.monotonic() + PUSH_TIMEOUT
+    while time.monotonic() < deadline:
+        row = conn.execute(
+            "SELECT count(*) FROM pushsync.sync_connections "
+            "WHERE device_id = ANY(%s) AND connected_at >= to_timestamp(%s)",
+            (names, since),
+        ).fetchone()
+        if row is not None and row[0] == len(names):
+            return
+        time.sleep(0.05)
+    raise RuntimeError("the dispatcher did not record every listener's connection")
 
 
 def _synced(procs: list[subprocess.Popen[str]], expected: int) -> dict[str, float]:
