@@ -505,15 +505,29 @@ class Dispatcher:
         self, store: OutboxStore, items: list[Claimed], stop: asyncio.Event
     ) -> None:
         """Send ``items`` through gateways that wait (one task each), recording each
-        group of sends as it finishes; returns early when ``stop`` is set."""
+        group of sends as it finishes; returns early when ``stop`` is set.
+
+        Finished tasks queue themselves: each wake-up takes every one finished so far,
+        at a cost that does not grow with the tasks still waiting (``asyncio.wait``
+        on all of them would, for each of hundreds of PUBACKs or SMTP replies)."""
         pending = {asyncio.create_task(self._deliver(item)): item for item in items}
+        ended: asyncio.Queue[asyncio.Task[Outcome]] = asyncio.Queue()
+        for task in pending:
+            task.add_done_callback(ended.put_nowait)
         stopping = asyncio.create_task(stop.wait())
         try:
             while pending:
+                getting = asyncio.ensure_future(ended.get())
                 done, _ = await asyncio.wait(
-                    [*pending, stopping], return_when=asyncio.FIRST_COMPLETED
+                    [getting, stopping], return_when=asyncio.FIRST_COMPLETED
                 )
-                finished = [(pending.pop(t), t.result()) for t in list(pending) if t in done]
+                if getting not in done:
+                    getting.cancel()
+                    break
+                tasks = [getting.result()]
+                while not ended.empty():
+                    tasks.append(ended.get_nowait())
+                finished = [(pending.pop(t), t.result()) for t in tasks]
                 sends = [(item, out.gateway) for item, out in finished if out.gateway]
                 self._tally(sends)
                 await self._record(store, sends)
