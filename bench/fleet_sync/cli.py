@@ -110,14 +110,14 @@ def prepare(conn: psycopg.Connection, devices: int, routes: int, stops: int, dep
     )
     conn.execute(
         "INSERT INTO public.routes SELECT r, 'route ' || r, 1 + (r - 1) / %(routes)s "
-        "FROM generate_series(1, %(n)s * %(routes)s) r",
+        "FROM generate_series(1, %(n)s::int * %(routes)s::int) r",
         params,
     )
     conn.execute(
         "INSERT INTO public.stops SELECT r, s, 'place ' || r || '-' || s, "
         "'Unit ' || s || ', ' || r || ' Harbour Road, Portsmouth', 50 + r %% 1000 / 1000.0, "
         "-1 - s / 100.0, time '08:00' + s * interval '20 minutes' "
-        "FROM generate_series(1, %(n)s * %(routes)s) r, generate_series(1, %(stops)s) s",
+        "FROM generate_series(1, %(n)s::int * %(routes)s::int) r, generate_series(1, %(stops)s) s",
         params,
     )
     conn.execute("DELETE FROM pushsync.changes")
