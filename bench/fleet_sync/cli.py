@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from typing import Any
 
 import psycopg
 
+from bench import machine as bench_machine
 from bench.dispatcher_process import dispatcher_process, throwaway_database
 from pushsync import generator, schema
 from pushsync.listener.connection import Session, open_session
@@ -305,7 +305,7 @@ async def measure(
     for n in range(1, args.devices + 1):
         open_local(workdir, f"dev-{n}").close()
         devices.append(Device(f"dev-{n}", workdir))
-    figures: dict[str, Any] = {"devices": args.devices, "machine": machine(workdir)}
+    figures: dict[str, Any] = {"devices": args.devices, "machine": machine(conn, workdir)}
     at_once = args.at_once
 
     initial = Phase()
@@ -398,6 +398,7 @@ async def measure(
     pushed = [d for d in devices if (int(d.name[4:]) - 1) % args.depots == 2]
     figures["push_synced"] = push_synced(conn, port, workdir, pushed, args.listener_processes)
     progress(figures, "push_synced")
+    figures["machine"]["load_1min_end"] = bench_machine.load()[0]
     return figures
 
 
@@ -546,22 +547,14 @@ def _synced(procs: list[subprocess.Popen[str]], expected: int) -> dict[str, floa
     return synced
 
 
-def machine(workdir: Path) -> dict[str, Any]:
-    """CPUs, load when the run started, and how long an fsync takes (median of 20)."""
-    path = workdir / "fsync-probe"
-    samples = []
-    with path.open("wb") as probe:
-        for _ in range(20):
-            probe.write(b"x")
-            probe.flush()
-            started = time.perf_counter()
-            os.fsync(probe.fileno())
-            samples.append(time.perf_counter() - started)
-    path.unlink()
+def machine(conn: psycopg.Connection, workdir: Path) -> dict[str, Any]:
+    """CPUs, load when the run started, and how long an fsync takes (``bench/machine.py``,
+    median of 20) next to the server's data and next to the devices' databases."""
     return {
-        "cpus": os.cpu_count(),
-        "load_1min": os.getloadavg()[0],
-        "fsync_ms_median": statistics.median(samples) * 1000,
+        "cpus": bench_machine.cpus(),
+        "load_1min": bench_machine.load()[0],
+        "fsync_ms_median": bench_machine.fsync_ms(bench_machine.data_directory(conn), 20),
+        "devices_fsync_ms_median": bench_machine.fsync_ms(workdir, 20),
     }
 
 
@@ -592,7 +585,9 @@ def report(f: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"machine                   {f['machine']['cpus']} CPUs, load "
-            f"{f['machine']['load_1min']:.1f}, fsync {f['machine']['fsync_ms_median']:.2f} ms",
+            f"{f['machine']['load_1min']:.1f} at the start and {f['machine']['load_1min_end']:.1f} "
+            f"at the end, fsync {f['machine']['fsync_ms_median']:.2f} ms (server's data), "
+            f"{f['machine']['devices_fsync_ms_median']:.2f} ms (devices' databases)",
             f"initial (full)            {n} devices in {f['initial']['seconds']:.1f} s, "
             f"{f['initial']['rows_per_device']:.0f} rows and "
             f"{f['initial']['bytes_per_device']:,.0f} bytes per device",
