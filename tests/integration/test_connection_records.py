@@ -8,14 +8,18 @@ that a batch written late or a device removed meanwhile does no harm.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 import pytest
 import pytest_asyncio
+from psycopg import sql
 
+from pushsync import queries
 from pushsync.dispatcher.nodes import PoolStore
 from pushsync.dispatcher.records import Pending
 from pushsync.listener.connection import KeyRefused
@@ -275,3 +279,58 @@ def test_records_carry_the_time_of_the_connection_not_of_the_batch(
     row = db.execute("SELECT connected_at FROM pushsync.sync_connections").fetchone()
     assert row is not None
     assert abs(row[0] - since) < timedelta(milliseconds=1)
+
+
+def test_no_generic_plan_of_the_batch_statements_scans_a_cte_inside_a_loop(dsn: str) -> None:
+    """psycopg prepares a statement after a few runs, and a generic plan guesses ten
+    devices a batch. Joined with a CTE, the outbox's sent rows were once planned as a
+    nested loop that scanned the CTE once per row: one batch of 5,000 reconnecting
+    devices took 24.6 s. No step of these statements may scan a CTE inside a nested
+    loop, even planned generically (the batches also run unprepared, each planned for
+    its size: pushsync.dispatcher.nodes)."""
+    params: dict[str, Any] = {
+        "owner": "a",
+        "host": "h",
+        "pid": 1,
+        "alive_for": "15 seconds",
+        "device_ids": ["d-1"],
+        "peers": ["127.0.0.1:1"],
+        "since": [datetime.now(UTC)],
+        "addresses": ["127.0.0.1:2"],
+    }
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        for name in ("connected", "tracked", "disconnected"):
+            statement = queries.get(name, "connections.sql")
+            conn.execute("DEALLOCATE ALL")
+            conn.execute(statement, params, prepare=True)  # d-1 is no device: changes nothing
+            [(prepared,)] = conn.execute("SELECT name FROM pg_prepared_statements").fetchall()
+            values = [params[key] for key in _placeholders(statement)]
+            explain = sql.SQL("EXPLAIN EXECUTE {}({})").format(
+                sql.Identifier(prepared), sql.SQL(", ").join(map(sql.Literal, values))
+            )
+            with conn.transaction(force_rollback=True):
+                plan = [row[0] for row in conn.execute(explain)]
+            assert _cte_scans_in_loops(plan) == [], (name, "\n".join(plan))
+
+
+def _placeholders(statement: str) -> list[str]:
+    """The names of ``%(name)s`` placeholders in the order of their first use ($1, $2…)."""
+    return list(dict.fromkeys(re.findall(r"%\((\w+)\)s", statement)))
+
+
+def _cte_scans_in_loops(plan: list[str]) -> list[str]:
+    """The plan's CTE Scan lines that have a Nested Loop among their ancestors."""
+    found = []
+    for index, line in enumerate(plan):
+        if "CTE Scan" not in line:
+            continue
+        depth = len(line) - len(line.lstrip())
+        for above in reversed(plan[:index]):
+            indent = len(above) - len(above.lstrip())
+            if (indent < depth and "->" in above) or indent == 0:
+                if "Nested Loop" in above:
+                    found.append(line.strip())
+                    break
+                depth = indent
+    return found
