@@ -43,7 +43,7 @@ from typing import Any
 import psycopg
 
 from bench import machine as bench_machine
-from bench.dispatcher_process import dispatcher_process, throwaway_database
+from bench.dispatcher_process import DispatcherProcess, dispatcher_process, throwaway_database
 from pushsync import generator, schema
 from pushsync.listener.connection import Session, open_session
 from pushsync.listener.localdb import LocalDatabase
@@ -298,8 +298,9 @@ def storage(conn: psycopg.Connection) -> dict[str, float]:
 
 
 async def measure(
-    conn: psycopg.Connection, port: int, workdir: Path, args: argparse.Namespace
+    conn: psycopg.Connection, node: DispatcherProcess, workdir: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
+    port = node.sync_port
     server = Address(host="127.0.0.1", port=port)
     devices = []
     for n in range(1, args.devices + 1):
@@ -396,7 +397,7 @@ async def measure(
     # 6. Depot 3 renamed with the marker of rules.yaml: a push to each of its devices,
     # whose listeners synchronize on it.
     pushed = [d for d in devices if (int(d.name[4:]) - 1) % args.depots == 2]
-    figures["push_synced"] = push_synced(conn, port, workdir, pushed, args.listener_processes)
+    figures["push_synced"] = push_synced(conn, node, workdir, pushed, args.listener_processes)
     progress(figures, "push_synced")
     figures["machine"]["load_1min_end"] = bench_machine.load()[0]
     return figures
@@ -442,11 +443,17 @@ handlers:
 
 
 def push_synced(
-    conn: psycopg.Connection, port: int, workdir: Path, devices: list[Device], processes: int
+    conn: psycopg.Connection,
+    node: DispatcherProcess,
+    workdir: Path,
+    devices: list[Device],
+    processes: int,
 ) -> dict[str, Any]:
     """Start the devices' listeners, rename their depot (the rule pushes ``sync`` to each);
-    the time from the commit until every device's database holds the new name."""
+    the time from the commit until every device's database holds the new name, and the
+    CPU seconds the dispatcher and the listeners took meanwhile."""
     depot = 3
+    port = node.sync_port
     configs = [listener_config(workdir, d.name, port) for d in devices]
     lists = []
     for n in range(min(processes, len(configs))):
@@ -475,10 +482,13 @@ def push_synced(
         _recorded(conn, [d.name for d in devices], since)
         connected = time.perf_counter() - started
         name = f"depot {depot} (pushed)"
+        pids = [node.process.pid, *(p.pid for p in procs)]
+        cpu = _cpu(pids)
         committing = time.time()
         conn.execute("UPDATE public.depots SET name = %s WHERE depot_id = %s", (name, depot))
         committed = time.time()
         synced = _synced(procs, len(devices))
+        cpu = [end - start for start, end in zip(cpu, _cpu(pids), strict=True)]
     finally:
         for proc in procs:
             assert proc.stdin is not None
@@ -502,7 +512,13 @@ def push_synced(
         "seconds": after[-1],
         "median_seconds": statistics.median(after),
         "p90_seconds": after[int(len(after) * 0.9) - 1] if len(after) >= 10 else after[-1],
+        "dispatcher_cpu_seconds": cpu[0],
+        "listeners_cpu_seconds": sum(cpu[1:]),
     }
+
+
+def _cpu(pids: list[int]) -> list[float]:
+    return [bench_machine.cpu_seconds(pid) for pid in pids]
 
 
 def _recorded(conn: psycopg.Connection, names: list[str], since: float) -> None:
@@ -565,7 +581,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         admit = str(max(256, args.devices // args.depots))
         limits = ("--sync-max-handshakes", admit, "--sync-max-handshakes-per-address", admit)
         with dispatcher_process(dsn, *limits) as node:
-            return asyncio.run(measure(conn, node.sync_port, workdir, args))
+            return asyncio.run(measure(conn, node, workdir, args))
 
 
 def _mark(ok: bool) -> str:
@@ -622,7 +638,9 @@ def report(f: dict[str, Any]) -> str:
             f"processes, connected in {push['connect_seconds']:.1f} s): the last database held "
             f"the new name {push['seconds']:.2f} s after the commit (target <= "
             f"{TARGETS['push_synced_s']:g}) {_mark(push['seconds'] <= TARGETS['push_synced_s'])}; "
-            f"median {push['median_seconds']:.2f} s, p90 {push['p90_seconds']:.2f} s",
+            f"median {push['median_seconds']:.2f} s, p90 {push['p90_seconds']:.2f} s; CPU "
+            f"meanwhile: dispatcher {push['dispatcher_cpu_seconds']:.1f} s, listeners "
+            f"{push['listeners_cpu_seconds']:.1f} s",
         ]
     )
 
