@@ -100,12 +100,17 @@ WHERE o.request_id = %(request_id)s
 -- Each row's attempt joins its attempt_log, as in `sent`.
 -- Rows are locked in request_id order, as confirm_many locks them: two
 -- statements that lock many rows each never wait for each other in a circle.
+-- The batch's rows are found by primary key (`request_id = ANY`), as in
+-- failed_many and confirm_many: joined only with the unnest, a plan made on
+-- stale statistics (a burst into an outbox analyzed while empty) hashed every
+-- row of the outbox for each batch, or looped over the batch for each row.
 WITH mine AS (
     SELECT o.request_id, s.gateway
     FROM pushsync.outbox AS o
     JOIN unnest(%(request_ids)s::uuid[], %(gateways)s::text[]) AS s(request_id, gateway)
       ON s.request_id = o.request_id
-    WHERE (o.state = 'sending' AND o.lease_owner = %(owner)s) OR o.state = 'confirmed'
+    WHERE o.request_id = ANY(%(request_ids)s::uuid[])
+      AND ((o.state = 'sending' AND o.lease_owner = %(owner)s) OR o.state = 'confirmed')
     ORDER BY o.request_id
     FOR UPDATE OF o
 )
@@ -180,7 +185,8 @@ WITH mine AS (
     JOIN unnest(%(request_ids)s::uuid[], %(errors)s::text[], %(finals)s::boolean[])
          AS f(request_id, error, final)
       ON f.request_id = o.request_id
-    WHERE o.state = 'sending' AND o.lease_owner = %(owner)s
+    WHERE o.request_id = ANY(%(request_ids)s::uuid[])
+      AND o.state = 'sending' AND o.lease_owner = %(owner)s
     ORDER BY o.request_id
     FOR UPDATE OF o
 )
@@ -235,7 +241,8 @@ WITH acks AS (
     SELECT o.request_id
     FROM pushsync.outbox AS o
     JOIN acks AS a ON a.request_id = o.request_id AND a.device_id = o.device_id
-    WHERE o.state IN ('sending', 'sent')
+    WHERE o.request_id = ANY(%(request_ids)s::uuid[])
+      AND o.state IN ('sending', 'sent')
     ORDER BY o.request_id
     FOR UPDATE OF o
 ), confirmed AS (
@@ -253,12 +260,14 @@ UNION
 SELECT o.request_id
 FROM pushsync.outbox AS o
 JOIN acks AS a ON a.request_id = o.request_id AND a.device_id = o.device_id
-WHERE o.state = 'confirmed'
+WHERE o.request_id = ANY(%(request_ids)s::uuid[])
+  AND o.state = 'confirmed'
 UNION
 SELECT h.request_id
 FROM pushsync.outbox_history AS h
 JOIN acks AS a ON a.request_id = h.request_id AND a.device_id = h.device_id
-WHERE h.state = 'confirmed'
+WHERE h.request_id = ANY(%(request_ids)s::uuid[])
+  AND h.state = 'confirmed'
 
 -- expire --
 -- Past expires_at and not confirmed: never sent again. A row being sent is

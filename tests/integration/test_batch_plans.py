@@ -1,0 +1,62 @@
+"""The dispatcher's batch statements stay linear in the batch whatever the planner
+knows of the outbox (sql/dispatcher.sql: sent_many, failed_many, confirm_many).
+
+A burst lands in an outbox that autovacuum analyzed while it was empty: until
+the next ANALYZE the planner believes it holds a handful of rows. Planned on
+that, failed_many once read its batch (an unnest of 500 request ids) again for
+every outbox row, 4 s a batch at 40,000 rows. Each statement now finds its rows
+by primary key; run on 4,000 outbox rows with a batch of 500, no part of its
+plan, custom (an unprepared statement, or psycopg's first runs) or generic (a
+prepared statement after five runs), may run more times than the batch has rows.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from pushsync.dispatcher.outbox import query
+from tests.integration.trucking import add_devices
+from tests.support.plans import most_loops, run_plan
+
+ROWS = 4_000
+BATCH = 500
+
+
+@pytest.fixture
+def stale(dsn: str) -> tuple[psycopg.Connection[Any], list[uuid.UUID]]:
+    """An outbox analyzed while empty, then given ROWS rows being sent."""
+    conn = psycopg.connect(dsn, autocommit=True)
+    add_devices(conn, "truck-1")
+    conn.execute("ANALYZE pushsync.outbox")
+    rows = conn.execute(
+        "INSERT INTO pushsync.outbox (rule, device_id, expires_at, resend_every, state,"
+        " lease_owner, coalescing)"
+        " SELECT 'r', 'truck-1', now() + interval '1 hour', interval '5 minutes', 'sending',"
+        " 'me', false FROM generate_series(1, %s) RETURNING request_id",
+        (ROWS,),
+    ).fetchall()
+    return conn, [row[0] for row in rows]
+
+
+@pytest.mark.parametrize("name", ["sent_many", "failed_many", "confirm_many"])
+def test_a_batch_is_never_read_again_per_outbox_row(
+    stale: tuple[psycopg.Connection[Any], list[uuid.UUID]], name: str
+) -> None:
+    conn, ids = stale
+    batch = ids[:BATCH]
+    params = {
+        "owner": "me",
+        "request_ids": batch,
+        "gateways": ["udp"] * BATCH,
+        "errors": ["udp: refused"] * BATCH,
+        "finals": [False] * BATCH,
+        "device_ids": ["truck-1"] * BATCH,
+    }
+    with conn:
+        for generic in (False, True):
+            plan = run_plan(conn, query(name), params, generic=generic)
+            assert most_loops(plan) <= BATCH, "\n".join(plan)
