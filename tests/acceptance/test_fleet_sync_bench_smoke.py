@@ -10,50 +10,28 @@ new name to each of them (the benchmark fails if one lacks it).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.bench import figures, run_bench
 
 
 @pytest.mark.slow
 def test_fleet_sync_benchmark_smoke_run() -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.fleet_sync",
-            "--devices",
-            "6",
-            "--depots",
-            "3",
-            "--sample",
-            "2",
-            "--json",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    result = run_bench(
+        "fleet_sync", "--devices", 6, "--depots", 3, "--sample", 2, "--json", timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
-    figures = json.loads(lines[-1])
-    assert figures["initial"]["rows_per_device"] == 100
-    route = figures["route_reassigned"]
+    found = figures(result)
+    assert found["initial"]["rows_per_device"] == 100
+    route = found["route_reassigned"]
     assert route["concerned_rows"] == 2 * (1 + 10)  # the route and its 10 stops, each way
     assert (route["others_synced"], route["others_rows"]) == (2, 0)
-    depot = figures["depot_renamed"]
+    depot = found["depot_renamed"]
     assert (depot["concerned"], depot["rows"]) == (2, 2)
-    assert figures["nothing_changed"]["rows"] == 0
-    assert figures["storage"]["held_rows"] == 6 * 100
-    assert figures["many_at_once"]["devices"] == 2
-    push = figures["push_synced"]
+    assert found["nothing_changed"]["rows"] == 0
+    assert found["storage"]["held_rows"] == 6 * 100
+    assert found["many_at_once"]["devices"] == 2
+    push = found["push_synced"]
     assert (push["devices"], push["listener_processes"]) == (2, 2)
     assert 0 < push["median_seconds"] <= push["seconds"]
-    assert any(line.startswith("depot renamed") for line in lines)
+    assert any(line.startswith("depot renamed") for line in result.stdout.splitlines())
