@@ -624,6 +624,22 @@ class Dispatcher:
             group = [(item, outcome) for item, outcome in kept if outcome.final == final]
             if group:
                 _log_failures(group, "failed for good" if final else "not sent, will retry")
+        # A device that subscribed here while its failure was on its way to the database:
+        # its connection's record may have come first, and found the row still leased.
+        # Its subscription is already in memory, and its record is written after it, so
+        # one of the two sees the row as recorded.
+        arrived = sorted(
+            {
+                item.device_id
+                for item, outcome in kept
+                if not outcome.final
+                and "sync" not in outcome.tried
+                and self.connections is not None
+                and self.connections.is_connected(item.device_id)
+            }
+        )
+        if arrived and await store.due_now(arrived):
+            self._wake.set()
 
     async def _connected_meanwhile(
         self, store: OutboxStore, item: Claimed, outcome: Outcome

@@ -256,6 +256,10 @@ class OutboxStore:
         rows = await self.executor.fetch(query("failed_many"), params, tuple_row)
         return {row[0] for row in rows}
 
+    async def due_now(self, devices: Sequence[str]) -> int:
+        """Make the rows of ``devices`` that wait for a resend due now; how many."""
+        return await self.executor.execute(query("due_now"), {"device_ids": list(devices)})
+
     async def mine(self) -> set[uuid.UUID]:
         """The rows leased to this owner (after a reconnect: also claims whose result was lost)."""
         rows = await self.executor.fetch(query("mine"), {"owner": self.owner}, tuple_row)

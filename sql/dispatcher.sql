@@ -204,6 +204,17 @@ FROM mine AS f
 WHERE o.request_id = f.request_id
 RETURNING o.request_id
 
+-- due_now --
+-- The rows of device_ids that wait for a resend are due now: each device has
+-- just subscribed here, while an attempt that could not reach it was being
+-- recorded (pushsync.dispatcher.daemon; connections.sql's `connected` does
+-- the same for rows already recorded when the device's connection is).
+UPDATE pushsync.outbox
+SET next_attempt_at = now()
+WHERE device_id = ANY(%(device_ids)s::text[])
+  AND state = 'sent'
+  AND next_attempt_at > now()
+
 -- confirm --
 -- The device has it. Only the recipient may confirm; a repeated confirmation
 -- (still in the outbox or already archived) is true again and changes nothing.

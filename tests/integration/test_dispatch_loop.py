@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
 import pytest
@@ -14,12 +14,15 @@ from psycopg.rows import dict_row
 
 from pushsync.dispatcher.daemon import Dispatcher, DispatcherSettings
 from pushsync.dispatcher.gateways import Gateway, SendResult, UdpGateway
-from pushsync.dispatcher.outbox import Claimed
+from pushsync.dispatcher.outbox import Claimed, OutboxStore
 from pushsync.testing import RecordingGateway
 from pushsync.wire import protocol
 from tests.integration import trucking
 from tests.support.dispatching import dispatcher_listens, running, set_address, states
 from tests.support.waiting import until_async
+
+if TYPE_CHECKING:
+    from pushsync.dispatcher.connections import ConnectionServer
 
 SECRET = b"0123456789abcdef"  # what trucking.add_devices gives every device
 WAIT = 5.0
@@ -241,6 +244,54 @@ async def test_many_unreachable_rows_are_recorded_together_and_logged_in_one_lin
 
     assert sum(map(counted, retries)) == len(devices), retries
     assert len(retries) < len(devices) / 4, retries
+
+
+class Subscriptions:
+    """Stands in for the SYNC server: the devices subscribed here, nothing else."""
+
+    def __init__(self) -> None:
+        self.by_device: dict[str, object] = {}
+
+    def is_connected(self, device: str) -> bool:
+        return device in self.by_device
+
+    def credentials(self) -> list[tuple[str, bytes | None]]:
+        return []
+
+    def cut_off(self, device: str, reason: str) -> int:
+        return 0
+
+
+@pytest.mark.asyncio
+async def test_a_device_that_subscribes_while_its_failure_is_recorded_is_sent_at_once(
+    db: psycopg.Connection, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The subscription's record can reach the database before the failure does, find the
+    row still leased and leave it; recorded as failed after, the row would wait for its
+    next resend (an hour here). It goes down the new connection at once instead."""
+    trucking.add_devices(db, "late")
+    set_address(db, "late", "udp", "127.0.0.1:9")
+    request_id = enqueue(db, "late")
+    udp = RecordingGateway("udp", fail_with="refused")
+    sync = RecordingGateway("sync")
+    dispatcher = Dispatcher(
+        DispatcherSettings(dsn=dsn, poll_interval=0.1), {"udp": udp, "sync": sync}
+    )
+    subscriptions = Subscriptions()
+    dispatcher.connections = cast("ConnectionServer", subscriptions)
+    record = OutboxStore.failed_many
+
+    async def subscribed_meanwhile(
+        store: OutboxStore, failures: list[tuple[uuid.UUID, str, bool]]
+    ) -> set[uuid.UUID]:
+        subscriptions.by_device["late"] = object()  # SUBSCRIBE, while this is at the database
+        return await record(store, failures)
+
+    monkeypatch.setattr(OutboxStore, "failed_many", subscribed_meanwhile)
+    async with running(dispatcher):
+        await until_async(lambda: sync.items, "sent down the new connection")
+    assert [item.request_id for item in udp.items] == [request_id]
+    assert [item.request_id for item in sync.items] == [request_id]
 
 
 @pytest.mark.asyncio
