@@ -12,6 +12,9 @@
 -- A row that may go over SYNC to a device whose connection another live
 -- dispatcher holds is left to that dispatcher (it wakes on the same NOTIFY).
 -- A disabled device's rows are not sent; they expire.
+-- The claimed rows are updated by primary key (`= ANY` of the batch's ids):
+-- joined with `due`, the update was planned as a hash join over the whole
+-- outbox, each claim reading every row (16 of 31 ms a claim at 40,000 rows).
 WITH due AS MATERIALIZED (
     SELECT request_id
     FROM pushsync.outbox
@@ -38,8 +41,7 @@ WITH due AS MATERIALIZED (
         lease_owner = %(owner)s,
         lease_expires_at = now() + %(lease)s::interval,
         attempts = o.attempts + 1
-    FROM due
-    WHERE o.request_id = due.request_id
+    WHERE o.request_id = ANY(ARRAY(SELECT request_id FROM due))
     RETURNING o.request_id, o.rule, o.device_id, o.subject, o.content, o.priority,
               o.gateway, o.created_at, o.expires_at, o.attempts, o.next_attempt_at
 )
