@@ -182,19 +182,24 @@ class Phase:
         self.seconds.append(result.seconds)
 
 
+async def sync_over(session: Session, device: Device, phase: Phase) -> SyncResult:
+    """One synchronization of ``device`` over ``session``, counted in ``phase``."""
+    counting = _Counting(session)
+    db = device.open()
+    try:
+        result = await synchronize(counting, db, PUBLICATION)
+    finally:
+        db.close()
+    phase.add(result, counting.received)
+    return result
+
+
 async def sync(server: Address, device: Device, phase: Phase) -> SyncResult:
     session = await open_session(server, device=device.name, secret=SECRET)
     try:
-        counting = _Counting(session)
-        db = device.open()
-        try:
-            result = await synchronize(counting, db, PUBLICATION)
-        finally:
-            db.close()
+        return await sync_over(session, device, phase)
     finally:
         await session.close("sync done")
-    phase.add(result, counting.received)
-    return result
 
 
 async def sync_one_by_one(server: Address, devices: list[Device], phase: Phase) -> None:
@@ -212,15 +217,9 @@ async def sync_one_by_one(server: Address, devices: list[Device], phase: Phase) 
         if n + OPEN_AHEAD < len(devices):
             opening.append(asyncio.create_task(connect(devices[n + OPEN_AHEAD])))
         try:
-            counting = _Counting(session)
-            db = device.open()
-            try:
-                result = await synchronize(counting, db, PUBLICATION)
-            finally:
-                db.close()
+            await sync_over(session, device, phase)
         finally:
             closing.append(asyncio.create_task(session.close("sync done")))
-        phase.add(result, counting.received)
     await asyncio.gather(*closing)
 
 
