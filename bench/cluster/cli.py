@@ -194,8 +194,19 @@ def run(devices: int, dispatchers: int, processes: int, dsn: str | None) -> dict
         got, last = _received(clients)
         figures["fanout_received"] = got
         figures["fanout_seconds"] = last - committed
-        # Nothing of the first round may be resent to the devices that move.
-        conn.execute("UPDATE pushsync.outbox SET state = 'confirmed'")
+        # Nothing of the first round may be resent to the devices that move. Once the
+        # dispatchers have recorded every send, rows are locked in request_id order, as
+        # the dispatchers' own batch statements lock them (no deadlock with them).
+        _wait(
+            conn,
+            "SELECT count(*) FILTER (WHERE state IN ('pending', 'sending')) FROM pushsync.outbox",
+            (),
+            lambda n: n == 0,
+        )
+        conn.execute(
+            "UPDATE pushsync.outbox SET state = 'confirmed' WHERE request_id IN "
+            "(SELECT request_id FROM pushsync.outbox ORDER BY request_id FOR UPDATE)"
+        )
 
         # Kill one dispatcher; a second INSERT at once.
         victim = 0
