@@ -29,7 +29,9 @@ WHERE device_id = ANY(%(device_ids)s::text[]) AND enabled
 -- record stays elsewhere gets its unconfirmed rows resent a little early, by
 -- the dispatcher holding it; the device drops the copies by request id.) Run
 -- unprepared (pushsync.dispatcher.nodes), so that each batch is planned with
--- its array's size.
+-- its array's size. The rows are locked in request_id order, as the
+-- dispatcher's batch statements lock them (sql/dispatcher.sql): two statements
+-- never wait for each other in a circle.
 WITH node AS (
     INSERT INTO pushsync.dispatchers (owner, host, pid, alive_until)
     VALUES (%(owner)s, %(host)s, %(pid)s, now() + %(alive_for)s::interval)
@@ -50,9 +52,13 @@ WITH node AS (
 )
 UPDATE pushsync.outbox
 SET next_attempt_at = now()
-WHERE device_id = ANY(%(device_ids)s::text[])
-  AND state = 'sent'
-  AND next_attempt_at > now()
+WHERE request_id IN (
+    SELECT request_id FROM pushsync.outbox
+    WHERE device_id = ANY(%(device_ids)s::text[])
+      AND state = 'sent'
+      AND next_attempt_at > now()
+    ORDER BY request_id
+    FOR UPDATE)
 
 -- tracked --
 -- The UDP endpoints devices reported over SYNC (addresses[i] for

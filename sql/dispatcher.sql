@@ -213,9 +213,13 @@ RETURNING o.request_id
 -- the same for rows already recorded when the device's connection is).
 UPDATE pushsync.outbox
 SET next_attempt_at = now()
-WHERE device_id = ANY(%(device_ids)s::text[])
-  AND state = 'sent'
-  AND next_attempt_at > now()
+WHERE request_id IN (
+    SELECT request_id FROM pushsync.outbox
+    WHERE device_id = ANY(%(device_ids)s::text[])
+      AND state = 'sent'
+      AND next_attempt_at > now()
+    ORDER BY request_id
+    FOR UPDATE)
 
 -- confirm --
 -- The device has it. Only the recipient may confirm; a repeated confirmation

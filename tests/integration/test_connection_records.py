@@ -280,15 +280,15 @@ def test_records_carry_the_time_of_the_connection_not_of_the_batch(
     assert abs(row[0] - since) < timedelta(milliseconds=1)
 
 
-def test_no_part_of_a_batch_record_runs_more_often_than_the_batch_has_devices(
+def test_no_part_of_a_batch_record_runs_more_often_than_the_batch_has_rows(
     db: psycopg.Connection, dsn: str
 ) -> None:
     """psycopg prepares a statement after a few runs, and a generic plan guesses ten
     devices a batch. Joined with a CTE, the outbox's sent rows were once planned as a
     nested loop that read the CTE once per sent row: one batch of 5,000 reconnecting
     devices took 24.6 s. Here 500 of 2,000 devices connected elsewhere reconnect, with
-    4,000 sent rows in the outbox: no part of the plan, custom or generic, may run
-    more times than the batch has devices."""
+    4,000 sent rows in the outbox (2 a device): no part of the plan, custom or generic,
+    may run more times than the batch's devices have rows (1,000)."""
     devices = add_fleet(db, 2_000)
     db.execute(
         "INSERT INTO pushsync.dispatchers (owner, host, pid, alive_until)"
@@ -327,4 +327,4 @@ def test_no_part_of_a_batch_record_runs_more_often_than_the_batch_has_devices(
         for name in ("connected", "tracked", "disconnected"):
             for generic in (False, True):
                 plan = run_plan(conn, queries.get(name, "connections.sql"), params, generic=generic)
-                assert most_loops(plan) <= len(batch), (name, generic, "\n".join(plan))
+                assert most_loops(plan) <= 2 * len(batch), (name, generic, "\n".join(plan))
