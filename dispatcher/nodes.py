@@ -33,7 +33,7 @@ from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from pushsync import queries
-from pushsync.dispatcher.outbox import AsyncConn, OutboxStore, PoolExecutor
+from pushsync.dispatcher.outbox import AsyncConn, OutboxStore, PoolExecutor, query
 from pushsync.dispatcher.records import Lookups, Pending, Recorder
 
 logger = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ class PoolStore(OutboxStore):
                     "since": [batch.connects[d].since for d in devices],
                 }
                 await conn.execute(_query("connected"), params, prepare=False)
+                await conn.execute(query("due_now"), {"device_ids": devices}, prepare=False)
             if batch.tracks:
                 devices = sorted(batch.tracks)
                 addresses = [batch.tracks[d] for d in devices]

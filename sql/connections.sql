@@ -16,22 +16,15 @@ WHERE device_id = ANY(%(device_ids)s::text[]) AND enabled
 -- connected --
 -- Devices that subscribed on this dispatcher's SYNC port: device_ids[i] on
 -- connection peers[i] since since[i]. Notes each device as seen (which also
--- skips a device removed meanwhile, and holds its row until the commit), records
--- the connection, replacing a record held elsewhere unless that one is newer
--- (a batch written late must not take back a device that has moved on), and
--- makes what a recorded device has not confirmed due now, to go down the new
--- connection. Registers this dispatcher too if its first heartbeat has not run
--- yet, so that the others leave these devices' rows to it from this moment.
--- The last step reads the batch's devices from the array, not from `conn`: a
--- join of the outbox with a CTE can be planned as a nested loop that scans the
--- CTE once per outbox row (seconds, at thousands of devices and sent rows),
--- where `= ANY(array)` is an index condition or a hashed filter. (A device whose
--- record stays elsewhere gets its unconfirmed rows resent a little early, by
--- the dispatcher holding it; the device drops the copies by request id.) Run
--- unprepared (pushsync.dispatcher.nodes), so that each batch is planned with
--- its array's size. The rows are locked in request_id order, as the
--- dispatcher's batch statements lock them (sql/dispatcher.sql): two statements
--- never wait for each other in a circle.
+-- skips a device removed meanwhile, and holds its row until the commit) and
+-- records the connection, replacing a record held elsewhere unless that one is
+-- newer (a batch written late must not take back a device that has moved on).
+-- Registers this dispatcher too if its first heartbeat has not run yet, so that
+-- the others leave these devices' rows to it from this moment. In the same
+-- transaction, `due_now` of sql/dispatcher.sql then makes what these devices
+-- have not confirmed due now, to go down the new connection
+-- (pushsync.dispatcher.nodes). Run unprepared, so that each batch is planned
+-- with its array's size: a generic plan guesses ten devices.
 WITH node AS (
     INSERT INTO pushsync.dispatchers (owner, host, pid, alive_until)
     VALUES (%(owner)s, %(host)s, %(pid)s, now() + %(alive_for)s::interval)
@@ -43,22 +36,12 @@ WITH node AS (
          AS g(device_id, peer, since)
     WHERE d.device_id = g.device_id
     RETURNING g.device_id, g.peer, g.since
-), conn AS (
-    INSERT INTO pushsync.sync_connections AS c (device_id, owner, peer, connected_at)
-    SELECT device_id, %(owner)s, peer, since FROM seen
-    ON CONFLICT (device_id) DO UPDATE
-    SET owner = excluded.owner, peer = excluded.peer, connected_at = excluded.connected_at
-    WHERE c.owner = excluded.owner OR c.connected_at <= excluded.connected_at
 )
-UPDATE pushsync.outbox
-SET next_attempt_at = now()
-WHERE request_id IN (
-    SELECT request_id FROM pushsync.outbox
-    WHERE device_id = ANY(%(device_ids)s::text[])
-      AND state = 'sent'
-      AND next_attempt_at > now()
-    ORDER BY request_id
-    FOR UPDATE)
+INSERT INTO pushsync.sync_connections AS c (device_id, owner, peer, connected_at)
+SELECT device_id, %(owner)s, peer, since FROM seen
+ON CONFLICT (device_id) DO UPDATE
+SET owner = excluded.owner, peer = excluded.peer, connected_at = excluded.connected_at
+WHERE c.owner = excluded.owner OR c.connected_at <= excluded.connected_at
 
 -- tracked --
 -- The UDP endpoints devices reported over SYNC (addresses[i] for

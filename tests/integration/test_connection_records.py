@@ -324,7 +324,12 @@ def test_no_part_of_a_batch_record_runs_more_often_than_the_batch_has_rows(
         "addresses": ["127.0.0.1:3"] * len(batch),
     }
     with psycopg.connect(dsn, autocommit=True) as conn:
-        for name in ("connected", "tracked", "disconnected"):
+        for name, file in (
+            ("connected", "connections.sql"),
+            ("due_now", "dispatcher.sql"),  # in the same transaction, after it
+            ("tracked", "connections.sql"),
+            ("disconnected", "connections.sql"),
+        ):
             for generic in (False, True):
-                plan = run_plan(conn, queries.get(name, "connections.sql"), params, generic=generic)
+                plan = run_plan(conn, queries.get(name, file), params, generic=generic)
                 assert most_loops(plan) <= 2 * len(batch), (name, generic, "\n".join(plan))
