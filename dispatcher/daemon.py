@@ -604,11 +604,7 @@ class Dispatcher:
     ) -> None:
         """Record the failed sends of a group in one statement (a thousand rows no gateway
         can reach are one round trip, not a thousand), and log them in one line."""
-        kept = [
-            (item, outcome)
-            for item, outcome in failures
-            if not await self._connected_meanwhile(store, item, outcome)
-        ]
+        kept = await self._give_back_connected(store, failures)
         if not kept:
             return
         recorded = await store.failed_many(
@@ -629,36 +625,45 @@ class Dispatcher:
         # Its subscription is already in memory, and its record is written after it, so
         # one of the two sees the row as recorded.
         arrived = sorted(
-            {
-                item.device_id
-                for item, outcome in kept
-                if not outcome.final
-                and "sync" not in outcome.tried
-                and self.connections is not None
-                and self.connections.is_connected(item.device_id)
-            }
+            {item.device_id for item, outcome in kept if self._now_reachable(item, outcome)}
         )
         if arrived and await store.due_now(arrived):
             self._wake.set()
 
-    async def _connected_meanwhile(
-        self, store: OutboxStore, item: Claimed, outcome: Outcome
-    ) -> bool:
-        """The device opened its SYNC connection while this attempt, which could not use
-        it, was under way: the connection's own claim skipped the row (leased here), so
-        it goes back, due now, and is sent down the connection at once. True if so."""
-        if outcome.final or "sync" in outcome.tried or self.connections is None:
-            return False
-        if not self.connections.is_connected(item.device_id):
-            return False
-        if not await store.release([item.request_id]):
-            return False
-        logger.info(
-            "%s: %s connected meanwhile; sending again", short(item.request_id), item.device_id
+    def _now_reachable(self, item: Claimed, outcome: Outcome) -> bool:
+        """The attempt could not use a SYNC connection, and the device has one here now."""
+        return (
+            not outcome.final
+            and "sync" not in outcome.tried
+            and self.connections is not None
+            and self.connections.is_connected(item.device_id)
         )
-        self._held.discard(item.request_id)
+
+    async def _give_back_connected(
+        self, store: OutboxStore, failures: list[tuple[Claimed, Outcome]]
+    ) -> list[tuple[Claimed, Outcome]]:
+        """The failures whose device opened its SYNC connection while the attempt, which
+        could not use it, was under way: the connection's own claim skipped their rows
+        (leased here), so they go back, due now, in one statement, and are sent down the
+        connection at once. The other failures are returned, to be recorded."""
+        back = [item for item, outcome in failures if self._now_reachable(item, outcome)]
+        if not back:
+            return failures
+        released = await store.release([item.request_id for item in back])
+        for item in back:
+            logger.info(
+                "%s: %s connected meanwhile; sending again", short(item.request_id), item.device_id
+            )
+            self._held.discard(item.request_id)
+        if released < len(back):
+            logger.warning(
+                "lost the lease on %d of %d rows before giving them back",
+                len(back) - released,
+                len(back),
+            )
         self._wake.set()
-        return True
+        returned = {item.request_id for item in back}
+        return [(item, outcome) for item, outcome in failures if item.request_id not in returned]
 
     async def _announce(self, store: OutboxStore) -> None:
         """Heartbeat, and (after a reconnect) record the SYNC connections held here again."""
