@@ -181,6 +181,21 @@ _SCHEMA: Final = (
     f"INSERT OR IGNORE INTO {_META} (name, value) VALUES ('format', {FORMAT}), ('applying', 0)",
 )
 
+_STORE_WATERMARK: Final = (
+    f"INSERT INTO {_WATERMARKS} (publication, watermark) VALUES (?, ?)"
+    " ON CONFLICT (publication) DO UPDATE SET watermark = excluded.watermark"
+)
+
+_META_TABLES: Final = (_META, _TABLES, _WATERMARKS, _CHANGES, _REJECTED)
+
+_READY: Final = (
+    f"SELECT (SELECT value FROM {_META} WHERE name = 'format'),"
+    f" (SELECT value FROM {_META} WHERE name = 'applying'),"
+    " (SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name IN"
+    f" ({', '.join(_literal(name) for name in _META_TABLES)}))"
+)
+"""A file already set up answers ``(FORMAT, 0, 5)``: it is opened without writing."""
+
 # --------------------------------------------------------------------------- types
 
 _Kind = Literal["integer", "real", "numeric", "boolean", "bytea", "json", "text"]
@@ -433,6 +448,46 @@ def _trigger_sql(local: str, schema: TableSchema) -> list[str]:
     return statements
 
 
+# --------------------------------------------------------------------------- opening
+
+
+def _ready(connection: sqlite3.Connection) -> bool:
+    """Whether the file is set up and needs no write to be used: WAL mode (kept in the
+    file), the meta tables of :data:`FORMAT`, no ``applying`` flag left behind."""
+    mode = connection.execute("PRAGMA journal_mode").fetchone()
+    if mode is None or str(mode[0]).lower() != "wal":
+        return False
+    try:
+        row = connection.execute(_READY).fetchone()
+    except sqlite3.OperationalError:  # no meta table yet: a new file
+        return False
+    return row is not None and tuple(row) == (FORMAT, 0, len(_META_TABLES))
+
+
+def _set_up(connection: sqlite3.Connection, path: Path) -> None:
+    """Put the file in WAL mode and create the meta tables, in one transaction."""
+    mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()
+    if mode is None or str(mode[0]).lower() != "wal":
+        raise LocalDatabaseError(f"cannot use the local database {path}: WAL mode refused")
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA:
+            connection.execute(statement)
+        row = connection.execute(f"SELECT value FROM {_META} WHERE name = 'format'").fetchone()
+        if row is None or row[0] != FORMAT:
+            raise LocalDatabaseError(
+                f"the local database {path} has format {row[0] if row else None!r};"
+                f" this pushsync reads format {FORMAT}"
+            )
+        # A committed flag would silence the triggers for good; apply never commits one.
+        connection.execute(f"UPDATE {_META} SET value = 0 WHERE name = 'applying'")
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+
+
 # --------------------------------------------------------------------------- the database
 
 
@@ -453,7 +508,9 @@ class LocalDatabase:
     def open(cls, path: Path) -> LocalDatabase:
         """Open the database file ``path``, creating it (and its directory) if missing.
 
-        Sets WAL mode and ``synchronous=FULL`` and creates the meta tables.
+        Sets WAL mode and ``synchronous=FULL`` and creates the meta tables. A file
+        already set up (WAL mode, the meta tables of :data:`FORMAT`, no ``applying``
+        flag left) is checked with one read and not written: opening it costs no fsync.
         """
         path = Path(path)
         try:
@@ -470,29 +527,9 @@ class LocalDatabase:
         except sqlite3.Error as exc:
             raise LocalDatabaseError(f"cannot open the local database {path}: {exc}") from None
         try:
-            mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()
-            if mode is None or str(mode[0]).lower() != "wal":
-                raise LocalDatabaseError(f"cannot use the local database {path}: WAL mode refused")
             connection.execute("PRAGMA synchronous=FULL")
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _SCHEMA:
-                    connection.execute(statement)
-                row = connection.execute(
-                    f"SELECT value FROM {_META} WHERE name = 'format'"
-                ).fetchone()
-                if row is None or row[0] != FORMAT:
-                    raise LocalDatabaseError(
-                        f"the local database {path} has format {row[0] if row else None!r};"
-                        f" this pushsync reads format {FORMAT}"
-                    )
-                # A committed flag would silence the triggers for good; apply never commits one.
-                connection.execute(f"UPDATE {_META} SET value = 0 WHERE name = 'applying'")
-                connection.execute("COMMIT")
-            except BaseException:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
-                raise
+            if not _ready(connection):
+                _set_up(connection, path)
         except sqlite3.Error as exc:
             connection.close()
             raise LocalDatabaseError(f"cannot use the local database {path}: {exc}") from None
@@ -635,7 +672,13 @@ class LocalDatabase:
         the ``deletes`` by key, writes the ``upserts``, and for a ``full``
         table deletes every other row. The capture triggers record none of it.
         On any error nothing of it stays and :class:`LocalDatabaseError` is raised.
+
+        An empty download (an untouched synchronization) only stores the watermark:
+        one small transaction, none at all when it is the one already stored.
         """
+        if not downloads:
+            self._store_watermark(publication, watermark)
+            return ApplyStats(upserted=0, deleted=0, rebuilt=())
         schemas = [_normalized(download.schema) for download in downloads]
         seen: set[str] = set()
         for schema in schemas:
@@ -665,13 +708,17 @@ class LocalDatabase:
                 upserted += len(download.upserts)
                 if download.full:
                     deleted += _keep_only(connection, local, schema, keys)
-            connection.execute(
-                f"INSERT INTO {_WATERMARKS} (publication, watermark) VALUES (?, ?)"
-                " ON CONFLICT (publication) DO UPDATE SET watermark = excluded.watermark",
-                (publication, watermark),
-            )
+            connection.execute(_STORE_WATERMARK, (publication, watermark))
             connection.execute(f"UPDATE {_META} SET value = 0 WHERE name = 'applying'")
         return ApplyStats(upserted=upserted, deleted=deleted, rebuilt=tuple(rebuilt))
+
+    def _store_watermark(self, publication: str, watermark: str) -> None:
+        """Store ``watermark`` alone, unless it is already the stored one."""
+        with self._lock:
+            if self.watermark(publication) == watermark:
+                return
+            with self._transaction(f"apply {publication!r}") as connection:
+                connection.execute(_STORE_WATERMARK, (publication, watermark))
 
     def forget(self, publication: str) -> None:
         """Drop the watermark of ``publication``: its next sync is a full download."""

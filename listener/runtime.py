@@ -44,7 +44,7 @@ from pushsync.listener.handlers import match
 from pushsync.listener.imap import ImapChannel
 from pushsync.listener.localdb import LocalDatabaseError
 from pushsync.listener.state import StateInUse, hold_for_listener
-from pushsync.listener.sync import NO_SYNC_ROUTE, SyncFailed, sync_once
+from pushsync.listener.sync import NO_SYNC_ROUTE, KeptDatabase, SyncFailed, sync_once
 from pushsync.logs import Throttle, plain, short
 from pushsync.wire import protocol
 from pushsync.wire.limits import MAX_DATAGRAM
@@ -130,6 +130,8 @@ class Listener:
             device=config.device, stop=self.shutdown_requested, sync=self._synchronize
         )
         self.dedupe = DedupeStore.in_state_dir(config.state_dir)
+        self.local = KeptDatabase()
+        """The local database, open from the first ``sync`` action until the listener stops."""
         self._remembered = GroupCommit(self.dedupe)
         self._reported = (time.monotonic(), self._activity())
         """When the last activity line was logged, and the counts it reached."""
@@ -338,9 +340,9 @@ class Listener:
         try:
             if channel is not None and channel.connected.is_set():
                 async with channel.borrow() as lent:
-                    result = await sync_once(self.config, self.secret, lent)
+                    result = await sync_once(self.config, self.secret, lent, kept=self.local)
             else:
-                result = await sync_once(self.config, self.secret)
+                result = await sync_once(self.config, self.secret, kept=self.local)
         except (SyncFailed, LocalDatabaseError, StateInUse, KeyRefused, OSError) as exc:
             return Outcome(ok=False, detail=f"sync failed: {exc}")
         logger.info("%s", result.describe())
@@ -353,8 +355,8 @@ class Listener:
 
         A config with errors is logged, every error located, and the old one
         kept. Only the handlers are replaced: changes to ``device``,
-        ``secret_file``, ``state_dir`` or ``channels`` need a restart, and the
-        log says so.
+        ``secret_file``, ``state_dir``, ``publication`` or ``channels`` need a
+        restart, and the log says so.
         """
         source = self.config.path if path is None else Path(path)
         try:
@@ -370,7 +372,7 @@ class Listener:
         old = self.config
         restart = [
             key
-            for key in ("device", "secret_file", "state_dir", "channels")
+            for key in ("device", "secret_file", "state_dir", "publication", "channels")
             if getattr(new, key) != getattr(old, key)
         ]
         self.config = replace(old, handlers=new.handlers)
@@ -514,6 +516,7 @@ class Listener:
                 logger.warning("cancelled %d messages still being handled", len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
         await self.actions.aclose()
+        self.local.close()
         self.dedupe.close()
         if self.started.is_set():  # a listener that never started has nothing to count
             self._log_totals()

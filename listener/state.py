@@ -49,8 +49,10 @@ class FolderLock:
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        pid = f"{os.getpid()}\n".encode()
+        if os.pread(fd, len(pid) + 1, 0) != pid:  # a listener takes sync.lock for each sync
+            os.ftruncate(fd, 0)
+            os.write(fd, pid)
         self._fd = fd
         return True
 

@@ -13,10 +13,13 @@ import asyncio
 import functools
 import json
 import logging
+import os
+import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
 
 from pushsync.errors import PushsyncError
@@ -109,6 +112,55 @@ def local_database(config: ListenerConfig) -> LocalDatabase:
     return db
 
 
+class KeptDatabase:
+    """A listener's local database, kept open from one synchronization to the next.
+
+    Opening the file and closing it again (the checkpoint of the last connection) was
+    most of the device's work in a synchronization that brought nothing. The listener
+    owns its ``state_dir`` (``listener.lock``) and synchronizes under ``sync.lock``, so
+    it keeps its connection; ``pushsync sync`` run beside it, and the application,
+    use connections of their own. The database follows the config it is asked for: a
+    config naming another ``state_dir``, device or publication, or a file removed or
+    replaced meanwhile, gets the file opened (and claimed) again.
+    """
+
+    def __init__(self) -> None:
+        self._db: LocalDatabase | None = None
+        self._owner: tuple[Path, str, str] | None = None
+        self._identity: tuple[int, int] | None = None
+
+    def open(self, config: ListenerConfig) -> LocalDatabase:
+        """The local database of ``config``: the one kept, if it is still that one."""
+        path = config.state_dir / LOCAL_DB
+        owner = (path, config.device, config.publication or DEFAULT_PUBLICATION)
+        if self._db is not None:
+            if owner == self._owner and _identity(path) == self._identity:
+                return self._db
+            self.close()
+        db = local_database(config)
+        self._db, self._owner, self._identity = db, owner, _identity(path)
+        return db
+
+    @property
+    def is_open(self) -> bool:
+        return self._db is not None
+
+    def close(self) -> None:
+        """Close the database kept, if any (it is opened again when next asked for)."""
+        db, self._db, self._owner, self._identity = self._db, None, None, None
+        if db is not None:
+            db.close()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` is (device and inode); ``None`` if there is none."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
 async def synchronize(
     transport: Transport, db: LocalDatabase, publication: str | None
 ) -> SyncResult:
@@ -167,25 +219,30 @@ async def synchronize(
 # --------------------------------------------------------------------------- upload batches
 
 
+_READ_STATE: Final = "SELECT instance, batch, first_seq, last_seq FROM _pushsync_upload"
+
+
 def _state(db: LocalDatabase) -> Any:
-    """The client's own bookkeeping table in the local database."""
+    """The client's own bookkeeping table in the local database (one read once it exists)."""
     conn = db.connection
+    try:
+        row = conn.execute(_READ_STATE).fetchone()
+    except sqlite3.OperationalError:  # the first synchronization of this file
+        row = None
+    if row is not None:
+        return row
     conn.execute(
         "CREATE TABLE IF NOT EXISTS _pushsync_upload ("
         "singleton INTEGER PRIMARY KEY CHECK (singleton = 1), "
         "instance TEXT NOT NULL, batch TEXT, first_seq INTEGER, last_seq INTEGER)"
     )
-    row = conn.execute(
-        "SELECT instance, batch, first_seq, last_seq FROM _pushsync_upload"
-    ).fetchone()
+    row = conn.execute(_READ_STATE).fetchone()
     if row is None:
         conn.execute(
             "INSERT INTO _pushsync_upload (singleton, instance) VALUES (1, ?)", (uuid.uuid4().hex,)
         )
         conn.commit()
-        row = conn.execute(
-            "SELECT instance, batch, first_seq, last_seq FROM _pushsync_upload"
-        ).fetchone()
+        row = conn.execute(_READ_STATE).fetchone()
     return row
 
 
@@ -204,7 +261,8 @@ def _next_batch(
     instance, batch, first, last = _state(db)
     candidates = [c for c in db.pending(skip + BATCH_ROWS + 1) if after is None or c.seq > after]
     if not candidates:
-        _forget_batch(db)
+        if batch is not None:
+            _forget_batch(db)
         return None
     if batch is not None and after is None and first < candidates[0].seq:
         batch = None  # its changes were answered: stale
@@ -368,43 +426,55 @@ async def sync_once(
     transport: Transport | None = None,
     *,
     on_wait: Callable[[str], None] | None = None,
+    kept: KeptDatabase | None = None,
 ) -> SyncResult:
     """One synchronization for ``config``'s device, over ``transport`` or a new connection,
-    after any other one under way in its ``state_dir`` (``on_wait`` hears that it waits)."""
+    after any other one under way in its ``state_dir`` (``on_wait`` hears that it waits).
+
+    The local database is opened for it and closed after it, or taken from ``kept`` (a
+    listener's) and left open there; a synchronization that fails closes it, so the
+    next one opens the file afresh."""
     from pushsync.listener.connection import open_session
 
     with await hold_for_sync(config.state_dir, config.path, on_wait=on_wait):
-        return await _sync_locked(config, secret, transport, open_session)
+        if kept is None:
+            db = local_database(config)
+            try:
+                return await _sync_locked(config, secret, transport, db, open_session)
+            finally:
+                db.close()
+        try:
+            return await _sync_locked(config, secret, transport, kept.open(config), open_session)
+        except BaseException:
+            kept.close()
+            raise
 
 
 async def _sync_locked(
     config: ListenerConfig,
     secret: bytes,
     transport: Transport | None,
+    db: LocalDatabase,
     open_session: Callable[..., Awaitable[Session]],
 ) -> SyncResult:
-    db = local_database(config)
+    if transport is not None:
+        return await synchronize(transport, db, config.publication)
+    where = config.sync_server
+    if where is None:
+        raise SyncFailed(NO_SYNC_ROUTE)
+    server, tls, ca_file = where
     try:
-        if transport is not None:
-            return await synchronize(transport, db, config.publication)
-        where = config.sync_server
-        if where is None:
-            raise SyncFailed(NO_SYNC_ROUTE)
-        server, tls, ca_file = where
-        try:
-            session = await open_session(
-                server, device=config.device, secret=secret, tls=tls, ca_file=ca_file
-            )
-        except KeyRefused:
-            raise
-        except (OSError, TimeoutError, protocol.ProtocolError) as exc:
-            raise SyncFailed(f"cannot connect to {server}: {exc}") from None
-        try:
-            return await synchronize(session, db, config.publication)
-        finally:
-            await session.close("sync done")
+        session = await open_session(
+            server, device=config.device, secret=secret, tls=tls, ca_file=ca_file
+        )
+    except KeyRefused:
+        raise
+    except (OSError, TimeoutError, protocol.ProtocolError) as exc:
+        raise SyncFailed(f"cannot connect to {server}: {exc}") from None
+    try:
+        return await synchronize(session, db, config.publication)
     finally:
-        db.close()
+        await session.close("sync done")
 
 
 def run_sync(config_path: str) -> int:
@@ -434,6 +504,7 @@ def run_sync(config_path: str) -> int:
 __all__ = [
     "BATCH_BYTES",
     "BATCH_ROWS",
+    "KeptDatabase",
     "SyncFailed",
     "SyncResult",
     "Transport",
