@@ -102,33 +102,42 @@ WHERE o.request_id = %(request_id)s
 -- Each row's attempt joins its attempt_log, as in `sent`.
 -- Rows are locked in request_id order, as confirm_many locks them: two
 -- statements that lock many rows each never wait for each other in a circle.
--- The batch's rows are found by primary key (`request_id = ANY`), as in
--- failed_many and confirm_many: joined only with the unnest, a plan made on
--- stale statistics (a burst into an outbox analyzed while empty) hashed every
--- row of the outbox for each batch, or looped over the batch for each row.
+-- No join with the batch: its rows are found by primary key (`= ANY`), and
+-- each row's gateway is looked up in one JSON object made of the two arrays,
+-- once per statement (MATERIALIZED: inlined, a prepared plan made the object
+-- again for every row). Joined with the unnest, a plan made on statistics that
+-- misjudge the batch (a burst into an outbox analyzed while empty, or while
+-- every row was still pending) hashed the whole outbox for each batch, or
+-- compared every row of the batch with every other (250,000 comparisons,
+-- three quarters of the statement's time, for a batch of 500). The states are
+-- tested in a CASE, which no partial index on state matches: on such
+-- statistics the planner took a state's index, as if it were more selective
+-- than the batch's keys, and read every unfinished row of the outbox.
 WITH mine AS (
-    SELECT o.request_id, s.gateway
+    SELECT o.request_id
     FROM pushsync.outbox AS o
-    JOIN unnest(%(request_ids)s::uuid[], %(gateways)s::text[]) AS s(request_id, gateway)
-      ON s.request_id = o.request_id
     WHERE o.request_id = ANY(%(request_ids)s::uuid[])
-      AND ((o.state = 'sending' AND o.lease_owner = %(owner)s) OR o.state = 'confirmed')
+      AND CASE o.state WHEN 'sending' THEN o.lease_owner = %(owner)s
+                       WHEN 'confirmed' THEN true ELSE false END
     ORDER BY o.request_id
     FOR UPDATE OF o
+), batch AS MATERIALIZED (
+    SELECT jsonb_object(%(request_ids)s::uuid[]::text[], %(gateways)s::text[]) AS gateway_of
 )
 UPDATE pushsync.outbox AS o
 SET state = CASE WHEN o.state = 'confirmed' THEN 'confirmed' ELSE 'sent' END,
     sent_at = CASE WHEN o.state = 'confirmed' THEN coalesce(o.sent_at, now()) ELSE now() END,
-    gateway_used = CASE WHEN o.state = 'confirmed' THEN coalesce(o.gateway_used, s.gateway)
-                        ELSE s.gateway END,
+    gateway_used = CASE WHEN o.state = 'confirmed'
+                        THEN coalesce(o.gateway_used, b.gateway_of ->> o.request_id::text)
+                        ELSE b.gateway_of ->> o.request_id::text END,
     next_attempt_at = CASE WHEN o.state = 'confirmed' THEN o.next_attempt_at
                            ELSE now() + o.resend_every END,
     attempt_log = pushsync.attempt_logged(o.attempt_log, jsonb_build_object(
-        'at', now(), 'gateway', s.gateway, 'outcome', 'sent')),
+        'at', now(), 'gateway', b.gateway_of ->> o.request_id::text, 'outcome', 'sent')),
     lease_owner = NULL,
     lease_expires_at = NULL
-FROM mine AS s
-WHERE o.request_id = s.request_id
+FROM batch AS b
+WHERE o.request_id = ANY(ARRAY(SELECT request_id FROM mine))
 RETURNING o.request_id
 
 -- mine --
@@ -181,29 +190,36 @@ WHERE o.request_id = d.request_id
 -- stays NULL if it never went out). Only while this owner still holds the row;
 -- returns the rows recorded. Each attempt joins attempt_log with its error.
 -- Rows are locked in request_id order, as sent_many and confirm_many lock them.
+-- As in sent_many, no join with the batch: each row's error and finality are
+-- looked up in one JSON object made once per statement ([error, final]).
 WITH mine AS (
-    SELECT o.request_id, f.error, f.final
+    SELECT o.request_id
     FROM pushsync.outbox AS o
-    JOIN unnest(%(request_ids)s::uuid[], %(errors)s::text[], %(finals)s::boolean[])
-         AS f(request_id, error, final)
-      ON f.request_id = o.request_id
     WHERE o.request_id = ANY(%(request_ids)s::uuid[])
-      AND o.state = 'sending' AND o.lease_owner = %(owner)s
+      AND CASE o.state WHEN 'sending' THEN o.lease_owner = %(owner)s ELSE false END
     ORDER BY o.request_id
     FOR UPDATE OF o
+), batch AS MATERIALIZED (
+    SELECT jsonb_object_agg(f.request_id::text, jsonb_build_array(f.error, f.final))
+           AS failure_of
+    FROM unnest(%(request_ids)s::uuid[], %(errors)s::text[], %(finals)s::boolean[])
+         AS f(request_id, error, final)
 )
 UPDATE pushsync.outbox AS o
-SET state = CASE WHEN f.final THEN 'failed' ELSE 'sent' END,
-    next_attempt_at = CASE WHEN f.final THEN o.next_attempt_at
-                           ELSE now() + o.resend_every END,
-    last_error = f.error,
+SET state = CASE WHEN (b.failure_of #>> ARRAY[o.request_id::text, '1'])::boolean
+                 THEN 'failed' ELSE 'sent' END,
+    next_attempt_at = CASE WHEN (b.failure_of #>> ARRAY[o.request_id::text, '1'])::boolean
+                           THEN o.next_attempt_at ELSE now() + o.resend_every END,
+    last_error = b.failure_of #>> ARRAY[o.request_id::text, '0'],
     attempt_log = pushsync.attempt_logged(o.attempt_log, jsonb_build_object(
-        'at', now(), 'outcome', CASE WHEN f.final THEN 'failed' ELSE 'retry' END,
-        'error', f.error)),
+        'at', now(),
+        'outcome', CASE WHEN (b.failure_of #>> ARRAY[o.request_id::text, '1'])::boolean
+                        THEN 'failed' ELSE 'retry' END,
+        'error', b.failure_of #>> ARRAY[o.request_id::text, '0'])),
     lease_owner = NULL,
     lease_expires_at = NULL
-FROM mine AS f
-WHERE o.request_id = f.request_id
+FROM batch AS b
+WHERE o.request_id = ANY(ARRAY(SELECT request_id FROM mine))
 RETURNING o.request_id
 
 -- due_now --
@@ -257,16 +273,19 @@ SELECT EXISTS (SELECT 1 FROM confirmed)
 -- devices[i] has request_ids[i]. Returns the request ids confirmed, now or
 -- before (still in the outbox or archived); an ack naming another device's
 -- row, or a row never sent, is not among them and changes nothing. Rows are
--- locked in request_id order, as sent_many locks them.
-WITH acks AS (
-    SELECT DISTINCT a.request_id, a.device_id
+-- locked in request_id order, as sent_many locks them. As in sent_many, no
+-- join with the batch: a row is found by primary key, and its (request id,
+-- device) pair looked up among the acks' pairs, one JSON object made once per
+-- statement.
+WITH acks AS MATERIALIZED (
+    SELECT jsonb_object_agg(a.request_id::text || ' ' || a.device_id, true) AS pairs
     FROM unnest(%(request_ids)s::uuid[], %(device_ids)s::text[]) AS a(request_id, device_id)
 ), sent AS (
     SELECT o.request_id
-    FROM pushsync.outbox AS o
-    JOIN acks AS a ON a.request_id = o.request_id AND a.device_id = o.device_id
+    FROM pushsync.outbox AS o, acks AS a
     WHERE o.request_id = ANY(%(request_ids)s::uuid[])
-      AND o.state IN ('sending', 'sent')
+      AND CASE o.state WHEN 'sending' THEN true WHEN 'sent' THEN true ELSE false END
+      AND a.pairs ? (o.request_id::text || ' ' || o.device_id)
     ORDER BY o.request_id
     FOR UPDATE OF o
 ), confirmed AS (
@@ -275,23 +294,22 @@ WITH acks AS (
         confirmed_at = now(),
         lease_owner = CASE WHEN o.state = 'sending' THEN o.lease_owner END,
         lease_expires_at = CASE WHEN o.state = 'sending' THEN o.lease_expires_at END
-    FROM sent
-    WHERE o.request_id = sent.request_id
+    WHERE o.request_id = ANY(ARRAY(SELECT request_id FROM sent))
     RETURNING o.request_id
 )
 SELECT request_id FROM confirmed
 UNION
 SELECT o.request_id
-FROM pushsync.outbox AS o
-JOIN acks AS a ON a.request_id = o.request_id AND a.device_id = o.device_id
+FROM pushsync.outbox AS o, acks AS a
 WHERE o.request_id = ANY(%(request_ids)s::uuid[])
-  AND o.state = 'confirmed'
+  AND CASE o.state WHEN 'confirmed' THEN true ELSE false END
+  AND a.pairs ? (o.request_id::text || ' ' || o.device_id)
 UNION
 SELECT h.request_id
-FROM pushsync.outbox_history AS h
-JOIN acks AS a ON a.request_id = h.request_id AND a.device_id = h.device_id
+FROM pushsync.outbox_history AS h, acks AS a
 WHERE h.request_id = ANY(%(request_ids)s::uuid[])
-  AND h.state = 'confirmed'
+  AND CASE h.state WHEN 'confirmed' THEN true ELSE false END
+  AND a.pairs ? (h.request_id::text || ' ' || h.device_id)
 
 -- expire --
 -- Past expires_at and not confirmed: never sent again. A row being sent is

@@ -1,12 +1,13 @@
-"""Plans of batch statements, run for real (EXPLAIN ANALYZE): how many times each
-part ran, which tells a plan that costs milliseconds from one that costs seconds
+"""Plans of batch statements, run for real (EXPLAIN ANALYZE): how many rows each
+part read, which tells a plan that costs milliseconds from one that costs seconds
 whatever the machine.
 
 A batch statement joins the outbox with its batch (an ``unnest`` of arrays, or a
 CTE). Planned on statistics that guess ten rows for the batch, or a nearly empty
 outbox, a nested loop may put the batch on its inner side and read it again for
 every outbox row: thousands of rows times a batch of hundreds. Tests bound the
-loops of every part of the plan by the batch's size, not the time it took.
+rows every part of the plan read (returned or filtered out, in all its runs) by
+the batch's size, not the time it took.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import psycopg
 from psycopg import sql
 
 LOOPS = re.compile(r"loops=(\d+)")
+NODE = re.compile(r"\(actual time=[\d.]+\.\.[\d.]+ rows=(\d+) loops=(\d+)\)")
+REMOVED = re.compile(r"Rows Removed by (?:Join )?Filter: (\d+)")
 
 
 def placeholders(statement: str) -> list[str]:
@@ -53,3 +56,19 @@ def run_plan(
 def most_loops(plan: list[str]) -> int:
     """The most times any part of ``plan`` ran."""
     return max((int(n) for line in plan for n in LOOPS.findall(line)), default=0)
+
+
+def most_rows(plan: list[str]) -> int:
+    """The most rows any part of ``plan`` read in all its runs: returned, or removed by
+    its filter or join filter. EXPLAIN gives both per run; each is multiplied by the
+    runs of its part. A join that compares every row of one side with every row of the
+    other shows here, while its loops stay within the batch."""
+    most = 0
+    loops = 1
+    for line in plan:
+        if node := NODE.search(line):
+            rows, loops = int(node.group(1)), int(node.group(2))
+            most = max(most, rows * loops)
+        elif removed := REMOVED.search(line):
+            most = max(most, int(removed.group(1)) * loops)
+    return most
