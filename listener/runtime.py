@@ -34,6 +34,7 @@ from pushsync.listener.channels import (
 from pushsync.listener.config import (
     Handler,
     ListenerConfig,
+    SyncAction,
     load_config,
     load_for_command,
     read_secret_file,
@@ -43,7 +44,7 @@ from pushsync.listener.dedupe import DedupeError, DedupeStore, GroupCommit
 from pushsync.listener.handlers import match
 from pushsync.listener.imap import ImapChannel
 from pushsync.listener.localdb import LocalDatabaseError
-from pushsync.listener.state import StateInUse, hold_for_listener
+from pushsync.listener.state import SYNC_LOCK, FolderLock, StateInUse, hold_for_listener
 from pushsync.listener.sync import NO_SYNC_ROUTE, KeptDatabase, SyncFailed, sync_once
 from pushsync.logs import Throttle, plain, short
 from pushsync.wire import protocol
@@ -131,7 +132,7 @@ class Listener:
         )
         self.dedupe = DedupeStore.in_state_dir(config.state_dir)
         self.local = KeptDatabase()
-        """The local database, open from the first ``sync`` action until the listener stops."""
+        """The local database, kept open while the listener runs (see :meth:`_open_local`)."""
         self._remembered = GroupCommit(self.dedupe)
         self._reported = (time.monotonic(), self._activity())
         """When the last activity line was logged, and the counts it reached."""
@@ -399,6 +400,7 @@ class Listener:
         """
         relay = asyncio.create_task(self._relay_shutdown(stop))
         try:
+            self._open_local()
             await self._start_channels()
             self.started.set()
             logger.info(
@@ -415,6 +417,24 @@ class Listener:
         finally:
             relay.cancel()
             await self._shutdown()
+
+    def _open_local(self) -> None:
+        """Open the local database before the first message when a handler synchronizes,
+        so the first ``sync`` costs what the next ones do. Skipped while a ``pushsync
+        sync`` holds ``sync.lock``; a failure is logged, and the first ``sync`` tries again
+        (and fails with the reason, as before)."""
+        config = self.config
+        actions = [a for h in config.handlers for a in (h.action, h.altaction)]
+        if config.sync_server is None or not any(isinstance(a, SyncAction) for a in actions):
+            return
+        lock = FolderLock(config.state_dir, SYNC_LOCK)
+        try:
+            if not lock.try_acquire():
+                return
+            with lock:
+                self.local.open(config)
+        except (LocalDatabaseError, OSError) as exc:
+            logger.warning("local database: %s; the sync action will try again", exc)
 
     async def _relay_shutdown(self, stop: asyncio.Event) -> None:
         await self.shutdown_requested.wait()

@@ -13,6 +13,8 @@ import asyncio
 import gc
 import os
 import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,13 +23,15 @@ import psycopg
 import pytest
 
 from pushsync.listener.channels import SyncChannel
-from pushsync.listener.config import ListenerConfig
+from pushsync.listener.config import ListenerConfig, load_config
 from pushsync.listener.connection import open_session
 from pushsync.listener.localdb import LocalDatabase, LocalDatabaseMismatch
 from pushsync.listener.runtime import Listener
+from pushsync.listener.state import SYNC_LOCK, FolderLock
 from pushsync.listener.sync import KeptDatabase, SyncFailed, sync_once
 from tests.integration import trucking
 from tests.support.dispatching import SECRET, dispatching, server_address
+from tests.support.keys import write_key
 from tests.support.publications import Cut, device_config, local, local_reports, local_routes
 from tests.support.waiting import until_async
 
@@ -84,6 +88,7 @@ async def test_a_listener_opens_its_local_database_once_and_closes_it_when_it_st
         try:
             await asyncio.wait_for(listener.started.wait(), 10)
             await asyncio.wait_for(listener.channel(SyncChannel).connected.wait(), 10)
+            assert opened == [truck2.state_dir / "local.db"]  # at start: a handler syncs
             trucking.report(fleet, location=100, by=1)  # pushes truck-2, whose handler syncs
             await until_async(lambda: has_reports(truck2, 1), "the first pushed sync", 15)
             assert listener.local.is_open
@@ -94,7 +99,7 @@ async def test_a_listener_opens_its_local_database_once_and_closes_it_when_it_st
             trucking.report(fleet, location=100, by=3)  # a second push, a second sync
             await until_async(lambda: has_reports(truck2, 2), "the second pushed sync", 15)
             assert server_route_name(fleet, 20) == "mine"  # uploaded by the kept database
-            assert opened == [truck2.state_dir / "local.db"]  # opened once for both
+            assert opened == [truck2.state_dir / "local.db"]  # still the one of the start
         finally:
             stop.set()
             await asyncio.wait_for(task, 10)
@@ -115,6 +120,67 @@ def open_files(directory: Path) -> list[str]:
         if target.startswith(f"{directory}/") and not target.endswith(".lock"):
             found.append(target)
     return found
+
+
+OFFLINE = """\
+device: truck-2
+secret_file: device.key
+state_dir: state
+publication: driver
+channels:
+  sync: {server: "127.0.0.1:9"}
+handlers:
+  - name: sync
+    subject: sync
+    action: sync
+"""
+"""A listener whose server does not answer: it keeps trying to connect, and runs."""
+
+
+def offline_listener(tmp_path: Path) -> Listener:
+    write_key(tmp_path / "device.key", SECRET)
+    (tmp_path / "listener.yaml").write_text(OFFLINE, encoding="utf-8")
+    return Listener(load_config(tmp_path / "listener.yaml"))
+
+
+@pytest.mark.asyncio
+async def test_a_listener_started_during_pushsync_sync_leaves_the_file_to_its_first_sync(
+    tmp_path: Path,
+) -> None:
+    held = FolderLock(tmp_path / "state", SYNC_LOCK)  # as `pushsync sync` holds it
+    assert held.try_acquire()
+    try:
+        async with running(offline_listener(tmp_path)) as listener:
+            assert not listener.local.is_open
+            assert not (tmp_path / "state" / "local.db").exists()  # it does not race
+    finally:
+        held.release()
+
+
+@pytest.mark.asyncio
+async def test_a_listener_whose_state_dir_holds_another_devices_file_still_starts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with LocalDatabase.open(tmp_path / "state" / "local.db") as db:
+        db.claim("truck-9", "driver")
+    async with running(offline_listener(tmp_path)) as listener:
+        assert not listener.local.is_open
+    assert any(
+        "listener.yaml: state_dir" in r.message and "holds the data of device truck-9" in r.message
+        for r in caplog.records
+    )
+
+
+@asynccontextmanager
+async def running(listener: Listener) -> AsyncIterator[Listener]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(listener.run(stop))
+    try:
+        await asyncio.wait_for(listener.started.wait(), 10)
+        yield listener
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
 
 
 def has_reports(config: ListenerConfig, count: int) -> bool:
