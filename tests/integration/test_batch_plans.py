@@ -17,6 +17,7 @@ of sent_many's time on statistics taken while every row was pending.
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -71,3 +72,46 @@ def test_a_batch_is_never_read_again_per_outbox_row(
             plan = run_plan(conn, query(name), params, generic=generic)
             assert most_loops(plan) <= BATCH, "\n".join(plan)
             assert most_rows(plan) <= ROWS, "\n".join(plan)
+
+
+HELD_ELSEWHERE = 8_000
+
+
+def test_a_claim_reads_the_connections_of_its_rows_not_all_held_elsewhere(dsn: str) -> None:
+    """Four dispatchers sharing 40,000 SYNC devices: each claim used to hash every
+    connection another live dispatcher held (30,000 rows) to skip their devices'
+    rows. Here HELD_ELSEWHERE devices are connected to another live dispatcher
+    and BATCH due rows belong to devices connected here: a claim of BATCH reads
+    about BATCH rows and one connection per row, never every connection held
+    elsewhere."""
+    conn = psycopg.connect(dsn, autocommit=True)
+    with conn:
+        conn.execute(
+            "INSERT INTO pushsync.devices (device_id, secret)"
+            " SELECT 'dev-' || i, '\\x00112233445566778899aabbccddeeff'::bytea"
+            " FROM generate_series(1, %s::int) AS i",
+            (HELD_ELSEWHERE + BATCH,),
+        )
+        conn.execute(
+            "INSERT INTO pushsync.dispatchers (owner, host, pid, alive_until)"
+            " VALUES ('me', 'h', 1, now() + interval '1 hour'),"
+            " ('other', 'h', 2, now() + interval '1 hour')"
+        )
+        conn.execute(
+            "INSERT INTO pushsync.sync_connections (device_id, owner, peer)"
+            " SELECT 'dev-' || i, CASE WHEN i <= %s THEN 'other' ELSE 'me' END, 'peer'"
+            " FROM generate_series(1, %s::int) AS i",
+            (HELD_ELSEWHERE, HELD_ELSEWHERE + BATCH),
+        )
+        conn.execute(
+            "INSERT INTO pushsync.outbox (rule, device_id, expires_at, resend_every)"
+            " SELECT 'r', 'dev-' || i, now() + interval '1 hour', interval '5 minutes'"
+            " FROM generate_series(%s::int, %s::int) AS i",
+            (HELD_ELSEWHERE + 1, HELD_ELSEWHERE + BATCH),
+        )
+        conn.execute("ANALYZE")
+        params = {"owner": "me", "limit": BATCH, "lease": timedelta(seconds=30)}
+        for generic in (False, True):
+            plan = run_plan(conn, query("claim"), params, generic=generic)
+            assert "rows=500 " in plan[0], "\n".join(plan)  # the whole batch claimed
+            assert most_rows(plan) <= 2 * BATCH, "\n".join(plan)

@@ -318,7 +318,8 @@ def test_kill_9_mid_batch_then_restart_loses_nothing(
 
     # Let the dead dispatcher's leases run out, as 30 s would.
     aged = db.execute(
-        "UPDATE pushsync.outbox SET lease_expires_at = now() - interval '1 millisecond' "
+        "UPDATE pushsync.outbox SET lease_expires_at = now() - interval '1 millisecond', "
+        "next_attempt_at = now() - interval '1 millisecond' "
         "WHERE state = 'sending' AND lease_owner = %s",
         (owners.pop(),),
     ).rowcount

@@ -24,6 +24,10 @@ from tests.integration import trucking
 from tests.integration.trucking import add_devices
 
 LEASE = timedelta(seconds=30)
+LEASE_RAN_OUT = (
+    "lease_expires_at = now() - interval '1 second', next_attempt_at = now() - interval '1 second'"
+)
+"""A claimed row whose lease has run out: the claim set both to the lease's end."""
 
 Stores = Callable[[str], Awaitable[OutboxStore]]
 
@@ -133,6 +137,7 @@ async def test_claim_moves_pending_to_sending_with_what_a_sender_needs(
     row = get(db, rid)
     assert (row["state"], row["lease_owner"], row["attempts"]) == ("sending", "a", 1)
     assert timedelta(seconds=25) < row["lease_left"] <= LEASE
+    assert row["due_in"] == row["lease_left"]  # out of the due rows until the lease ends
     assert await (await stores("b")).claim(10) == []
 
 
@@ -252,7 +257,7 @@ async def test_an_expired_lease_is_reclaimed_a_live_one_is_not(
     await a.claim(10)
     assert await b.claim(10) == []
 
-    set_row(fleet, rid, "lease_expires_at = now() - interval '1 second'")
+    set_row(fleet, rid, LEASE_RAN_OUT)
     (again,) = await b.claim(10)
 
     assert (again.request_id, again.attempts) == (rid, 2)
@@ -383,7 +388,7 @@ async def test_sent_many_records_each_send_through_its_own_gateway(
     lost = enqueue(fleet, rule="lost")
     await a.claim(10)
     assert await a.confirm(acked, "truck-1") is True  # the ack beat the record of the send
-    set_row(fleet, lost, "lease_expires_at = now() - interval '1 second'")
+    set_row(fleet, lost, LEASE_RAN_OUT)
     await b.claim(10)  # takes over the lapsed lease
     never = enqueue(fleet, rule="never claimed")
 
@@ -452,7 +457,7 @@ async def test_expired_rows_are_never_claimed_and_expire_marks_them(
     await store.sent(sent, "udp")
     for rid in (sent, lost, held):
         set_row(fleet, rid, "expires_at = now() - interval '1 second'")
-    set_row(fleet, lost, "lease_expires_at = now() - interval '1 second'")
+    set_row(fleet, lost, LEASE_RAN_OUT)
     set_row(fleet, sent, "next_attempt_at = now() - interval '1 second'")
 
     assert await store.claim(10) == []

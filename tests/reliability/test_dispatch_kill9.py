@@ -129,7 +129,8 @@ def test_three_kill_9s_every_notification_delivered_each_action_once(
         at = progress(db)
         states = outbox_states(db)
         aged = db.execute(
-            "UPDATE pushsync.outbox SET lease_expires_at = now() - interval '1 millisecond' "
+            "UPDATE pushsync.outbox SET lease_expires_at = now() - interval '1 millisecond', "
+            "next_attempt_at = now() - interval '1 millisecond' "
             "WHERE state = 'sending'"
         ).rowcount
         ran = sum(len(d.ran()) for d in devices)
