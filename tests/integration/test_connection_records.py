@@ -29,7 +29,7 @@ from tests.support.dispatching import (
     enqueue,
 )
 from tests.support.dispatching import session as open_device
-from tests.support.plans import most_loops, run_plan
+from tests.support.plans import most_loops, most_rows, run_plan
 
 Stores = Callable[[str], Awaitable[PoolStore]]
 MANY = 300
@@ -288,7 +288,8 @@ def test_no_part_of_a_batch_record_runs_more_often_than_the_batch_has_rows(
     nested loop that read the CTE once per sent row: one batch of 5,000 reconnecting
     devices took 24.6 s. Here 500 of 2,000 devices connected elsewhere reconnect, with
     4,000 sent rows in the outbox (2 a device): no part of the plan, custom or generic,
-    may run more times than the batch's devices have rows (1,000)."""
+    may run more times than the batch's devices have rows (1,000), nor read more rows
+    than the outbox holds."""
     devices = add_fleet(db, 2_000)
     db.execute(
         "INSERT INTO pushsync.dispatchers (owner, host, pid, alive_until)"
@@ -333,3 +334,5 @@ def test_no_part_of_a_batch_record_runs_more_often_than_the_batch_has_rows(
             for generic in (False, True):
                 plan = run_plan(conn, queries.get(name, file), params, generic=generic)
                 assert most_loops(plan) <= 2 * len(batch), (name, generic, "\n".join(plan))
+                # At most one read of the outbox (4,000 rows), never one per device.
+                assert most_rows(plan) <= 4_000, (name, generic, "\n".join(plan))
