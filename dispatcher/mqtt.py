@@ -232,6 +232,8 @@ class MqttGateway:
         self._gone = asyncio.Event()
         """Set when the connection ends (or a connection attempt was refused)."""
         self._established = False
+        self._resubscribing: asyncio.Task[None] | None = None
+        self._subscribe_delay = BACKOFF_FIRST
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -322,6 +324,7 @@ class MqttGateway:
         client, self._client = self._client, None
         if client is None:
             return
+        self._stop_resubscribing()
         if self._supervisor is not None:
             self._supervisor.cancel()
             await asyncio.gather(self._supervisor, return_exceptions=True)
@@ -411,7 +414,7 @@ class MqttGateway:
             return
         self._refusal = None
         self._established = True
-        client.subscribe(topics.acks_filter(self.settings.prefix, self.settings.group), qos=1)
+        client.subscribe(self._acks_filter, qos=1)
         self._call(self.connected.set)
         logger.info("MQTT: connected to %s:%d", self.settings.host, self.settings.port)
 
@@ -420,6 +423,7 @@ class MqttGateway:
     ) -> None:
         self._call(self.connected.clear)
         self._call(self.subscribed.clear)
+        self._call(self._stop_resubscribing)  # a new connection subscribes anyway
         self._call(self._fail_pending, "the connection to the MQTT broker was lost")
         self._call(self._gone.set)
         if self._client is not None:
@@ -430,15 +434,45 @@ class MqttGateway:
     ) -> None:
         if any(reason.is_failure for reason in reasons):
             self._log.warning(
-                "MQTT: the broker refused the subscription to the acks (%s): check its ACL",
+                "MQTT: the broker refused the subscription to the acks (%s): check its ACL; "
+                "trying again in %.0fs",
                 ", ".join(str(r) for r in reasons),
+                self._subscribe_delay,
+                key="subscription",
             )
+            self._call(self._subscribe_later)
             return
+        self._subscribe_delay = BACKOFF_FIRST
         self._call(self.subscribed.set)
-        logger.info(
-            "MQTT: receiving acks through %s",
-            topics.acks_filter(self.settings.prefix, self.settings.group),
+        logger.info("MQTT: receiving acks through %s", self._acks_filter)
+
+    @property
+    def _acks_filter(self) -> str:
+        return topics.acks_filter(self.settings.prefix, self.settings.group)
+
+    def _subscribe_later(self) -> None:
+        """Ask again for the acks' subscription after a while (1 s doubling to 5 s), on the
+        same connection. A refusal need not be final: NATS refuses it while its JetStream
+        cannot create the consumer behind it (a node lost, a leader being elected); the
+        connection goes on publishing meanwhile."""
+        if self._resubscribing is not None and not self._resubscribing.done():
+            return
+        delay, self._subscribe_delay = (
+            self._subscribe_delay,
+            min(self._subscribe_delay * 2, BACKOFF_MAX),
         )
+        self._resubscribing = asyncio.create_task(self._subscribe_again(delay))
+
+    async def _subscribe_again(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        client = self._client
+        if client is not None and self.connected.is_set():
+            client.subscribe(self._acks_filter, qos=1)
+
+    def _stop_resubscribing(self) -> None:
+        if self._resubscribing is not None:
+            self._resubscribing.cancel()
+            self._resubscribing = None
 
     def _published(self, _client: Any, _userdata: Any, mid: int, _reason: Any, _props: Any) -> None:
         future = self._pending.pop(mid, None)
