@@ -8,7 +8,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install postgres promtool mosquitto chromium test lint demo example bench clean
+.PHONY: install postgres promtool mosquitto nats chromium test lint demo example bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ promtool:
 mosquitto:
 	scripts/ensure-mosquitto
 
+# nats-server for the MQTT gateway through a NATS cluster (tests/reliability/test_nats_cluster.py):
+# the system's, else Debian's package (as root; its service is not started). The tests need it.
+nats:
+	scripts/ensure-nats
+
 # Chromium for the web console's browser tests (tests/browser): on PATH, else Debian's
 # chromium package (as root). Playwright (the dev extra) drives it; it downloads no browser.
 chromium:
@@ -49,7 +54,7 @@ lint: $(STAMP)
 
 # Coverage of the package in the test process ([tool.coverage] in pyproject.toml);
 # the per-file table goes to build/coverage.txt.
-test: lint postgres promtool mosquitto chromium
+test: lint postgres promtool mosquitto nats chromium
 	$(BIN)/coverage erase
 	$(BIN)/coverage run -m pytest --durations=15
 	$(BIN)/coverage combine --quiet
