@@ -62,6 +62,7 @@ class Session:
     def subscribe(self, topic: str) -> bool:
         """Whether the broker granted ``topic`` (QoS 1)."""
         _, mid = self.client.subscribe(topic, qos=1)
+        assert mid is not None
         until(lambda: mid in self.granted, f"the answer to the subscription to {topic}")
         return self.granted[mid]
 
