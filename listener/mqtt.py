@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 KEEPALIVE = 30
 """Seconds between the client's PINGREQs when nothing else is sent."""
+RESUBSCRIBE_FIRST = 1.0
+RESUBSCRIBE_MAX = 10.0
+"""A refused subscription is asked for again after 1 s, doubling to 10 s."""
 
 
 class MqttChannel:
@@ -58,6 +61,8 @@ class MqttChannel:
         self._client: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._announcing: asyncio.Task[None] | None = None
+        self._resubscribing: asyncio.Task[None] | None = None
+        self._resubscribe_delay = RESUBSCRIBE_FIRST
         self._log = Throttle(logger)
 
     @property
@@ -104,6 +109,7 @@ class MqttChannel:
     async def close(self) -> None:
         if self._announcing is not None:
             self._announcing.cancel()
+        self._stop_resubscribing()
         client, self._client = self._client, None
         if client is None:
             return
@@ -131,11 +137,12 @@ class MqttChannel:
     ) -> None:
         if any(reason.is_failure for reason in reasons):
             self._log.warning(
-                "mqtt: %s refused the subscription to %s: check the broker's ACL",
+                "mqtt: %s refused the subscription to %s: check the broker's ACL; asking again",
                 self.server,
                 self.in_topic,
                 key="subscription",
             )
+            self._call(self._subscribe_later)
             return
         self._call(self._subscribed)
 
@@ -143,6 +150,7 @@ class MqttChannel:
         self, _client: Any, _userdata: Any, _flags: Any, reason: Any, _props: Any
     ) -> None:
         self._call(self.connected.clear)
+        self._call(self._stop_resubscribing)  # the next connection subscribes anyway
         if self._client is not None:
             self._log.warning(
                 "mqtt: lost the connection to %s (%s); reconnecting", self.server, reason
@@ -164,7 +172,29 @@ class MqttChannel:
         self._announce()
 
     def _subscribed(self) -> None:
+        self._resubscribe_delay = RESUBSCRIBE_FIRST
         self.connected.set()
+
+    def _subscribe_later(self) -> None:
+        """Ask again for the subscription after a while, on the same connection. A refusal
+        need not be final: NATS refuses while its JetStream cannot create the consumer
+        behind the subscription (a node lost, a leader being elected)."""
+        if self._resubscribing is not None and not self._resubscribing.done():
+            return
+        delay = self._resubscribe_delay
+        self._resubscribe_delay = min(delay * 2, RESUBSCRIBE_MAX)
+        self._resubscribing = asyncio.create_task(self._subscribe_again(delay))
+
+    async def _subscribe_again(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        client = self._client
+        if client is not None and client.is_connected():
+            client.subscribe(self.in_topic, qos=1)
+
+    def _stop_resubscribing(self) -> None:
+        if self._resubscribing is not None:
+            self._resubscribing.cancel()
+            self._resubscribing = None
 
     async def _announce_now_and_then(self) -> None:
         """Announce again every :data:`~pushsync.wire.mqtt.ANNOUNCE_EVERY` while connected."""

@@ -81,9 +81,12 @@ def _user(name: str, password: str, publish: list[str], subscribe: list[str]) ->
     )
 
 
-def users(devices: Iterable[str], prefix: str = "pushsync", *, acks: bool = True) -> list[str]:
+def users(
+    devices: Iterable[str], prefix: str = "pushsync", *, acks: bool = True, inboxes: bool = True
+) -> list[str]:
     """The ``authorization { users }`` entries: the dispatcher's, then one per device.
-    ``acks=False``: the dispatcher may not read the acks."""
+    ``acks=False``: the dispatcher may not read the acks; ``inboxes=False``: the devices
+    may not read their messages."""
     entries = [
         _user(
             DISPATCHER_USER,
@@ -98,7 +101,7 @@ def users(devices: Iterable[str], prefix: str = "pushsync", *, acks: bool = True
                 device,
                 device_password(device),
                 [subject(f"{prefix}/{device}/ack")],
-                [subject(f"{prefix}/{device}/in")],
+                [subject(f"{prefix}/{device}/in")] if inboxes else [],
             )
         )
     return entries
@@ -237,11 +240,17 @@ class Cluster:
     """Three nats-server nodes (``n1``, ``n2``, ``n3``) routed to each other on 127.0.0.1."""
 
     def __init__(
-        self, folder: Path, devices: Iterable[str], *, size: int = 3, acks: bool = True
+        self,
+        folder: Path,
+        devices: Iterable[str],
+        *,
+        size: int = 3,
+        acks: bool = True,
+        inboxes: bool = True,
     ) -> None:
         self.folder = folder
         self.devices = list(devices)
-        self.users = users(self.devices, acks=acks)
+        self.users = users(self.devices, acks=acks, inboxes=inboxes)
         ports = iter(free_tcp_ports(4 * size))
         self.nodes = [
             Node(
@@ -267,8 +276,9 @@ class Cluster:
             routes = [other.route_port for other in self.nodes if other is not node]
             node.write_config(routes, self.users)
 
-    def grant_acks(self) -> None:
-        """Let the dispatcher read the acks, in every node's configuration, and reload."""
+    def grant(self) -> None:
+        """Give every user the permissions of docs/operations.md (the dispatcher reads the
+        acks, each device its messages) in every node's configuration, and reload."""
         self.users = users(self.devices)
         self._write_configs()
         for node in self.nodes:
