@@ -3,13 +3,17 @@
 :class:`Cluster` writes one configuration per node (``server_name``, a client
 port, an HTTP monitoring port, ``cluster { name, listen, routes }`` naming the
 other nodes, ``jetstream { store_dir }`` of its own and ``mqtt { listen }``),
-all on free ports of 127.0.0.1, with the same users: the dispatcher publishes
+and ``stream_replicas``/``consumer_replicas`` for MQTT equal to the number of
+nodes, all on free ports of 127.0.0.1 (``size=1``: one server, no cluster),
+with the same users: the dispatcher publishes
 to every device's ``in`` subject and reads every ``ack`` subject; each device
 reads only its own ``in`` and writes only its own ``ack``. MQTT topics are NATS
 subjects with ``/`` as ``.``; a QoS 1 subscription is delivered through a
 JetStream consumer to a ``$MQTT.sub.…`` subject, which every MQTT user must be
-allowed to subscribe to. :meth:`Cluster.start` returns once every node says
-JetStream is ready (``/healthz``) and they agree on a meta leader (``/jsz``).
+allowed to subscribe to. :meth:`Cluster.start` returns once the nodes are
+routed to each other (``/routez``), say JetStream is ready (``/healthz``) and
+agree on a meta leader (``/jsz``). :meth:`Cluster.grant` changes the users'
+permissions and reloads them (a test of a refused subscription).
 ``scripts/ensure-nats`` installs the server.
 """
 
@@ -31,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from paho.mqtt import client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
 DISPATCHER_USER = "dispatcher"
 DISPATCHER_PASSWORD = "dispatcher-secret"
@@ -118,6 +124,8 @@ class Node:
     mqtt_port: int
     http_port: int
     process: subprocess.Popen[bytes] | None = None
+    _logged_before: int = 0
+    _routes: tuple[int, ...] = ()
 
     @property
     def log(self) -> Path:
@@ -139,6 +147,7 @@ class Node:
 
     def write_config(self, routes: list[int], users: list[str]) -> None:
         """This node's configuration; with no ``routes`` a server on its own."""
+        self._routes = tuple(routes)
         replicas = len(routes) + 1
         store = self.folder / "jetstream"
         store.mkdir(parents=True, exist_ok=True)
@@ -175,6 +184,7 @@ authorization {{
         )
 
     def start(self) -> None:
+        self._logged_before = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [binary(), "-c", str(self.config)],
@@ -182,6 +192,14 @@ authorization {{
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+
+    def bound(self) -> bool:
+        """Whether this start's log says every port is listening (routes are the last)."""
+        with self.log.open("rb") as log:
+            log.seek(self._logged_before)
+            text = log.read()
+        routed = b"Listening for route connections" in text or not self._routes
+        return b"Server is ready" in text and routed
 
     def reload(self) -> None:
         """Read the configuration again (SIGHUP), as ``nats-server --signal reload`` does."""
@@ -251,25 +269,48 @@ class Cluster:
         self.folder = folder
         self.devices = list(devices)
         self.users = users(self.devices, acks=acks, inboxes=inboxes)
-        ports = iter(free_tcp_ports(4 * size))
-        self.nodes = [
+        self.size = size
+        self.nodes = self._new_nodes()
+
+    def _new_nodes(self) -> list[Node]:
+        ports = iter(free_tcp_ports(4 * self.size))
+        return [
             Node(
                 name=f"n{i}",
-                folder=folder / f"n{i}",
+                folder=self.folder / f"n{i}",
                 client_port=next(ports),
                 route_port=next(ports),
                 mqtt_port=next(ports),
                 http_port=next(ports),
             )
-            for i in range(1, size + 1)
+            for i in range(1, self.size + 1)
         ]
 
     def start(self) -> None:
-        """Start every node and wait until the cluster has a JetStream meta leader."""
-        self._write_configs()
-        for node in self.nodes:
-            node.start()
+        """Start every node and wait until the cluster has a JetStream meta leader. A node
+        that exits at once (another process took one of its free ports first) makes the
+        cluster start again on other ports, up to three times."""
+        for _ in range(3):
+            self._write_configs()
+            for node in self.nodes:
+                node.start()
+            if self._all_running():
+                break
+            self.stop()
+            self.nodes = self._new_nodes()
         self.wait_ready(self.nodes)
+
+    def _all_running(self) -> bool:
+        """Until every node has bound its ports (its log says so) or one has exited:
+        whether all did."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if not all(node.running() for node in self.nodes):
+                return False
+            if all(node.bound() for node in self.nodes):
+                return True
+            time.sleep(0.02)
+        return False
 
     def _write_configs(self) -> None:
         for node in self.nodes:
@@ -339,9 +380,6 @@ class Cluster:
 
 def _mqtt_login(port: int, timeout: float) -> bool:
     """Whether the dispatcher's MQTT login to ``port`` is accepted (then it logs out)."""
-    from paho.mqtt import client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
-
     client = paho.Client(
         CallbackAPIVersion.VERSION2,
         client_id="pushsync-test-login",
@@ -372,9 +410,6 @@ def _mqtt_login(port: int, timeout: float) -> bool:
 
 def mqtt_publish(node: Node, user: str, password: str, topic: str, data: bytes) -> None:
     """Publish ``data`` at QoS 1 as ``user`` through ``node``, and wait for its PUBACK."""
-    from paho.mqtt import client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
-
     client = paho.Client(
         CallbackAPIVersion.VERSION2,
         client_id=f"{user}-test",
