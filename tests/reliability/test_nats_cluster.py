@@ -1,19 +1,25 @@
 """A three-node NATS cluster (MQTT and JetStream) loses a node in the middle of a burst.
 
 The cluster is :mod:`tests.support.nats`: nodes n1, n2, n3 on 127.0.0.1, each
-with MQTT, JetStream and the per-device permissions of docs/operations.md. The
-real ``pushsync dispatch`` publishes through n1 with ``?group=none`` (NATS
-2.9 delivers nothing to a ``$share/…`` subscription); four real ``pushsync
-listen`` processes keep persistent sessions, two on n2 and two on n3, each
-running an action that appends its request id to a file.
+with MQTT, JetStream (MQTT streams and consumers with three replicas) and the
+per-device permissions of docs/operations.md. Once NATS has made its MQTT
+streams, the node leading ``$MQTT_msgs`` (where every QoS 1 message is kept)
+is the one to kill; another is *home*. The real ``pushsync dispatch``
+publishes through home with ``?group=none`` (NATS 2.9 delivers nothing to a
+``$share/…`` subscription); four real ``pushsync listen`` processes keep
+persistent sessions, two on home and two on the victim, each running an
+action that appends its request id to a file. Rows are resent every 2 s.
 
-When a fifth of the burst is confirmed, n3 is killed with SIGKILL. The
-devices on n2 must then get all of their rows while n3 is down; n3 is started
-again (same ports, same JetStream folder) and the devices that were on it get
-theirs from their sessions, which the surviving nodes kept. What must hold:
-every row is confirmed, each action ran exactly once per row, and no process
-shows a traceback. Reported: the seconds from the kill to the n2 devices'
-last confirmation, n3's recovery and the whole run.
+When a fifth of the burst is confirmed, the victim is killed with SIGKILL.
+The devices on home must then get all of their rows while it is down (NATS
+elects new leaders meanwhile and closes some connections on the surviving
+nodes, and may refuse the dispatcher's subscription to the acks once: both
+must be got over). The victim is started again (same ports, same JetStream
+folder) and the devices that were on it get their rows from their sessions,
+which the surviving nodes kept. What must hold: every row is confirmed, each
+action ran exactly once per row, and no process shows a traceback. Reported:
+seconds from the kill to the home devices' last confirmation and to every
+confirmation, and the disconnections, refusals and redeliveries seen.
 
 ``--reliability-scale`` multiplies the burst (200 rows at 1).
 """
