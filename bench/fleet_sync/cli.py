@@ -46,6 +46,7 @@ import psycopg
 
 from bench import machine as bench_machine
 from bench.dispatcher_process import DispatcherProcess, dispatcher_process, throwaway_database
+from bench.fleet_sync.idle import Counting, devices_per_process
 from pushsync import generator, schema
 from pushsync.listener.connection import Session, open_session
 from pushsync.listener.localdb import LocalDatabase
@@ -65,8 +66,6 @@ TARGETS = {
     "many_at_once_s": 5.0,
     "push_synced_s": 5.0,
 }
-OPEN_AHEAD = 4
-"""Connections the nothing-changed phase opens ahead of the device synchronizing."""
 PUSH_TIMEOUT = 300.0
 """Seconds the push -> synced phase waits for its devices before it fails."""
 
@@ -124,23 +123,6 @@ def prepare(conn: psycopg.Connection, devices: int, routes: int, stops: int, dep
     )
     conn.execute("DELETE FROM pushsync.changes")
     conn.execute("VACUUM ANALYZE")
-
-
-class Counting:
-    """A SYNC session that counts the bytes of the frames the server sends."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-        self.received = 0
-
-    def send(self, data: bytes) -> bool:
-        return self.session.send(data)
-
-    async def recv(self, timeout: float | None = None) -> protocol.Frame | None:  # noqa: ASYNC109  the Transport interface
-        frame = await self.session.recv(timeout)
-        if frame is not None:
-            self.received += len(frame.payload)
-        return frame
 
 
 @dataclass(slots=True)
@@ -340,7 +322,7 @@ async def measure(
 
     # 4. Nothing changed: every device once, one after the other, as its listener does.
     t0 = time.time()
-    idle = nothing_changed(workdir, devices, port)
+    idle = nothing_changed(workdir, devices, port, args.idle_connections)
     times = server_ms(conn, t0)
     figures["nothing_changed"] = {
         **idle,
@@ -377,14 +359,16 @@ async def measure(
     return figures
 
 
-def nothing_changed(workdir: Path, devices: list[Device], port: int) -> dict[str, Any]:
+def nothing_changed(
+    workdir: Path, devices: list[Device], port: int, connections: str
+) -> dict[str, Any]:
     """Every device synchronizes once, one after the other, through its listener's call with
-    its local database kept open (``idle.py``), in as few processes as the limit of open
-    files allows, run one after the other: rows, bytes, the device's seconds per
-    synchronization, and the wall time of the synchronizations (the processes' start and
-    the opening of the databases, which a running listener has done, are not in it)."""
-    from bench.fleet_sync.idle import devices_per_process
-
+    its local database kept open (``idle.py``), over its connection ``held`` open from
+    before the phase (authenticated, idle) or opened ``ahead``, in as
+    few processes as the limit of open files allows, run one after the other: rows, bytes,
+    the device's seconds per synchronization, and the wall time of the synchronizations
+    (the processes' start, the opening of the databases and of held connections, which
+    running listeners have done long before, are not in it)."""
     configs = [listener_config(workdir, d.name, port) for d in devices]
     chunks = -(-len(configs) // devices_per_process())
     size = -(-len(configs) // chunks)
@@ -394,13 +378,14 @@ def nothing_changed(workdir: Path, devices: list[Device], port: int) -> dict[str
     for n in range(chunks):
         path = workdir / f"idle-{n}.txt"
         path.write_text("".join(f"{c}\n" for c in configs[n * size : (n + 1) * size]))
-        done = _idle_process(path, port)
+        done = _idle_process(path, port, connections)
         seconds += done["seconds"]
         rows += done["rows"]
         received += done["bytes"]
         wall += done["wall_seconds"]
     return {
         "processes": chunks,
+        "connections": connections,
         "rows": rows,
         "bytes_per_sync": received / len(seconds),
         "wall_seconds": wall,
@@ -409,8 +394,8 @@ def nothing_changed(workdir: Path, devices: list[Device], port: int) -> dict[str
     }
 
 
-def _idle_process(listing: Path, port: int) -> dict[str, Any]:
-    command = [sys.executable, "-m", "bench.fleet_sync.idle", str(port), str(listing)]
+def _idle_process(listing: Path, port: int, connections: str) -> dict[str, Any]:
+    command = [sys.executable, "-m", "bench.fleet_sync.idle", str(port), str(listing), connections]
     with subprocess.Popen(
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
     ) as proc:
@@ -649,7 +634,8 @@ def report(f: dict[str, Any]) -> str:
             f"{idle['wall_seconds']:.1f} s = {per_10000:.0f} s per 10,000 (target <= "
             f"{TARGETS['idle_total_s_per_10000']:g}) "
             f"{_mark(per_10000 <= TARGETS['idle_total_s_per_10000'])}; each as its listener "
-            f"does (database kept open, {idle['processes']} processes): "
+            f"does (database kept open, connection {idle['connections']}, "
+            f"{idle['processes']} processes): "
             f"{idle['client_ms_median']:.2f} ms median on the device, p99 "
             f"{idle['client_ms_p99']:.2f} ms",
             f"                          the dispatcher's statements of an untouched sync, "
@@ -695,6 +681,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=2,
         help="processes the listeners of the push -> synced phase run in",
+    )
+    parser.add_argument(
+        "--idle-connections",
+        choices=("held", "ahead"),
+        default="held",
+        help="nothing changed: each device's connection held open from before the phase, as "
+        "its running listener holds it, or opened while the devices before synchronized",
     )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = parser.parse_args(argv)
