@@ -549,27 +549,36 @@ def _recorded(conn: psycopg.Connection, names: list[str], since: float) -> None:
 
 def _synced(procs: list[subprocess.Popen[str]], expected: int) -> dict[str, float]:
     """When each device's ``sync`` action ended (epoch seconds), as its listener says;
-    RuntimeError if one failed or they did not all end within PUSH_TIMEOUT."""
-    import selectors
+    RuntimeError if one failed or they did not all end within PUSH_TIMEOUT.
 
+    A thread reads each process's lines: waiting on the pipe with ``select`` misses the
+    lines a ``readline`` already took into the file object's buffer, when many arrive
+    at once."""
+    import queue
+    import threading
+
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read(stream: Any) -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put("")  # the process ended
+
+    for proc in procs:
+        threading.Thread(target=read, args=(proc.stdout,), daemon=True).start()
     synced: dict[str, float] = {}
     deadline = time.monotonic() + PUSH_TIMEOUT
-    with selectors.DefaultSelector() as selector:
-        for proc in procs:
-            assert proc.stdout is not None
-            selector.register(proc.stdout, selectors.EVENT_READ)
-        while len(synced) < expected:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"{expected - len(synced)} devices did not synchronize")
-            for key, _ in selector.select(left):
-                line = key.fileobj.readline()  # type: ignore[union-attr]
-                if not line:
-                    raise RuntimeError("a listener process ended")
-                _, device, at, ok = line.split()
-                if ok != "1":
-                    raise RuntimeError(f"{device}: its sync action failed")
-                synced.setdefault(device, float(at))
+    while len(synced) < expected:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise RuntimeError(f"{expected - len(synced)} devices did not synchronize") from None
+        if not line:
+            raise RuntimeError("a listener process ended")
+        _, device, at, ok = line.split()
+        if ok != "1":
+            raise RuntimeError(f"{device}: its sync action failed")
+        synced.setdefault(device, float(at))
     return synced
 
 
