@@ -74,44 +74,38 @@ def test_a_batch_is_never_read_again_per_outbox_row(
             assert most_rows(plan) <= ROWS, "\n".join(plan)
 
 
-HELD_ELSEWHERE = 8_000
+DEVICES = 100
 
 
-def test_a_claim_reads_the_connections_of_its_rows_not_all_held_elsewhere(dsn: str) -> None:
-    """Four dispatchers sharing 40,000 SYNC devices: each claim used to hash every
-    connection another live dispatcher held (30,000 rows) to skip their devices'
-    rows. Here HELD_ELSEWHERE devices are connected to another live dispatcher
-    and BATCH due rows belong to devices connected here: a claim of BATCH reads
-    about BATCH rows and one connection per row, never every connection held
-    elsewhere."""
+def test_a_claim_planned_without_statistics_reads_each_row_once(dsn: str) -> None:
+    """A burst lands before any ANALYZE of the outbox: the planner guesses a few rows
+    and may read and sort every unfinished row for each claim. That is one pass over
+    the outbox per claim, and must stay one: no part of the claim's plan may read the
+    outbox again for each row, custom or generic. (The benchmark
+    bench/dispatch_throughput is what shows the cost of such a plan: the device and
+    connection tests written as lookups per row once made it 150 ms a claim.)"""
     conn = psycopg.connect(dsn, autocommit=True)
     with conn:
         conn.execute(
             "INSERT INTO pushsync.devices (device_id, secret)"
             " SELECT 'dev-' || i, '\\x00112233445566778899aabbccddeeff'::bytea"
             " FROM generate_series(1, %s::int) AS i",
-            (HELD_ELSEWHERE + BATCH,),
+            (DEVICES,),
         )
         conn.execute(
             "INSERT INTO pushsync.dispatchers (owner, host, pid, alive_until)"
-            " VALUES ('me', 'h', 1, now() + interval '1 hour'),"
-            " ('other', 'h', 2, now() + interval '1 hour')"
+            " VALUES ('me', 'h', 1, now() + interval '1 hour')"
         )
         conn.execute(
-            "INSERT INTO pushsync.sync_connections (device_id, owner, peer)"
-            " SELECT 'dev-' || i, CASE WHEN i <= %s THEN 'other' ELSE 'me' END, 'peer'"
-            " FROM generate_series(1, %s::int) AS i",
-            (HELD_ELSEWHERE, HELD_ELSEWHERE + BATCH),
+            "INSERT INTO pushsync.outbox (rule, device_id, expires_at, resend_every, coalescing)"
+            " SELECT 'r', 'dev-' || (1 + i %% %s::int), now() + interval '1 hour',"
+            " interval '5 minutes', false FROM generate_series(1, %s::int) AS i",
+            (DEVICES, ROWS),
         )
-        conn.execute(
-            "INSERT INTO pushsync.outbox (rule, device_id, expires_at, resend_every)"
-            " SELECT 'r', 'dev-' || i, now() + interval '1 hour', interval '5 minutes'"
-            " FROM generate_series(%s::int, %s::int) AS i",
-            (HELD_ELSEWHERE + 1, HELD_ELSEWHERE + BATCH),
-        )
-        conn.execute("ANALYZE")
         params = {"owner": "me", "limit": BATCH, "lease": timedelta(seconds=30)}
         for generic in (False, True):
             plan = run_plan(conn, query("claim"), params, generic=generic)
             assert "rows=500 " in plan[0], "\n".join(plan)  # the whole batch claimed
-            assert most_rows(plan) <= 2 * BATCH, "\n".join(plan)
+            # One pass over the outbox (its index also holds the entries of the
+            # custom run's rolled-back claim), never one pass per row.
+            assert most_rows(plan) <= 2 * ROWS, "\n".join(plan)
