@@ -183,6 +183,20 @@ async def running(listener: Listener) -> AsyncIterator[Listener]:
         await asyncio.wait_for(task, 10)
 
 
+@asynccontextmanager
+async def kept_truck2(
+    dsn: str, tmp_path: Path
+) -> AsyncIterator[tuple[Any, ListenerConfig, KeptDatabase]]:
+    """A dispatcher, truck-2's listener config for it, and a database kept for truck-2,
+    closed afterwards."""
+    async with dispatching(dsn) as dispatcher:
+        kept = KeptDatabase()
+        try:
+            yield dispatcher, device_config(tmp_path, dispatcher, "truck-2"), kept
+        finally:
+            kept.close()
+
+
 def has_reports(config: ListenerConfig, count: int) -> bool:
     try:
         return len(local_reports(config)) >= count
@@ -197,50 +211,38 @@ def has_reports(config: ListenerConfig, count: int) -> bool:
 async def test_pushsync_sync_and_the_application_work_beside_a_kept_database(
     fleet: psycopg.Connection, dsn: str, tmp_path: Path
 ) -> None:
-    async with dispatching(dsn) as dispatcher:
-        truck2 = device_config(tmp_path, dispatcher, "truck-2")
-        kept = KeptDatabase()
-        try:
-            first = await sync_once(truck2, SECRET, kept=kept)
-            assert first.full  # the first download
-            fleet.execute("UPDATE public.routes SET route_name = 'server' WHERE route_id = 20")
-            # `pushsync sync` opens the file itself while the listener holds it open.
-            beside = await sync_once(truck2, SECRET)
-            assert (beside.upserted, beside.full) == (1, ())
-            again = await sync_once(truck2, SECRET, kept=kept)
-            assert (again.upserted, again.deleted, again.full) == (0, 0, ())
-            write_as_application(truck2, "UPDATE routes SET route_name = 'app' WHERE route_id = 20")
-            up = await sync_once(truck2, SECRET, kept=kept)
-            assert (up.uploaded, up.rejected) == (1, 0)
-            assert server_route_name(fleet, 20) == "app"
-        finally:
-            kept.close()
+    async with kept_truck2(dsn, tmp_path) as (_dispatcher, truck2, kept):
+        first = await sync_once(truck2, SECRET, kept=kept)
+        assert first.full  # the first download
+        fleet.execute("UPDATE public.routes SET route_name = 'server' WHERE route_id = 20")
+        # `pushsync sync` opens the file itself while the listener holds it open.
+        beside = await sync_once(truck2, SECRET)
+        assert (beside.upserted, beside.full) == (1, ())
+        again = await sync_once(truck2, SECRET, kept=kept)
+        assert (again.upserted, again.deleted, again.full) == (0, 0, ())
+        write_as_application(truck2, "UPDATE routes SET route_name = 'app' WHERE route_id = 20")
+        up = await sync_once(truck2, SECRET, kept=kept)
+        assert (up.uploaded, up.rejected) == (1, 0)
+        assert server_route_name(fleet, 20) == "app"
 
 
 @pytest.mark.asyncio
 async def test_schema_drift_rebuilds_the_table_of_a_kept_database(
     fleet: psycopg.Connection, dsn: str, tmp_path: Path
 ) -> None:
-    async with dispatching(dsn) as dispatcher:
-        truck2 = device_config(tmp_path, dispatcher, "truck-2")
-        kept = KeptDatabase()
-        try:
-            await sync_once(truck2, SECRET, kept=kept)
-            write_as_application(
-                truck2, "UPDATE routes SET route_name = 'edit' WHERE route_id = 20"
-            )
-            fleet.execute("ALTER TABLE public.routes ADD COLUMN eta text DEFAULT 'soon'")
-            result = await sync_once(truck2, SECRET, kept=kept)
-            assert "public.routes" in result.full
-            assert local(truck2, "SELECT route_name, eta FROM routes") == [("edit", "soon")]
-            # The application's connection sees the rebuilt table and writes to it.
-            write_as_application(truck2, "UPDATE routes SET eta = 'late' WHERE route_id = 20")
-            fleet.execute("ALTER TABLE public.routes DROP COLUMN eta")
-            refused = await sync_once(truck2, SECRET, kept=kept)
-            assert refused.rejected == 1
-            assert kept.open(truck2).rejected()[0].reason.startswith("column eta of public.routes")
-        finally:
-            kept.close()
+    async with kept_truck2(dsn, tmp_path) as (_dispatcher, truck2, kept):
+        await sync_once(truck2, SECRET, kept=kept)
+        write_as_application(truck2, "UPDATE routes SET route_name = 'edit' WHERE route_id = 20")
+        fleet.execute("ALTER TABLE public.routes ADD COLUMN eta text DEFAULT 'soon'")
+        result = await sync_once(truck2, SECRET, kept=kept)
+        assert "public.routes" in result.full
+        assert local(truck2, "SELECT route_name, eta FROM routes") == [("edit", "soon")]
+        # The application's connection sees the rebuilt table and writes to it.
+        write_as_application(truck2, "UPDATE routes SET eta = 'late' WHERE route_id = 20")
+        fleet.execute("ALTER TABLE public.routes DROP COLUMN eta")
+        refused = await sync_once(truck2, SECRET, kept=kept)
+        assert refused.rejected == 1
+        assert kept.open(truck2).rejected()[0].reason.startswith("column eta of public.routes")
 
 
 # --------------------------------------------------------------------------- following
@@ -250,83 +252,61 @@ async def test_schema_drift_rebuilds_the_table_of_a_kept_database(
 async def test_a_kept_database_follows_a_config_naming_another_state_dir(
     fleet: psycopg.Connection, dsn: str, tmp_path: Path, opened: list[Path]
 ) -> None:
-    async with dispatching(dsn) as dispatcher:
-        truck2 = device_config(tmp_path, dispatcher, "truck-2")
+    async with kept_truck2(dsn, tmp_path) as (_dispatcher, truck2, kept):
         moved = replace(truck2, state_dir=tmp_path / "elsewhere")
-        kept = KeptDatabase()
-        try:
-            await sync_once(truck2, SECRET, kept=kept)
-            result = await sync_once(moved, SECRET, kept=kept)
-            assert result.full  # a new file: its first download
-            assert local_routes(moved) == [(20, "south", 2)]
-            assert opened == [truck2.state_dir / "local.db", moved.state_dir / "local.db"]
-        finally:
-            kept.close()
+        await sync_once(truck2, SECRET, kept=kept)
+        result = await sync_once(moved, SECRET, kept=kept)
+        assert result.full  # a new file: its first download
+        assert local_routes(moved) == [(20, "south", 2)]
+        assert opened == [truck2.state_dir / "local.db", moved.state_dir / "local.db"]
 
 
 @pytest.mark.asyncio
 async def test_a_kept_database_whose_file_was_removed_is_opened_again(
     fleet: psycopg.Connection, dsn: str, tmp_path: Path
 ) -> None:
-    async with dispatching(dsn) as dispatcher:
-        truck2 = device_config(tmp_path, dispatcher, "truck-2")
-        kept = KeptDatabase()
-        try:
-            await sync_once(truck2, SECRET, kept=kept)
-            for name in ("local.db", "local.db-wal", "local.db-shm"):
-                (truck2.state_dir / name).unlink(missing_ok=True)
-            result = await sync_once(truck2, SECRET, kept=kept)
-            # Not written into the removed file: the new one holds the device's rows.
-            assert (truck2.state_dir / "local.db").exists()
-            assert local_routes(truck2) == [(20, "south", 2)]
-            assert result.full
-        finally:
-            kept.close()
+    async with kept_truck2(dsn, tmp_path) as (_dispatcher, truck2, kept):
+        await sync_once(truck2, SECRET, kept=kept)
+        for name in ("local.db", "local.db-wal", "local.db-shm"):
+            (truck2.state_dir / name).unlink(missing_ok=True)
+        result = await sync_once(truck2, SECRET, kept=kept)
+        # Not written into the removed file: the new one holds the device's rows.
+        assert (truck2.state_dir / "local.db").exists()
+        assert local_routes(truck2) == [(20, "south", 2)]
+        assert result.full
 
 
 @pytest.mark.asyncio
 async def test_a_kept_database_refuses_another_devices_config_for_its_file(
     fleet: psycopg.Connection, dsn: str, tmp_path: Path
 ) -> None:
-    async with dispatching(dsn) as dispatcher:
-        truck2 = device_config(tmp_path, dispatcher, "truck-2")
+    async with kept_truck2(dsn, tmp_path) as (dispatcher, truck2, kept):
         other = replace(device_config(tmp_path, dispatcher, "truck-3"), state_dir=truck2.state_dir)
-        kept = KeptDatabase()
-        try:
-            await sync_once(truck2, SECRET, kept=kept)
-            before = local_routes(truck2)
-            with pytest.raises(LocalDatabaseMismatch, match=r"truck-3.*listener\.yaml: state_dir"):
-                await sync_once(other, SECRET, kept=kept)
-            assert not kept.is_open
-            assert local_routes(truck2) == before
-        finally:
-            kept.close()
+        await sync_once(truck2, SECRET, kept=kept)
+        before = local_routes(truck2)
+        with pytest.raises(LocalDatabaseMismatch, match=r"truck-3.*listener\.yaml: state_dir"):
+            await sync_once(other, SECRET, kept=kept)
+        assert not kept.is_open
+        assert local_routes(truck2) == before
 
 
 @pytest.mark.asyncio
 async def test_a_failed_synchronization_closes_the_kept_database(
     fleet: psycopg.Connection, dsn: str, tmp_path: Path
 ) -> None:
-    async with dispatching(dsn) as dispatcher:
-        truck2 = device_config(tmp_path, dispatcher, "truck-2")
-        kept = KeptDatabase()
+    async with kept_truck2(dsn, tmp_path) as (dispatcher, truck2, kept):
+        await sync_once(truck2, SECRET, kept=kept)
+        watermark = kept.open(truck2).watermark("driver")
+        fleet.execute("UPDATE public.routes SET route_name = 'lost' WHERE route_id = 20")
+        session = await open_session(server_address(dispatcher), device="truck-2", secret=SECRET)
         try:
-            await sync_once(truck2, SECRET, kept=kept)
-            watermark = kept.open(truck2).watermark("driver")
-            fleet.execute("UPDATE public.routes SET route_name = 'lost' WHERE route_id = 20")
-            session = await open_session(
-                server_address(dispatcher), device="truck-2", secret=SECRET
-            )
-            try:
-                cut = Cut(session, lambda frame, seen: frame.type.name == "SYNC_END")
-                with pytest.raises(SyncFailed):
-                    await sync_once(truck2, SECRET, cut, kept=kept)
-            finally:
-                await session.close()
-            assert not kept.is_open
-            assert local_routes(truck2) == [(20, "south", 2)]  # nothing of the answer applied
-            again = await sync_once(truck2, SECRET, kept=kept)
-            assert again.upserted == 1
-            assert kept.open(truck2).watermark("driver") != watermark
+            cut = Cut(session, lambda frame, seen: frame.type.name == "SYNC_END")
+            with pytest.raises(SyncFailed):
+                await sync_once(truck2, SECRET, cut, kept=kept)
         finally:
-            kept.close()
+            await session.close()
+        assert not kept.is_open
+        assert local_routes(truck2) == [(20, "south", 2)]  # nothing of the answer applied
+        again = await sync_once(truck2, SECRET, kept=kept)
+        assert again.upserted == 1
+        assert kept.open(truck2).watermark("driver") != watermark
