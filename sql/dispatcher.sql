@@ -203,6 +203,11 @@ WHERE o.request_id = d.request_id
 -- Rows are locked in request_id order, as sent_many and confirm_many lock them.
 -- As in sent_many, no join with the batch: each row's error and finality are
 -- looked up in one JSON object made once per statement ([error, final]).
+-- A row whose device meanwhile connected to another live dispatcher is due at
+-- once, for that one to claim: its connection record may have been written
+-- while this dispatcher held the row, and then `due_now`, run with the record,
+-- did not see it (a device re-homing while a notification arrived waited for
+-- its next resend).
 WITH mine AS (
     SELECT o.request_id
     FROM pushsync.outbox AS o
@@ -219,8 +224,15 @@ WITH mine AS (
 UPDATE pushsync.outbox AS o
 SET state = CASE WHEN (b.failure_of #>> ARRAY[o.request_id::text, '1'])::boolean
                  THEN 'failed' ELSE 'sent' END,
-    next_attempt_at = CASE WHEN (b.failure_of #>> ARRAY[o.request_id::text, '1'])::boolean
-                           THEN o.next_attempt_at ELSE now() + o.resend_every END,
+    next_attempt_at = CASE
+        WHEN (b.failure_of #>> ARRAY[o.request_id::text, '1'])::boolean THEN o.next_attempt_at
+        WHEN EXISTS (SELECT 1
+                     FROM pushsync.sync_connections AS c
+                     JOIN pushsync.dispatchers AS n ON n.owner = c.owner
+                     WHERE c.device_id = o.device_id
+                       AND c.owner <> %(owner)s
+                       AND n.alive_until > now()) THEN now()
+        ELSE now() + o.resend_every END,
     last_error = b.failure_of #>> ARRAY[o.request_id::text, '0'],
     attempt_log = pushsync.attempt_logged(o.attempt_log, jsonb_build_object(
         'at', now(),

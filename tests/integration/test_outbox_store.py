@@ -441,6 +441,27 @@ async def test_failed_retries_later_or_for_good(
     assert await store.claim(10) == []
 
 
+@pytest.mark.asyncio
+async def test_a_failure_of_a_device_connected_elsewhere_meanwhile_is_due_at_once(
+    fleet: psycopg.Connection, store: OutboxStore, stores: Stores
+) -> None:
+    """The device reconnected to dispatcher b while a held the row: b's connection record
+    made due what was waiting (`due_now`), but this row was still being sent by a. When
+    a records that it could not reach the device, the row is due at once, for b."""
+    rid = enqueue(fleet)
+    await store.claim(10)
+    b = await stores("b")
+    await b.connected("truck-1", "192.0.2.1:4000")
+    assert await b.claim(10) == []  # a holds it
+
+    assert await store.failed(rid, "no gateway can reach device truck-1", final=False)
+
+    assert get(fleet, rid)["due_in"] <= timedelta(0)
+    assert await store.claim(10) == []  # left to b, which holds the connection
+    (again,) = await b.claim(10)
+    assert again.request_id == rid
+
+
 # --------------------------------------------------------------------- expire, confirm, archive
 
 
