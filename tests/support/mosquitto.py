@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.processes import end
+
 DISPATCHER_USER = "dispatcher"
 DISPATCHER_PASSWORD = "dispatcher-secret"
 START_TIMEOUT = 10.0
@@ -177,14 +179,7 @@ user {getpass.getuser()}
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
         """Stop the broker (SIGTERM saves its sessions; SIGKILL loses what was not saved)."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=START_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        end(process, sig, START_TIMEOUT)
 
     def restart(self, sig: signal.Signals = signal.SIGTERM) -> None:
         """Stop, then start again on the same port."""

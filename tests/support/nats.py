@@ -38,6 +38,8 @@ import pytest
 from paho.mqtt import client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.support.processes import end
+
 DISPATCHER_USER = "dispatcher"
 DISPATCHER_PASSWORD = "dispatcher-secret"
 CLUSTER_NAME = "pushsync"
@@ -212,14 +214,7 @@ authorization {{
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
         """Stop the node (SIGKILL: a crash, nothing flushed or handed over) and reap it."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        end(process, sig, 30)
 
     def monitor(self, path: str) -> tuple[int, Any]:
         """(HTTP status, decoded JSON) of the monitoring endpoint ``path``; (0, None) if

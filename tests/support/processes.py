@@ -24,6 +24,19 @@ def free_udp_port() -> int:
         return port
 
 
+def end(process: subprocess.Popen[bytes] | None, sig: signal.Signals, timeout: float) -> None:
+    """Send ``sig`` to ``process`` if it still runs and reap it; killed if it has not
+    ended within ``timeout`` seconds. A server's stop in the test supports."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class Child:
     """A ``pushsync`` subprocess logging to a file; :meth:`stop` asks it to end cleanly."""
 
